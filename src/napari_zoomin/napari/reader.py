@@ -1,0 +1,39 @@
+"""npe2 reader contribution: open a slide as one multiscale RGB image layer."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from ..errors import ZoominError
+from ..slide import SLIDE_EXTENSIONS, open_slide
+from .layers import slide_layer_data
+
+
+def get_reader(path: str | list[str]) -> Callable | None:
+    """Return :func:`read_slides` if every path has a slide extension, else None."""
+    paths = [path] if isinstance(path, str | Path) else list(path)
+    if not paths or not all(Path(p).suffix.lower() in SLIDE_EXTENSIONS for p in paths):
+        return None
+    return read_slides
+
+
+def read_slides(path: str | list[str]) -> list[tuple]:
+    """Read each slide lazily; a bad file becomes a notification, never a traceback."""
+    paths = [path] if isinstance(path, str | Path) else list(path)
+    layers = []
+    for p in paths:
+        try:
+            slide = open_slide(p)
+        except ZoominError as err:
+            _notify_error(str(err))
+            continue
+        layers.append(slide_layer_data(slide))
+    # napari's sentinel for "read fine, nothing to add": no second reader is tried
+    return layers or [(None,)]
+
+
+def _notify_error(message: str) -> None:
+    from napari.utils.notifications import show_error
+
+    show_error(f"napari-zoomin: {message}")

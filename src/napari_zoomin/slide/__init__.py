@@ -1,0 +1,6 @@
+"""Lazy access to whole-slide image pyramids (napari-free)."""
+
+from .open import SLIDE_EXTENSIONS, open_slide
+from .slide import Level, Slide, SlideWarning
+
+__all__ = ["SLIDE_EXTENSIONS", "Level", "Slide", "SlideWarning", "open_slide"]

@@ -1,0 +1,199 @@
+"""Slides read by tifffile through zarr 3 (OME-TIFF sub-IFD pyramids, SVS, generic TIFF).
+
+tifffile's ``aszarr`` exposes each pyramid level as a zarr array whose chunks
+are the file's own tiles, so a region read decodes exactly the tiles it touches.
+This backend returns raw tile pixels at every level and covers files OpenSlide
+refuses (OME-TIFF, stripped or non-RGB TIFF).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+
+from .base import SlideBackend
+
+TIFF_EXTENSIONS = (".tif", ".tiff", ".btf", ".tf8", ".tf2", ".svs", ".ndpi", ".scn", ".bif")
+
+
+def _rgb_layout(axes: str, shape: tuple[int, ...]) -> str:
+    """How to turn one level's array into (rows, cols, 3): "YXS", "SYX" or "YX"."""
+    squeezed = "".join(a for a, n in zip(axes, shape, strict=True) if n > 1 or a in "YX")
+    if squeezed in ("YXS", "SYX", "CYX", "YX"):
+        return squeezed.replace("C", "S")
+    raise ValueError(
+        f"image axes {axes!r} with shape {shape} are not a 2-D RGB or grey image"
+    )
+
+
+class TiffBackend(SlideBackend):
+    """tifffile + zarr 3 backend."""
+
+    name = "tifffile"
+
+    def __init__(self, path: Path):
+        super().__init__(path)
+        import tifffile
+        import zarr
+
+        self._tif = tifffile.TiffFile(str(path))
+        try:
+            series = self._pick_series(self._tif)
+            self._series = series
+            self._layout = _rgb_layout(series.axes, series.shape)
+            self._levels = []
+            for i, level in enumerate(series.levels):
+                store = series.aszarr(level=i)
+                self._levels.append(zarr.open(store, mode="r"))
+                del level
+            self._squeeze = [a for a, n in zip(series.axes, series.shape, strict=True)
+                             if n > 1 or a in "YX"]
+            self._level_shapes = []
+            self._tiles = []
+            for level_series, arr in zip(series.levels, self._levels, strict=True):
+                shape = dict(zip(series.axes, level_series.shape, strict=True))
+                self._level_shapes.append((int(shape["Y"]), int(shape["X"])))
+                chunks = dict(zip(series.axes, arr.chunks, strict=True))
+                self._tiles.append((int(chunks["Y"]), int(chunks["X"])))
+        except Exception:
+            self._tif.close()
+            raise
+
+    @staticmethod
+    def _pick_series(tif):
+        """The image series: the first one that is not an associated image."""
+        for s in tif.series:
+            if s.name and s.name.lower() in ("thumbnail", "label", "macro"):
+                continue
+            return s
+        raise ValueError("the file holds no image series")
+
+    # -- facts -------------------------------------------------------------
+    @property
+    def vendor(self) -> str:
+        t = self._tif
+        if t.is_ome:
+            return "ome"
+        if t.is_svs:
+            return "aperio"
+        if t.is_ndpi:
+            return "hamamatsu"
+        if t.is_scn:
+            return "leica"
+        return "generic-tiff"
+
+    @property
+    def level_shapes(self) -> list[tuple[int, int]]:
+        return list(self._level_shapes)
+
+    @property
+    def tile_shapes(self) -> list[tuple[int, int]]:
+        return list(self._tiles)
+
+    @property
+    def mpp(self) -> tuple[float, float] | None:
+        t = self._tif
+        page = self._series.levels[0].keyframe
+        try:
+            if t.is_ome:
+                return self._ome_mpp()
+            if t.is_svs:
+                m = re.search(r"MPP\s*=\s*([0-9.eE+-]+)", page.description or "")
+                if m:
+                    v = float(m.group(1))
+                    return (v, v)
+                return None
+            return self._resolution_mpp(page)
+        except (ValueError, KeyError, AttributeError, ZeroDivisionError):
+            return None
+
+    def _ome_mpp(self) -> tuple[float, float] | None:
+        import xml.etree.ElementTree as ET
+
+        root = ET.fromstring(self._tif.ome_metadata)
+        for el in root.iter():
+            if el.tag.endswith("Pixels"):
+                sx, sy = el.get("PhysicalSizeX"), el.get("PhysicalSizeY")
+                if sx is None or sy is None:
+                    return None
+                factor = {"µm": 1.0, "um": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4, "m": 1e6}
+                ux = factor[el.get("PhysicalSizeXUnit", "µm")]
+                uy = factor[el.get("PhysicalSizeYUnit", "µm")]
+                return (float(sy) * uy, float(sx) * ux)
+        return None
+
+    @staticmethod
+    def _resolution_mpp(page) -> tuple[float, float] | None:
+        """µm per pixel from the resolution tags, as OpenSlide reads them (cm or inch)."""
+        tags = page.tags
+        if "ResolutionUnit" not in tags or "XResolution" not in tags:
+            return None
+        unit = int(tags["ResolutionUnit"].value)
+        microns = {3: 1e4, 2: 25400.0}.get(unit)
+        if microns is None:
+            return None
+        xn, xd = tags["XResolution"].value
+        yn, yd = tags["YResolution"].value
+        return (microns * yd / yn, microns * xd / xn)
+
+    @property
+    def properties(self) -> dict[str, str]:
+        page = self._series.levels[0].keyframe
+        props = {f"tiff.{tag.name}": str(tag.value) for tag in page.tags
+                 if tag.name in ("ImageDescription", "Software", "DateTime", "Make", "Model")}
+        props["tifffile.series"] = self._series.kind
+        return props
+
+    @property
+    def associated_names(self) -> tuple[str, ...]:
+        return tuple(sorted(
+            s.name.lower() for s in self._tif.series
+            if s.name and s.name.lower() in ("thumbnail", "label", "macro")
+        ))
+
+    def associated_image(self, name: str) -> np.ndarray:
+        for s in self._tif.series:
+            if s.name and s.name.lower() == name:
+                return self._to_rgb(s.asarray(), _rgb_layout(s.axes, s.shape))
+        raise KeyError(name)
+
+    # -- pixels ------------------------------------------------------------
+    @staticmethod
+    def _to_rgb(a: np.ndarray, layout: str) -> np.ndarray:
+        a = np.squeeze(a)
+        if layout == "SYX":
+            a = np.moveaxis(a, 0, -1)
+        elif layout == "YX":
+            a = np.repeat(a[..., None], 3, axis=-1)
+        if a.shape[-1] == 4:  # RGBA: drop alpha
+            a = a[..., :3]
+        if a.dtype != np.uint8:
+            a = _to_uint8(a)
+        return np.ascontiguousarray(a)
+
+    def read_level(self, level: int, y: int, x: int, height: int, width: int) -> np.ndarray:
+        arr = self._levels[level]
+        index = []
+        for axis in self._series.axes:
+            if axis == "Y":
+                index.append(slice(y, y + height))
+            elif axis == "X":
+                index.append(slice(x, x + width))
+            elif axis in self._squeeze:
+                index.append(slice(None))
+            else:
+                index.append(0)
+        return self._to_rgb(np.asarray(arr[tuple(index)]), self._layout)
+
+    def close(self) -> None:
+        self._tif.close()
+
+
+def _to_uint8(a: np.ndarray) -> np.ndarray:
+    """Scale a non-uint8 image to uint8 (integer types by their range, floats by 0..1)."""
+    if np.issubdtype(a.dtype, np.integer):
+        info = np.iinfo(a.dtype)
+        return (a.astype(np.float64) * (255.0 / info.max)).round().clip(0, 255).astype(np.uint8)
+    return (np.clip(a, 0.0, 1.0) * 255.0).round().astype(np.uint8)

@@ -1,0 +1,333 @@
+"""A whole-slide image: lazy pyramid access, coordinates, physical scale, decode cost.
+
+Coordinates are (row, col) = (y, x) in pixels of the level being read; level 0
+is full resolution.  ``Slide.read`` is the single place pixels are decoded, so
+the decode counter sees every read, whether it comes from the engine, a
+dask array behind a napari layer, or a benchmark.
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ..errors import SlideError
+
+if TYPE_CHECKING:
+    import dask.array as da
+
+    from .backends.base import SlideBackend
+
+#: a file whose coarsest stored level is longer than this on a side gets
+#: lazily derived coarser levels (and a warning) instead of being viewed whole
+MAX_COARSEST_SIDE = 8192
+#: derived levels stop once the long side is at most this
+DERIVED_MIN_SIDE = 1024
+
+
+class SlideWarning(UserWarning):
+    """Something about a slide makes it slow or approximate, but it still works."""
+
+
+@dataclass(frozen=True)
+class Level:
+    """One pyramid level.
+
+    ``downsample`` is (rows, cols) of level 0 per pixel of this level;
+    ``tile`` the decode unit; ``stored`` the file's own level index, or None for a
+    level napari-zoomin derives by 2×2 averaging of the level above.
+    """
+
+    shape: tuple[int, int]
+    downsample: tuple[float, float]
+    tile: tuple[int, int]
+    stored: int | None
+
+
+class Slide:
+    """A whole-slide image opened through one backend.  Use :func:`open_slide`."""
+
+    def __init__(
+        self,
+        backend: SlideBackend,
+        path: Path | None = None,
+        mpp: tuple[float, float] | None = None,
+    ):
+        self._backend = backend
+        self.path = path
+        self._mpp = mpp if mpp is not None else backend.mpp
+        self._lock = threading.Lock()
+        self._decoded: dict[int, int] = {}
+        self._decoded_tiles: dict[int, int] = {}
+        self._levels = self._build_levels()
+
+    # -- construction ----------------------------------------------------------
+    def _build_levels(self) -> list[Level]:
+        shapes = self._backend.level_shapes
+        tiles = self._backend.tile_shapes
+        if not shapes:
+            raise SlideError(self.path, "the file holds no image levels.")
+        for i, (rows, cols) in enumerate(shapes):
+            if rows <= 0 or cols <= 0:
+                raise SlideError(
+                    self.path,
+                    f"level {i} has zero size ({rows} x {cols} pixels).",
+                    "The file is damaged or not an image; re-export it from the scanner software.",
+                )
+        h0, w0 = shapes[0]
+        levels = [
+            Level((r, c), (h0 / r, w0 / c), (min(th, r), min(tw, c)), i)
+            for i, ((r, c), (th, tw)) in enumerate(zip(shapes, tiles, strict=True))
+        ]
+        if max(levels[-1].shape) > MAX_COARSEST_SIDE:
+            coarsest = levels[-1]
+            while max(levels[-1].shape) > DERIVED_MIN_SIDE:
+                r, c = levels[-1].shape
+                r, c = max(r // 2, 1), max(c // 2, 1)
+                levels.append(Level((r, c), (h0 / r, w0 / c), (min(512, r), min(512, c)), None))
+            warnings.warn(
+                f"{self.path or 'image'}: the coarsest stored level is "
+                f"{coarsest.shape[0]} x {coarsest.shape[1]} pixels (no pyramid below it). "
+                f"napari-zoomin derives {len(levels) - len(shapes)} coarser levels on the fly, "
+                "which decodes the full-resolution pixels and is slow. Convert the file to a "
+                "tiled pyramidal TIFF for fast viewing and classification.",
+                SlideWarning,
+                stacklevel=3,
+            )
+        return levels
+
+    # -- facts -----------------------------------------------------------------
+    @property
+    def backend(self) -> str:
+        """Name of the library reading the file: "openslide", "tifffile" or "array"."""
+        return self._backend.name
+
+    @property
+    def vendor(self) -> str:
+        """Scanner vendor or format, e.g. "aperio", "generic-tiff", "ome", "image"."""
+        return self._backend.vendor
+
+    @property
+    def levels(self) -> tuple[Level, ...]:
+        return tuple(self._levels)
+
+    @property
+    def level_count(self) -> int:
+        return len(self._levels)
+
+    @property
+    def level_shapes(self) -> tuple[tuple[int, int], ...]:
+        """(rows, cols) of each level, finest first (derived levels included)."""
+        return tuple(level.shape for level in self._levels)
+
+    @property
+    def level_downsamples(self) -> tuple[float, ...]:
+        """Downsample factor of each level relative to level 0 (mean of rows and cols)."""
+        return tuple((dy + dx) / 2 for dy, dx in (lv.downsample for lv in self._levels))
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(rows, cols) of level 0."""
+        return self._levels[0].shape
+
+    @property
+    def mpp(self) -> tuple[float, float] | None:
+        """Micrometres per level-0 pixel as (y, x), or None when the file does not say."""
+        return self._mpp
+
+    @property
+    def properties(self) -> dict[str, str]:
+        return self._backend.properties
+
+    @property
+    def associated_names(self) -> tuple[str, ...]:
+        """Associated images in the file (e.g. "thumbnail", "label", "macro")."""
+        return self._backend.associated_names
+
+    def associated_image(self, name: str) -> np.ndarray:
+        """An associated image as (rows, cols, 3) uint8 RGB."""
+        try:
+            return self._backend.associated_image(name)
+        except KeyError:
+            raise KeyError(
+                f"{self.path}: no associated image {name!r}; it has {list(self.associated_names)}"
+            ) from None
+
+    def best_level(self, downsample: float) -> int:
+        """The coarsest level that is still at least as fine as ``downsample``.
+
+        Views at a scale ``s`` are resampled from ``best_level(1 / s)``, never from
+        a finer level than needed.
+        """
+        best = 0
+        for i, ds in enumerate(self.level_downsamples):
+            if ds <= downsample * (1 + 1e-6):
+                best = i
+        return best
+
+    # -- decode counter --------------------------------------------------------
+    @property
+    def decoded_pixels(self) -> dict[int, int]:
+        """Pixels decoded per stored level so far: tiles touched × tile area."""
+        with self._lock:
+            return dict(self._decoded)
+
+    @property
+    def decoded_tiles(self) -> dict[int, int]:
+        """Tiles decoded per stored level so far."""
+        with self._lock:
+            return dict(self._decoded_tiles)
+
+    @property
+    def total_decoded_pixels(self) -> int:
+        with self._lock:
+            return sum(self._decoded.values())
+
+    def reset_decoded(self) -> None:
+        with self._lock:
+            self._decoded.clear()
+            self._decoded_tiles.clear()
+
+    def _count(self, stored: int, tile: tuple[int, int], y0: int, y1: int, x0: int, x1: int):
+        th, tw = tile
+        tiles = (-(-y1 // th) - y0 // th) * (-(-x1 // tw) - x0 // tw)
+        with self._lock:
+            self._decoded[stored] = self._decoded.get(stored, 0) + tiles * th * tw
+            self._decoded_tiles[stored] = self._decoded_tiles.get(stored, 0) + tiles
+
+    # -- pixels ----------------------------------------------------------------
+    def read(self, level: int, y: int, x: int, height: int, width: int) -> np.ndarray:
+        """Read a region of ``level`` as (height, width, 3) uint8 RGB.
+
+        ``y, x`` is the top-left corner in that level's pixels; the part of the
+        region outside the slide is zero-filled.
+        """
+        if not 0 <= level < len(self._levels):
+            raise IndexError(f"level {level} out of range (slide has {len(self._levels)})")
+        y, x, height, width = int(y), int(x), int(height), int(width)
+        if height < 0 or width < 0:
+            raise ValueError(f"negative region size {height} x {width}")
+        out = np.zeros((height, width, 3), np.uint8)
+        lv = self._levels[level]
+        rows, cols = lv.shape
+        y0, y1 = max(y, 0), min(y + height, rows)
+        x0, x1 = max(x, 0), min(x + width, cols)
+        if y1 <= y0 or x1 <= x0:
+            return out
+        if lv.stored is None:
+            region = self._read_derived(level, y0, x0, y1 - y0, x1 - x0)
+        else:
+            try:
+                region = self._backend.read_level(lv.stored, y0, x0, y1 - y0, x1 - x0)
+            except Exception as exc:
+                raise SlideError(
+                    self.path,
+                    f"cannot decode level {level} region y={y0}..{y1}, x={x0}..{x1} "
+                    f"({type(exc).__name__}: {exc}).",
+                    "The file may be truncated or corrupt; re-copy it from the source.",
+                ) from exc
+            self._count(lv.stored, lv.tile, y0, y1, x0, x1)
+        out[y0 - y : y1 - y, x0 - x : x1 - x] = region
+        return out
+
+    def _read_derived(self, level: int, y: int, x: int, height: int, width: int) -> np.ndarray:
+        """A derived level's region: 2×2 mean of the level above (rounded half up)."""
+        above = self.read(level - 1, 2 * y, 2 * x, 2 * height, 2 * width).astype(np.uint16)
+        blocks = above.reshape(height, 2, width, 2, 3).sum(axis=(1, 3))
+        return ((blocks + 2) // 4).astype(np.uint8)
+
+    def pyramid(self) -> list[da.Array]:
+        """The pyramid as dask arrays (rows, cols, 3) uint8, chunked on the file's tiles.
+
+        Nothing is decoded until a chunk is computed, and every chunk goes
+        through :meth:`read`, so the decode counter includes what a viewer reads.
+        """
+        import dask.array as da
+
+        token = f"zoomin-{id(self):x}"
+        arrays = []
+        for i, lv in enumerate(self._levels):
+            arrays.append(
+                da.from_array(
+                    _LevelArray(self, i),
+                    chunks=(lv.tile[0], lv.tile[1], 3),
+                    name=f"{token}-level{i}",
+                    asarray=False,
+                    fancy=False,
+                    lock=False,
+                    meta=np.empty((0, 0, 0), np.uint8),
+                )
+            )
+        return arrays
+
+    # -- summary ---------------------------------------------------------------
+    def info(self) -> dict:
+        """Facts about the slide as plain JSON-able values (``zoomin info``)."""
+        return {
+            "path": None if self.path is None else str(self.path),
+            "backend": self.backend,
+            "vendor": self.vendor,
+            "level_count": self.level_count,
+            "level_shapes": [list(s) for s in self.level_shapes],
+            "level_downsamples": [round(d, 6) for d in self.level_downsamples],
+            "tile_shapes": [list(lv.tile) for lv in self._levels],
+            "derived_levels": [i for i, lv in enumerate(self._levels) if lv.stored is None],
+            "mpp": None if self.mpp is None else list(self.mpp),
+            "associated_images": list(self.associated_names),
+        }
+
+    # -- lifetime --------------------------------------------------------------
+    def close(self) -> None:
+        self._backend.close()
+
+    def __enter__(self) -> Slide:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        rows, cols = self.shape
+        return (
+            f"Slide({str(self.path) if self.path else 'array'!r}, {rows}x{cols}, "
+            f"levels={self.level_count}, backend={self.backend!r}, vendor={self.vendor!r})"
+        )
+
+
+class _LevelArray:
+    """Array-like view of one level for ``dask.array.from_array``."""
+
+    def __init__(self, slide: Slide, level: int):
+        self._slide = slide
+        self._level = level
+        rows, cols = slide.levels[level].shape
+        self.shape = (rows, cols, 3)
+        self.dtype = np.dtype(np.uint8)
+        self.ndim = 3
+
+    def __getitem__(self, index) -> np.ndarray:
+        if not isinstance(index, tuple):
+            index = (index,)
+        ys, xs, *rest = index + (slice(None),) * (3 - len(index))
+        ry, rx = _as_range(ys, self.shape[0]), _as_range(xs, self.shape[1])
+        block = self._slide.read(self._level, ry.start, rx.start, ry.stop - ry.start,
+                                 rx.stop - rx.start)[:: ry.step, :: rx.step]
+        # integer indices drop their axis, as numpy does
+        keep = tuple(slice(None) if isinstance(s, slice) else 0 for s in (ys, xs))
+        return block[(*keep, *rest)]
+
+
+def _as_range(index, size: int) -> range:
+    """A slice or integer on an axis of ``size`` as a forward range (dask asks only slices)."""
+    if isinstance(index, slice):
+        r = range(size)[index]
+        if r.step < 0:
+            raise IndexError("negative steps are not supported")
+        return range(r.start, max(r.start, r.stop), r.step) if len(r) else range(r.start, r.start)
+    i = range(size)[index]
+    return range(i, i + 1)
