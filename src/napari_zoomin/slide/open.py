@@ -44,8 +44,8 @@ def _backend_order(path: Path) -> list[str]:
     return ["tifffile"]
 
 
-def _check_tiff_complete(path: Path) -> None:
-    """Refuse a TIFF whose directories or tiles point past its end (a truncated copy)."""
+def _check_tiff_structure(path: Path) -> None:
+    """Refuse early a TIFF with a zero-sized image or pointers past its end (truncated)."""
     size = path.stat().st_size
     with open(path, "rb") as fh:
         header = fh.read(16)
@@ -66,6 +66,13 @@ def _check_tiff_complete(path: Path) -> None:
     try:
         with tifffile.TiffFile(str(path)) as tif:
             for page in tif.pages:
+                if page.imagelength == 0 or page.imagewidth == 0:
+                    raise SlideError(
+                        path,
+                        f"image {page.index} has zero size "
+                        f"({page.imagelength} x {page.imagewidth} pixels).",
+                        "The file is damaged or was written wrongly; re-export it.",
+                    )
                 offsets = np.asarray(page.dataoffsets, np.int64)
                 counts = np.asarray(page.databytecounts, np.int64)
                 if offsets.size and int((offsets + counts).max()) > size:
@@ -85,7 +92,7 @@ _BYTEORDER = {"<": "little", ">": "big"}
 def _truncated(path: Path, end: int, size: int, what: str) -> None:
     raise SlideError(
         path,
-        f"the file is truncated: {what} needs byte {end:,} but the file has {size:,} bytes.",
+        f"the file is truncated or damaged: {what} needs byte {end:,} but the file has {size:,} bytes.",
         "Copy or download the slide again.",
     )
 
@@ -134,7 +141,7 @@ def open_slide(
         )
     if path.stat().st_size == 0:
         raise SlideError(path, "the file is empty (0 bytes).", "Copy or download it again.")
-    _check_tiff_complete(path)
+    _check_tiff_structure(path)
 
     order = [backend] if backend else _backend_order(path)
     problems = []

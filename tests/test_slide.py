@@ -1,0 +1,196 @@
+"""Slide and backends on the real CMU slide and on generated pyramids of real pixels."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import tifffile
+from conftest import _levels, write_openslide_layout
+
+from napari_zoomin import open_slide
+from napari_zoomin.slide import SlideWarning
+
+REGIONS = [(0, 0, 240, 240), (100, 200, 500, 600), (2900, 2100, 200, 300), (-50, -70, 300, 400)]
+
+
+class TestCMU:
+    def test_facts(self, cmu_svs):
+        with open_slide(cmu_svs) as s:
+            assert s.backend == "openslide"
+            assert s.vendor == "aperio"
+            assert s.shape == (2967, 2220)
+            assert s.level_shapes == ((2967, 2220),)
+            assert s.level_downsamples == (1.0,)
+            assert s.mpp == pytest.approx((0.499, 0.499))
+            assert s.levels[0].tile == (240, 240)
+            assert s.associated_names == ("label", "macro", "thumbnail")
+            assert s.associated_image("label").shape == (463, 387, 3)
+            assert s.associated_image("thumbnail").shape == (768, 574, 3)
+
+    def test_backends_agree_on_facts_and_pixels(self, cmu_svs, cmu_pixels):
+        with open_slide(cmu_svs) as a, open_slide(cmu_svs, backend="tifffile") as b:
+            assert b.backend == "tifffile"
+            assert (a.shape, a.mpp, a.vendor) == (b.shape, b.mpp, b.vendor)
+            assert a.associated_names == b.associated_names
+            for name in a.associated_names:
+                np.testing.assert_array_equal(a.associated_image(name), b.associated_image(name))
+            for y, x, h, w in REGIONS:
+                ra, rb = a.read(0, y, x, h, w), b.read(0, y, x, h, w)
+                assert ra.shape == (h, w, 3) and ra.dtype == np.uint8
+                np.testing.assert_array_equal(ra, rb)
+                # and both equal plain numpy slicing of the decoded image, zero outside
+                expect = np.zeros((h, w, 3), np.uint8)
+                y0, x0 = max(y, 0), max(x, 0)
+                y1, x1 = min(y + h, 2967), min(x + w, 2220)
+                expect[y0 - y : y1 - y, x0 - x : x1 - x] = cmu_pixels[y0:y1, x0:x1]
+                np.testing.assert_array_equal(ra, expect)
+
+    def test_border_zero_fill(self, cmu_svs):
+        with open_slide(cmu_svs) as s:
+            r = s.read(0, 2960, 2215, 20, 10)
+            assert r[:7, :5].any() and not r[7:].any() and not r[:, 5:].any()
+            assert not s.read(0, 5000, 5000, 10, 10).any()
+            assert s.decoded_pixels.get(0, 0) == 240 * 240  # only the corner tile was decoded
+
+    def test_decode_counter_counts_tiles_touched(self, cmu_svs):
+        with open_slide(cmu_svs) as s:
+            s.read(0, 0, 0, 240, 240)  # exactly one tile
+            assert s.decoded_pixels == {0: 240 * 240}
+            assert s.decoded_tiles == {0: 1}
+            s.read(0, 239, 239, 2, 2)  # straddles four tiles
+            assert s.decoded_tiles == {0: 5}
+            s.read(0, 100, 200, 500, 600)  # rows 0..2, cols 0..3 -> 3 x 4 tiles
+            assert s.decoded_tiles == {0: 17}
+            assert s.total_decoded_pixels == 17 * 240 * 240
+            s.reset_decoded()
+            assert s.decoded_pixels == {}
+
+    def test_dask_pyramid_is_chunked_on_tiles(self, cmu_svs):
+        with open_slide(cmu_svs) as s:
+            (level0,) = s.pyramid()
+            assert level0.shape == (2967, 2220, 3) and level0.dtype == np.uint8
+            assert level0.chunksize == (240, 240, 3)
+            assert s.decoded_pixels == {}  # building the arrays decodes nothing
+            block = level0[250:700, 300:1000].compute()
+            np.testing.assert_array_equal(block, s.read(0, 250, 300, 450, 700))
+            assert level0[10, 20].compute().tolist() == s.read(0, 10, 20, 1, 1)[0, 0].tolist()
+
+
+@pytest.mark.parametrize("layout", ["openslide", "ome"])
+@pytest.mark.parametrize("compression", ["jpeg", "zlib"])
+def test_generated_pyramids(pyramids, real_crop, layout, compression):
+    path = pyramids[layout, compression]
+    with open_slide(path) as s:
+        assert s.backend == ("tifffile" if layout == "ome" else "openslide")
+        assert s.vendor == ("ome" if layout == "ome" else "generic-tiff")
+        assert s.level_shapes == ((2048, 1536), (1024, 768), (512, 384))
+        assert s.level_downsamples == (1.0, 2.0, 4.0)
+        assert s.mpp == pytest.approx((0.5, 0.5))
+        assert [lv.tile for lv in s.levels] == [(256, 256)] * 3
+        expected = _levels(real_crop, 3)
+        for level, ref in enumerate(expected):
+            got = s.read(level, 0, 0, *ref.shape[:2])
+            if compression == "zlib":  # lossless: the exact pixels written
+                np.testing.assert_array_equal(got, ref)
+            else:  # JPEG at quality 90: close to what was written (PSNR over 30 dB)
+                mse = ((got.astype(float) - ref) ** 2).mean()
+                assert 10 * np.log10(255**2 / mse) > 30
+
+
+@pytest.mark.parametrize("compression", ["jpeg", "zlib"])
+def test_backends_pixel_identical_on_generated_pyramid(pyramids, compression):
+    path = pyramids["openslide", compression]
+    with open_slide(path, backend="openslide") as a, open_slide(path, backend="tifffile") as b:
+        assert a.level_shapes == b.level_shapes and a.mpp == b.mpp
+        for level in range(3):
+            for y, x, h, w in [(0, 0, 256, 256), (37, 91, 300, 200), (-20, 300, 100, 700)]:
+                np.testing.assert_array_equal(a.read(level, y, x, h, w), b.read(level, y, x, h, w))
+
+
+def test_ome_pyramid_readable_by_forced_openslide_is_only_level0(pyramids):
+    """Why OME goes to tifffile: OpenSlide sees no sub-IFD levels."""
+    with open_slide(pyramids["ome", "zlib"], backend="openslide") as s:
+        assert s.level_count == 1
+
+
+def test_best_level(pyramids):
+    with open_slide(pyramids["openslide", "zlib"]) as s:
+        assert [s.best_level(d) for d in (1, 1.9, 2, 3.9, 4, 16)] == [0, 0, 1, 1, 2, 2]
+
+
+def test_decode_counter_per_level(pyramids):
+    with open_slide(pyramids["openslide", "zlib"]) as s:
+        s.read(2, 0, 0, 512, 384)  # whole level 2: 2 x 2 tiles of 256
+        s.read(0, 300, 300, 10, 10)  # one tile of level 0
+        assert s.decoded_tiles == {2: 4, 0: 1}
+        assert s.decoded_pixels == {2: 4 * 256 * 256, 0: 256 * 256}
+
+
+def test_non_integral_downsamples_agree_at_level0_and_origin(tmp_path, real_crop):
+    """Odd sizes give downsamples like 1.9993; OpenSlide then resamples off-origin reads."""
+    odd = real_crop[:2001, :1503]
+    path = write_openslide_layout(tmp_path / "odd.tif", odd, "zlib")
+    with open_slide(path) as a, open_slide(path, backend="tifffile") as b:
+        assert a.level_shapes == b.level_shapes == ((2001, 1503), (1000, 751), (500, 375))
+        np.testing.assert_array_equal(a.read(0, 33, 44, 500, 400), b.read(0, 33, 44, 500, 400))
+        for level in (1, 2):
+            np.testing.assert_array_equal(a.read(level, 0, 0, 64, 64), b.read(level, 0, 0, 64, 64))
+
+
+def test_plain_images_and_arrays(tmp_path, real_crop):
+    from PIL import Image
+
+    png = tmp_path / "crop.png"
+    Image.fromarray(real_crop[:300, :400]).save(png)
+    with open_slide(png) as s:
+        assert (s.backend, s.vendor, s.shape, s.level_count) == ("array", "image", (300, 400), 1)
+        np.testing.assert_array_equal(s.read(0, 0, 0, 300, 400), real_crop[:300, :400])
+    jpg = tmp_path / "crop.jpg"
+    Image.fromarray(real_crop[:300, :400]).save(jpg, quality=95)
+    with open_slide(jpg) as s:
+        np.testing.assert_array_equal(s.read(0, 0, 0, 300, 400), np.asarray(Image.open(jpg)))
+    grey = open_slide(real_crop[:50, :60, 0], mpp=0.25)
+    assert grey.mpp == (0.25, 0.25)
+    np.testing.assert_array_equal(grey.read(0, 0, 0, 50, 60)[..., 2], real_crop[:50, :60, 0])
+
+
+def test_huge_single_level_gets_derived_levels_with_warning(tmp_path):
+    """A 20,000 × 12,000 single-level file: never viewed whole, derived levels on demand."""
+    path = tmp_path / "flat.tif"
+    rows, cols, tile = 20_000, 12_000, 512
+    tile_pattern = np.zeros((tile, tile, 3), np.uint8)
+    tile_pattern[::2, ::2] = 200  # 2x2 mean = 50 everywhere
+
+    def tiles():
+        for _ in range(-(-rows // tile) * -(-cols // tile)):
+            yield tile_pattern
+
+    tifffile.imwrite(path, tiles(), shape=(rows, cols, 3), dtype=np.uint8, tile=(tile, tile),
+                     photometric="rgb", compression="zlib", bigtiff=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        s = open_slide(path)
+    assert any(issubclass(w.category, SlideWarning) and "no pyramid" in str(w.message)
+               for w in caught)
+    assert s.level_shapes[:3] == ((20_000, 12_000), (10_000, 6_000), (5_000, 3_000))
+    assert max(s.level_shapes[-1]) <= 1024
+    assert s.info()["derived_levels"] == list(range(1, s.level_count))
+    assert s.decoded_pixels == {}  # nothing decoded by opening
+    block = s.read(1, 100, 100, 64, 64)
+    assert (block == 50).all()
+    assert (s.read(2, 0, 0, 8, 8) == 50).all()  # 50 is a fixed point of 2x2 means
+    pyramid = s.pyramid()
+    assert len(pyramid) == s.level_count and pyramid[1].chunksize == (512, 512, 3)
+    s.close()
+
+
+def test_info_is_json(cmu_svs):
+    import json
+
+    with open_slide(cmu_svs) as s:
+        info = json.loads(json.dumps(s.info()))
+    assert info["level_shapes"] == [[2967, 2220]]
+    assert info["mpp"] == [0.499, 0.499]
+    assert info["vendor"] == "aperio"
