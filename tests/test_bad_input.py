@@ -53,8 +53,17 @@ def bad_files(tmp_path, pyramids, cmu_svs):
     }
 
 
-CASES = ["missing", "directory", "non-image", "corrupt", "truncated", "truncated-svs", "empty",
-         "extension", "zero-sized"]
+CASES = [
+    "missing",
+    "directory",
+    "non-image",
+    "corrupt",
+    "truncated",
+    "truncated-svs",
+    "empty",
+    "extension",
+    "zero-sized",
+]
 
 
 @pytest.mark.parametrize("case", CASES)

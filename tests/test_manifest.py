@@ -27,8 +27,9 @@ def test_editable_install_reads_the_top_level_manifest():
     shipped = Path(napari_zoomin.__file__).with_name("napari.yaml")
     assert shipped.resolve() == MANIFEST.resolve()
     bin_dir = Path(sys.executable).parent
-    done = subprocess.run([bin_dir / "npe2", "validate", "napari-zoomin"],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [bin_dir / "npe2", "validate", "napari-zoomin"], capture_output=True, text=True
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "valid" in done.stdout
 
@@ -36,8 +37,11 @@ def test_editable_install_reads_the_top_level_manifest():
 @pytest.mark.slow
 def test_built_wheel_ships_the_manifest_and_validates(tmp_path):
     dist = tmp_path / "dist"
-    subprocess.run([sys.executable, "-m", "build", "--wheel", "--outdir", dist, ROOT],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "build", "--wheel", "--outdir", dist, ROOT],
+        check=True,
+        capture_output=True,
+    )
     (wheel,) = dist.glob("napari_zoomin-*.whl")
     with zipfile.ZipFile(wheel) as zf:
         assert zf.read("napari_zoomin/napari.yaml") == MANIFEST.read_bytes()
@@ -51,14 +55,27 @@ def test_built_wheel_ships_the_manifest_and_validates(tmp_path):
     pip = [py, "-m", "pip", "install", "-q", "-c", ROOT / "constraints.txt"]
     subprocess.run([*pip, "--no-deps", wheel], check=True, env=env, capture_output=True)
     subprocess.run([*pip, "npe2"], check=True, env=env, capture_output=True)
-    done = subprocess.run([scratch / "bin" / "npe2", "validate", "napari-zoomin"],
-                          capture_output=True, text=True, env=env, cwd=tmp_path)
+    done = subprocess.run(
+        [scratch / "bin" / "npe2", "validate", "napari-zoomin"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "Zoom-In slide classifier" in done.stdout and "valid" in done.stdout
     # and the manifest napari loads there is the wheel's copy, not the source tree's
     where = subprocess.run(
-        [py, "-c", "import napari_zoomin, pathlib; "
-                   "print(pathlib.Path(napari_zoomin.__file__).with_name('napari.yaml'))"],
-        capture_output=True, text=True, check=True, cwd=tmp_path, env=env,
+        [
+            py,
+            "-c",
+            "import napari_zoomin, pathlib; "
+            "print(pathlib.Path(napari_zoomin.__file__).with_name('napari.yaml'))",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=tmp_path,
+        env=env,
     ).stdout.strip()
     assert str(scratch) in where and Path(where).read_bytes() == MANIFEST.read_bytes()

@@ -66,8 +66,9 @@ def test_screenshot_shows_slide_pixels(make_napari_viewer, pyramids, real_crop):
     np.testing.assert_allclose(middle, real_crop.reshape(-1, 3).mean(axis=0), atol=40)
 
 
-def test_bad_file_gives_notification_and_viewer_stays_usable(make_napari_viewer, tmp_path,
-                                                              pyramids):
+def test_bad_file_gives_notification_and_viewer_stays_usable(
+    make_napari_viewer, tmp_path, pyramids
+):
     from napari.utils.notifications import notification_manager
 
     bad = tmp_path / "broken.svs"

@@ -7,10 +7,10 @@ import warnings
 import numpy as np
 import pytest
 import tifffile
-from conftest import _levels, write_openslide_layout
 
 from napari_zoomin import open_slide
 from napari_zoomin.slide import SlideWarning
+from pyramid_files import mean_pyramid, write_openslide_layout
 
 REGIONS = [(0, 0, 240, 240), (100, 200, 500, 600), (2900, 2100, 200, 300), (-50, -70, 300, 400)]
 
@@ -89,7 +89,7 @@ def test_generated_pyramids(pyramids, real_crop, layout, compression):
         assert s.level_downsamples == (1.0, 2.0, 4.0)
         assert s.mpp == pytest.approx((0.5, 0.5))
         assert [lv.tile for lv in s.levels] == [(256, 256)] * 3
-        expected = _levels(real_crop, 3)
+        expected = mean_pyramid(real_crop, 3)
         for level, ref in enumerate(expected):
             got = s.read(level, 0, 0, *ref.shape[:2])
             if compression == "zlib":  # lossless: the exact pixels written
@@ -167,13 +167,22 @@ def test_huge_single_level_gets_derived_levels_with_warning(tmp_path):
         for _ in range(-(-rows // tile) * -(-cols // tile)):
             yield tile_pattern
 
-    tifffile.imwrite(path, tiles(), shape=(rows, cols, 3), dtype=np.uint8, tile=(tile, tile),
-                     photometric="rgb", compression="zlib", bigtiff=True)
+    tifffile.imwrite(
+        path,
+        tiles(),
+        shape=(rows, cols, 3),
+        dtype=np.uint8,
+        tile=(tile, tile),
+        photometric="rgb",
+        compression="zlib",
+        bigtiff=True,
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         s = open_slide(path)
-    assert any(issubclass(w.category, SlideWarning) and "no pyramid" in str(w.message)
-               for w in caught)
+    assert any(
+        issubclass(w.category, SlideWarning) and "no pyramid" in str(w.message) for w in caught
+    )
     assert s.level_shapes[:3] == ((20_000, 12_000), (10_000, 6_000), (5_000, 3_000))
     assert max(s.level_shapes[-1]) <= 1024
     assert s.info()["derived_levels"] == list(range(1, s.level_count))

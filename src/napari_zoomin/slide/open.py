@@ -92,7 +92,8 @@ _BYTEORDER = {"<": "little", ">": "big"}
 def _truncated(path: Path, end: int, size: int, what: str) -> None:
     raise SlideError(
         path,
-        f"the file is truncated or damaged: {what} needs byte {end:,} but the file has {size:,} bytes.",
+        f"the file is truncated or damaged: {what} needs byte {end:,} "
+        f"but the file has {size:,} bytes.",
         "Copy or download the slide again.",
     )
 
@@ -123,7 +124,9 @@ def open_slide(
 
     path = Path(source).expanduser()
     if backend is not None and backend not in BACKENDS:
-        raise SlideError(path, f"unknown backend {backend!r}.", f"Choose one of {sorted(BACKENDS)}.")
+        raise SlideError(
+            path, f"unknown backend {backend!r}.", f"Choose one of {sorted(BACKENDS)}."
+        )
     if not path.exists():
         raise SlideError(path, "no such file.", "Check the path.")
     if path.is_dir():
@@ -147,10 +150,7 @@ def open_slide(
     problems = []
     for name in order:
         try:
-            if name == "array":
-                be = ArrayBackend.from_file(path)
-            else:
-                be = BACKENDS[name](path)
+            be = ArrayBackend.from_file(path) if name == "array" else BACKENDS[name](path)
         except Exception as exc:  # each library has its own error types
             problems.append(f"{name}: {type(exc).__name__}: {exc}".strip())
             continue

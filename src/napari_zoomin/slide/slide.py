@@ -315,8 +315,9 @@ class _LevelArray:
             index = (index,)
         ys, xs, *rest = index + (slice(None),) * (3 - len(index))
         ry, rx = _as_range(ys, self.shape[0]), _as_range(xs, self.shape[1])
-        block = self._slide.read(self._level, ry.start, rx.start, ry.stop - ry.start,
-                                 rx.stop - rx.start)[:: ry.step, :: rx.step]
+        block = self._slide.read(
+            self._level, ry.start, rx.start, ry.stop - ry.start, rx.stop - rx.start
+        )[:: ry.step, :: rx.step]
         # integer indices drop their axis, as numpy does
         keep = tuple(slice(None) if isinstance(s, slice) else 0 for s in (ys, xs))
         return block[(*keep, *rest)]

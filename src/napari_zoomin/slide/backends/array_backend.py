@@ -37,8 +37,13 @@ class ArrayBackend(SlideBackend):
 
     name = "array"
 
-    def __init__(self, image: np.ndarray, path: Path | None = None,
-                 mpp: tuple[float, float] | None = None, vendor: str = "array"):
+    def __init__(
+        self,
+        image: np.ndarray,
+        path: Path | None = None,
+        mpp: tuple[float, float] | None = None,
+        vendor: str = "array",
+    ):
         super().__init__(path)
         self._image = as_rgb_uint8(image)
         self._mpp = mpp

@@ -23,9 +23,7 @@ def _rgb_layout(axes: str, shape: tuple[int, ...]) -> str:
     squeezed = "".join(a for a, n in zip(axes, shape, strict=True) if n > 1 or a in "YX")
     if squeezed in ("YXS", "SYX", "CYX", "YX"):
         return squeezed.replace("C", "S")
-    raise ValueError(
-        f"image axes {axes!r} with shape {shape} are not a 2-D RGB or grey image"
-    )
+    raise ValueError(f"image axes {axes!r} with shape {shape} are not a 2-D RGB or grey image")
 
 
 class TiffBackend(SlideBackend):
@@ -48,8 +46,9 @@ class TiffBackend(SlideBackend):
                 store = series.aszarr(level=i)
                 self._levels.append(zarr.open(store, mode="r"))
                 del level
-            self._squeeze = [a for a, n in zip(series.axes, series.shape, strict=True)
-                             if n > 1 or a in "YX"]
+            self._squeeze = [
+                a for a, n in zip(series.axes, series.shape, strict=True) if n > 1 or a in "YX"
+            ]
             self._level_shapes = []
             self._tiles = []
             for level_series, arr in zip(series.levels, self._levels, strict=True):
@@ -141,17 +140,23 @@ class TiffBackend(SlideBackend):
     @property
     def properties(self) -> dict[str, str]:
         page = self._series.levels[0].keyframe
-        props = {f"tiff.{tag.name}": str(tag.value) for tag in page.tags
-                 if tag.name in ("ImageDescription", "Software", "DateTime", "Make", "Model")}
+        props = {
+            f"tiff.{tag.name}": str(tag.value)
+            for tag in page.tags
+            if tag.name in ("ImageDescription", "Software", "DateTime", "Make", "Model")
+        }
         props["tifffile.series"] = self._series.kind
         return props
 
     @property
     def associated_names(self) -> tuple[str, ...]:
-        return tuple(sorted(
-            s.name.lower() for s in self._tif.series
-            if s.name and s.name.lower() in ("thumbnail", "label", "macro")
-        ))
+        return tuple(
+            sorted(
+                s.name.lower()
+                for s in self._tif.series
+                if s.name and s.name.lower() in ("thumbnail", "label", "macro")
+            )
+        )
 
     def associated_image(self, name: str) -> np.ndarray:
         for s in self._tif.series:
