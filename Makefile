@@ -25,7 +25,7 @@ demo: $(STAMP)
 	$(BIN)/zoomin demo --out $(DEMO_DIR)
 
 bench: $(STAMP)
-	$(BIN)/python -m benchmarks.slide_io
+	xvfb-run -a $(BIN)/python -m benchmarks.slide_io
 
 clean:
 	rm -rf $(VENV) build dist .pytest_cache .ruff_cache $(DEMO_DIR)

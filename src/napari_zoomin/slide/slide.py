@@ -260,6 +260,8 @@ class Slide:
                     asarray=False,
                     fancy=False,
                     lock=False,
+                    # the reader in each task, not a graph dependency: 20x faster slicing
+                    inline_array=True,
                     meta=np.empty((0, 0, 0), np.uint8),
                 )
             )
