@@ -2,17 +2,35 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tifffile
 
+from fixtures_data import session_cache_root
 from pyramid_files import write_ome_subifd, write_openslide_layout
 
 
+@pytest.fixture(scope="session", autouse=True)
+def zoomin_cache(tmp_path_factory) -> Path:
+    """The session's napari-zoomin cache: a temp folder, unless NAPARI_ZOOMIN_CACHE is set.
+
+    Set NAPARI_ZOOMIN_CACHE to a lasting folder to reuse the fetched slide and the
+    built sample slides between runs.
+    """
+    if os.environ.get("NAPARI_ZOOMIN_CACHE"):
+        yield Path(os.environ["NAPARI_ZOOMIN_CACHE"])
+        return
+    root = session_cache_root(tmp_path_factory)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("NAPARI_ZOOMIN_CACHE", str(root))
+        yield root
+
+
 @pytest.fixture(scope="session")
-def cmu_svs() -> Path:
+def cmu_svs(zoomin_cache) -> Path:
     """The real CC0 Aperio slide CMU-1-Small-Region.svs, fetched and checksummed by the project."""
     from napari_zoomin.data.fetch import fetch_cmu_small_region
 

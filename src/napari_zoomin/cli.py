@@ -29,7 +29,10 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     from .slide.synthetic import write_sample_slide
 
     start = time.perf_counter()
-    info = write_sample_slide(args.out, size=args.size, label=args.label, seed=args.seed)
+    try:
+        info = write_sample_slide(args.out, size=args.size, label=args.label, seed=args.seed)
+    except ValueError as err:  # a size too small for the recipe, and the like
+        raise ZoominError(args.out, f"cannot write the sample slide: {err}") from err
     seconds = time.perf_counter() - start
     print(
         f"wrote {info.path} ({args.size:,} x {args.size:,} px, {args.label}, seed {args.seed}) "

@@ -1,0 +1,477 @@
+"""Write pyramidal, tiled TIFF slides that encode each distinct tile only once.
+
+Layout (what OpenSlide's ``generic-tiff`` reader and tifffile's ``series[0].levels``
+both understand):
+
+* BigTIFF; level 0 is the first page, each reduced level is its own top-level page
+  with ``NewSubfileType = 1`` (reduced resolution), all tiled ``tile × tile``.
+* Level ``k`` has shape ``floor(shape[k-1] / 2)`` and is the exact 2×2 area average
+  of level ``k-1`` on the *un-encoded* pixels, rounded half up:
+  ``(a + b + c + d + 2) // 4`` (see :func:`downsample2`).  Each level is computed
+  from the level above, never from level 0 directly.
+* ``compression="jpeg"``: baseline JPEG, YCbCr **without chroma subsampling**
+  (4:4:4), quality 90 by default, ``Photometric = YCbCr``.  OpenSlide and tifffile
+  (also through zarr) decode these tiles to bit-identical RGB; chroma subsampling
+  is avoided because upsampling is where decoders may differ.
+  ``compression="zlib"``: lossless Adobe Deflate, ``Photometric = RGB``.
+* ``XResolution``/``YResolution`` in pixels per centimetre (``1e4 / mpp`` at
+  level 0, divided by the downsample on reduced levels), so µm/pixel is
+  recoverable (OpenSlide reports it as ``openslide.mpp-x``).
+* A plain-text ImageDescription (never starting with a vendor's signature, so
+  OpenSlide does not mistake the file for an Aperio slide).
+
+Speed comes from pre-compressed tiles: the caller describes level 0 as a function
+``source(row, col) -> (key, pixels)``.  Tiles that share a non-``None`` key hold
+identical pixels; the writer renders and encodes each key once and writes the same
+bytes wherever the key repeats.  Reduced levels are derived through the same trick:
+a parent tile whose four children are all keyed is memoised on the children's ids,
+so a mirror-tiled 100,000² slide needs only a few hundred encodes in all.
+
+All coordinates are ``(row, col)`` = ``(y, x)``; shapes are ``(height, width)``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import secrets
+import time
+from collections.abc import Callable, Hashable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import imagecodecs
+import numpy as np
+import tifffile
+
+from .._version import __version__
+
+Compression = Literal["jpeg", "zlib"]
+TileContent = np.ndarray | Callable[[], np.ndarray]
+TileSource = Callable[[int, int], tuple[Hashable | None, TileContent]]
+
+DEFAULT_TILE = 512
+DEFAULT_QUALITY = 90
+MIN_LEVEL_SIZE = 1024
+COMPRESSIONS: tuple[str, ...] = ("jpeg", "zlib")
+
+
+@dataclass(frozen=True)
+class PyramidInfo:
+    """What :func:`write_pyramid` wrote.
+
+    ``level_shapes`` are ``(height, width)`` per level; ``tiles_total`` counts the
+    tiles stored per level and ``tiles_encoded`` the distinct tiles actually
+    rendered and encoded (the rest are repeated bytes).
+    """
+
+    path: Path
+    level_shapes: tuple[tuple[int, int], ...]
+    tile: int
+    compression: str
+    mpp: float
+    tiles_total: tuple[int, ...]
+    tiles_encoded: tuple[int, ...]
+    nbytes: int
+    seconds: float
+
+    @property
+    def downsamples(self) -> tuple[int, ...]:
+        return tuple(2**k for k in range(len(self.level_shapes)))
+
+
+def pyramid_shapes(
+    shape: tuple[int, int], n_levels: int | None = None, min_size: int = MIN_LEVEL_SIZE
+) -> list[tuple[int, int]]:
+    """Level shapes ``(h, w)``: halve (floor) until the long side is ``<= min_size``.
+
+    With ``n_levels`` given, exactly that many levels (``ValueError`` if a level
+    would be empty).
+    """
+    h, w = int(shape[0]), int(shape[1])
+    if h < 1 or w < 1:
+        raise ValueError(f"image shape must be positive, got {shape}")
+    shapes = [(h, w)]
+    if n_levels is None:
+        while max(shapes[-1]) > min_size and min(shapes[-1]) >= 2:
+            shapes.append((shapes[-1][0] // 2, shapes[-1][1] // 2))
+        return shapes
+    if n_levels < 1:
+        raise ValueError(f"n_levels must be >= 1, got {n_levels}")
+    for _ in range(n_levels - 1):
+        nh, nw = shapes[-1][0] // 2, shapes[-1][1] // 2
+        if nh < 1 or nw < 1:
+            raise ValueError(f"{n_levels} levels are too many for an image of shape {shape}")
+        shapes.append((nh, nw))
+    return shapes
+
+
+def downsample2(a: np.ndarray) -> np.ndarray:
+    """2×2 area average of an ``(2h, 2w, c)`` uint8 array, rounded half up.
+
+    ``out = (a[0::2, 0::2] + a[1::2, 0::2] + a[0::2, 1::2] + a[1::2, 1::2] + 2) // 4``
+    computed in uint16: the exact rule every reduced pyramid level follows.
+    Odd trailing rows/columns are dropped (level shapes are floored).
+    """
+    h, w = a.shape[0] // 2 * 2, a.shape[1] // 2 * 2
+    a = a[:h, :w]
+    rows = a[0::2].astype(np.uint16)
+    rows += a[1::2]
+    s = rows[:, 0::2] + rows[:, 1::2]
+    s += 2
+    s >>= 2
+    return s.astype(np.uint8)
+
+
+def encode_tile(tile: np.ndarray, compression: str, quality: int = DEFAULT_QUALITY) -> bytes:
+    """Encode one ``(t, t, 3)`` uint8 tile exactly as :func:`write_pyramid` stores it."""
+    tile = np.ascontiguousarray(tile)
+    if compression == "jpeg":
+        return imagecodecs.jpeg8_encode(
+            tile, level=quality, colorspace="RGB", outcolorspace="YCBCR", subsampling=(1, 1)
+        )
+    if compression == "zlib":
+        return imagecodecs.zlib_encode(tile, level=6)
+    raise ValueError(f"compression must be one of {COMPRESSIONS}, got {compression!r}")
+
+
+def _tiff_kwargs(compression: str) -> dict:
+    if compression == "jpeg":
+        # tifffile writes Photometric=YCbCr, YCbCrSubSampling=(1, 1) and
+        # ReferenceBlackWhite, matching encode_tile's JPEG streams.
+        return {"compression": "jpeg", "photometric": "rgb", "subsampling": (1, 1)}
+    return {"compression": "zlib", "photometric": "rgb"}
+
+
+# A tile record while the pyramid is built: (id, pixels).  Keyed tiles have an
+# integer id and their pixels live in _Builder.arrays; unique tiles have id None
+# and carry their pixels until their parent has been computed.
+_Record = tuple[int | None, np.ndarray | None]
+
+
+class _Builder:
+    """Streams level 0 row by row and derives every reduced level on the fly.
+
+    Level ``k+1`` row ``r`` is computed as soon as level ``k`` rows ``2r`` and
+    ``2r+1`` exist, so only two tile rows per level are ever held as pixels.
+    Encoded reduced levels are kept (as references to shared ``bytes`` where tiles
+    repeat) until level 0 has been written.
+    """
+
+    def __init__(
+        self,
+        source: TileSource,
+        shapes: list[tuple[int, int]],
+        tile: int,
+        compression: str,
+        quality: int,
+        pool: ThreadPoolExecutor | None,
+    ):
+        self.source = source
+        self.shapes = shapes
+        self.tile = tile
+        self.compression = compression
+        self.quality = quality
+        self.pool = pool
+        self.grid = [(math.ceil(h / tile), math.ceil(w / tile)) for h, w in shapes]
+        self.key_ids: dict[Hashable, int] = {}
+        self.memo: dict[tuple[int, int, int, int], int] = {}
+        self.arrays: dict[int, np.ndarray] = {}
+        self.encoded: dict[int, bytes] = {}
+        self.pending: list[list[_Record] | None] = [None] * len(shapes)
+        self.out: list[list[bytes]] = [[] for _ in shapes]
+        self.n_encoded = [0] * len(shapes)
+        self.nbytes = 0
+        # Children beyond a level's last tile row/column only ever feed parent
+        # pixels beyond the parent level's edge; any content will do.
+        self.missing_id = -1
+        self.arrays[-1] = np.zeros((tile, tile, 3), np.uint8)
+
+    def _map(self, fn, items):
+        if self.pool is None or len(items) < 2:
+            return [fn(item) for item in items]
+        return list(self.pool.map(fn, items))
+
+    def _check(self, a: np.ndarray) -> np.ndarray:
+        t = self.tile
+        if a.shape != (t, t, 3) or a.dtype != np.uint8:
+            raise ValueError(
+                f"tile source must return ({t}, {t}, 3) uint8 arrays, got {a.shape} {a.dtype}"
+            )
+        return a
+
+    def _render(self, content: TileContent) -> tuple[np.ndarray, bytes]:
+        a = self._check(np.asarray(content() if callable(content) else content))
+        return a, encode_tile(a, self.compression, self.quality)
+
+    def level0_bytes(self) -> Iterator[bytes]:
+        rows, cols = self.grid[0]
+        for r in range(rows):
+            records: list[_Record] = []
+            jobs: list[TileContent] = []
+            job_slot: list[tuple[int, int | None]] = []  # (col, new key id or None)
+            for c in range(cols):
+                key, content = self.source(r, c)
+                if key is None:
+                    records.append((None, None))
+                    jobs.append(content)
+                    job_slot.append((c, None))
+                    continue
+                tid = self.key_ids.get(key)
+                if tid is None:
+                    tid = len(self.key_ids) + len(self.memo)
+                    self.key_ids[key] = tid
+                    jobs.append(content)
+                    job_slot.append((c, tid))
+                records.append((tid, None))
+            row_bytes: list[bytes | None] = [
+                None if tid is None else self.encoded.get(tid) for tid, _ in records
+            ]
+            for (c, tid), (a, b) in zip(job_slot, self._map(self._render, jobs), strict=True):
+                self.n_encoded[0] += 1
+                if tid is None:
+                    records[c] = (None, a)
+                    row_bytes[c] = b
+                else:
+                    self.arrays[tid] = a
+                    self.encoded[tid] = b
+            for c, (tid, _) in enumerate(records):
+                if row_bytes[c] is None:
+                    row_bytes[c] = self.encoded[tid]
+            # Derive the reduced levels before yielding: the consumer stops calling
+            # next() after the last tile, so code after the last yield never runs.
+            self._push(0, r, records)
+            for b in row_bytes:
+                self.nbytes += len(b)
+                yield b
+
+    def _pixels(self, rec: _Record) -> np.ndarray:
+        tid, a = rec
+        return self.arrays[tid] if a is None else a
+
+    def _parent(
+        self, children: tuple[_Record, _Record, _Record, _Record]
+    ) -> tuple[np.ndarray, bytes]:
+        h = self.tile // 2
+        out = np.empty((self.tile, self.tile, 3), np.uint8)
+        for i, rec in enumerate(children):
+            y, x = divmod(i, 2)
+            out[y * h : (y + 1) * h, x * h : (x + 1) * h] = downsample2(self._pixels(rec))
+        return out, encode_tile(out, self.compression, self.quality)
+
+    def _push(self, k: int, r: int, records: list[_Record]) -> None:
+        """Level ``k`` row ``r`` is complete: derive level ``k+1`` rows when possible."""
+        if k + 1 >= len(self.shapes):
+            return
+        if r % 2 == 0:
+            if r < self.grid[k][0] - 1:
+                self.pending[k] = records
+                return
+            top, bottom = records, None
+        else:
+            top, bottom = self.pending[k], records
+            self.pending[k] = None
+        assert top is not None
+        pr = r // 2
+        prows, pcols = self.grid[k + 1]
+        if pr >= prows:
+            return
+        missing: _Record = (self.missing_id, None)
+
+        def child(row: list[_Record] | None, c: int) -> _Record:
+            return row[c] if row is not None and c < len(row) else missing
+
+        records_up: list[_Record] = []
+        jobs: list[tuple[_Record, _Record, _Record, _Record]] = []
+        job_slot: list[tuple[int, int | None]] = []
+        for pc in range(pcols):
+            kids = (
+                child(top, 2 * pc),
+                child(top, 2 * pc + 1),
+                child(bottom, 2 * pc),
+                child(bottom, 2 * pc + 1),
+            )
+            ids = tuple(rec[0] for rec in kids)
+            if None in ids:
+                records_up.append((None, None))
+                jobs.append(kids)
+                job_slot.append((pc, None))
+                continue
+            tid = self.memo.get(ids)  # type: ignore[arg-type]
+            if tid is None:
+                tid = len(self.key_ids) + len(self.memo)
+                self.memo[ids] = tid  # type: ignore[index]
+                jobs.append(kids)
+                job_slot.append((pc, tid))
+            records_up.append((tid, None))
+        row_bytes: list[bytes | None] = [
+            None if tid is None else self.encoded.get(tid) for tid, _ in records_up
+        ]
+        for (pc, tid), (a, b) in zip(job_slot, self._map(self._parent, jobs), strict=True):
+            self.n_encoded[k + 1] += 1
+            if tid is None:
+                records_up[pc] = (None, a)
+                row_bytes[pc] = b
+            else:
+                self.arrays[tid] = a
+                self.encoded[tid] = b
+        for pc, (tid, _) in enumerate(records_up):
+            b = row_bytes[pc]
+            if b is None:
+                b = self.encoded[tid]
+            self.nbytes += len(b)
+            self.out[k + 1].append(b)
+        self._push(k + 1, pr, records_up)
+
+
+def partial_path(path: Path) -> Path:
+    """A unique hidden sibling of ``path`` to write into before ``os.replace``."""
+    return path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.partial")
+
+
+def write_pyramid(
+    path: str | os.PathLike,
+    source: TileSource,
+    shape: tuple[int, int],
+    *,
+    tile: int = DEFAULT_TILE,
+    compression: Compression = "jpeg",
+    quality: int = DEFAULT_QUALITY,
+    mpp: float = 0.5,
+    n_levels: int | None = None,
+    min_size: int = MIN_LEVEL_SIZE,
+    description: str | None = None,
+    workers: int | None = None,
+) -> PyramidInfo:
+    """Write an RGB pyramid whose level 0 is described tile by tile.
+
+    ``source(row, col)`` returns ``(key, pixels)`` for level-0 tile ``(row, col)``
+    (pixels ``[row*tile, (row+1)*tile) × [col*tile, (col+1)*tile)``):
+    ``pixels`` is a ``(tile, tile, 3)`` uint8 array or a zero-argument callable
+    returning one (called only when needed).  Tiles returning the same non-``None``
+    ``key`` must hold identical pixels; they are rendered and encoded once.  Edge
+    tiles are full size; pixels beyond ``shape`` are stored but never shown.
+
+    Reduced levels are 2×2 area averages of the level above (:func:`downsample2`),
+    down to a long side ``<= min_size`` unless ``n_levels`` is given.  ``mpp`` is
+    the level-0 pixel size in micrometres.  The file is written to a temporary
+    sibling and moved into place, so ``path`` never holds a partial file.
+    ``workers`` threads encode tiles (default: up to 4, one per core).
+    """
+    path = Path(path)
+    if compression not in COMPRESSIONS:
+        raise ValueError(f"compression must be one of {COMPRESSIONS}, got {compression!r}")
+    if tile < 16 or tile % 16:
+        raise ValueError(f"tile must be a positive multiple of 16, got {tile}")
+    if not mpp > 0:
+        raise ValueError(f"mpp must be positive, got {mpp}")
+    shapes = pyramid_shapes(shape, n_levels, min_size)
+    if description is None:
+        description = "napari-zoomin pyramid"
+    description = f"{description}\nmpp={mpp:.6g}|levels={len(shapes)}|tile={tile}"
+    if workers is None:
+        workers = min(4, os.cpu_count() or 1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = partial_path(path)
+    t0 = time.perf_counter()
+    pool = ThreadPoolExecutor(workers) if workers > 1 else None
+    try:
+        builder = _Builder(source, shapes, tile, compression, quality, pool)
+        common = dict(
+            dtype=np.uint8,
+            tile=(tile, tile),
+            resolutionunit="CENTIMETER",
+            metadata=None,
+            software=f"napari-zoomin {__version__}",
+            **_tiff_kwargs(compression),
+        )
+        with tifffile.TiffWriter(tmp, bigtiff=True) as tw:
+            for k, (h, w) in enumerate(shapes):
+                data = builder.level0_bytes() if k == 0 else iter(builder.out[k])
+                res = 1e4 / (mpp * 2**k)
+                tw.write(
+                    data,
+                    shape=(h, w, 3),
+                    subfiletype=0 if k == 0 else 1,
+                    resolution=(res, res),
+                    description=description if k == 0 else None,
+                    **common,
+                )
+                if k:
+                    builder.out[k] = []  # free the encoded level
+        os.replace(tmp, path)
+    finally:
+        if pool is not None:
+            pool.shutdown()
+        if tmp.exists():
+            tmp.unlink()
+    return PyramidInfo(
+        path=path,
+        level_shapes=tuple(shapes),
+        tile=tile,
+        compression=compression,
+        mpp=float(mpp),
+        tiles_total=tuple(r * c for r, c in builder.grid),
+        tiles_encoded=tuple(builder.n_encoded),
+        nbytes=path.stat().st_size,
+        seconds=time.perf_counter() - t0,
+    )
+
+
+def write_array_pyramid(
+    path: str | os.PathLike,
+    array: np.ndarray,
+    tile: int = 256,
+    compression: Compression = "jpeg",
+    mpp: float = 0.5,
+    n_levels: int | None = None,
+    *,
+    quality: int = DEFAULT_QUALITY,
+    min_size: int = MIN_LEVEL_SIZE,
+    description: str | None = None,
+) -> PyramidInfo:
+    """Write an in-memory ``(h, w, 3)`` uint8 RGB image as a pyramid (for tests, small images).
+
+    Same layout and rules as :func:`write_pyramid`; edge tiles are zero-padded.
+    """
+    array = np.asarray(array)
+    if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8:
+        raise ValueError(f"expected an (h, w, 3) uint8 array, got {array.shape} {array.dtype}")
+    h, w = array.shape[:2]
+
+    def source(r: int, c: int) -> tuple[None, Callable[[], np.ndarray]]:
+        def render() -> np.ndarray:
+            out = np.zeros((tile, tile, 3), np.uint8)
+            part = array[r * tile : (r + 1) * tile, c * tile : (c + 1) * tile]
+            out[: part.shape[0], : part.shape[1]] = part
+            return out
+
+        return None, render
+
+    return write_pyramid(
+        path,
+        source,
+        (h, w),
+        tile=tile,
+        compression=compression,
+        quality=quality,
+        mpp=mpp,
+        n_levels=n_levels,
+        min_size=min_size,
+        description=description,
+    )
+
+
+def reference_levels(array: np.ndarray, n_levels: int) -> list[np.ndarray]:
+    """The un-encoded levels :func:`write_array_pyramid` stores for ``array``.
+
+    Level ``k`` is ``downsample2`` of level ``k-1`` cropped to the floored shape:
+    useful to check a written pyramid against exact expectations.
+    """
+    levels = [np.asarray(array)]
+    for _ in range(n_levels - 1):
+        prev = levels[-1]
+        levels.append(downsample2(prev[: prev.shape[0] // 2 * 2, : prev.shape[1] // 2 * 2]))
+    return levels

