@@ -18,7 +18,7 @@ REGIONS = [(0, 0, 240, 240), (100, 200, 500, 600), (2900, 2100, 200, 300), (-50,
 class TestCMU:
     def test_facts(self, cmu_svs):
         with open_slide(cmu_svs) as s:
-            assert s.backend == "openslide"
+            assert s.backend == "tifffile"
             assert s.vendor == "aperio"
             assert s.shape == (2967, 2220)
             assert s.level_shapes == ((2967, 2220),)
@@ -30,8 +30,8 @@ class TestCMU:
             assert s.associated_image("thumbnail").shape == (768, 574, 3)
 
     def test_backends_agree_on_facts_and_pixels(self, cmu_svs, cmu_pixels):
-        with open_slide(cmu_svs) as a, open_slide(cmu_svs, backend="tifffile") as b:
-            assert b.backend == "tifffile"
+        with open_slide(cmu_svs, backend="openslide") as a, open_slide(cmu_svs) as b:
+            assert (a.backend, b.backend) == ("openslide", "tifffile")
             assert (a.shape, a.mpp, a.vendor) == (b.shape, b.mpp, b.vendor)
             assert a.associated_names == b.associated_names
             for name in a.associated_names:
@@ -54,18 +54,34 @@ class TestCMU:
             assert not s.read(0, 5000, 5000, 10, 10).any()
             assert s.decoded_pixels.get(0, 0) == 240 * 240  # only the corner tile was decoded
 
-    def test_decode_counter_counts_tiles_touched(self, cmu_svs):
-        with open_slide(cmu_svs) as s:
+    @pytest.mark.parametrize("cached", [True, False])
+    def test_decode_counter_counts_tiles_decoded(self, cmu_svs, cached):
+        with open_slide(cmu_svs, cache_bytes=64 * 2**20 if cached else 0) as s:
             s.read(0, 0, 0, 240, 240)  # exactly one tile
             assert s.decoded_pixels == {0: 240 * 240}
             assert s.decoded_tiles == {0: 1}
-            s.read(0, 239, 239, 2, 2)  # straddles four tiles
-            assert s.decoded_tiles == {0: 5}
-            s.read(0, 100, 200, 500, 600)  # rows 0..2, cols 0..3 -> 3 x 4 tiles
-            assert s.decoded_tiles == {0: 17}
-            assert s.total_decoded_pixels == 17 * 240 * 240
+            s.read(0, 239, 239, 2, 2)  # straddles four tiles, one of them decoded already
+            assert s.decoded_tiles == {0: 4 if cached else 5}
+            s.read(0, 100, 200, 500, 600)  # rows 0..2, cols 0..3: 3 x 4 tiles
+            assert s.decoded_tiles == {0: 12 if cached else 17}
+            assert s.total_decoded_pixels == s.decoded_tiles[0] * 240 * 240
             s.reset_decoded()
             assert s.decoded_pixels == {}
+            s.read(0, 0, 0, 480, 480)
+            assert s.decoded_tiles == ({} if cached else {0: 4})
+            s.clear_cache()
+            s.read(0, 0, 0, 480, 480)
+            assert s.decoded_tiles == {0: 4 if cached else 8}
+
+    def test_tile_cache_is_bounded(self, cmu_svs):
+        tile_bytes = 240 * 240 * 3
+        with open_slide(cmu_svs, cache_bytes=3 * tile_bytes) as s:
+            s.read(0, 0, 0, 240, 4 * 240)  # four tiles through a three-tile cache
+            s.reset_decoded()
+            s.read(0, 0, 240, 240, 3 * 240)  # the last three are still there
+            assert s.decoded_tiles == {}
+            s.read(0, 0, 0, 240, 240)  # the first was evicted
+            assert s.decoded_tiles == {0: 1}
 
     def test_dask_pyramid_is_chunked_on_tiles(self, cmu_svs):
         with open_slide(cmu_svs) as s:
@@ -83,7 +99,7 @@ class TestCMU:
 def test_generated_pyramids(pyramids, real_crop, layout, compression):
     path = pyramids[layout, compression]
     with open_slide(path) as s:
-        assert s.backend == ("tifffile" if layout == "ome" else "openslide")
+        assert s.backend == "tifffile"
         assert s.vendor == ("ome" if layout == "ome" else "generic-tiff")
         assert s.level_shapes == ((2048, 1536), (1024, 768), (512, 384))
         assert s.level_downsamples == (1.0, 2.0, 4.0)
@@ -107,6 +123,26 @@ def test_backends_pixel_identical_on_generated_pyramid(pyramids, compression):
         for level in range(3):
             for y, x, h, w in [(0, 0, 256, 256), (37, 91, 300, 200), (-20, 300, 100, 700)]:
                 np.testing.assert_array_equal(a.read(level, y, x, h, w), b.read(level, y, x, h, w))
+
+
+def test_backend_order():
+    from pathlib import Path
+
+    from napari_zoomin.slide.open import _backend_order
+
+    order = {
+        ext: _backend_order(Path("slide" + ext))
+        for ext in (".svs", ".tif", ".ome.tif", ".ndpi", ".scn", ".mrxs", ".png")
+    }
+    assert order == {
+        ".svs": ["tifffile", "openslide"],
+        ".tif": ["tifffile", "openslide"],
+        ".ome.tif": ["tifffile"],
+        ".ndpi": ["openslide", "tifffile"],
+        ".scn": ["openslide", "tifffile"],
+        ".mrxs": ["openslide"],
+        ".png": ["array"],
+    }
 
 
 def test_ome_pyramid_readable_by_forced_openslide_is_only_level0(pyramids):

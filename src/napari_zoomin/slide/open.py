@@ -11,7 +11,7 @@ from ..errors import SlideError
 from .backends.array_backend import IMAGE_EXTENSIONS, ArrayBackend
 from .backends.openslide_backend import OPENSLIDE_EXTENSIONS, OpenSlideBackend
 from .backends.tiff_backend import TIFF_EXTENSIONS, TiffBackend
-from .slide import Slide
+from .slide import DEFAULT_CACHE_BYTES, Slide
 
 BACKENDS = {"openslide": OpenSlideBackend, "tifffile": TiffBackend, "array": ArrayBackend}
 
@@ -29,19 +29,24 @@ def _is_ome(path: Path) -> bool:
     return path.name.lower().endswith((".ome.tif", ".ome.tiff", ".ome.btf"))
 
 
+#: plain TIFF containers where tifffile reads the tiles themselves: exact at every
+#: level, and 1.2-6x faster than OpenSlide on the benchmark (docs/benchmarks.md)
+TIFFFILE_FIRST = (".svs", ".tif", ".tiff", ".btf", ".tf8", ".tf2")
+
+
 def _backend_order(path: Path) -> list[str]:
-    """Backends to try, best first, by extension and content."""
+    """Backends to try, best first, by extension; the others are fallbacks."""
     ext = _extension(path)
     if ext in IMAGE_EXTENSIONS:
         return ["array"]
     if _is_ome(path):
         # OpenSlide reads only the first plane of an OME-TIFF and misses sub-IFD pyramids.
         return ["tifffile"]
-    if ext in OPENSLIDE_EXTENSIONS and ext in TIFF_EXTENSIONS:
+    if ext in TIFFFILE_FIRST:
+        return ["tifffile", "openslide"]
+    if ext in TIFF_EXTENSIONS:  # vendor TIFFs (NDPI, SCN, BIF): OpenSlide knows their quirks
         return ["openslide", "tifffile"]
-    if ext in OPENSLIDE_EXTENSIONS:
-        return ["openslide"]
-    return ["tifffile"]
+    return ["openslide"]
 
 
 def _check_tiff_structure(path: Path) -> None:
@@ -103,13 +108,16 @@ def open_slide(
     backend: str | None = None,
     *,
     mpp: float | tuple[float, float] | None = None,
+    cache_bytes: int = DEFAULT_CACHE_BYTES,
 ) -> Slide:
     """Open a whole-slide image, a pyramidal/OME TIFF, a plain image, or an array.
 
     ``backend`` forces "openslide", "tifffile" or "array"; by default it is chosen
-    from the extension and content (OpenSlide for scanner formats, tifffile for
-    OME-TIFF and for files OpenSlide refuses, Pillow for PNG/JPEG).  ``mpp``
-    (µm per level-0 pixel, or (y, x)) overrides or supplies the physical scale.
+    from the extension: tifffile for SVS, OME and generic TIFF (raw tiles, exact at
+    every level), OpenSlide for the other scanner formats (MIRAX, NDPI, SCN, ...),
+    each falling back to the other when it refuses a file; Pillow for PNG/JPEG.  ``mpp``
+    (µm per level-0 pixel, or (y, x)) overrides or supplies the physical scale;
+    ``cache_bytes`` bounds the decoded tiles kept in memory (0 turns the cache off).
     Raises :class:`SlideError` naming the file, the problem and the fix.
     """
     override = None
@@ -118,7 +126,7 @@ def open_slide(
 
     if isinstance(source, np.ndarray):
         try:
-            return Slide(ArrayBackend(source), mpp=override)
+            return Slide(ArrayBackend(source), mpp=override, cache_bytes=cache_bytes)
         except ValueError as exc:
             raise SlideError(None, f"cannot use the array as an image: {exc}") from exc
 
@@ -155,7 +163,7 @@ def open_slide(
             problems.append(f"{name}: {type(exc).__name__}: {exc}".strip())
             continue
         try:
-            return Slide(be, path, mpp=override)
+            return Slide(be, path, mpp=override, cache_bytes=cache_bytes)
         except SlideError:
             be.close()
             raise

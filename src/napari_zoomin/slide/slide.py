@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -28,6 +29,8 @@ if TYPE_CHECKING:
 MAX_COARSEST_SIDE = 8192
 #: derived levels stop once the long side is at most this
 DERIVED_MIN_SIDE = 1024
+#: decoded tiles kept in memory per slide (least recently used go first)
+DEFAULT_CACHE_BYTES = 192 * 2**20
 
 
 class SlideWarning(UserWarning):
@@ -57,6 +60,7 @@ class Slide:
         backend: SlideBackend,
         path: Path | None = None,
         mpp: tuple[float, float] | None = None,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
     ):
         self._backend = backend
         self.path = path
@@ -64,6 +68,9 @@ class Slide:
         self._lock = threading.Lock()
         self._decoded: dict[int, int] = {}
         self._decoded_tiles: dict[int, int] = {}
+        self._cache: OrderedDict[tuple[int, int, int], np.ndarray] = OrderedDict()
+        self._cache_bytes = 0
+        self._cache_limit = int(cache_bytes)
         self._levels = self._build_levels()
 
     # -- construction ----------------------------------------------------------
@@ -173,7 +180,11 @@ class Slide:
     # -- decode counter --------------------------------------------------------
     @property
     def decoded_pixels(self) -> dict[int, int]:
-        """Pixels decoded per stored level so far: tiles touched × tile area."""
+        """Pixels decoded per stored level so far: tiles decoded × tile area.
+
+        A tile still in the slide's tile cache is served without decoding and not
+        counted again; with ``cache_bytes=0`` every read decodes every tile it touches.
+        """
         with self._lock:
             return dict(self._decoded)
 
@@ -193,12 +204,11 @@ class Slide:
             self._decoded.clear()
             self._decoded_tiles.clear()
 
-    def _count(self, stored: int, tile: tuple[int, int], y0: int, y1: int, x0: int, x1: int):
-        th, tw = tile
-        tiles = (-(-y1 // th) - y0 // th) * (-(-x1 // tw) - x0 // tw)
+    def clear_cache(self) -> None:
+        """Forget decoded tiles (e.g. before measuring one classification's decode cost)."""
         with self._lock:
-            self._decoded[stored] = self._decoded.get(stored, 0) + tiles * th * tw
-            self._decoded_tiles[stored] = self._decoded_tiles.get(stored, 0) + tiles
+            self._cache.clear()
+            self._cache_bytes = 0
 
     # -- pixels ----------------------------------------------------------------
     def read(self, level: int, y: int, x: int, height: int, width: int) -> np.ndarray:
@@ -220,20 +230,54 @@ class Slide:
         if y1 <= y0 or x1 <= x0:
             return out
         if lv.stored is None:
-            region = self._read_derived(level, y0, x0, y1 - y0, x1 - x0)
-        else:
-            try:
-                region = self._backend.read_level(lv.stored, y0, x0, y1 - y0, x1 - x0)
-            except Exception as exc:
-                raise SlideError(
-                    self.path,
-                    f"cannot decode level {level} region y={y0}..{y1}, x={x0}..{x1} "
-                    f"({type(exc).__name__}: {exc}).",
-                    "The file may be truncated or corrupt; re-copy it from the source.",
-                ) from exc
-            self._count(lv.stored, lv.tile, y0, y1, x0, x1)
-        out[y0 - y : y1 - y, x0 - x : x1 - x] = region
+            out[y0 - y : y1 - y, x0 - x : x1 - x] = self._read_derived(
+                level, y0, x0, y1 - y0, x1 - x0
+            )
+            return out
+        th, tw = lv.tile
+        for ty in range(y0 // th, (y1 - 1) // th + 1):
+            for tx in range(x0 // tw, (x1 - 1) // tw + 1):
+                tile = self._tile(level, ty, tx)
+                top, left = ty * th, tx * tw
+                a0, a1 = max(y0, top), min(y1, top + tile.shape[0])
+                b0, b1 = max(x0, left), min(x1, left + tile.shape[1])
+                out[a0 - y : a1 - y, b0 - x : b1 - x] = tile[
+                    a0 - top : a1 - top, b0 - left : b1 - left
+                ]
         return out
+
+    def _tile(self, level: int, ty: int, tx: int) -> np.ndarray:
+        """One file tile of a stored level, from the cache or decoded (and counted)."""
+        lv = self._levels[level]
+        key = (lv.stored, ty, tx)
+        with self._lock:
+            tile = self._cache.get(key)
+            if tile is not None:
+                self._cache.move_to_end(key)
+                return tile
+        th, tw = lv.tile
+        top, left = ty * th, tx * tw
+        height, width = min(th, lv.shape[0] - top), min(tw, lv.shape[1] - left)
+        try:
+            tile = self._backend.read_level(lv.stored, top, left, height, width)
+        except Exception as exc:
+            raise SlideError(
+                self.path,
+                f"cannot decode level {level} tile at y={top}, x={left} "
+                f"({type(exc).__name__}: {exc}).",
+                "The file may be truncated or corrupt; re-copy it from the source.",
+            ) from exc
+        tile.setflags(write=False)
+        with self._lock:
+            self._decoded[lv.stored] = self._decoded.get(lv.stored, 0) + th * tw
+            self._decoded_tiles[lv.stored] = self._decoded_tiles.get(lv.stored, 0) + 1
+            if self._cache_limit > 0 and key not in self._cache:
+                self._cache[key] = tile
+                self._cache_bytes += tile.nbytes
+                while self._cache_bytes > self._cache_limit and self._cache:
+                    _, old = self._cache.popitem(last=False)
+                    self._cache_bytes -= old.nbytes
+        return tile
 
     def _read_derived(self, level: int, y: int, x: int, height: int, width: int) -> np.ndarray:
         """A derived level's region: 2×2 mean of the level above (rounded half up)."""
