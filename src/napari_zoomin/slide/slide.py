@@ -71,6 +71,7 @@ class Slide:
         self._cache: OrderedDict[tuple[int, int, int], np.ndarray] = OrderedDict()
         self._cache_bytes = 0
         self._cache_limit = int(cache_bytes)
+        self._pending: dict[tuple[int, int, int], threading.Event] = {}
         self._levels = self._build_levels()
 
     # -- construction ----------------------------------------------------------
@@ -247,14 +248,42 @@ class Slide:
         return out
 
     def _tile(self, level: int, ty: int, tx: int) -> np.ndarray:
-        """One file tile of a stored level, from the cache or decoded (and counted)."""
+        """One file tile of a stored level, from the cache or decoded (and counted).
+
+        Threads asking for a tile another thread is decoding wait for that decode
+        instead of repeating it, so parallel sub-tile reads decode each tile once.
+        """
         lv = self._levels[level]
+        if self._cache_limit <= 0:
+            return self._decode_tile(level, ty, tx)
         key = (lv.stored, ty, tx)
-        with self._lock:
-            tile = self._cache.get(key)
-            if tile is not None:
-                self._cache.move_to_end(key)
-                return tile
+        while True:
+            with self._lock:
+                tile = self._cache.get(key)
+                if tile is not None:
+                    self._cache.move_to_end(key)
+                    return tile
+                pending = self._pending.get(key)
+                if pending is None:  # nobody is decoding it: we do
+                    pending = self._pending[key] = threading.Event()
+                    break
+            pending.wait()  # then look again (it may have failed, or been evicted)
+        try:
+            tile = self._decode_tile(level, ty, tx)
+            with self._lock:
+                self._cache[key] = tile
+                self._cache_bytes += tile.nbytes
+                while self._cache_bytes > self._cache_limit and self._cache:
+                    _, old = self._cache.popitem(last=False)
+                    self._cache_bytes -= old.nbytes
+        finally:
+            with self._lock:
+                del self._pending[key]
+            pending.set()
+        return tile
+
+    def _decode_tile(self, level: int, ty: int, tx: int) -> np.ndarray:
+        lv = self._levels[level]
         th, tw = lv.tile
         top, left = ty * th, tx * tw
         height, width = min(th, lv.shape[0] - top), min(tw, lv.shape[1] - left)
@@ -271,12 +300,6 @@ class Slide:
         with self._lock:
             self._decoded[lv.stored] = self._decoded.get(lv.stored, 0) + th * tw
             self._decoded_tiles[lv.stored] = self._decoded_tiles.get(lv.stored, 0) + 1
-            if self._cache_limit > 0 and key not in self._cache:
-                self._cache[key] = tile
-                self._cache_bytes += tile.nbytes
-                while self._cache_bytes > self._cache_limit and self._cache:
-                    _, old = self._cache.popitem(last=False)
-                    self._cache_bytes -= old.nbytes
         return tile
 
     def _read_derived(self, level: int, y: int, x: int, height: int, width: int) -> np.ndarray:

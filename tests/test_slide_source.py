@@ -1,0 +1,110 @@
+"""The lazy slide as the models' image source, and tissue detection, on real pixels."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from napari_zoomin import AnnotationError, open_slide
+from napari_zoomin.engine.slide_source import SlideSource
+from napari_zoomin.engine.tissue import TissueMask, detect_tissue, load_tissue_mask
+from napari_zoomin.models.source import TensorSource
+from pyramid_files import write_openslide_layout
+
+REGIONS = torch.tensor([[0, 0, 512, 512], [96, 160, 512, 512], [-64, 1400, 512, 512]])
+
+
+@pytest.fixture(scope="module")
+def pyramid(tmp_path_factory, real_crop):
+    return write_openslide_layout(tmp_path_factory.mktemp("src") / "p.tif", real_crop, "zlib")
+
+
+@pytest.mark.parametrize(
+    ("scale", "level", "tolerance"), [(1.0, 0, 0), (0.5, 1, 0.5), (0.25, 2, 1.0)]
+)
+def test_reads_match_in_memory_source(pyramid, real_crop, scale, level, tolerance):
+    """Same geometry as TensorSource; a coarser level differs only by its 8-bit rounding."""
+    with open_slide(pyramid) as slide:
+        source = SlideSource(slide)
+        assert source.level_for(scale) == level
+        got = source.read(REGIONS, scale)
+        want = TensorSource(real_crop).read(REGIONS, scale)
+        assert got.shape == want.shape == (3, 3, int(512 * scale), int(512 * scale))
+        assert float((got - want).abs().max()) * 255 <= tolerance + 1e-3
+        # the view comes from its level, not from level 0
+        assert set(slide.decoded_pixels) == {level}
+
+
+def test_sub_tiles_read_in_parallel_decode_each_tile_once(pyramid, real_crop):
+    with open_slide(pyramid) as slide:
+        source = SlideSource(slide, workers=4)
+        # 16 sub-tiles of 64 px inside one 256-px file tile
+        regions = torch.tensor(
+            [[y, x, 64, 64] for y in range(0, 256, 64) for x in range(0, 256, 64)]
+        )
+        got = source.read(regions, 1.0)
+        want = TensorSource(real_crop).read(regions, 1.0)
+        assert torch.equal(got, want)
+        assert slide.decoded_tiles == {0: 1}
+        assert source.counter.full_resolution_pixels == 16 * 64 * 64
+
+
+def test_view_not_aligned_to_level_grid_is_resampled(pyramid, real_crop):
+    with open_slide(pyramid) as slide:
+        got = SlideSource(slide).read(torch.tensor([[3, 5, 100, 100]]), 0.25)
+        want = TensorSource(real_crop).read(torch.tensor([[3, 5, 100, 100]]), 0.25)
+        assert got.shape == want.shape == (1, 3, 25, 25)
+        assert float((got - want).abs().mean()) < 0.03  # sub-pixel shift only
+
+
+def test_tissue_detection_on_sample_slide(tmp_path):
+    from napari_zoomin.slide.synthetic import write_sample_slide
+
+    info = write_sample_slide(tmp_path / "s.tif", size=8192, label="negative", seed=3)
+    with open_slide(info.path) as slide:
+        tissue = detect_tissue(slide)
+        level = len(slide.levels) - 1
+        rgb = slide.read(level, 0, 0, *slide.levels[level].shape).astype(int)
+        # the generator's glass is one flat colour; clearly stained pixels are tissue
+        glass = np.abs(rgb - (245, 243, 243)).max(axis=-1) <= 3
+        stained = (rgb.max(axis=-1) - rgb.min(axis=-1)) / np.maximum(rgb.max(axis=-1), 1) > 0.25
+        assert 0.1 < tissue.fraction < 0.6
+        at_level = tissue.at_scale(1 / slide.level_downsamples[level]).numpy()
+        assert at_level.shape == slide.levels[level].shape
+        assert at_level[stained].mean() > 0.99
+        assert (~at_level[glass]).mean() > 0.9
+        view = tissue.at_scale(1 / 16)
+        assert view.shape == (512, 512) and view.dtype == torch.bool
+
+
+def test_all_tissue_image_is_not_split_in_two(cmu_pixels):
+    tissue = detect_tissue(open_slide(cmu_pixels[912:1936, 752:1776]))
+    assert tissue.fraction > 0.6  # CMU crop: mostly tissue, Otsu alone would halve it
+
+
+def test_user_mask_any_resolution_same_aspect(tmp_path):
+    from PIL import Image
+
+    mask = np.zeros((50, 100), np.uint8)
+    mask[10:20, 30:60] = 1
+    path = tmp_path / "mask.png"
+    Image.fromarray(mask * 255).save(path)
+    tm = load_tissue_mask(path, (5000, 10_000))
+    assert isinstance(tm, TissueMask) and tm.fraction == pytest.approx(300 / 5000)
+    view = tm.at_scale(0.01)  # 50 x 100, same grid as the mask
+    assert torch.equal(view, torch.from_numpy(mask.astype(bool)))
+    np.save(tmp_path / "labels.npy", mask.astype(np.int32) * 7)
+    assert load_tissue_mask(tmp_path / "labels.npy", (5000, 10_000)).fraction == tm.fraction
+
+
+def test_user_mask_wrong_size_is_a_clear_error(tmp_path):
+    np.save(tmp_path / "bad.npy", np.ones((100, 100), bool))
+    with pytest.raises(
+        AnnotationError,
+        match=r"bad.npy: the mask is 100 x 100 pixels but the "
+        r"slide is 5000 x 10000",
+    ):
+        load_tissue_mask(tmp_path / "bad.npy", (5000, 10_000))
+    with pytest.raises(AnnotationError, match="not found"):
+        load_tissue_mask(tmp_path / "missing.png", (10, 10))
