@@ -1,0 +1,273 @@
+"""What every attention-sampling model shares: configuration, networks, stage 1, reading.
+
+A model is given a *batch of image sources* (:mod:`.source`), never pixels: it reads
+the low-resolution view, computes the stage-1 attention ``α``, and reads at full
+resolution only the regions it draws.  Sampling passes work on *rows*: one row per
+(image, draw), so K independent draws of one image at inference and one draw per
+image in training use the same code.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .coordinates import CellGrid
+from .device import autocast
+from .distributions import attention_distribution
+from .networks import AttentionNetwork, Classifier, FeatureNetwork, class_probabilities
+from .source import ImageSource, read_view, tissue_mask
+
+__all__ = ["AttentionSamplingModel", "SamplingConfig", "Stage1"]
+
+
+@dataclass
+class SamplingConfig:
+    """Settings shared by all attention-sampling models (defaults: 000's colon-cancer set-up).
+
+    Attributes:
+        num_classes: 2 gives one sigmoid logit; more give a softmax.
+        view_scale: ``s1``, scale of the low-resolution view the attention network sees.
+        n_samples: ``N``, draws per image.
+        feature_dim, feature_channels, feature_kernels, feature_hidden, feature_dropout:
+            the LeNet feature network ``f`` (Ilse et al. 2018 sizes by default).
+        attention_channels, attention_layers, attention_padding, attention_norm,
+        attention_activation: the attention network(s) (000 §2.4 by default).
+        uniform_mix: uniform mass mixed into ``α`` over unmasked cells (ATS); 0 = off.
+        entropy_weight: ``λ`` of the entropy regulariser (000: 1e-5; ATS MNIST: 1e-4).
+        pixel_weight: weight of the attention-map MSE of 000 eq. (11), applied to images
+            whose source has ROI annotations.
+        negative_class: the reference class of the contrastive loss (000 §2.3).
+    """
+
+    num_classes: int = 2
+    view_scale: float = 0.1
+    n_samples: int = 10
+    feature_dim: int = 512
+    feature_channels: tuple[int, int] = (36, 48)
+    feature_kernels: tuple[int, int] = (4, 3)
+    feature_hidden: int = 512
+    feature_dropout: float = 0.0
+    attention_channels: int = 8
+    attention_layers: int = 3
+    attention_padding: Literal["same", "valid"] = "same"
+    attention_norm: Literal["batch"] | None = None
+    attention_activation: Literal["relu", "leaky_relu"] = "relu"
+    uniform_mix: float = 0.0
+    entropy_weight: float = 1e-5
+    pixel_weight: float = 1.0
+    negative_class: int = 0
+
+    def to_dict(self) -> dict:
+        """Plain-Python form (for checkpoints)."""
+        return asdict(self)
+
+
+@dataclass(eq=False)
+class Stage1:
+    """Stage-1 attention of one image.
+
+    Attributes:
+        logits: (h_a, w_a) attention logits.
+        attention: (K,) ``α``, masked cells exactly 0 (differentiable).
+        mask: (K,) bool, True = tissue, or ``None`` when the source has no tissue mask.
+        grid: where the cells lie in level-0 pixels.
+        view_tissue: (h_v, w_v) the source's tissue mask at the view, or ``None``.
+    """
+
+    logits: Tensor
+    attention: Tensor
+    mask: Tensor | None
+    grid: CellGrid
+    view_tissue: Tensor | None
+
+
+def apply_grouped(net: Callable[[Tensor], Tensor], tensors: Sequence[Tensor]) -> list[Tensor]:
+    """Run ``net`` on same-shaped tensors as one batch each; returns outputs in input order."""
+    groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
+    for i, t in enumerate(tensors):
+        groups[tuple(t.shape)].append(i)
+    out: list[Tensor | None] = [None] * len(tensors)
+    for idx in groups.values():
+        y = net(torch.stack([tensors[i] for i in idx]))
+        for k, i in enumerate(idx):
+            out[i] = y[k]
+    return out  # type: ignore[return-value]
+
+
+def stack_rows(vectors: Sequence[Tensor], rows: Sequence[int]) -> Tensor:
+    """(R, K_max): row r is ``vectors[rows[r]]`` zero-padded (padding cells are never drawn)."""
+    k = max(int(v.shape[-1]) for v in vectors)
+    padded = [F.pad(v, (0, k - int(v.shape[-1]))) for v in vectors]
+    return torch.stack([padded[i] for i in rows])
+
+
+def unique_pairs(images: Tensor, cells: Tensor, valid: Tensor | None = None):
+    """Distinct ``(image, cell)`` pairs among draws, so each region is read and featurised once.
+
+    Args:
+        images, cells: LongTensor (…) of the same shape.
+        valid: optional bool (…): entries to consider.
+
+    Returns:
+        ``pair_images`` (S,), ``pair_cells`` (S,) and ``inverse`` (…) mapping every entry
+        to its pair (0 for invalid entries).
+    """
+    images = images.cpu().long()
+    cells = cells.cpu().long()
+    if valid is None:
+        valid = torch.ones_like(cells, dtype=torch.bool)
+    valid = valid.cpu()
+    base = int(cells.max()) + 1 if cells.numel() else 1
+    keys = images * base + cells
+    uniq, inverse_valid = torch.unique(keys[valid], return_inverse=True)
+    inverse = torch.zeros_like(cells)
+    inverse[valid] = inverse_valid
+    return uniq // base, uniq % base, inverse
+
+
+class AttentionSamplingModel(nn.Module):
+    """Base class: the attention network ``a``, feature network ``f`` and classifier ``g``."""
+
+    config: SamplingConfig
+
+    def __init__(
+        self,
+        config: SamplingConfig,
+        attention: nn.Module | None = None,
+        feature: nn.Module | None = None,
+        classifier: nn.Module | None = None,
+    ):
+        """Build the default networks of ``config``, or use the ones given.
+
+        A replacement attention network must offer ``offset``, ``stride`` and
+        ``map_shape(view_shape)`` like :class:`AttentionNetwork`; a feature network
+        must map (S, 3, h, w) patches of :attr:`patch_size` to (S, feature_dim).
+        """
+        super().__init__()
+        if not 0 < config.view_scale <= 1:
+            raise ValueError(f"view_scale must be in (0, 1], got {config.view_scale}")
+        if config.n_samples < 1:
+            raise ValueError(f"n_samples must be at least 1, got {config.n_samples}")
+        if not 0 <= config.negative_class < config.num_classes:
+            raise ValueError("negative_class must be one of the classes")
+        self.config = config
+        self.attention = attention if attention is not None else self.make_attention_network()
+        self.feature = (
+            feature
+            if feature is not None
+            else FeatureNetwork(
+                self.patch_size,
+                channels=tuple(config.feature_channels),
+                kernel_sizes=tuple(config.feature_kernels),
+                hidden=config.feature_hidden,
+                out_features=config.feature_dim,
+                dropout=config.feature_dropout,
+            )
+        )
+        self.classifier = (
+            classifier
+            if classifier is not None
+            else Classifier(config.feature_dim, config.num_classes)
+        )
+
+    # -- construction ------------------------------------------------------------------
+
+    @property
+    def patch_size(self) -> tuple[int, int]:
+        """Size (h, w) of the full-resolution regions the feature network sees."""
+        raise NotImplementedError
+
+    def make_attention_network(self) -> nn.Module:
+        c = self.config
+        return AttentionNetwork(
+            channels=c.attention_channels,
+            layers=c.attention_layers,
+            padding=c.attention_padding,
+            norm=c.attention_norm,
+            activation=c.attention_activation,
+        )
+
+    @property
+    def device(self) -> torch.device:
+        """Where the parameters live (CPU for a model without any)."""
+        for p in self.parameters():
+            return p.device
+        return torch.device("cpu")
+
+    # -- stage 1 ----------------------------------------------------------------------
+
+    def stage1(self, sources: Sequence[ImageSource]) -> list[Stage1]:
+        """Views at ``view_scale``, attention logits and ``α`` for every image (000 eq. 1)."""
+        scale = self.config.view_scale
+        views = [read_view(src, scale).to(self.device) for src in sources]
+        logits = apply_grouped(self.attention, views)
+        out = []
+        for src, view, lg in zip(sources, views, logits, strict=True):
+            h, w = src.shape
+            grid = CellGrid(
+                origins=torch.zeros(1, 2, dtype=torch.int64),
+                region_size=(int(h), int(w)),
+                view_shape=(int(view.shape[-2]), int(view.shape[-1])),
+                map_shape=(int(lg.shape[-2]), int(lg.shape[-1])),
+                offset=tuple(self.attention.offset),
+                stride=tuple(self.attention.stride),
+            )
+            tissue = tissue_mask(src, scale)
+            mask = None
+            if tissue is not None:
+                tissue = tissue.to(torch.bool).cpu()
+                mask = grid.cell_values(tissue).reshape(-1).to(self.device)
+            alpha = attention_distribution(
+                lg[None], None if mask is None else mask[None], self.config.uniform_mix
+            )[0]
+            out.append(Stage1(lg, alpha, mask, grid, tissue))
+        return out
+
+    # -- reading and featurising ------------------------------------------------------
+
+    def read_regions(
+        self, sources: Sequence[ImageSource], images: Tensor, regions: Tensor, scale: float
+    ) -> Tensor:
+        """Read ``regions[s]`` of ``sources[images[s]]`` at ``scale``, one read per image."""
+        n = int(images.shape[0])
+        if n == 0:
+            raise ValueError("nothing to read")
+        order: dict[int, list[int]] = defaultdict(list)
+        for s, b in enumerate(images.tolist()):
+            order[b].append(s)
+        out: Tensor | None = None
+        for b, idx in order.items():
+            pixels = sources[b].read(regions[idx], scale)
+            if out is None:
+                out = pixels.new_zeros((n, *pixels.shape[1:]))
+            out[idx] = pixels
+        assert out is not None
+        return out.to(self.device)
+
+    def featurise(self, sources: Sequence[ImageSource], images: Tensor, regions: Tensor) -> Tensor:
+        """``f`` of full-resolution regions: (S, 4) → (S, D) float32, L2-normalised."""
+        return self.feature(self.read_regions(sources, images, regions, 1.0)).float()
+
+    def class_probabilities(self, logits: Tensor) -> Tensor:
+        return class_probabilities(logits)
+
+    # -- shared API -------------------------------------------------------------------
+
+    def forward(
+        self, sources: Sequence[ImageSource], generator: torch.Generator | None = None
+    ) -> Tensor:
+        """Logits (B, 1 or C) of one sampled estimate per image."""
+        with autocast(self.device):
+            return self.sampled_logits(sources, generator)
+
+    def sampled_logits(
+        self, sources: Sequence[ImageSource], generator: torch.Generator | None = None
+    ) -> Tensor:
+        raise NotImplementedError

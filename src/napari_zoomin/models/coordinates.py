@@ -1,0 +1,176 @@
+"""Cells of attention maps ↔ full-resolution (level-0) pixels.
+
+An attention network looks at a view ``V(region, s)`` of a level-0 region (the whole
+image at stage 1, a tile at stage 2) and returns a map of cells.  Cell ``(i, j)`` of
+that map is centred, in view pixels, on its receptive field::
+
+    v = offset + (i, j) · stride
+
+(``offset = 0, stride = 1`` for 'same' convolutions; for three 3×3 'valid'
+convolutions the map is 6 pixels smaller than the view and ``offset = 3``: ignoring
+this offset is a defect of public code, METHODS.md).  The view pixel ``v`` maps to
+the level-0 centre of 000 §2.1, written 0-based:
+
+    centre = top + round(v · (h − 1) / (h_v − 1))
+
+for a region of height ``h`` shown by a view of ``h_v`` rows (the same for columns;
+``h_v = 1`` maps to the middle).  This is the paper's
+``1 + (i − 1)(H − 1)/(h − 1)``: the view's first and last pixel rows land on the
+region's first and last rows.  It differs from the centre of an area-downsampled
+pixel's footprint by at most half a view pixel, which the tile (side > 1/s) covers.
+Rounding is half up, in float64 from int64 inputs (exact for any realistic slide).
+A tile of size ``(h1, w1)`` around a centre is ``[cy − h1//2, cx − w1//2, h1, w1]``;
+the source zero-fills whatever falls outside the image (000's zero padding).
+
+Everything is int64: slides have more than 2^31 pixels and attention maps can have
+more than 2^31 cells.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["CellGrid", "round_half_up"]
+
+
+def round_half_up(x: Tensor) -> Tensor:
+    """Round float64 values half up to int64 (``torch.round`` rounds half to even)."""
+    return torch.floor(x + 0.5).to(torch.int64)
+
+
+@dataclass(frozen=True, eq=False)
+class CellGrid:
+    """Where the cells of one or several same-shaped attention maps lie in level-0 pixels.
+
+    Attributes:
+        origins: LongTensor (n, 2) ``[top, left]`` of each region in level-0 pixels
+            (one row at stage 1; one per tile at stage 2).
+        region_size: ``(h, w)`` of every region, level-0 pixels.
+        view_shape: ``(h_v, w_v)`` of the view the attention network saw.
+        map_shape: ``(h_a, w_a)`` of the attention map.
+        offset: view-pixel position ``(y, x)`` of cell (0, 0)'s receptive-field centre.
+        stride: view pixels between neighbouring cells.
+    """
+
+    origins: Tensor
+    region_size: tuple[int, int]
+    view_shape: tuple[int, int]
+    map_shape: tuple[int, int]
+    offset: tuple[float, float] = (0.0, 0.0)
+    stride: tuple[int, int] = (1, 1)
+
+    def __post_init__(self) -> None:
+        origins = torch.as_tensor(self.origins, dtype=torch.int64).reshape(-1, 2).cpu()
+        object.__setattr__(self, "origins", origins)
+        h_a, w_a = self.map_shape
+        h_v, w_v = self.view_shape
+        for axis in (0, 1):
+            last = self.offset[axis] + (self.map_shape[axis] - 1) * self.stride[axis]
+            if self.offset[axis] < 0 or last > self.view_shape[axis] - 1 + 1e-9:
+                raise ValueError(
+                    f"attention map {self.map_shape} with offset {self.offset} and stride "
+                    f"{self.stride} does not fit in view {self.view_shape}"
+                )
+        if min(h_a, w_a, h_v, w_v) < 1:
+            raise ValueError(f"empty view {self.view_shape} or map {self.map_shape}")
+
+    @property
+    def n_cells(self) -> int:
+        return int(self.map_shape[0]) * int(self.map_shape[1])
+
+    def select(self, index: Tensor | list[int]) -> CellGrid:
+        """The grid of a subset of the regions."""
+        return CellGrid(
+            self.origins[torch.as_tensor(index, dtype=torch.int64)],
+            self.region_size,
+            self.view_shape,
+            self.map_shape,
+            self.offset,
+            self.stride,
+        )
+
+    def rows_cols(self, cells: Tensor) -> Tensor:
+        """Flat cell indices (…) → ``(i, j)`` (…, 2), int64, row-major."""
+        cells = torch.as_tensor(cells, dtype=torch.int64).cpu()
+        if cells.numel() and bool(((cells < 0) | (cells >= self.n_cells)).any()):
+            raise IndexError(f"cell index out of range for a {self.map_shape} attention map")
+        w_a = int(self.map_shape[1])
+        return torch.stack((cells // w_a, cells % w_a), dim=-1)
+
+    def view_positions(self, cells: Tensor) -> Tensor:
+        """Receptive-field centres of ``cells`` in view pixels, float64 (…, 2)."""
+        ij = self.rows_cols(cells).to(torch.float64)
+        offset = torch.tensor(self.offset, dtype=torch.float64)
+        stride = torch.tensor(self.stride, dtype=torch.float64)
+        return offset + ij * stride
+
+    def _expand_origins(self, cells: Tensor) -> tuple[Tensor, Tensor]:
+        cells = torch.as_tensor(cells, dtype=torch.int64).cpu()
+        n = self.origins.shape[0]
+        if cells.dim() >= 1 and cells.shape[0] == n and (cells.dim() == 2 or n != 1):
+            origins = self.origins.reshape((n,) + (1,) * (cells.dim() - 1) + (2,))
+        elif n == 1:
+            origins = self.origins[0]
+        else:
+            raise ValueError(f"cells of shape {tuple(cells.shape)} do not match {n} regions")
+        return cells, origins
+
+    def centres(self, cells: Tensor) -> Tensor:
+        """Level-0 ``(row, col)`` centres of ``cells``, int64 (…, 2).
+
+        ``cells`` is (m,) for a single-region grid, or (n, m) with one row per region.
+        """
+        cells, origins = self._expand_origins(cells)
+        v = self.view_positions(cells)
+        size = torch.tensor(self.region_size, dtype=torch.float64)
+        view = torch.tensor(self.view_shape, dtype=torch.float64)
+        # 000 §2.1, 0-based: v (h − 1) / (h_v − 1); a 1-pixel view maps to the middle.
+        span = torch.where(view > 1, (size - 1) / (view - 1).clamp(min=1), torch.zeros_like(view))
+        middle = torch.where(view > 1, torch.zeros_like(size), (size - 1) / 2)
+        return origins + round_half_up(v * span + middle)
+
+    def regions(self, cells: Tensor, size: tuple[int, int]) -> Tensor:
+        """Level-0 regions ``[top, left, h, w]`` of ``size`` centred on ``cells``, int64 (…, 4)."""
+        centre = self.centres(cells)
+        h, w = int(size[0]), int(size[1])
+        top_left = centre - torch.tensor([h // 2, w // 2], dtype=torch.int64)
+        hw = torch.tensor([h, w], dtype=torch.int64).expand_as(top_left)
+        return torch.cat((top_left, hw), dim=-1)
+
+    def cell_values(self, view_values: Tensor) -> Tensor:
+        """Values of a view-aligned map at every cell's centre pixel: (…, h_v, w_v) → (…, h_a, w_a).
+
+        Used to carry tissue masks and ROI fractions from the view to the cells
+        (positions are rounded half up for non-integer offsets).
+        """
+        if tuple(view_values.shape[-2:]) != tuple(self.view_shape):
+            raise ValueError(
+                f"map of shape {tuple(view_values.shape[-2:])} is not aligned with view "
+                f"{self.view_shape}"
+            )
+        h_a, w_a = self.map_shape
+        rows = round_half_up(
+            self.offset[0] + torch.arange(h_a, dtype=torch.float64) * self.stride[0]
+        ).to(view_values.device)
+        cols = round_half_up(
+            self.offset[1] + torch.arange(w_a, dtype=torch.float64) * self.stride[1]
+        ).to(view_values.device)
+        return view_values[..., rows, :][..., cols]
+
+    def nearest_view_pixels(self, points: Tensor) -> Tensor:
+        """Inverse of the mapping: level-0 ``(row, col)`` points → nearest view pixel (…, 2).
+
+        Only for single-region grids; points outside the region are clamped to its edge.
+        """
+        if self.origins.shape[0] != 1:
+            raise ValueError("nearest_view_pixels needs a single-region grid")
+        p = torch.as_tensor(points, dtype=torch.int64).cpu() - self.origins[0]
+        size = torch.tensor(self.region_size, dtype=torch.float64)
+        view = torch.tensor(self.view_shape, dtype=torch.float64)
+        scale = torch.where(size > 1, (view - 1) / (size - 1).clamp(min=1), torch.zeros_like(view))
+        pix = round_half_up(p.to(torch.float64) * scale)
+        upper = torch.tensor(self.view_shape, dtype=torch.int64) - 1
+        return torch.minimum(pix.clamp(min=0), upper)

@@ -1,0 +1,215 @@
+"""The four networks of attention sampling: attention ``a``/``b``, feature ``f``, classifier ``g``.
+
+- ``a`` (stage 1) and ``b`` (stage 2) are :class:`AttentionNetwork`: three conv layers
+  of 8 kernels with ReLU (000 §2.4, ATS §4.2), or with batch norm and leaky ReLU as in
+  the PatchGAN-like net of 003, and a 1×1 convolution to one logit per cell.  The
+  softmax over all cells (with masks) is in :mod:`.distributions`.
+- ``f`` is :class:`FeatureNetwork`, the LeNet of Ilse et al. 2018 used by 000 and ATS
+  (conv–ReLU–max-pool ×2, two fully connected layers) with an L2-normalised output:
+  equal feature norms make sampling from the attention the minimum-variance choice
+  (ATS §3.2.1, eq. 9).
+- ``g`` is :class:`Classifier`, one fully connected layer (000 §2.4).  Two classes use
+  one logit and a sigmoid (000's "sigmoid activation"); more use a softmax.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "AttentionNetwork",
+    "Classifier",
+    "FeatureNetwork",
+    "UniformAttention",
+    "class_probabilities",
+    "n_logits",
+]
+
+
+def n_logits(num_classes: int) -> int:
+    """Logits of ``g``: 1 for a binary (sigmoid) head, ``num_classes`` otherwise."""
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be at least 2, got {num_classes}")
+    return 1 if num_classes == 2 else num_classes
+
+
+def class_probabilities(logits: Tensor) -> Tensor:
+    """(B, 1) sigmoid logits → (B, 2) ``[1 − p, p]``; (B, C) → softmax. Always (B, C)."""
+    logits = logits.float()
+    if logits.shape[-1] == 1:
+        p = torch.sigmoid(logits)
+        return torch.cat((1.0 - p, p), dim=-1)
+    return torch.softmax(logits, dim=-1)
+
+
+class AttentionNetwork(nn.Module):
+    """An attention network: view (B, 3, h_v, w_v) → logits (B, h_a, w_a), one per cell.
+
+    Args:
+        channels: kernels per conv layer (8 in 000 §2.4).
+        layers: conv layers (3).
+        kernel_size: odd kernel size (3).
+        padding: ``"same"`` keeps the map the size of the view (cell ↔ view pixel,
+            full coverage of the region, border cells see the zero fill the tiles get
+            too); ``"valid"`` (the ATS reference) shrinks it by ``layers·(k−1)`` and
+            offsets every cell by half that (:attr:`offset`).
+        norm: ``"batch"`` for batch norm after each conv (003), else none.
+        activation: ``"relu"`` (000, ATS) or ``"leaky_relu"`` (003).
+
+    The final 1×1 logit convolution starts at zero, so an untrained network gives the
+    uniform distribution over the (unmasked) cells: the exploration 000 A.1 describes.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 3,
+        channels: int = 8,
+        layers: int = 3,
+        kernel_size: int = 3,
+        padding: Literal["same", "valid"] = "same",
+        norm: Literal["batch"] | None = None,
+        activation: Literal["relu", "leaky_relu"] = "relu",
+    ):
+        super().__init__()
+        if kernel_size % 2 != 1:
+            raise ValueError("kernel_size must be odd so that every cell has a centre pixel")
+        if padding not in ("same", "valid"):
+            raise ValueError(f"padding must be 'same' or 'valid', got {padding!r}")
+        self.padding = padding
+        self.layers = layers
+        self.kernel_size = kernel_size
+        body: list[nn.Module] = []
+        c_in = in_channels
+        for _ in range(layers):
+            body.append(
+                nn.Conv2d(
+                    c_in,
+                    channels,
+                    kernel_size,
+                    padding=kernel_size // 2 if padding == "same" else 0,
+                    bias=norm is None,
+                )
+            )
+            if norm == "batch":
+                body.append(nn.BatchNorm2d(channels))
+            elif norm is not None:
+                raise ValueError(f"norm must be 'batch' or None, got {norm!r}")
+            if activation == "relu":
+                body.append(nn.ReLU())
+            elif activation == "leaky_relu":
+                body.append(nn.LeakyReLU(0.2))
+            else:
+                raise ValueError(f"activation must be 'relu' or 'leaky_relu', got {activation!r}")
+            c_in = channels
+        self.body = nn.Sequential(*body)
+        self.logit = nn.Conv2d(c_in, 1, 1)
+        nn.init.zeros_(self.logit.weight)
+        nn.init.zeros_(self.logit.bias)
+
+    @property
+    def offset(self) -> tuple[float, float]:
+        """View-pixel position of cell (0, 0)'s receptive-field centre."""
+        r = 0.0 if self.padding == "same" else self.layers * (self.kernel_size - 1) / 2
+        return (r, r)
+
+    @property
+    def stride(self) -> tuple[int, int]:
+        return (1, 1)
+
+    def map_shape(self, view_shape: tuple[int, int]) -> tuple[int, int]:
+        """Attention-map shape for a view shape (raises if the view is too small)."""
+        shrink = 0 if self.padding == "same" else self.layers * (self.kernel_size - 1)
+        h, w = view_shape[0] - shrink, view_shape[1] - shrink
+        if h < 1 or w < 1:
+            raise ValueError(
+                f"view {tuple(view_shape)} is smaller than the attention network's receptive "
+                f"field ({shrink + 1} pixels); use a larger scale or padding='same'"
+            )
+        return (h, w)
+
+    def forward(self, view: Tensor) -> Tensor:
+        self.map_shape(tuple(view.shape[-2:]))
+        return self.logit(self.body(view))[:, 0]
+
+
+class UniformAttention(nn.Module):
+    """Constant logits: the uniform attention of the U-N baseline (ATS §4.1.1). No parameters."""
+
+    offset = (0.0, 0.0)
+    stride = (1, 1)
+
+    def map_shape(self, view_shape: tuple[int, int]) -> tuple[int, int]:
+        return (int(view_shape[0]), int(view_shape[1]))
+
+    def forward(self, view: Tensor) -> Tensor:
+        b, _, h, w = view.shape
+        return view.new_zeros((b, h, w))
+
+
+class FeatureNetwork(nn.Module):
+    """``f``: a full-resolution (sub-)tile (B, 3, h, w) → L2-normalised feature (B, D).
+
+    LeNet as in Ilse et al. 2018 (ref. [18] of 000): conv(36, 4×4)–ReLU–max-pool 2,
+    conv(48, 3×3)–ReLU–max-pool 2, fully connected ``hidden`` with ReLU, fully
+    connected ``out_features``, then ``z / ‖z‖₂`` (ATS §3.4).
+    """
+
+    def __init__(
+        self,
+        patch_size: tuple[int, int],
+        in_channels: int = 3,
+        channels: tuple[int, int] = (36, 48),
+        kernel_sizes: tuple[int, int] = (4, 3),
+        hidden: int = 512,
+        out_features: int = 512,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        self.patch_size = (int(patch_size[0]), int(patch_size[1]))
+        self.out_features = out_features
+        self.conv = nn.Sequential(
+            nn.Conv2d(in_channels, channels[0], kernel_sizes[0]),
+            nn.ReLU(),
+            nn.MaxPool2d(2, 2, ceil_mode=True),
+            nn.Conv2d(channels[0], channels[1], kernel_sizes[1]),
+            nn.ReLU(),
+            nn.MaxPool2d(2, 2, ceil_mode=True),
+        )
+        smallest = kernel_sizes[0] + 2 * kernel_sizes[1] - 2
+        if min(self.patch_size) < smallest:
+            raise ValueError(
+                f"patches of {self.patch_size} are too small for the LeNet feature network "
+                f"(at least {smallest} pixels a side); pass a feature network of your own"
+            )
+        with torch.no_grad():
+            flat = self.conv(torch.zeros(1, in_channels, *self.patch_size)).numel()
+        self.fc = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(flat, hidden),
+            nn.ReLU(),
+            nn.Dropout(dropout),
+            nn.Linear(hidden, out_features),
+        )
+
+    def forward(self, patches: Tensor) -> Tensor:
+        if tuple(patches.shape[-2:]) != self.patch_size:
+            got = tuple(patches.shape[-2:])
+            raise ValueError(f"feature network built for {self.patch_size} patches, got {got}")
+        z = self.fc(self.conv(patches))
+        return F.normalize(z.float(), dim=-1, eps=1e-12)
+
+
+class Classifier(nn.Module):
+    """``g``: aggregated feature (B, D) → logits (B, 1) for two classes, (B, C) otherwise."""
+
+    def __init__(self, in_features: int, num_classes: int):
+        super().__init__()
+        self.num_classes = num_classes
+        self.linear = nn.Linear(in_features, n_logits(num_classes))
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self.linear(z)

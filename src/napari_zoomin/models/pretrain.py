@@ -1,0 +1,161 @@
+"""Pre-training ``a``, ``b`` and ``f`` as tile classifiers from ROI masks (000 §2.5).
+
+When (some) images carry pixel-level annotations, each network is first trained to
+tell whether a patch of its own input kind contains any ROI pixel:
+
+- ``a``: regions of ``16/s1`` level-0 pixels read at ``s1`` (16×16 view pixels);
+- ``b`` (Zoom-In): tiles read at ``s2``;
+- ``f``: (sub-)tiles at full resolution.
+
+An attention network's logit map is averaged to one logit (000: "global average
+pooling layer"); ``f`` gets a temporary linear head.  The heads are discarded
+afterwards: the model keeps exactly its own parameters.  Half the patches are centred
+on ROI pixels (jittered), half anywhere, so that rare ROIs are seen.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .base import AttentionSamplingModel
+from .coordinates import CellGrid
+from .source import ImageSource, full_region, read_roi
+
+__all__ = ["pretrain_tile_classifiers"]
+
+
+def _centres(source: ImageSource, n: int, scale: float, generator: torch.Generator):
+    """``n`` level-0 centres, about half on ROI pixels located on the ``scale`` view.
+
+    ``None`` if the source has no ROI annotation.
+    """
+    h, w = source.shape
+    roi = read_roi(source, full_region(source), scale)
+    if roi is None:
+        return None
+    n_pos = n // 2 if bool((roi > 0).any()) else 0
+    rand = torch.rand(n - n_pos, 2, generator=generator, dtype=torch.float64)
+    centres = [(rand * torch.tensor([h - 1, w - 1], dtype=torch.float64)).round().long()]
+    if n_pos:
+        view = roi[0].cpu()
+        grid = CellGrid(torch.zeros(1, 2), (h, w), tuple(view.shape), tuple(view.shape))
+        candidates = torch.nonzero(view.reshape(-1) > 0)[:, 0]
+        pick = candidates[torch.randint(len(candidates), (n_pos,), generator=generator)]
+        jitter = torch.randint(-1, 2, (n_pos, 2), generator=generator)
+        step = torch.tensor([max(1, round(1 / scale)) // 2] * 2)
+        centres.append(grid.centres(pick) + jitter * step)
+    return torch.cat(centres)
+
+
+def _patches(sources, size, scale: float, per_image: int, locate_scale: float, generator):
+    """Pixels and any-ROI labels of ``per_image`` regions of ``size`` per annotated source.
+
+    ROI pixels are located on the view at ``locate_scale`` (the stage-1 scale), so a
+    slide's mask is never read whole at full resolution.
+    """
+    pixels, labels = [], []
+    for src in sources:
+        centres = _centres(src, per_image, locate_scale, generator)
+        if centres is None:
+            continue
+        regions = torch.cat(
+            (
+                centres - torch.tensor([size[0] // 2, size[1] // 2]),
+                torch.tensor(size).expand(len(centres), 2),
+            ),
+            dim=1,
+        )
+        pixels.append(src.read(regions, scale))
+        roi = read_roi(src, regions, scale)
+        labels.append((roi.reshape(len(regions), -1) > 0).any(dim=1).float())
+    if not pixels:
+        raise ValueError("pre-training needs sources with ROI masks (read_roi)")
+    return torch.cat(pixels), torch.cat(labels)
+
+
+def _fit(
+    net: nn.Module, head, params, x: Tensor, y: Tensor, epochs, batch_size, lr, generator, device
+):
+    opt = torch.optim.Adam(params, lr=lr)
+    history = []
+    net.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(x), generator=generator)
+        total = 0.0
+        for start in range(0, len(x), batch_size):
+            idx = order[start : start + batch_size]
+            logit = head(net(x[idx].to(device)))
+            loss = F.binary_cross_entropy_with_logits(logit, y[idx].to(device))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(idx)
+        history.append(total / len(x))
+    return history
+
+
+def pretrain_tile_classifiers(
+    model: AttentionSamplingModel,
+    sources: Sequence[ImageSource],
+    epochs: int = 5,
+    patches_per_image: int = 32,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    generator: torch.Generator | None = None,
+) -> dict[str, list[float]]:
+    """Pre-train the model's attention network(s) and feature network from ROI masks.
+
+    Args:
+        model: a Zoom-In, ATS or REINFORCE model (a Uniform model's attention has no
+            parameters and is skipped).
+        sources: images; only those whose ``read_roi`` returns a mask are used.
+        epochs, patches_per_image, batch_size, lr: training of each tile classifier.
+        generator: seeds patch placement and batch order.
+
+    Returns:
+        The mean binary cross-entropy per epoch of each pre-trained network
+        (``"stage1_attention"``, ``"stage2_attention"``, ``"feature"``).
+    """
+    generator = generator or torch.Generator().manual_seed(0)
+    device = model.device
+    c = model.config
+    history: dict[str, list[float]] = {}
+
+    def pooled(logit_map: Tensor) -> Tensor:  # global average pooling of the logit map
+        return logit_map.float().mean(dim=(-2, -1))
+
+    nets = [
+        ("stage1_attention", model.attention, c.view_scale, (math.ceil(16 / c.view_scale),) * 2)
+    ]
+    if hasattr(model, "stage2_attention"):
+        nets.append(
+            ("stage2_attention", model.stage2_attention, c.stage2_scale, tuple(c.tile_size))
+        )
+    for name, net, scale, size in nets:
+        params = list(net.parameters())
+        if not params:
+            continue
+        x, y = _patches(sources, size, scale, patches_per_image, c.view_scale, generator)
+        history[name] = _fit(net, pooled, params, x, y, epochs, batch_size, lr, generator, device)
+
+    head = nn.Linear(c.feature_dim, 1).to(device)
+    x, y = _patches(sources, model.patch_size, 1.0, patches_per_image, c.view_scale, generator)
+    params = list(model.feature.parameters()) + list(head.parameters())
+    history["feature"] = _fit(
+        model.feature,
+        lambda z: head(z)[:, 0],
+        params,
+        x,
+        y,
+        epochs,
+        batch_size,
+        lr,
+        generator,
+        device,
+    )
+    return history

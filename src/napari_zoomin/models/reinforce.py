@@ -1,0 +1,103 @@
+"""ATS with the attention trained by REINFORCE, as in the lymphoma study (003).
+
+Differences from :class:`~napari_zoomin.models.ats.ATS` (METHODS.md §REINFORCE):
+
+- patches are drawn with replacement and aggregated with the attention-renormalised
+  weights ``sg(a_p) / Σ sg(a_p)`` (003 eq. 1): no gradient reaches the attention
+  through the sampling or the aggregation;
+- ``f`` and ``g`` train by back-propagation of the cross-entropy;
+- ``a`` trains by policy gradient with a mean baseline, ``−Σ_p log a_p (r_p − mean r)``
+  (003 §IV), with reward ``r_p = P(true class | patch p alone)``, plus the entropy
+  bonus ``λ Σ a log a`` (003 §V);
+- each image is sampled ``repeats`` times per step (003 §VII: batches ×4).
+
+003's classifier is a parameter-free softmax over the L2-normalised ``C``-dimensional
+patch features, which caps the confidence (at most ``e/(e + (C−1)/e)``); we keep the
+shared linear ``g`` of the other models.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .ats import ATS, ATSConfig
+from .device import autocast
+from .losses import classification_loss, policy_gradient_loss
+from .networks import class_probabilities
+from .outputs import LossTerms
+from .source import ImageSource
+
+__all__ = ["ReinforceATS", "ReinforceConfig"]
+
+
+@dataclass
+class ReinforceConfig(ATSConfig):
+    """REINFORCE-ATS settings (defaults: 003's best model, 20 patches of 50×50, 3 classes).
+
+    Attributes:
+        repeats: independent samples of each image per training step (003: 4).
+        policy_weight: weight of the policy-gradient loss.
+    """
+
+    num_classes: int = 3
+    view_scale: float = 0.2
+    n_samples: int = 20
+    patch_size: tuple[int, int] = (50, 50)
+    replace: bool = True
+    attention_norm: str | None = "batch"
+    attention_activation: str = "leaky_relu"
+    entropy_weight: float = 1e-4
+    repeats: int = 4
+    policy_weight: float = 1.0
+
+
+class ReinforceATS(ATS):
+    """One-stage attention sampling whose attention network is trained by REINFORCE (003)."""
+
+    config: ReinforceConfig
+
+    def __init__(self, config: ReinforceConfig | None = None, **networks: nn.Module):
+        config = config or ReinforceConfig()
+        if not config.replace:
+            raise ValueError("the REINFORCE variant samples with replacement (003 §XI.B)")
+        super().__init__(config, **networks)
+
+    def aggregate(self, p: Tensor, idx: Tensor, valid: Tensor, features: Tensor) -> Tensor:
+        """003 eq. (1): ``Σ_p sg(a_p) f_p / Σ_p sg(a_p)`` over the drawn patches."""
+        w = p.detach().gather(1, idx) * valid.to(p.dtype)
+        return (w[..., None] * features).sum(1) / w.sum(1, keepdim=True)
+
+    def loss(
+        self,
+        sources: Sequence[ImageSource],
+        labels: Tensor | Sequence[int],
+        epoch: int = 0,
+        generator: torch.Generator | None = None,
+    ) -> LossTerms:
+        """Cross-entropy (``f``, ``g``) + policy gradient and entropy bonus (``a``) + pixel MSE."""
+        c = self.config
+        labels = torch.as_tensor(labels, dtype=torch.long)
+        rows = [b for b in range(len(sources)) for _ in range(c.repeats)]
+        row_labels = labels[rows]
+        zero = torch.zeros((), device=self.device)
+        with autocast(self.device):
+            stage1 = self.stage1(sources)
+            run = self.one_stage(sources, stage1, rows, generator)
+            logits = self.classifier(run.z)
+            with torch.no_grad():  # rewards are constants of the policy gradient
+                patch_logits = self.classifier(run.features)  # (R, N, L)
+        ce = classification_loss(logits, row_labels)
+        r, n = run.indices.shape
+        patch_probs = class_probabilities(patch_logits.reshape(r * n, -1)).reshape(r, n, -1)
+        rewards = patch_probs.gather(
+            2, row_labels.to(patch_probs.device)[:, None, None].expand(r, n, 1)
+        )[..., 0]
+        log_a = torch.log(run.attention.gather(1, run.indices))
+        policy = policy_gradient_loss(log_a, rewards)
+        ent, pix = self._attention_terms(sources, stage1)
+        total = ce + c.policy_weight * policy + ent + c.pixel_weight * pix
+        return LossTerms(total, ce, zero, ent, pix, policy, logits.detach(), row_labels)

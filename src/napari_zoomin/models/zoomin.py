@@ -1,0 +1,445 @@
+"""The Zoom-In network (000): two-stage hierarchical attention sampling.
+
+Stage 1: ``α = a(V(x, s1))`` over the cells of a low-resolution view; ``N`` tiles are
+drawn *with replacement* and kept as counts ``m_c`` (000 §2.2), each distinct tile is
+read once.  Stage 2: for a drawn tile, ``β^c = b(V(T(x, c), s2))`` over the cells of
+the tile's view (``s2`` relative to the full-resolution tile); ``min(m_c, nnz β^c)``
+sub-tiles are drawn *without replacement* and read at full resolution.  Features of
+the sub-tiles are aggregated by :func:`~napari_zoomin.sampling.two_stage_expected_features`,
+whose value and gradients (for ``a``, ``b``, ``f``) are unbiased for the full model
+``g(Σ_c α_c Σ_c' β^c_c' f(c, c'))`` (eq. 5).
+
+Sub-tiles are read directly from the image around their level-0 centre, so a
+sub-tile at a tile's edge shows the real neighbouring pixels instead of the
+tile's zero padding in 000's ``T_{s2}(T_{s1}(x, c), c')``; only the image's outside
+reads as zeros.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..sampling import sample, two_stage_expected_features
+from ..sampling.sampler import draws_to_counts, sample_subtiles
+from .base import AttentionSamplingModel, SamplingConfig, Stage1, stack_rows, unique_pairs
+from .coordinates import CellGrid
+from .device import autocast
+from .distributions import attention_distribution, complement_distribution
+from .losses import (
+    attention_mse,
+    classification_loss,
+    contrastive_loss,
+    entropy_regulariser,
+)
+from .networks import class_probabilities
+from .outputs import LossTerms, PatchSet, Prediction, TileSet
+from .source import ImageSource, full_region, read_roi
+
+__all__ = ["TwoStagePass", "ZoomIn", "ZoomInConfig"]
+
+
+@dataclass
+class ZoomInConfig(SamplingConfig):
+    """Zoom-In settings (defaults: 000's colon-cancer experiment, A.5).
+
+    Attributes:
+        stage2_scale: ``s2``, scale of a tile's view relative to the full-resolution tile.
+        tile_size: ``(h1, w1)`` level-0 size of a tile; must exceed ``1/s1`` for coverage.
+        subtile_size: ``(h2, w2)`` level-0 size of a sub-tile (the feature network's input).
+        contrastive: use the in-sample contrastive loss (000 §2.3).
+        contrastive_weight: its weight in eq. (10) (1 in the paper).
+        contrastive_warmup_epochs: epochs without it first (10 in the paper).
+        mask_subtiles: also exclude background sub-cells, using the stage-1 tissue mask
+            at each sub-cell's centre (tiles without any tissue sub-cell stay unmasked).
+    """
+
+    stage2_scale: float = 0.2
+    tile_size: tuple[int, int] = (50, 50)
+    subtile_size: tuple[int, int] = (27, 27)
+    contrastive: bool = True
+    contrastive_weight: float = 1.0
+    contrastive_warmup_epochs: int = 10
+    mask_subtiles: bool = True
+
+
+@dataclass(eq=False)
+class TwoStagePass:
+    """One two-stage sampling pass over R rows (image, draw).
+
+    Tiles and sub-tiles are kept once per image in *union tables*; rows refer to them.
+
+    Attributes:
+        rows: (R,) image of each row.
+        tile_attention: (R, K1) the stage-1 distribution that was sampled (α, or its
+            complement for contrastive views).
+        tile_cells, tile_counts, tile_ids: (R, T) distinct drawn tiles, their counts
+            ``m_c`` (0 = padding) and their index in the tile table.
+        table_images, table_cells, table_regions: (U,), (U,), (U, 4) the tile table.
+        beta: (U, K2) ``β^c`` of every tile in the table (as the network gives it).
+        beta_sampled: (U, K2) the stage-2 distribution that was sampled (β or complement).
+        beta_mask: (U, K2) bool or ``None``.
+        stage2_grid: cells of every ``β^c`` in level-0 pixels (U origins).
+        subtile_indices, n_subtiles, subtile_ids: (R, T, M), (R, T), (R, T, M).
+        sub_tiles, sub_cells, sub_regions: (S,), (S,), (S, 4) the sub-tile table.
+        z: (R, D) aggregated features.
+    """
+
+    rows: Tensor
+    tile_attention: Tensor
+    tile_cells: Tensor
+    tile_counts: Tensor
+    tile_ids: Tensor
+    table_images: Tensor
+    table_cells: Tensor
+    table_regions: Tensor
+    beta: Tensor
+    beta_sampled: Tensor
+    beta_mask: Tensor | None
+    stage2_grid: CellGrid
+    subtile_indices: Tensor
+    n_subtiles: Tensor
+    subtile_ids: Tensor
+    sub_tiles: Tensor
+    sub_cells: Tensor
+    sub_regions: Tensor
+    z: Tensor
+
+
+class ZoomIn(AttentionSamplingModel):
+    """Zoom-In network: ``a`` (stage 1), ``b`` (stage 2), ``f``, ``g``.
+
+    Use :meth:`loss` to train (eq. 10, plus eq. 11 for annotated sources) and
+    :meth:`predict` for inference (K sampled draws, or deterministic top-k).
+    """
+
+    config: ZoomInConfig
+
+    def __init__(
+        self,
+        config: ZoomInConfig | None = None,
+        *,
+        stage2_attention: nn.Module | None = None,
+        **networks: nn.Module,
+    ):
+        """Default networks from ``config``; ``attention``, ``stage2_attention``, ``feature``
+        and ``classifier`` may be given instead (see :class:`AttentionSamplingModel`)."""
+        config = config or ZoomInConfig()
+        if not 0 < config.stage2_scale <= 1:
+            raise ValueError(f"stage2_scale must be in (0, 1], got {config.stage2_scale}")
+        super().__init__(config, **networks)
+        self.stage2_attention = (
+            stage2_attention if stage2_attention is not None else self.make_attention_network()
+        )
+
+    @property
+    def patch_size(self) -> tuple[int, int]:
+        return tuple(self.config.subtile_size)  # type: ignore[return-value]
+
+    # -- sampling --------------------------------------------------------------------
+
+    def _stage2_mask(self, stage1: Sequence[Stage1], images: Tensor, grid: CellGrid):
+        """Sub-cells whose level-0 centre falls on background in the stage-1 tissue mask."""
+        if not self.config.mask_subtiles or all(s.view_tissue is None for s in stage1):
+            return None
+        k2 = grid.n_cells
+        mask = torch.ones(int(images.shape[0]), k2, dtype=torch.bool)
+        cells = torch.arange(k2, dtype=torch.int64)
+        for b in torch.unique(images).tolist():
+            st = stage1[b]
+            if st.view_tissue is None:
+                continue
+            sel = torch.nonzero(images == b)[:, 0]
+            centres = grid.select(sel).centres(cells.expand(int(sel.shape[0]), k2))
+            pix = st.grid.nearest_view_pixels(centres)
+            mask[sel] = st.view_tissue[pix[..., 0], pix[..., 1]]
+        return mask.to(self.device)
+
+    def two_stage(
+        self,
+        sources: Sequence[ImageSource],
+        stage1: Sequence[Stage1],
+        rows: Sequence[int],
+        complement: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> TwoStagePass:
+        """Draw tiles and sub-tiles for every row and aggregate their features.
+
+        Args:
+            sources, stage1: the images and their stage-1 results.
+            rows: image index of each row (repeat an image for several draws).
+            complement: draw from ``1 − α`` and ``1 − β^c`` (contrastive views, 000 §2.3).
+            generator: optional seeded generator.
+        """
+        c = self.config
+        rows_t = torch.as_tensor(list(rows), dtype=torch.int64)
+        alphas = []
+        for s in stage1:
+            a = s.attention
+            if complement:
+                a = complement_distribution(a[None], None if s.mask is None else s.mask[None])[0]
+            alphas.append(a)
+        p = stack_rows(alphas, rows_t.tolist())  # (R, K1)
+        # Stage 1: N tiles with replacement, kept as counts m_c (000 §2.2, eq. 6).
+        draws = sample(p.detach(), c.n_samples, replace=True, generator=generator)
+        cells, counts = draws_to_counts(draws)  # (R, T)
+        row_images = rows_t[:, None].expand(cells.shape)
+        t_images, t_cells, tile_ids = unique_pairs(row_images, cells, counts.cpu() > 0)
+        regions = torch.empty(int(t_images.shape[0]), 4, dtype=torch.int64)
+        for b in torch.unique(t_images).tolist():
+            sel = t_images == b
+            regions[sel] = stage1[b].grid.regions(t_cells[sel], c.tile_size)
+
+        # Stage 2: β^c = b(V(T(x, c), s2)) once per distinct tile, eq. (4) of 000.
+        views = self.read_regions(sources, t_images, regions, c.stage2_scale)
+        logits2 = self.stage2_attention(views)  # (U, u_a, v_a)
+        grid2 = CellGrid(
+            origins=regions[:, :2],
+            region_size=tuple(c.tile_size),
+            view_shape=tuple(views.shape[-2:]),
+            map_shape=tuple(logits2.shape[-2:]),
+            offset=tuple(self.stage2_attention.offset),
+            stride=tuple(self.stage2_attention.stride),
+        )
+        mask2 = self._stage2_mask(stage1, t_images, grid2)
+        beta = attention_distribution(logits2, mask2, c.uniform_mix)  # (U, K2)
+        beta_sampled = complement_distribution(beta, mask2) if complement else beta
+
+        tile_ids_dev = tile_ids.to(p.device)
+        beta_rows = beta_sampled[tile_ids_dev]  # (R, T, K2)
+        # min(m_c, nnz β^c) sub-tiles per tile without replacement, eq. (9) of 000.
+        sub_idx, n_sub = sample_subtiles(beta_rows.detach(), counts, generator)
+        m = sub_idx.shape[-1]
+        valid = torch.arange(m, device=n_sub.device) < n_sub[..., None]
+        s_tiles, s_cells, sub_ids = unique_pairs(
+            tile_ids[..., None].expand(sub_idx.shape), sub_idx, valid
+        )
+        sub_regions = grid2.select(s_tiles).regions(s_cells[:, None], c.subtile_size)[:, 0]
+        feats = self.featurise(sources, t_images[s_tiles], sub_regions)  # (S, D)
+        feat_rows = feats[sub_ids.to(feats.device)]  # (R, T, M, D)
+        # Unbiased value and gradients for a, b and f (estimators.py, eq. 5 and 9 of 000).
+        z = two_stage_expected_features(p, cells, counts, beta_rows, sub_idx, feat_rows)
+        return TwoStagePass(
+            rows=rows_t,
+            tile_attention=p,
+            tile_cells=cells,
+            tile_counts=counts,
+            tile_ids=tile_ids,
+            table_images=t_images,
+            table_cells=t_cells,
+            table_regions=regions,
+            beta=beta,
+            beta_sampled=beta_sampled,
+            beta_mask=mask2,
+            stage2_grid=grid2,
+            subtile_indices=sub_idx,
+            n_subtiles=n_sub,
+            subtile_ids=sub_ids,
+            sub_tiles=s_tiles,
+            sub_cells=s_cells,
+            sub_regions=sub_regions,
+            z=z,
+        )
+
+    def sampled_logits(self, sources, generator=None) -> Tensor:
+        stage1 = self.stage1(sources)
+        return self.classifier(
+            self.two_stage(sources, stage1, range(len(sources)), False, generator).z
+        )
+
+    # -- training --------------------------------------------------------------------
+
+    def loss(
+        self,
+        sources: Sequence[ImageSource],
+        labels: Tensor | Sequence[int],
+        epoch: int = 0,
+        generator: torch.Generator | None = None,
+    ) -> LossTerms:
+        """The objective of 000 eq. (10) (+ eq. 11 where sources carry ROI masks).
+
+        ``cross-entropy + contrastive (positives, after the warm-up) + λ Σ p log p on α
+        and every drawn β^c (with multiplicity) + pixel MSE``; all averaged over images.
+        """
+        c = self.config
+        labels = torch.as_tensor(labels, dtype=torch.long)
+        b = len(sources)
+        zero = torch.zeros((), device=self.device)
+        with autocast(self.device):
+            stage1 = self.stage1(sources)
+            main = self.two_stage(sources, stage1, range(b), False, generator)
+            logits = self.classifier(main.z)
+            con = zero
+            positives = [i for i in range(b) if int(labels[i]) != c.negative_class]
+            if c.contrastive and epoch >= c.contrastive_warmup_epochs and positives:
+                view = self.two_stage(sources, stage1, positives, True, generator)
+                con = contrastive_loss(self.classifier(view.z), c.negative_class) * (
+                    len(positives) / b
+                )
+        ce = classification_loss(logits, labels)
+        ent = zero
+        if c.entropy_weight:
+            for s in stage1:
+                ent = ent + entropy_regulariser(s.attention, c.entropy_weight)
+            beta_rows = main.beta[main.tile_ids.to(main.beta.device)]
+            ent = ent + entropy_regulariser(beta_rows, c.entropy_weight, main.tile_counts)
+            ent = ent / b
+        pix = self._pixel_loss(sources, stage1, main) / b if c.pixel_weight else zero
+        total = ce + c.contrastive_weight * con + ent + c.pixel_weight * pix
+        return LossTerms(total, ce, con, ent, pix, zero, logits.detach(), labels)
+
+    def _pixel_loss(self, sources, stage1: Sequence[Stage1], main: TwoStagePass) -> Tensor:
+        """000 eq. (11) on α and on the β^c of the drawn tiles, for annotated sources."""
+        c = self.config
+        total = torch.zeros((), device=self.device)
+        for b, (src, st) in enumerate(zip(sources, stage1, strict=True)):
+            roi = read_roi(src, full_region(src), c.view_scale)
+            if roi is None:
+                continue
+            cells = st.grid.cell_values(roi[0].cpu()).reshape(1, -1)
+            mask = None if st.mask is None else st.mask[None]
+            total = total + attention_mse(st.attention[None], cells, mask)
+            sel = torch.nonzero(main.table_images == b)[:, 0]
+            if sel.numel():
+                roi2 = read_roi(src, main.table_regions[sel], c.stage2_scale)
+                grid2 = main.stage2_grid.select(sel)
+                target = grid2.cell_values(roi2.cpu()).reshape(int(sel.shape[0]), -1)
+                beta_mask = None if main.beta_mask is None else main.beta_mask[sel.to(self.device)]
+                total = total + attention_mse(main.beta[sel.to(self.device)], target, beta_mask)
+        return total
+
+    # -- inference -------------------------------------------------------------------
+
+    @torch.no_grad()
+    def predict(
+        self,
+        sources: Sequence[ImageSource],
+        mode: str = "sample",
+        n_draws: int = 16,
+        generator: torch.Generator | None = None,
+    ) -> list[Prediction]:
+        """Classify images and report where the model looked.
+
+        Args:
+            mode: ``"sample"``: ``n_draws`` independent two-stage estimates per image;
+                the prediction is their mean probability and ``spread`` their standard
+                deviation; tiles and sub-tiles are the union over draws (tile counts
+                summed).  ``"topk"``: deterministic — the ``N`` most attended tiles,
+                then the ``N`` sub-tiles with the largest ``α_c β^c_c'`` among them,
+                aggregated with those weights renormalised (biased, but converges to the
+                full model as ``N`` grows).
+            n_draws: K for ``"sample"``.
+        """
+        if mode not in ("sample", "topk"):
+            raise ValueError(f"mode must be 'sample' or 'topk', got {mode!r}")
+        was_training = self.training
+        self.eval()
+        try:
+            with autocast(self.device):
+                stage1 = self.stage1(sources)
+                if mode == "topk":
+                    return [self._predict_topk(sources, stage1, b) for b in range(len(sources))]
+                rows = [b for b in range(len(sources)) for _ in range(n_draws)]
+                run = self.two_stage(sources, stage1, rows, False, generator)
+                probs = class_probabilities(self.classifier(run.z)).cpu()
+            return [self._prediction_from_pass(stage1, run, probs, b) for b in range(len(sources))]
+        finally:
+            self.train(was_training)
+
+    def _prediction_from_pass(
+        self, stage1: Sequence[Stage1], run: TwoStagePass, probs: Tensor, b: int
+    ) -> Prediction:
+        st = stage1[b]
+        draws = probs[run.rows == b]
+        tiles = torch.nonzero(run.table_images == b)[:, 0]
+        local = torch.full((int(run.table_images.shape[0]),), -1, dtype=torch.int64)
+        local[tiles] = torch.arange(int(tiles.shape[0]))
+        counts = torch.zeros(int(run.table_images.shape[0]), dtype=torch.int64)
+        live = run.tile_counts.cpu() > 0
+        counts.index_add_(0, run.tile_ids[live], run.tile_counts.cpu()[live])
+        alpha = st.attention.detach().float().cpu()
+        beta = run.beta.detach().float().cpu()
+        tile_alpha = alpha[run.table_cells[tiles]]
+        subs = torch.nonzero(run.table_images[run.sub_tiles] == b)[:, 0]
+        sub_tile = run.sub_tiles[subs]
+        weights = alpha[run.table_cells[sub_tile]] * beta[sub_tile, run.sub_cells[subs]]
+        return Prediction(
+            probabilities=draws.mean(0),
+            spread=draws.std(0, correction=0),
+            draw_probabilities=draws,
+            mode="sample",
+            attention=alpha.reshape(st.grid.map_shape),
+            attention_grid=st.grid,
+            tiles=TileSet(
+                cells=run.table_cells[tiles],
+                regions=run.table_regions[tiles],
+                counts=counts[tiles],
+                attention=tile_alpha,
+                stage2_attention=beta[tiles].reshape(-1, *run.stage2_grid.map_shape),
+                stage2_grid=run.stage2_grid.select(tiles),
+            ),
+            patches=PatchSet(
+                tile=local[sub_tile],
+                cells=run.sub_cells[subs],
+                regions=run.sub_regions[subs],
+                weights=weights,
+            ),
+        )
+
+    def _predict_topk(self, sources, stage1: Sequence[Stage1], b: int) -> Prediction:
+        c = self.config
+        st = stage1[b]
+        alpha = st.attention.detach().float()
+        k = min(c.n_samples, int((alpha > 0).sum()))
+        top_cells = torch.topk(alpha, k).indices.cpu()
+        regions = st.grid.regions(top_cells, c.tile_size)
+        images = torch.full((k,), b, dtype=torch.int64)
+        views = self.read_regions(sources, images, regions, c.stage2_scale)
+        logits2 = self.stage2_attention(views)
+        grid2 = CellGrid(
+            regions[:, :2],
+            tuple(c.tile_size),
+            tuple(views.shape[-2:]),
+            tuple(logits2.shape[-2:]),
+            tuple(self.stage2_attention.offset),
+            tuple(self.stage2_attention.stride),
+        )
+        mask2 = self._stage2_mask(stage1, images, grid2)
+        beta = attention_distribution(logits2, mask2, c.uniform_mix).float()  # (k, K2)
+        joint = (alpha[top_cells.to(alpha.device)][:, None] * beta).reshape(-1)
+        n = min(c.n_samples, int((joint > 0).sum()))
+        w, flat = torch.topk(joint, n)
+        k2 = beta.shape[1]
+        sub_tile, sub_cell = (flat // k2).cpu(), (flat % k2).cpu()
+        sub_regions = grid2.select(sub_tile).regions(sub_cell[:, None], c.subtile_size)[:, 0]
+        feats = self.featurise(sources, torch.full((n,), b, dtype=torch.int64), sub_regions)
+        z = (w[:, None] * feats).sum(0, keepdim=True) / w.sum()
+        probs = class_probabilities(self.classifier(z)).cpu()
+        used = torch.unique(sub_tile)
+        local = torch.full((k,), -1, dtype=torch.int64)
+        local[used] = torch.arange(int(used.shape[0]))
+        return Prediction(
+            probabilities=probs[0],
+            spread=torch.zeros_like(probs[0]),
+            draw_probabilities=probs,
+            mode="topk",
+            attention=alpha.cpu().reshape(st.grid.map_shape),
+            attention_grid=st.grid,
+            tiles=TileSet(
+                cells=top_cells[used],
+                regions=regions[used],
+                counts=torch.bincount(sub_tile, minlength=k)[used],
+                attention=alpha.cpu()[top_cells[used]],
+                stage2_attention=beta.cpu()[used].reshape(-1, *grid2.map_shape),
+                stage2_grid=grid2.select(used),
+            ),
+            patches=PatchSet(
+                tile=local[sub_tile],
+                cells=sub_cell,
+                regions=sub_regions,
+                weights=w.cpu(),
+            ),
+        )

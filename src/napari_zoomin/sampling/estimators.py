@@ -1,0 +1,201 @@
+"""Unbiased estimators of ``Σ_k a_k f_k`` whose autograd gradients are unbiased too.
+
+The full model (ATS eq. 1, Zoom-In eq. 5) aggregates every cell's feature with its
+attention.  The sampled model replaces that sum by an estimate from a few drawn
+cells.  Every function here returns a tensor whose *value* is an unbiased estimate
+of the sum and whose *gradient* (with respect to the attention, hence to whatever
+produced it, and to the drawn features) is an unbiased estimate of the gradient of
+the sum.  Both are written as per-draw weights ``w_k`` with ``estimate = Σ_k w_k f_k``
+whose value and derivative are chosen with ``stopgrad`` (``.detach()``):
+
+- with replacement (ATS eq. 12): ``w_q = (1/N) · a_q / sg(a_q)``: value ``1/N``,
+  gradient ``∇a_q / (N a_q)``;
+- without replacement (ATS eqs. 14–17, Zoom-In eq. 9): draw ``n`` contributes
+  ``T_n = Σ_{k<n} a_{I_k} f_{I_k} + (1 − S_{n−1}) f_{I_n}``, ``S_{n−1} = Σ_{k<n} a_{I_k}``
+  (an *exclusive* sum).  The known terms are differentiated as they stand, the new
+  term as ``(1 − sg(S_{n−1})) · (a_{I_n} / sg(a_{I_n})) · f_{I_n}``: conditioned on the
+  earlier draws its gradient averages to ``Σ_{i not drawn} ∇(a_i f_i)``, so every
+  ``T_n`` has expected gradient ``∇ Σ_i a_i f_i``.  The reference ATS backward pass
+  is biased here and the main PyTorch port also uses an inclusive sum (METHODS.md);
+  ``tests/core/test_estimators.py`` proves ours by exact enumeration.
+- two stages (Zoom-In): ``(1/N) Σ_c m_c · (α_c / sg(α_c)) · mean_{n ≤ n_c} T^c_n`` with
+  ``m_c`` the with-replacement counts of tile ``c`` among ``N`` draws and
+  ``n_c = min(m_c, nnz(β^c))`` sub-tiles drawn without replacement from ``β^c``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .sampler import subtile_draw_counts
+
+__all__ = [
+    "expected_features",
+    "two_stage_expected_features",
+    "with_replacement_weights",
+    "without_replacement_weights",
+]
+
+
+def with_replacement_weights(drawn_attention: Tensor) -> Tensor:
+    """Per-draw weights of the with-replacement estimator, ATS eq. (12).
+
+    Args:
+        drawn_attention: (..., N) the attention ``a_q`` of each draw (differentiable).
+
+    Returns:
+        (..., N) weights, value ``1/N`` each, gradient ``∇a_q / (N a_q)``.
+    """
+    n = drawn_attention.shape[-1]
+    return drawn_attention / drawn_attention.detach() / n
+
+
+def without_replacement_weights(drawn_attention: Tensor, n_valid: Tensor | None = None) -> Tensor:
+    """Per-draw weights ``w_k`` with ``Σ_k w_k f_k = (1/n) Σ_{n'≤n} T_{n'}``, ATS eqs. (14)–(17).
+
+    Args:
+        drawn_attention: (..., M) attention of the draws ``a_{I_1}, …, a_{I_M}`` in
+            sequential draw order (differentiable).
+        n_valid: optional LongTensor (...) — only the first ``n_valid`` draws of each
+            row are real (the rest is padding and gets weight exactly 0, no gradient);
+            rows with ``n_valid == 0`` get all-zero weights. Default: all M.
+
+    Returns:
+        (..., M) weights.  Draw ``k`` (1-based) appears as a known term in
+        ``T_{k+1}, …, T_n`` (``n − k`` times, coefficient ``a_{I_k}``) and as the new
+        term of ``T_k`` (coefficient ``(1 − sg S_{k−1}) a_{I_k} / sg(a_{I_k})``).
+    """
+    a = drawn_attention
+    m = a.shape[-1]
+    position = torch.arange(m, device=a.device)  # k − 1
+    if n_valid is None:
+        n = torch.full(a.shape[:-1], m, dtype=torch.long, device=a.device)
+    else:
+        n = n_valid.to(a.device).long()
+    valid = position < n.unsqueeze(-1)
+    a_valid = torch.where(valid, a, torch.zeros_like(a))
+    a_safe = torch.where(valid, a.detach(), torch.ones_like(a))
+    # S_{k−1}: exclusive cumulative sum of the earlier draws' attention, no gradient.
+    s_before = torch.cumsum(a_valid.detach(), dim=-1) - a_valid.detach()
+    new_term = (1.0 - s_before) * a_valid / a_safe
+    known_term = (n.unsqueeze(-1) - 1 - position).clamp(min=0).to(a.dtype) * a_valid
+    denom = n.clamp(min=1).to(a.dtype).unsqueeze(-1)
+    return torch.where(valid, (new_term + known_term) / denom, torch.zeros_like(a))
+
+
+def expected_features(
+    attention: Tensor,
+    indices: Tensor,
+    features: Tensor,
+    replace: bool,
+) -> Tensor:
+    """Unbiased estimate of ``Σ_k a_k f_k`` from drawn cells, with unbiased gradients.
+
+    Args:
+        attention: (B, K) the distribution the cells were drawn from (differentiable).
+        indices: LongTensor (B, n) from :func:`~napari_zoomin.sampling.sample` with the
+            same ``replace``; without replacement, in sequential draw order.
+        features: (B, n, D) features of the drawn cells, in the order of ``indices``.
+        replace: how ``indices`` were drawn.
+
+    Returns:
+        (B, D).
+    """
+    if attention.dim() != 2 or indices.dim() != 2 or features.dim() != 3:
+        raise ValueError(
+            "expected attention (B, K), indices (B, n), features (B, n, D); got "
+            f"{tuple(attention.shape)}, {tuple(indices.shape)}, {tuple(features.shape)}"
+        )
+    if features.shape[:2] != indices.shape or attention.shape[0] != indices.shape[0]:
+        raise ValueError(
+            f"shapes disagree: attention {tuple(attention.shape)}, indices "
+            f"{tuple(indices.shape)}, features {tuple(features.shape)}"
+        )
+    if indices.shape[1] == 0:
+        raise ValueError("expected_features needs at least one draw")
+    drawn = attention.gather(1, indices.to(attention.device))
+    if bool((drawn.detach() <= 0).any()):
+        raise ValueError("a drawn cell has zero attention: it cannot have been drawn from it")
+    weights = with_replacement_weights(drawn) if replace else without_replacement_weights(drawn)
+    return torch.einsum("bn,bnd->bd", weights.to(features.dtype), features)
+
+
+def two_stage_expected_features(
+    tile_attention: Tensor,
+    tile_indices: Tensor,
+    tile_counts: Tensor,
+    subtile_attention: Tensor,
+    subtile_indices: Tensor,
+    features: Tensor,
+) -> Tensor:
+    """Zoom-In's two-stage estimate of ``Σ_c α_c Σ_c' β^c_c' f(c, c')`` (000 eq. 5).
+
+    Stage 1 draws ``N`` tiles with replacement from ``α`` and keeps them as counts
+    ``m_c``; stage 2 draws ``n_c = min(m_c, nnz(β^c))`` sub-tiles of each tile without
+    replacement from ``β^c``.  The estimate
+    ``(1/N) Σ_c m_c · (α_c / sg(α_c)) · mean_{n ≤ n_c} T^c_n`` (the structure behind the
+    garbled eq. (9) of 000) has unbiased value and unbiased gradients with respect to
+    ``α``, every ``β^c`` and the features.
+
+    Args:
+        tile_attention: (B, K1) α (differentiable).
+        tile_indices: LongTensor (B, T) distinct drawn tiles (any cell where the count is 0).
+        tile_counts: LongTensor (B, T) m_c, 0 for padding; ``N = tile_counts.sum(1)``.
+        subtile_attention: (B, T, K2) β^c of each drawn tile (differentiable).
+        subtile_indices: LongTensor (B, T, M) sub-tile draws in sequential order, as
+            returned by :func:`~napari_zoomin.sampling.sampler.sample_subtiles`; only
+            the first ``n_c`` entries of each row are read.
+        features: (B, T, M, D) features of those sub-tiles (padding entries are ignored
+            and receive zero gradient).
+
+    Returns:
+        (B, D).
+    """
+    if tile_attention.dim() != 2 or subtile_attention.dim() != 3 or features.dim() != 4:
+        raise ValueError(
+            "expected tile_attention (B, K1), subtile_attention (B, T, K2), features "
+            f"(B, T, M, D); got {tuple(tile_attention.shape)}, "
+            f"{tuple(subtile_attention.shape)}, {tuple(features.shape)}"
+        )
+    b, t = tile_indices.shape
+    if tile_counts.shape != (b, t) or subtile_attention.shape[:2] != (b, t):
+        raise ValueError("tile_indices, tile_counts and subtile_attention disagree on (B, T)")
+    if features.shape[:3] != subtile_indices.shape or subtile_indices.shape[:2] != (b, t):
+        raise ValueError("subtile_indices and features disagree on (B, T, M)")
+    counts = tile_counts.to(tile_attention.device).long()
+    total = counts.sum(dim=1)
+    if bool((total <= 0).any()):
+        raise ValueError("every row needs at least one stage-1 draw (tile_counts.sum(1) > 0)")
+    n_sub = subtile_draw_counts(subtile_attention, counts)
+    if n_sub.numel() and int(n_sub.max()) > subtile_indices.shape[2]:
+        raise ValueError("subtile_indices has fewer draws than min(m_c, nnz(β^c)) for a tile")
+    live = counts > 0
+
+    # Stage 1, with replacement as counts: (m_c / N) · α_c / sg(α_c).
+    alpha = tile_attention.gather(1, tile_indices.to(tile_attention.device))
+    if bool((live & (alpha.detach() <= 0)).any()):
+        raise ValueError("a drawn tile has zero attention α_c")
+    alpha_safe = torch.where(live, alpha.detach(), torch.ones_like(alpha))
+    tile_weight = torch.where(
+        live,
+        counts.to(alpha.dtype) / total.unsqueeze(1).to(alpha.dtype) * alpha / alpha_safe,
+        torch.zeros_like(alpha),
+    )
+
+    # Stage 2, without replacement, per tile: weights of mean_n T^c_n.
+    m = subtile_indices.shape[2]
+    safe_indices = torch.where(
+        torch.arange(m, device=subtile_indices.device)
+        < n_sub.to(subtile_indices.device)[..., None],
+        subtile_indices,
+        torch.zeros_like(subtile_indices),
+    )
+    beta = subtile_attention.gather(2, safe_indices.to(subtile_attention.device))
+    valid = torch.arange(m, device=beta.device) < n_sub.to(beta.device)[..., None]
+    if bool((valid & (beta.detach() <= 0)).any()):
+        raise ValueError("a drawn sub-tile has zero attention β^c_c'")
+    sub_weight = without_replacement_weights(beta, n_sub)  # (B, T, M)
+
+    weights = tile_weight.unsqueeze(-1) * sub_weight
+    return torch.einsum("btm,btmd->bd", weights.to(features.dtype), features)

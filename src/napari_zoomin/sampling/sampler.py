@@ -1,0 +1,228 @@
+"""Drawing cells from attention distributions, with and without replacement.
+
+The estimators in :mod:`.estimators` are unbiased only if the cells are drawn from
+exactly the distribution they divide by, so everything that draws lives here and
+takes the attention *probabilities* themselves (never a smoothed or re-normalised
+copy):
+
+- with replacement: independent categorical draws (inverse CDF in float64), ATS
+  eq. (4) / Zoom-In eq. (3);
+- without replacement: Gumbel-top-k on the *log*-probabilities (Kool et al. 2019,
+  ref. [14] of 000), which yields a draw of ATS eq. (13) in sequential draw order.
+  The official Zoom-In code adds the noise to the probabilities instead, which
+  makes stage-2 sampling almost uniform (METHODS.md); we do not.
+
+Cells with probability zero (masked background) are never drawn, in either mode.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "draws_to_counts",
+    "gumbel_noise",
+    "sample",
+    "sample_subtiles",
+    "subtile_draw_counts",
+]
+
+
+def _check_attention(attention: Tensor, name: str = "attention") -> None:
+    if attention.dim() != 2:
+        raise ValueError(f"{name} must have shape (B, K), got {tuple(attention.shape)}")
+    if not torch.is_floating_point(attention):
+        raise TypeError(f"{name} must be a floating-point tensor, got {attention.dtype}")
+    with torch.no_grad():
+        if attention.numel() and bool((attention < 0).any() | ~torch.isfinite(attention).all()):
+            raise ValueError(f"{name} must be finite and non-negative")
+
+
+def _uniform(shape: tuple[int, ...], like: Tensor, generator: torch.Generator | None) -> Tensor:
+    """U(0, 1) noise drawn on the generator's device (so seeding is device-independent)."""
+    device = generator.device if generator is not None else like.device
+    u = torch.rand(shape, generator=generator, device=device, dtype=torch.float64)
+    return u.to(like.device)
+
+
+def gumbel_noise(
+    shape: tuple[int, ...], like: Tensor, generator: torch.Generator | None = None
+) -> Tensor:
+    """Standard Gumbel noise ``−log(−log U)`` of ``shape``, in ``like``'s dtype and device.
+
+    ``U`` is drawn in float64 and kept inside the open interval (0, 1), so the noise
+    is always finite.
+    """
+    u = _uniform(shape, like, generator)
+    tiny = torch.finfo(torch.float64).tiny
+    u = u.clamp(min=tiny, max=1.0 - torch.finfo(torch.float64).eps)
+    return (-torch.log(-torch.log(u))).to(like.dtype)
+
+
+def sample(
+    attention: Tensor,
+    n: int,
+    replace: bool,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Draw ``n`` cell indices per row of ``attention``.
+
+    Args:
+        attention: (B, K) probabilities, non-negative, rows summing to 1 (the
+            estimators divide by these exact values). Not differentiated.
+        n: draws per row.
+        replace: ``True`` for independent categorical draws (duplicates allowed);
+            ``False`` for distinct cells in sequential draw order (Gumbel-top-k on
+            ``log attention``), i.e. draw ``k`` has probability
+            ``a_i / (1 − Σ_{earlier} a)`` (ATS eq. 13).
+        generator: optional ``torch.Generator``; with a seeded one the draws are
+            deterministic. Its device may differ from ``attention``'s.
+
+    Returns:
+        LongTensor (B, n) of cell indices into K, on ``attention``'s device.
+
+    Raises:
+        ValueError: bad shapes or values, or (without replacement) ``n`` larger than
+            the number of non-zero cells in some row. Callers cap ``n`` first.
+    """
+    _check_attention(attention)
+    if n < 0:
+        raise ValueError(f"n must be non-negative, got {n}")
+    b, k = attention.shape
+    if n == 0:
+        return torch.zeros((b, 0), dtype=torch.long, device=attention.device)
+    a = attention.detach()
+    nonzero = (a > 0).sum(dim=1)
+    if b and bool((nonzero == 0).any()):
+        row = int(torch.nonzero(nonzero == 0)[0, 0])
+        raise ValueError(f"attention row {row} has no cell with non-zero probability")
+    if replace:
+        return _sample_with_replacement(a, n, generator)
+    fewest = int(nonzero.min()) if b else k
+    if n > fewest:
+        row = int(torch.argmin(nonzero))
+        raise ValueError(
+            f"cannot draw n={n} distinct cells without replacement: row {row} has only "
+            f"{fewest} cells with non-zero probability (cap n at the non-zero count first)"
+        )
+    # Gumbel-top-k, 000 ref. [14]: perturb log-probabilities, keep the order of the
+    # top n, which is the sequential draw order.  log 0 = −inf, so zero cells lose
+    # against every non-zero cell.  Keys in the attention's precision (at least
+    # float32), so a gigapixel stage-1 map is not copied to float64.
+    a = a.to(torch.promote_types(a.dtype, torch.float32))
+    keys = torch.log(a) + gumbel_noise((b, k), a, generator)
+    return torch.topk(keys, n, dim=1, largest=True, sorted=True).indices
+
+
+def _sample_with_replacement(a: Tensor, n: int, generator: torch.Generator | None) -> Tensor:
+    """Inverse-CDF categorical draws in float64.
+
+    Cell ``k`` is drawn iff ``cum[k-1] <= u·total < cum[k]``; a zero-probability cell
+    has an empty interval, so it is never drawn.  A ``u·total`` that rounding pushes
+    to ``total`` is mapped to the last non-zero cell.  The cumulative sum is float64
+    because a float32 sum over millions of cells drifts by more than small
+    probabilities.
+    """
+    a64 = a.double()
+    cum = torch.cumsum(a64, dim=1)
+    total = cum[:, -1:]
+    u = _uniform((a.shape[0], n), a64, generator) * total
+    idx = torch.searchsorted(cum, u, right=True)
+    k = a.shape[1]
+    positions = torch.arange(k, device=a.device).expand_as(a64)
+    last_nonzero = torch.where(a64 > 0, positions, -1).amax(dim=1, keepdim=True)
+    return torch.minimum(idx, last_nonzero)
+
+
+def draws_to_counts(indices: Tensor) -> tuple[Tensor, Tensor]:
+    """Turn with-replacement draws into distinct cells and their counts.
+
+    Zoom-In stage 1 reads and attends each drawn tile once, however often it was
+    drawn (000 §2.2); its count ``m_c`` enters the two-stage estimator.
+
+    Args:
+        indices: LongTensor (B, N) of draws.
+
+    Returns:
+        ``cells`` (B, T) and ``counts`` (B, T), T = the largest number of distinct
+        cells in a row; distinct cells come first in ascending order, padding
+        entries have cell 0 and count 0. ``counts.sum(1) == N``.
+    """
+    if indices.dim() != 2:
+        raise ValueError(f"indices must have shape (B, N), got {tuple(indices.shape)}")
+    b, n = indices.shape
+    device = indices.device
+    if n == 0:
+        empty = torch.zeros((b, 0), dtype=torch.long, device=device)
+        return empty, empty.clone()
+    ordered, _ = torch.sort(indices, dim=1)
+    first = torch.ones_like(ordered, dtype=torch.bool)
+    first[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+    slot = torch.cumsum(first.long(), dim=1) - 1  # (B, N) which distinct cell each draw is
+    t = int(slot.max()) + 1
+    cells = torch.zeros((b, t), dtype=torch.long, device=device)
+    counts = torch.zeros((b, t), dtype=torch.long, device=device)
+    cells.scatter_(1, slot, ordered)
+    counts.scatter_add_(1, slot, torch.ones_like(ordered))
+    return cells, counts
+
+
+def subtile_draw_counts(subtile_attention: Tensor, tile_counts: Tensor) -> Tensor:
+    """How many sub-tiles each drawn tile gets: ``min(m_c, non-zero cells of β^c)``.
+
+    Capping at the non-zero count keeps the estimator unbiased (the mean of fewer
+    ``T_n`` is still unbiased) and is the single rule shared by the sampler and the
+    estimator, so both always agree on which draws are real.
+
+    Args:
+        subtile_attention: (B, T, K2) β^c of each drawn tile.
+        tile_counts: LongTensor (B, T) m_c (0 for padding).
+
+    Returns:
+        LongTensor (B, T).
+    """
+    nonzero = (subtile_attention.detach() > 0).sum(dim=-1)
+    return torch.minimum(tile_counts.to(nonzero.device), nonzero)
+
+
+def sample_subtiles(
+    subtile_attention: Tensor,
+    tile_counts: Tensor,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Zoom-In stage 2: for every drawn tile, draw its sub-tiles without replacement.
+
+    Tile ``c`` gets ``n_c = min(m_c, nnz(β^c))`` distinct sub-tiles from ``β^c``
+    (Gumbel-top-k on ``log β^c``, in sequential draw order, 000 eq. 9).
+
+    Args:
+        subtile_attention: (B, T, K2) β^c, rows summing to 1 where ``tile_counts > 0``.
+        tile_counts: LongTensor (B, T) m_c from :func:`draws_to_counts`.
+        generator: optional seeded generator.
+
+    Returns:
+        ``indices`` LongTensor (B, T, M), M = max n_c, the first ``n_c`` entries of
+        ``indices[b, t]`` are the draws; and ``n_subtiles`` LongTensor (B, T) = n_c.
+    """
+    if subtile_attention.dim() != 3:
+        raise ValueError(
+            f"subtile_attention must have shape (B, T, K2), got {tuple(subtile_attention.shape)}"
+        )
+    b, t, k2 = subtile_attention.shape
+    if tile_counts.shape != (b, t):
+        raise ValueError(f"tile_counts must have shape {(b, t)}, got {tuple(tile_counts.shape)}")
+    beta = subtile_attention.detach()
+    live = tile_counts > 0
+    if bool((beta < 0).any() | ~torch.isfinite(beta).all()):
+        raise ValueError("subtile_attention must be finite and non-negative")
+    n_sub = subtile_draw_counts(beta, tile_counts)
+    if bool((live & (n_sub == 0)).any()):
+        raise ValueError("a drawn tile has a sub-tile attention with no non-zero cell")
+    m = int(n_sub.max()) if n_sub.numel() else 0
+    if m == 0:
+        return torch.zeros((b, t, 0), dtype=torch.long, device=beta.device), n_sub
+    beta = beta.to(torch.promote_types(beta.dtype, torch.float32))
+    keys = torch.log(beta) + gumbel_noise((b, t, k2), beta, generator)
+    indices = torch.topk(keys, m, dim=-1, largest=True, sorted=True).indices
+    return indices, n_sub

@@ -1,0 +1,376 @@
+"""The models wire sources, attention, sampling and estimators together correctly.
+
+The estimators are proven exactly in ``test_estimators.py``; here the question is
+whether a model feeds them the right tiles, sub-tiles and features.  The sampled
+aggregate of a whole model is compared with its full model computed over every
+(sub-)tile (a Monte Carlo mean over many draws, with a 5-sigma tolerance).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from napari_zoomin.models import (
+    ATS,
+    ATSConfig,
+    LowResolutionCNN,
+    ReinforceATS,
+    ReinforceConfig,
+    TensorSource,
+    Uniform,
+    ZoomIn,
+    ZoomInConfig,
+    autocast,
+    grad_scaler,
+    pretrain_tile_classifiers,
+    select_device,
+)
+from napari_zoomin.models.distributions import attention_distribution
+
+SMALL = {"feature_dim": 8, "feature_channels": (4, 8), "feature_hidden": 16}
+
+
+class PixelFeatures(nn.Module):
+    """A cheap stand-in for ``f`` on tiny patches: linear map of the pixels, L2-normalised."""
+
+    def __init__(self, patch: tuple[int, int], dim: int = 8):
+        super().__init__()
+        self.linear = nn.Linear(3 * patch[0] * patch[1], dim)
+
+    def forward(self, x):
+        return F.normalize(self.linear(x.flatten(1)), dim=-1)
+
+
+class FixedLogits(nn.Module):
+    """An attention network that returns given logits (same geometry as 'same' padding)."""
+
+    offset = (0.0, 0.0)
+    stride = (1, 1)
+
+    def __init__(self, logits: torch.Tensor):
+        super().__init__()
+        self.logits = logits
+
+    def map_shape(self, view_shape):
+        return tuple(view_shape)
+
+    def forward(self, view):
+        return self.logits.to(view.dtype).expand(view.shape[0], *view.shape[-2:])
+
+
+def _randomise_logits(net: nn.Module, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        net.logit.weight.copy_(torch.randn(net.logit.weight.shape, generator=g))
+
+
+def _image(h: int, w: int, seed: int) -> torch.Tensor:
+    return torch.rand(3, h, w, generator=torch.Generator().manual_seed(seed))
+
+
+def _tissue(h: int, w: int) -> torch.Tensor:
+    t = torch.ones(h, w, dtype=torch.bool)
+    t[:, : w // 3] = False  # a background band
+    return t
+
+
+# ---- whole-model unbiasedness (wiring) ----------------------------------------------
+
+
+def _zoomin_tiny(**kw) -> ZoomIn:
+    cfg = ZoomInConfig(
+        view_scale=0.25,
+        stage2_scale=0.5,
+        tile_size=(8, 8),
+        subtile_size=(4, 4),
+        n_samples=3,
+        **SMALL,
+        **kw,
+    )
+    torch.manual_seed(0)
+    m = ZoomIn(cfg, feature=PixelFeatures((4, 4)))
+    _randomise_logits(m.attention, 1)
+    _randomise_logits(m.stage2_attention, 2)
+    return m.eval()
+
+
+def _zoomin_full_model(m: ZoomIn, src: TensorSource) -> torch.Tensor:
+    """``Σ_c α_c Σ_c' β^c_c' f(c, c')`` over every tile and sub-tile (000 eq. 5)."""
+    st = m.stage1([src])[0]
+    c = m.config
+    cells = torch.arange(st.grid.n_cells)
+    regions = st.grid.regions(cells, c.tile_size)
+    views = src.read(regions, c.stage2_scale)
+    logits = m.stage2_attention(views)
+    from napari_zoomin.models.coordinates import CellGrid
+
+    grid2 = CellGrid(regions[:, :2], c.tile_size, tuple(views.shape[-2:]), tuple(logits.shape[-2:]))
+    mask2 = m._stage2_mask([st], torch.zeros(len(cells), dtype=torch.long), grid2)
+    beta = attention_distribution(logits, mask2)
+    k2 = grid2.n_cells
+    sub = grid2.regions(torch.arange(k2).expand(len(cells), k2), c.subtile_size)
+    feats = m.feature(src.read(sub.reshape(-1, 4), 1.0)).reshape(len(cells), k2, -1)
+    return torch.einsum("c,cs,csd->d", st.attention, beta, feats)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_zoomin_sampled_aggregate_is_unbiased_for_its_full_model(masked):
+    h, w = 24, 20
+    src = TensorSource(_image(h, w, 3), tissue=_tissue(h, w) if masked else None)
+    m = _zoomin_tiny()
+    with torch.no_grad():
+        full = _zoomin_full_model(m, src)
+        st = m.stage1([src])
+        run = m.two_stage([src], st, [0] * 20_000, generator=torch.Generator().manual_seed(4))
+    mean, se = run.z.mean(0), run.z.std(0) / run.z.shape[0] ** 0.5
+    assert torch.all((mean - full).abs() <= 5 * se + 1e-6), (mean, full, se)
+    if masked:
+        alpha = st[0].attention.reshape(st[0].grid.map_shape)
+        assert torch.all(alpha[:, : st[0].grid.map_shape[1] // 3 - 1] == 0)
+        assert bool((run.beta_mask == 0).any())
+
+
+@pytest.mark.parametrize("replace", [True, False])
+def test_ats_sampled_aggregate_is_unbiased_for_its_full_model(replace):
+    h, w = 20, 28
+    src = TensorSource(_image(h, w, 5), tissue=_tissue(h, w))
+    torch.manual_seed(0)
+    cfg = ATSConfig(view_scale=0.25, patch_size=(4, 4), n_samples=3, replace=replace, **SMALL)
+    m = ATS(cfg, feature=PixelFeatures((4, 4)))
+    _randomise_logits(m.attention, 6)
+    m.eval()
+    with torch.no_grad():
+        st = m.stage1([src])[0]
+        cells = torch.arange(st.grid.n_cells)
+        feats = m.feature(src.read(st.grid.regions(cells, (4, 4)), 1.0))
+        full = st.attention @ feats
+        run = m.one_stage([src], [st], [0] * 20_000, generator=torch.Generator().manual_seed(7))
+    mean, se = run.z.mean(0), run.z.std(0) / run.z.shape[0] ** 0.5
+    assert torch.all((mean - full).abs() <= 5 * se + 1e-6), (mean, full, se)
+
+
+# ---- contrastive views -------------------------------------------------------------
+
+
+def test_contrastive_views_draw_from_one_minus_attention():
+    src = TensorSource(_image(24, 20, 8))
+    m = _zoomin_tiny()
+    peak1 = torch.zeros(6, 5)
+    peak1[2, 3] = 40.0  # α ≈ 1 on cell 13
+    peak2 = torch.zeros(4, 4)
+    peak2[1, 2] = 40.0  # β ≈ 1 on sub-cell 6
+    m.attention = FixedLogits(peak1)
+    m.stage2_attention = FixedLogits(peak2)
+    gen = torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        st = m.stage1([src])
+        normal = m.two_stage([src], st, [0] * 200, complement=False, generator=gen)
+        contrast = m.two_stage([src], st, [0] * 200, complement=True, generator=gen)
+    assert set(normal.table_cells.tolist()) == {13}
+    # every tile's first sub-tile is the peak (the next ones are drawn without replacement)
+    assert set(normal.subtile_indices[..., 0][normal.tile_counts > 0].tolist()) == {6}
+    assert 13 not in contrast.table_cells.tolist()
+    assert 6 not in contrast.sub_cells.tolist()
+    assert len(set(contrast.table_cells.tolist())) > 10
+
+
+def test_contrastive_loss_only_for_positives_after_warmup():
+    srcs = [TensorSource(_image(24, 20, s)) for s in (10, 11)]
+    m = _zoomin_tiny(contrastive_warmup_epochs=2).train()
+    gen = torch.Generator().manual_seed(0)
+    assert m.loss(srcs, [1, 0], epoch=1, generator=gen).contrastive.item() == 0.0
+    assert m.loss(srcs, [0, 0], epoch=5, generator=gen).contrastive.item() == 0.0
+    assert m.loss(srcs, [1, 0], epoch=2, generator=gen).contrastive.item() > 0.0
+
+
+# ---- training terms ----------------------------------------------------------------
+
+
+def test_zoomin_loss_trains_every_network():
+    srcs = [TensorSource(_image(24, 20, s)) for s in (12, 13, 14)]
+    m = _zoomin_tiny(contrastive_warmup_epochs=0).train()
+    lt = m.loss(srcs, [1, 0, 1], epoch=0, generator=torch.Generator().manual_seed(1))
+    lt.total.backward()
+    for name in ("attention", "stage2_attention", "feature", "classifier"):
+        grads = [p.grad for p in getattr(m, name).parameters()]
+        assert all(g is not None for g in grads) and any(float(g.abs().sum()) > 0 for g in grads), (
+            name
+        )
+    assert lt.entropy.item() < 0  # λ Σ p log p with λ > 0
+
+
+def test_pixel_supervision_uses_roi_masks():
+    h, w = 24, 20
+    roi = torch.zeros(h, w, dtype=torch.bool)
+    roi[4:10, 12:18] = True
+    with_roi = TensorSource(_image(h, w, 15), roi=roi)
+    without = TensorSource(_image(h, w, 15))
+    m = _zoomin_tiny(pixel_weight=1.0)
+    gen = torch.Generator().manual_seed(2)
+    lt = m.loss([with_roi], [1], generator=gen)
+    assert lt.pixel.item() > 0
+    assert m.loss([without], [1], generator=gen).pixel.item() == 0.0
+    m.zero_grad()
+    lt.pixel.backward()
+    assert float(m.attention.logit.weight.grad.abs().sum()) > 0
+
+
+def test_reinforce_attention_learns_only_from_the_policy_gradient():
+    srcs = [TensorSource(_image(24, 28, s)) for s in (16, 17)]
+    torch.manual_seed(0)
+    m = ReinforceATS(
+        ReinforceConfig(view_scale=0.25, patch_size=(8, 8), n_samples=4, repeats=3, **SMALL)
+    )
+    _randomise_logits(m.attention, 3)
+    lt = m.loss(srcs, [2, 0], generator=torch.Generator().manual_seed(3))
+    assert lt.logits.shape == (6, 3) and lt.labels.tolist() == [2, 2, 2, 0, 0, 0]
+    lt.classification.backward(retain_graph=True)
+    assert all(p.grad is None or float(p.grad.abs().sum()) == 0 for p in m.attention.parameters())
+    assert float(m.feature.fc[1].weight.grad.abs().sum()) > 0
+    m.zero_grad()
+    (lt.policy + lt.entropy).backward()
+    assert float(m.attention.logit.weight.grad.abs().sum()) > 0
+    assert all(p.grad is None for p in m.feature.parameters())
+
+
+def test_uniform_baseline_has_no_attention_parameters_and_masks():
+    h, w = 20, 28
+    m = Uniform(ATSConfig(view_scale=0.25, patch_size=(8, 8), n_samples=4, **SMALL))
+    assert list(m.attention.parameters()) == []
+    st = m.stage1([TensorSource(_image(h, w, 18), tissue=_tissue(h, w))])[0]
+    alpha = st.attention[st.attention > 0]
+    torch.testing.assert_close(alpha, torch.full_like(alpha, 1 / len(alpha)))
+
+
+# ---- inference ----------------------------------------------------------------------
+
+
+def test_zoomin_prediction_reports_what_a_viewer_needs():
+    h, w = 24, 20
+    src = TensorSource(_image(h, w, 19), tissue=_tissue(h, w))
+    m = _zoomin_tiny()
+    (p,) = m.predict([src], mode="sample", n_draws=5, generator=torch.Generator().manual_seed(5))
+    assert p.draw_probabilities.shape == (5, 2)
+    torch.testing.assert_close(p.probabilities.sum(), torch.tensor(1.0))
+    torch.testing.assert_close(p.spread, p.draw_probabilities.std(0, correction=0))
+    assert p.attention.shape == p.attention_grid.map_shape
+    t = p.tiles
+    assert int(t.counts.sum()) == 5 * m.config.n_samples
+    torch.testing.assert_close(t.attention, p.attention.reshape(-1)[t.cells])
+    torch.testing.assert_close(t.regions, p.attention_grid.regions(t.cells, m.config.tile_size))
+    assert torch.all(t.attention > 0)  # background tiles are never drawn
+    assert t.stage2_attention.shape[0] == len(t.cells)
+    s = p.patches
+    beta = t.stage2_attention.reshape(len(t.cells), -1)
+    torch.testing.assert_close(s.weights, t.attention[s.tile] * beta[s.tile, s.cells])
+    expected = t.stage2_grid.select(s.tile).regions(s.cells[:, None], m.config.subtile_size)[:, 0]
+    assert torch.equal(s.regions, expected)
+    assert s.regions.dtype == torch.int64
+
+
+def test_topk_inference_is_deterministic():
+    src = TensorSource(_image(24, 20, 20))
+    m = _zoomin_tiny()
+    a, b = m.predict([src], mode="topk"), m.predict([src], mode="topk")
+    assert torch.equal(a[0].probabilities, b[0].probabilities)
+    assert torch.all(a[0].spread == 0) and a[0].mode == "topk"
+    assert len(a[0].patches.weights) == m.config.n_samples
+    with pytest.raises(ValueError, match="mode"):
+        m.predict([src], mode="argmax")
+
+
+@pytest.mark.parametrize("model", ["ats", "uniform", "reinforce"])
+def test_one_stage_predictions(model):
+    src = TensorSource(_image(20, 28, 21))
+    cfg = {"view_scale": 0.25, "patch_size": (8, 8), "n_samples": 4, **SMALL}
+    m = {
+        "ats": lambda: ATS(ATSConfig(**cfg)),
+        "uniform": lambda: Uniform(ATSConfig(**cfg)),
+        "reinforce": lambda: ReinforceATS(ReinforceConfig(**cfg)),
+    }[model]()
+    (p,) = m.predict([src], n_draws=3, generator=torch.Generator().manual_seed(0))
+    assert p.draw_probabilities.shape[0] == 3
+    assert int(p.tiles.counts.sum()) == 12
+    torch.testing.assert_close(p.patches.weights, p.tiles.attention)
+    (q,) = m.predict([src], mode="topk")
+    assert len(q.tiles.cells) == 4
+
+
+def test_multiclass_valid_padding_non_square_batch():
+    """Views of different shapes in one batch, 'valid' attention nets, three classes."""
+    cfg = ZoomInConfig(
+        num_classes=3,
+        view_scale=0.25,
+        stage2_scale=0.5,
+        tile_size=(16, 16),
+        subtile_size=(8, 8),
+        n_samples=4,
+        attention_padding="valid",
+        **SMALL,
+    )
+    m = ZoomIn(cfg, feature=PixelFeatures((8, 8)))
+    srcs = [TensorSource(_image(40, 32, 22)), TensorSource(_image(36, 48, 23))]
+    lt = m.loss(srcs, [2, 1], generator=torch.Generator().manual_seed(0))
+    assert lt.logits.shape == (2, 3)
+    lt.total.backward()
+    preds = m.predict(srcs, n_draws=2, generator=torch.Generator().manual_seed(1))
+    assert [p.attention.shape for p in preds] == [(4, 2), (3, 6)]
+    assert preds[0].attention_grid.offset == (3.0, 3.0)
+
+
+def test_low_resolution_cnn_baseline():
+    m = LowResolutionCNN(view_scale=0.25)
+    srcs = [TensorSource(_image(24, 20, s)) for s in (24, 25)]
+    lt = m.loss(srcs, [0, 1])
+    lt.total.backward()
+    assert m.predict_proba(srcs).shape == (2, 2)
+
+
+# ---- pre-training and device ---------------------------------------------------------
+
+
+def test_tile_classifier_pretraining_keeps_the_model_parameters():
+    h, w = 48, 40
+    roi = torch.zeros(h, w, dtype=torch.bool)
+    roi[10:20, 5:15] = True
+    srcs = [TensorSource(_image(h, w, s), roi=roi) for s in (26, 27)]
+    m = ZoomIn(
+        ZoomInConfig(
+            view_scale=0.5, stage2_scale=0.5, tile_size=(16, 16), subtile_size=(12, 12), **SMALL
+        )
+    )
+    keys = set(m.state_dict())
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    history = pretrain_tile_classifiers(m, srcs, epochs=2, patches_per_image=8)
+    assert set(history) == {"stage1_attention", "stage2_attention", "feature"}
+    assert all(len(v) == 2 for v in history.values())
+    assert set(m.state_dict()) == keys
+    for name in ("attention.logit.weight", "stage2_attention.logit.weight", "feature.fc.4.weight"):
+        assert not torch.equal(before[name], m.state_dict()[name])
+    with pytest.raises(ValueError, match="ROI"):
+        pretrain_tile_classifiers(m, [TensorSource(_image(h, w, 28))], epochs=1)
+
+
+def test_device_selection_never_assumes_a_gpu():
+    assert select_device("cpu").type == "cpu"
+    auto = select_device()
+    assert auto.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with autocast(torch.device("cpu")):
+        assert not torch.is_autocast_enabled()
+    assert not grad_scaler(torch.device("cpu")).is_enabled()
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="CUDA"):
+            select_device("cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_zoomin_runs_on_cuda_with_amp():
+    m = _zoomin_tiny().to("cuda")
+    src = TensorSource(_image(24, 20, 29))
+    lt = m.loss([src, src], [1, 0], generator=torch.Generator().manual_seed(0))
+    lt.total.backward()
+    (p,) = m.predict([src], n_draws=2)
+    assert p.probabilities.device.type == "cpu"

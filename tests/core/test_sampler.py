@@ -1,0 +1,125 @@
+"""The sampler draws from exactly the distribution the estimators divide by.
+
+Frequencies are checked with chi-square tests against the exact probabilities
+(first draw ``a_i``, second draw ``Σ_i a_i a_j / (1 − a_i)``, ordered pairs
+``a_i a_j / (1 − a_i)``), at a significance level of 1e-4 with fixed seeds.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from scipy.stats import chi2
+
+from napari_zoomin.sampling import sample
+from napari_zoomin.sampling.sampler import draws_to_counts, sample_subtiles
+
+ATTENTION = torch.tensor([0.40, 0.25, 0.15, 0.10, 0.07, 0.03], dtype=torch.float64)
+DRAWS = 40_000
+ALPHA = 1e-4
+
+
+def _chi_square_ok(observed: torch.Tensor, expected_p: torch.Tensor) -> bool:
+    n = observed.sum()
+    keep = expected_p > 0
+    expected = expected_p[keep] * n
+    stat = float((((observed[keep] - expected) ** 2) / expected).sum())
+    assert int(observed[~keep].sum()) == 0, "a zero-probability outcome was drawn"
+    return chi2.sf(stat, int(keep.sum()) - 1) > ALPHA
+
+
+def _rows(n_rows: int, a: torch.Tensor = ATTENTION) -> torch.Tensor:
+    return a.expand(n_rows, -1).contiguous()
+
+
+def test_with_replacement_frequencies_match_attention():
+    draws = sample(_rows(DRAWS // 4), 4, replace=True, generator=torch.Generator().manual_seed(1))
+    counts = torch.bincount(draws.reshape(-1), minlength=6).double()
+    assert _chi_square_ok(counts, ATTENTION)
+
+
+def test_without_replacement_first_and_second_draw_marginals():
+    draws = sample(_rows(DRAWS), 2, replace=False, generator=torch.Generator().manual_seed(2))
+    a = ATTENTION
+    first = torch.bincount(draws[:, 0], minlength=6).double()
+    assert _chi_square_ok(first, a)
+    second_p = sum(a[i] * a / (1 - a[i]) * (torch.arange(6) != i) for i in range(6))
+    second = torch.bincount(draws[:, 1], minlength=6).double()
+    assert _chi_square_ok(second, second_p)
+    pair_p = torch.zeros(36, dtype=torch.float64)
+    for i, j in itertools.permutations(range(6), 2):
+        pair_p[i * 6 + j] = a[i] * a[j] / (1 - a[i])
+    pairs = torch.bincount(draws[:, 0] * 6 + draws[:, 1], minlength=36).double()
+    assert _chi_square_ok(pairs, pair_p)
+
+
+def test_gumbel_noise_is_added_to_log_probabilities():
+    """The official Zoom-In code perturbs probabilities: its top cell is then drawn first
+    almost never; on log-probabilities it is drawn first with its probability."""
+    a = torch.tensor([0.66] + [0.34 / 30] * 30, dtype=torch.float64)
+    draws = sample(_rows(20_000, a), 3, replace=False, generator=torch.Generator().manual_seed(3))
+    assert float((draws[:, 0] == 0).double().mean()) == pytest.approx(0.66, abs=0.015)
+
+
+def test_without_replacement_draws_are_distinct_and_ordered():
+    a = torch.softmax(torch.randn(50, 20, generator=torch.Generator().manual_seed(4)), dim=1)
+    draws = sample(a, 20, replace=False, generator=torch.Generator().manual_seed(5))
+    assert draws.dtype == torch.int64 and draws.shape == (50, 20)
+    assert all(len(set(row.tolist())) == 20 for row in draws)
+
+
+@pytest.mark.parametrize("replace", [True, False])
+def test_masked_cells_are_never_drawn(replace):
+    a = torch.tensor([0.0, 0.5, 0.0, 0.3, 0.2, 0.0], dtype=torch.float32)
+    draws = sample(_rows(5000, a), 3, replace=replace, generator=torch.Generator().manual_seed(6))
+    assert set(draws.unique().tolist()) <= {1, 3, 4}
+    if not replace:
+        assert set(draws.unique().tolist()) == {1, 3, 4}
+
+
+def test_too_many_distinct_draws_is_a_clear_error():
+    a = torch.tensor([[0.5, 0.5, 0.0, 0.0], [0.25, 0.25, 0.25, 0.25]])
+    with pytest.raises(ValueError, match=r"n=3 .* only 2 cells with non-zero probability"):
+        sample(a, 3, replace=False)
+    assert sample(a, 3, replace=True).shape == (2, 3)
+
+
+def test_invalid_attention_is_rejected():
+    with pytest.raises(ValueError, match="non-negative"):
+        sample(torch.tensor([[0.5, -0.1, 0.6]]), 1, replace=True)
+    with pytest.raises(ValueError, match=r"\(B, K\)"):
+        sample(torch.tensor([0.5, 0.5]), 1, replace=True)
+
+
+@pytest.mark.parametrize("replace", [True, False])
+def test_seeded_generator_makes_draws_deterministic(replace):
+    a = torch.softmax(torch.randn(8, 30, generator=torch.Generator().manual_seed(7)), dim=1)
+    d1 = sample(a, 5, replace, generator=torch.Generator().manual_seed(11))
+    d2 = sample(a, 5, replace, generator=torch.Generator().manual_seed(11))
+    d3 = sample(a, 5, replace, generator=torch.Generator().manual_seed(12))
+    assert torch.equal(d1, d2)
+    assert not torch.equal(d1, d3)
+
+
+def test_draws_to_counts():
+    draws = torch.tensor([[3, 1, 3, 3], [0, 2, 5, 7]])
+    cells, counts = draws_to_counts(draws)
+    assert cells.tolist() == [[1, 3, 0, 0], [0, 2, 5, 7]]
+    assert counts.tolist() == [[1, 3, 0, 0], [1, 1, 1, 1]]
+    assert counts.sum(1).tolist() == [4, 4]
+
+
+def test_subtile_draws_are_capped_per_tile_and_distinct():
+    beta = torch.tensor(
+        [[[0.5, 0.5, 0.0, 0.0], [0.25, 0.25, 0.25, 0.25], [1.0, 0.0, 0.0, 0.0]]],
+        dtype=torch.float64,
+    )
+    counts = torch.tensor([[3, 2, 4]])
+    idx, n_sub = sample_subtiles(beta, counts, generator=torch.Generator().manual_seed(8))
+    assert n_sub.tolist() == [[2, 2, 1]]
+    assert idx.shape == (1, 3, 2)
+    assert sorted(idx[0, 0].tolist()) == [0, 1]
+    assert len(set(idx[0, 1].tolist())) == 2
+    assert idx[0, 2, 0] == 0
