@@ -39,3 +39,15 @@ class AnnotationError(ZoominError):
 
 class DataError(ZoominError):
     """A data set or its download is missing or fails its checksum."""
+
+
+class LabelsError(DataError):
+    """A training labels CSV (or the slides and annotations it names) cannot be used."""
+
+
+class TrainingError(ZoominError):
+    """Training cannot go on (non-finite loss, out of memory, a foreign resume file)."""
+
+
+class ClassificationError(ZoominError):
+    """A slide cannot be classified (too small, no tissue, out of memory, bad device)."""

@@ -1,0 +1,555 @@
+"""Classify one slide: read only what the method needs, and say what it cost.
+
+:func:`classify` runs a checkpoint's model on a lazy slide through
+:class:`~napari_zoomin.engine.slide_source.SlideSource`:
+
+- the stage-1 view ``V(x, s1)`` is resampled from the pyramid level nearest a
+  downsample of ``1/s1`` (never from level 0);
+- a drawn tile's stage-2 view ``V(T(x, c), s2)`` comes from the level nearest
+  ``1/s2`` — in our models ``s2`` is relative to the full-resolution tile, so the
+  tile's view is read at level-0 scale ``s2`` (not ``s1·s2``);
+- sub-tiles are read from level 0 at the drawn coordinates only, in parallel.
+
+Tissue detection (or a user's mask) keeps background cells out of stage-1 sampling.
+The slide's decode counter is reset and its tile cache cleared first, so
+``pixels_decoded`` is this classification's cost; ``pixels_needed`` is the minimum
+for the method on this file (see :data:`~napari_zoomin.engine.results.PIXEL_DEFINITIONS`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .._version import __version__
+from ..errors import AnnotationError, ClassificationError, ZoominError
+from ..slide import Slide, open_slide
+from .checkpoints import Checkpoint, load_model
+from .results import Result, grid_placement
+from .slide_source import SlideSource
+from .tissue import TissueMask, detect_tissue, load_tissue_mask
+
+__all__ = ["Cancelled", "classify", "needed_file_tiles", "versions"]
+
+Progress = Callable[[float, str], None]
+
+#: progress fractions at the start of each step
+_STEPS = {
+    "tissue": 0.05,
+    "stage 1": 0.15,
+    "stage 2": 0.35,
+    "sub-tiles": 0.6,
+    "summary": 0.9,
+    "done": 1.0,
+}
+
+
+class Cancelled(Exception):
+    """The caller's ``cancel()`` returned True; the classification stopped between steps."""
+
+
+def versions() -> dict[str, str]:
+    """Versions of what produced a result (provenance)."""
+    import tifffile
+
+    out = {
+        "napari_zoomin": __version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "tifffile": tifffile.__version__,
+    }
+    try:
+        import openslide
+
+        out["openslide_python"] = openslide.__version__
+        out["openslide"] = openslide.__library_version__
+    except Exception:  # OpenSlide is optional at run time
+        pass
+    return out
+
+
+# --------------------------------------------------------------------------- decode cost
+
+
+def _level_window(slide: Slide, level: int, region) -> tuple[int, int, int, int]:
+    """Level pixels [y0, y1) × [x0, x1) covering a level-0 region (as SlideSource reads)."""
+    top, left, h, w = (int(v) for v in region)
+    dy, dx = slide.levels[level].downsample
+    return (
+        math.floor(top / dy),
+        math.ceil((top + h) / dy),
+        math.floor(left / dx),
+        math.ceil((left + w) / dx),
+    )
+
+
+def _window_tiles(slide: Slide, level: int, y0: int, y1: int, x0: int, x1: int, out: set) -> None:
+    """Add the file tiles ``(stored level, row, col)`` a level window decodes to ``out``.
+
+    Outside the level nothing is decoded (zero fill); a derived level is read from
+    the level above at twice the coordinates, down to a stored level.
+    """
+    lv = slide.levels[level]
+    rows, cols = lv.shape
+    y0, y1, x0, x1 = max(y0, 0), min(y1, rows), max(x0, 0), min(x1, cols)
+    if y1 <= y0 or x1 <= x0:
+        return
+    if lv.stored is None:
+        _window_tiles(slide, level - 1, 2 * y0, 2 * y1, 2 * x0, 2 * x1, out)
+        return
+    th, tw = lv.tile
+    for ty in range(y0 // th, (y1 - 1) // th + 1):
+        for tx in range(x0 // tw, (x1 - 1) // tw + 1):
+            out.add((lv.stored, ty, tx))
+
+
+def needed_file_tiles(slide: Slide, level: int, regions) -> set[tuple[int, int, int]]:
+    """Distinct file tiles ``(stored level, row, col)`` holding level-0 ``regions`` at ``level``."""
+    out: set[tuple[int, int, int]] = set()
+    for region in np.asarray(regions, dtype=np.int64).reshape(-1, 4).tolist():
+        _window_tiles(slide, level, *_level_window(slide, level, region), out)
+    return out
+
+
+def _tile_pixels(slide: Slide, tiles: set[tuple[int, int, int]]) -> int:
+    """Decode cost of file tiles as the slide counts it (full tile area each)."""
+    area = {lv.stored: lv.tile[0] * lv.tile[1] for lv in slide.levels if lv.stored is not None}
+    return sum(area[s] for s, _, _ in tiles)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+class _ObservedSource:
+    """A SlideSource that reports progress and honours cancel at every read.
+
+    The model reads the stage-1 view, then the stage-2 views, then the sub-tiles
+    (one read each for one image), so each read starts the next step.
+    """
+
+    def __init__(self, source: SlideSource, steps: list[str], report, check):
+        self._source = source
+        self._steps = steps
+        self._n = 0
+        self._report = report
+        self._check = check
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self._source.shape
+
+    def read(self, regions, scale: float):
+        self._check()
+        step = self._steps[min(self._n, len(self._steps) - 1)]
+        self._n += 1
+        n = int(torch.as_tensor(regions).reshape(-1, 4).shape[0])
+        level = self._source.level_for(scale)
+        what = {
+            "stage 1": f"Stage 1: reading the view at scale {scale:.4g} (level {level})",
+            "stage 2": f"Stage 2: reading the views of {n} drawn tiles (level {level})",
+            "sub-tiles": f"Reading {n} sub-tiles at full resolution (level {level})",
+        }[step]
+        self._report(step, what)
+        out = self._source.read(regions, scale)
+        self._check()
+        return out
+
+    def tissue_mask(self, scale: float):
+        return self._source.tissue_mask(scale)
+
+    def read_roi(self, regions, scale: float):
+        return None
+
+
+def _is_oom(exc: BaseException) -> bool:
+    if isinstance(exc, MemoryError):
+        return True
+    oom = getattr(torch.cuda, "OutOfMemoryError", None)
+    if oom is not None and isinstance(exc, oom):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and (
+        "out of memory" in text or "can't allocate memory" in text
+    )
+
+
+def _resolve_tissue(slide: Slide, tissue) -> TissueMask | None:
+    if tissue is None or (isinstance(tissue, str) and tissue.lower() == "none"):
+        return None
+    if isinstance(tissue, str) and tissue == "auto":
+        return detect_tissue(slide)
+    if isinstance(tissue, TissueMask):
+        if tuple(tissue.level0_shape) != tuple(slide.shape):
+            raise AnnotationError(
+                None if tissue.source in ("otsu", "") else tissue.source,
+                f"the tissue mask was made for a {tissue.level0_shape[0]} x "
+                f"{tissue.level0_shape[1]} slide but this slide is {slide.shape[0]} x "
+                f"{slide.shape[1]} pixels.",
+                "Make the mask for this slide.",
+            )
+        return tissue
+    if isinstance(tissue, str | os.PathLike):
+        return load_tissue_mask(tissue, slide.shape)
+    raise TypeError(f"tissue must be 'auto', a TissueMask, a mask path or None, got {tissue!r}")
+
+
+def _tile_size(ckpt: Checkpoint) -> tuple[int, int]:
+    cfg = ckpt.model.config
+    size = getattr(cfg, "tile_size", None) or getattr(cfg, "patch_size", None)
+    return (int(size[0]), int(size[1])) if size is not None else tuple(ckpt.model.patch_size)
+
+
+def _check_size(slide: Slide, ckpt: Checkpoint) -> None:
+    """Refuse a slide smaller than one tile, or too small for the stage-1 attention net."""
+    h, w = slide.shape
+    th, tw = _tile_size(ckpt)
+    if h < th or w < tw:
+        raise ClassificationError(
+            slide.path,
+            f"the image is {h} x {w} pixels, smaller than one {th} x {tw} tile of the "
+            f"{ckpt.kind} model.",
+            "Classify the whole slide at full resolution (not a thumbnail or a crop), or "
+            "use a model trained with a smaller tile size.",
+        )
+    from ..models.source import scaled_size
+
+    s1 = ckpt.model.config.view_scale
+    view = (scaled_size(h, s1), scaled_size(w, s1))
+    map_shape = getattr(ckpt.model.attention, "map_shape", None)
+    if map_shape is not None:
+        try:
+            map_shape(view)
+        except ValueError as exc:
+            raise ClassificationError(
+                slide.path,
+                f"the {h} x {w} image gives a {view[0]} x {view[1]} stage-1 view at scale "
+                f"{s1:g}, too small for the attention network ({exc}).",
+                "Classify a larger image, or use a model with a larger view scale.",
+            ) from exc
+
+
+def _oom_error(slide: Slide, ckpt: Checkpoint, device: torch.device, draws: int, exc):
+    cfg = ckpt.model.config
+    th, tw = _tile_size(ckpt)
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    fix = (
+        f"Try fewer draws (--draws, now {draws}), a model with a smaller N "
+        f"(n_samples, now {cfg.n_samples}) or tile size (now {th} x {tw})"
+    )
+    fix += ", or --device cpu." if device.type != "cpu" else ", or close other programs."
+    return ClassificationError(
+        slide.path, f"ran out of memory on {device} while classifying ({first}).", fix
+    )
+
+
+# --------------------------------------------------------------------------- classify
+
+
+def classify(
+    slide: Slide | str | os.PathLike,
+    model: Checkpoint | str | os.PathLike = "demo",
+    *,
+    draws: int = 16,
+    seed: int = 0,
+    device: str | torch.device = "auto",
+    mode: str = "sample",
+    tissue: str | os.PathLike | TissueMask | None = "auto",
+    progress: Progress | None = None,
+    cancel: Callable[[], bool] | None = None,
+    workers: int = 4,
+) -> Result:
+    """Classify a slide and report where the model looked and what reading cost.
+
+    Args:
+        slide: an open :class:`Slide` (its tile cache is cleared and its decode counter
+            reset; reads by others sharing it meanwhile, e.g. a viewer, are counted
+            too) or a path (opened and closed here).
+        model: a :class:`Checkpoint` (its model is moved to ``device``), ``"demo"`` or
+            a checkpoint path.
+        draws: K independent two-stage estimates averaged (``mode="sample"``).
+        seed: seed of the sampling generator (a CPU ``torch.Generator``, so the draws
+            are the same on any device).
+        device: ``"auto"`` (CUDA if available), ``"cpu"``, ``"cuda"``, ``"cuda:1"``.
+        mode: ``"sample"`` (K draws: mean probability and spread) or ``"topk"``
+            (deterministic N most attended tiles and sub-tiles).
+        tissue: ``"auto"`` (detect tissue on a low level), a :class:`TissueMask`, a mask
+            file (image or ``.npy`` labels, non-zero = tissue, the slide's aspect ratio),
+            or ``None`` / ``"none"`` (every cell may be drawn).
+        progress: ``progress(fraction, message)`` at each step (tissue, stage 1,
+            stage 2, sub-tiles, done).
+        cancel: ``cancel() -> bool`` polled between steps; True raises
+            :class:`Cancelled`.
+        workers: threads decoding regions in parallel.
+
+    Returns:
+        A :class:`~napari_zoomin.engine.results.Result`.  ``pixels_decoded`` is what
+        the decoder produced (tissue detection included); ``pixels_needed`` the
+        minimum for this method on this file: distinct file tiles touched by the
+        stage-1 view's level window, the drawn tiles' stage-2 views (at their level)
+        and the sub-tiles (level 0), × tile area; ``pixels_read`` the requested
+        region areas at the levels they were read from.
+
+    Raises:
+        ClassificationError: image smaller than a tile, no tissue found, out of
+            memory, unavailable device, non-finite output.
+        AnnotationError: a tissue mask that is unreadable or of the wrong shape.
+        SlideError, CheckpointError: the slide or model cannot be opened.
+        Cancelled: ``cancel()`` returned True.
+    """
+    if mode not in ("sample", "topk"):
+        raise ValueError(f"mode must be 'sample' or 'topk', got {mode!r}")
+    if int(draws) < 1:
+        raise ValueError(f"draws must be at least 1, got {draws}")
+    draws = int(draws) if mode == "sample" else 1
+
+    def report(step: str, message: str) -> None:
+        if progress is not None:
+            progress(_STEPS[step], message)
+
+    def check() -> None:
+        if cancel is not None and cancel():
+            raise Cancelled("classification cancelled")
+
+    from ..models.device import select_device
+
+    try:
+        dev = select_device(device)
+    except (RuntimeError, ValueError) as exc:
+        raise ClassificationError(
+            None, f"cannot use device {device!r}: {exc}.", "Use --device cpu or auto."
+        ) from exc
+    if isinstance(model, Checkpoint):
+        ckpt = model
+        ckpt.model.to(dev).eval()
+    else:
+        ckpt = load_model(model, dev)
+
+    own = not isinstance(slide, Slide)
+    t0 = time.perf_counter()
+    the_slide = open_slide(slide) if own else slide
+    try:
+        return _classify(
+            the_slide, ckpt, dev, draws, seed, mode, tissue, report, check, t0, workers
+        )
+    finally:
+        if own:
+            the_slide.close()
+
+
+def _classify(slide, ckpt, dev, draws, seed, mode, tissue, report, check, t0, workers) -> Result:
+    timings: dict[str, float] = {}
+    model = ckpt.model
+    cfg = model.config
+    slide.clear_cache()
+    slide.reset_decoded()
+    check()
+    _check_size(slide, ckpt)
+
+    # -- tissue ---------------------------------------------------------------------
+    t = time.perf_counter()
+    if tissue is None or (isinstance(tissue, str) and tissue.lower() == "none"):
+        report("tissue", "No tissue mask: every cell may be drawn")
+    elif isinstance(tissue, str) and tissue == "auto":
+        report("tissue", "Finding tissue")
+    else:
+        report("tissue", "Loading the tissue mask")
+    mask = _resolve_tissue(slide, tissue)
+    if mask is not None and not mask.mask.any():
+        where = "detected" if mask.source == "otsu" else "in the mask"
+        raise ClassificationError(
+            slide.path if mask.source == "otsu" else mask.source,
+            f"no tissue {where}: every cell would be background.",
+            "Pass a tissue mask of your own (an image or .npy file, non-zero = tissue), or "
+            "classify without one (tissue=None, 'none' on the command line) to let the "
+            "model look everywhere.",
+        )
+    tissue_decoded = slide.total_decoded_pixels
+    timings["tissue"] = time.perf_counter() - t
+    check()
+
+    # -- model ----------------------------------------------------------------------
+    two_stage = hasattr(model, "stage2_attention")
+    steps = ["stage 1", "stage 2", "sub-tiles"] if two_stage else ["stage 1", "sub-tiles"]
+    source = SlideSource(slide, tissue=mask, workers=workers)
+    observed = _ObservedSource(source, steps, report, check)
+    generator = torch.Generator().manual_seed(int(seed))
+    t = time.perf_counter()
+    try:
+        (pred,) = model.predict([observed], mode=mode, n_draws=draws, generator=generator)
+    except Cancelled:
+        raise
+    except ZoominError:
+        raise
+    except Exception as exc:
+        if not _is_oom(exc):
+            raise
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+        raise _oom_error(slide, ckpt, dev, draws, exc) from exc
+    timings["predict"] = time.perf_counter() - t
+    check()
+
+    # -- summary --------------------------------------------------------------------
+    t = time.perf_counter()
+    report("summary", "Counting decoded pixels")
+    probs = pred.probabilities.double().numpy()
+    spread = pred.spread.double().numpy()
+    attention = pred.attention.float().numpy()
+    if not (np.isfinite(probs).all() and np.isfinite(spread).all()):
+        raise ClassificationError(
+            ckpt.path,
+            "the model's probabilities are not finite numbers (NaN or infinity).",
+            "The checkpoint is damaged or its training diverged; retrain or use another.",
+        )
+    attention = np.nan_to_num(attention, nan=0.0, posinf=0.0, neginf=0.0)
+    classes = list(ckpt.classes) or [f"class {i}" for i in range(len(probs))]
+
+    tiles, subtiles = _tiles_and_subtiles(pred)
+    s1 = float(cfg.view_scale)
+    level1 = source.level_for(s1)
+    h, w = slide.shape
+    view_tiles = needed_file_tiles(slide, level1, [[0, 0, h, w]])
+    parts = {"view": view_tiles}
+    levels = {"view": level1, "subtiles": 0}
+    if two_stage:
+        s2 = float(cfg.stage2_scale)
+        level2 = source.level_for(s2)
+        regions2 = _stage2_regions(pred, cfg, mode)
+        parts["stage2"] = needed_file_tiles(slide, level2, regions2)
+        levels["stage2"] = level2
+    parts["subtiles"] = needed_file_tiles(slide, 0, pred.patches.regions.numpy())
+    union = set().union(*parts.values())
+    pixels_needed = _tile_pixels(slide, union)
+    pixels_read = 0
+    for scale, area in source.counter.level0_pixels.items():
+        dy, dx = slide.levels[source.level_for(scale)].downsample
+        pixels_read += round(area / (dy * dx))
+    decode = {
+        "decoded_pixels_by_level": {str(k): int(v) for k, v in slide.decoded_pixels.items()},
+        "decoded_tiles_by_level": {str(k): int(v) for k, v in slide.decoded_tiles.items()},
+        "tissue_decoded_pixels": int(tissue_decoded),
+        "needed_pixels_by_part": {k: _tile_pixels(slide, v) for k, v in parts.items()},
+        "needed_tiles_by_part": {k: len(v) for k, v in parts.items()},
+        "needed_tiles": len(union),
+        "read_levels": levels,
+        "regions_read": {f"{k:g}": int(v) for k, v in source.counter.regions.items()},
+    }
+    (oy, ox), (dy, dx) = grid_placement(pred.attention_grid)
+    label_index = int(np.argmax(probs))
+    timings["summary"] = time.perf_counter() - t
+    seconds = time.perf_counter() - t0
+    timings["total"] = seconds
+    result = Result(
+        slide={
+            "path": None if slide.path is None else str(slide.path),
+            "name": "image" if slide.path is None else Path(slide.path).name,
+            "shape": [int(h), int(w)],
+            "mpp": None if slide.mpp is None else [float(v) for v in slide.mpp],
+            "vendor": slide.vendor,
+            "backend": slide.backend,
+            "level_shapes": [list(s) for s in slide.level_shapes],
+        },
+        label=classes[label_index],
+        label_index=label_index,
+        classes=classes,
+        probabilities={c: float(p) for c, p in zip(classes, probs, strict=True)},
+        spread={c: float(s) for c, s in zip(classes, spread, strict=True)},
+        draws=int(draws),
+        mode=mode,
+        seed=int(seed),
+        stage1_attention=attention,
+        stage1_origin=(oy, ox),
+        stage1_cell_size=(dy, dx),
+        tiles=tiles,
+        subtiles=subtiles,
+        pixels_decoded=int(slide.total_decoded_pixels),
+        pixels_needed=int(pixels_needed),
+        pixels_read=int(pixels_read),
+        seconds=float(seconds),
+        model_sha256=ckpt.sha256,
+        model_kind=ckpt.kind,
+        device=str(dev),
+        versions=versions(),
+        model_path=None if ckpt.path is None else str(ckpt.path),
+        model_config=_jsonable(ckpt.config),
+        tissue={
+            "source": None if mask is None else mask.source,
+            "fraction": None if mask is None else float(mask.fraction),
+        },
+        decode=decode,
+        timings={k: float(v) for k, v in timings.items()},
+    )
+    report("done", result.summary())
+    return result
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _stage2_regions(pred, cfg, mode: str) -> np.ndarray:
+    """Regions of every tile whose stage-2 view was read.
+
+    Sampling reads the views of the drawn tiles (all in ``pred.tiles``); top-k reads
+    the views of the N most attended tiles, including those none of whose sub-tiles
+    made the final cut (not in ``pred.tiles``).
+    """
+    if mode != "topk":
+        return pred.tiles.regions.numpy()
+    alpha = pred.attention.reshape(-1).float()
+    k = min(int(cfg.n_samples), int((alpha > 0).sum()))
+    cells = torch.topk(alpha, k).indices
+    regions = pred.attention_grid.regions(cells, tuple(cfg.tile_size)).numpy()
+    return np.concatenate([regions, pred.tiles.regions.numpy()])
+
+
+def _tiles_and_subtiles(pred) -> tuple[list[dict], list[dict]]:
+    """Plain-Python tiles (most attended first) and sub-tiles (largest weight first)."""
+    ts = pred.tiles
+    alpha = ts.attention.double().numpy()
+    order = sorted(range(len(alpha)), key=lambda i: (-alpha[i], int(ts.cells[i])))
+    new_index = {old: new for new, old in enumerate(order)}
+    grid = ts.stage2_grid
+    tiles = []
+    for old in order:
+        t: dict[str, Any] = {
+            "region": [int(v) for v in ts.regions[old].tolist()],
+            "cell": int(ts.cells[old]),
+            "count": int(ts.counts[old]),
+            "alpha": float(alpha[old]),
+        }
+        if ts.stage2_attention is not None and grid is not None:
+            beta = ts.stage2_attention[old].float().numpy()
+            origin, cell = grid_placement(grid, old)
+            t["stage2_attention"] = np.nan_to_num(beta, nan=0.0)
+            t["stage2_origin"] = origin
+            t["stage2_cell_size"] = cell
+        tiles.append(t)
+    ps = pred.patches
+    weights = ps.weights.double().numpy()
+    subs = [
+        {
+            "region": [int(v) for v in ps.regions[k].tolist()],
+            "weight": float(weights[k]),
+            "tile": new_index.get(int(ps.tile[k]), -1),
+            "cell": int(ps.cells[k]),
+        }
+        for k in range(len(weights))
+    ]
+    subs.sort(key=lambda s: (-s["weight"], s["tile"], s["cell"]))
+    return tiles, subs

@@ -1,0 +1,574 @@
+"""What a classification returns, and the files it writes.
+
+:class:`Result` is everything a viewer, a report or a batch table needs from one
+classification: the prediction, where the model looked (stage-1 attention with its
+placement on the slide, the drawn tiles with their stage-2 attention, the sub-tiles
+with their weights), what it cost (decoded pixels beside the minimum the method
+needs, seconds) and its provenance (model hash, versions).  It round-trips through
+JSON (:meth:`Result.to_json` / :meth:`Result.from_json`).
+
+Coordinates are level-0 pixels.  Regions are ``[top, left, height, width]``
+(row/col order, as everywhere in napari-zoomin); GeoJSON vertices are (x, y) as
+QuPath writes them.  A map *placement* ``origin (y, x)`` and ``cell_size (dy, dx)``
+says that cell ``(i, j)`` of a map covers the level-0 square
+``[origin_y + i·dy, origin_y + (i+1)·dy) × [origin_x + j·dx, origin_x + (j+1)·dx)``
+(continuous coordinates: level-0 pixel ``(r, c)`` covers ``[r, r+1) × [c, c+1)``).
+In napari that is ``translate=origin, scale=cell_size`` on an image layer that
+overlays the slide's level 0.
+
+:func:`write_outputs` writes ``result.json``, the attention maps as pyramidal
+OME-TIFFs whose physical pixel size is the cell size × the slide's µm/pixel (so they
+overlay the slide in QuPath and napari), and ``sampled.geojson`` (drawn tiles and
+sub-tiles as QuPath annotations).  Every file is written to a hidden temporary
+sibling and moved into place, ``result.json`` last: a folder with a ``result.json``
+is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "JSON_MAX_CELLS",
+    "PIXEL_DEFINITIONS",
+    "Result",
+    "grid_placement",
+    "stage2_canvas",
+    "write_attention_tiff",
+    "write_outputs",
+]
+
+FORMAT = "napari-zoomin-result"
+FORMAT_VERSION = 1
+#: attention maps are stored inline in result.json (nested lists) up to this many
+#: cells (stage 1, and all stage-2 maps together); larger maps go to ``MAPS_FILE``
+JSON_MAX_CELLS = 1 << 20
+MAPS_FILE = "attention_maps.npz"
+#: tile side of the attention TIFFs, and the long side at which their pyramids stop
+TIFF_TILE = 256
+
+#: what the three pixel counts mean (also written into result.json)
+PIXEL_DEFINITIONS = {
+    "pixels_decoded": (
+        "pixels the slide decoder produced during this classification: file tiles "
+        "decoded x tile area, summed over levels (tissue detection included), from the "
+        "slide's decode counter after resetting it and clearing its tile cache"
+    ),
+    "pixels_needed": (
+        "the minimum for this method on this file: the distinct file tiles that contain "
+        "the stage-1 view's level window, the drawn tiles' stage-2 views (at their "
+        "level) and the sub-tiles (level 0), each counted once, x tile area"
+    ),
+    "pixels_read": (
+        "area of the regions the model asked for, in pixels of the level each read "
+        "came from (before resampling to the model's scale)"
+    ),
+    "stage2_scale": (
+        "relative to the full-resolution tile (V(T(x, c), s2)): a drawn tile's "
+        "stage-2 view is read from the level nearest a downsample of 1/s2"
+    ),
+}
+
+
+def _partial(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.partial")
+
+
+def _atomic_bytes(path: Path, data: bytes) -> Path:
+    tmp = _partial(path)
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+# --------------------------------------------------------------------------- placement
+
+
+def grid_placement(grid, index: int = 0) -> tuple[tuple[float, float], tuple[float, float]]:
+    """Placement ``(origin (y, x), cell_size (dy, dx))`` of region ``index`` of a CellGrid.
+
+    The model puts cell ``(i, j)`` at the level-0 pixel centre
+    ``region_origin + offset·span + (i, j)·stride·span`` with
+    ``span = (h − 1)/(h_v − 1)`` (000 §2.1, receptive-field offset included; see
+    :mod:`napari_zoomin.models.coordinates`).  Giving every cell a square of side
+    ``stride·span`` centred on that pixel's centre (``+ 0.5``) puts each cell exactly
+    where the model reads around it (up to the half-pixel rounding of the centres).
+    A 1-pixel view has one cell covering the whole region.
+    """
+    origin, size = [], []
+    for axis in (0, 1):
+        top = float(grid.origins[index, axis])
+        h = float(grid.region_size[axis])
+        h_v = float(grid.view_shape[axis])
+        if h_v > 1:
+            span = (h - 1) / (h_v - 1)
+            cell = float(grid.stride[axis]) * span
+            first = top + float(grid.offset[axis]) * span  # centre pixel of cell 0
+            origin.append(first + 0.5 - cell / 2)
+        else:
+            cell = h
+            origin.append(top)
+        size.append(cell)
+    return (origin[0], origin[1]), (size[0], size[1])
+
+
+# --------------------------------------------------------------------------- result
+
+
+def _floats(values: Sequence[float]) -> list[float]:
+    return [float(v) for v in values]
+
+
+def _map_to_json(a: np.ndarray) -> list:
+    return np.asarray(a, np.float32).astype(np.float64).tolist()
+
+
+def _map_from_json(a: Any) -> np.ndarray:
+    arr = np.asarray(a, dtype=np.float32)
+    return arr.reshape(0, 0) if arr.size == 0 else arr
+
+
+@dataclass
+class Result:
+    """One slide's classification: prediction, where the model looked, cost, provenance.
+
+    Attributes:
+        slide: ``{"path", "name", "shape" (rows, cols), "mpp" (y, x) µm or None,
+            "vendor", "backend", "level_shapes"}``.
+        label, label_index: the predicted class (most probable) and its index.
+        classes: class names, index = class id.
+        probabilities: ``{class: p}``, mean over the draws.
+        spread: ``{class: standard deviation over the draws}`` (0 for top-k).
+        draws: K, independent two-stage estimates averaged (1 for top-k).
+        mode: ``"sample"`` or ``"topk"``.
+        seed: seed of the sampling generator.
+        stage1_attention: (h_a, w_a) float32 ``α``.
+        stage1_origin, stage1_cell_size: its placement in level-0 pixels (module doc).
+        tiles: one dict per distinct drawn tile, most attended first: ``region``
+            [top, left, h, w], ``cell`` (flat index into ``α``), ``count`` (draws over
+            all K runs), ``alpha`` (``α_c``), and for two-stage models
+            ``stage2_attention`` ((u, v) float32 ``β^c``), ``stage2_origin``,
+            ``stage2_cell_size``.
+        subtiles: one dict per distinct full-resolution region the feature network
+            saw, by weight, largest first: ``region``, ``weight`` (``α_c·β^c_c'``, the
+            attention relative to the whole slide; ``α_c`` for one-stage models),
+            ``tile`` (index into ``tiles``), ``cell`` (flat index into that ``β^c``).
+        pixels_decoded, pixels_needed, pixels_read: see :data:`PIXEL_DEFINITIONS`.
+        decode: breakdown: decoded pixels and tiles per stored level, needed pixels
+            per part (``view``, ``stage2``, ``subtiles``), tissue-detection decodes,
+            the levels each read came from.
+        seconds: wall time from opening the slide to the finished result (model
+            loading excluded); ``timings`` splits it by step.
+        model_sha256, model_kind, model_path, model_config: the checkpoint.
+        device: where the model ran.
+        tissue: ``{"source": "otsu" | mask path | "given" | None, "fraction"}``.
+        versions: napari_zoomin, torch, python, numpy, tifffile, openslide.
+    """
+
+    slide: dict[str, Any]
+    label: str
+    label_index: int
+    classes: list[str]
+    probabilities: dict[str, float]
+    spread: dict[str, float]
+    draws: int
+    mode: str
+    seed: int
+    stage1_attention: np.ndarray
+    stage1_origin: tuple[float, float]
+    stage1_cell_size: tuple[float, float]
+    tiles: list[dict[str, Any]]
+    subtiles: list[dict[str, Any]]
+    pixels_decoded: int
+    pixels_needed: int
+    pixels_read: int
+    seconds: float
+    model_sha256: str
+    model_kind: str
+    device: str
+    versions: dict[str, str]
+    model_path: str | None = None
+    model_config: dict[str, Any] = field(default_factory=dict)
+    tissue: dict[str, Any] = field(default_factory=dict)
+    decode: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    # -- derived ------------------------------------------------------------------
+    @property
+    def probability(self) -> float:
+        """Probability of the predicted class."""
+        return float(self.probabilities[self.label])
+
+    @property
+    def decode_ratio(self) -> float:
+        """``pixels_decoded / pixels_needed`` (how close reading came to the minimum)."""
+        return self.pixels_decoded / self.pixels_needed if self.pixels_needed else 0.0
+
+    @property
+    def has_stage2(self) -> bool:
+        return any("stage2_attention" in t for t in self.tiles)
+
+    @property
+    def stage2_cells(self) -> int:
+        return sum(
+            int(np.asarray(t["stage2_attention"]).size)
+            for t in self.tiles
+            if "stage2_attention" in t
+        )
+
+    def summary(self) -> str:
+        """One line: ``name: label (p=0.93 ± 0.02 over 16 draws) in 2.1 s, decoded …``."""
+        name = self.slide.get("name") or self.slide.get("path") or "image"
+        p = self.probability
+        if self.mode == "topk":
+            how = f"p={p:.2f}, top-k"
+        else:
+            sd = float(self.spread[self.label])
+            how = f"p={p:.2f} ± {sd:.2f} over {self.draws} draw{'s' if self.draws != 1 else ''}"
+        return (
+            f"{name}: {self.label} ({how}) in {self.seconds:.1f} s, decoded "
+            f"{self.pixels_decoded / 1e6:.1f} Mpx ({self.decode_ratio:.1f}x the "
+            f"{self.pixels_needed / 1e6:.1f} Mpx needed)"
+        )
+
+    # -- JSON ---------------------------------------------------------------------
+    def to_dict(self, maps_file: str | None = None) -> dict[str, Any]:
+        """Plain JSON-able values.  Attention maps are nested lists, or, with
+        ``maps_file``, references ``{"file": maps_file, "key": ...}`` into an ``.npz``
+        written by :meth:`maps_npz` (what :func:`write_outputs` does for maps over
+        :data:`JSON_MAX_CELLS` cells)."""
+
+        def amap(a: np.ndarray, key: str):
+            return {"file": maps_file, "key": key} if maps_file else _map_to_json(a)
+
+        tiles = []
+        for i, t in enumerate(self.tiles):
+            d = {k: v for k, v in t.items() if k != "stage2_attention"}
+            d["region"] = [int(v) for v in t["region"]]
+            if "stage2_attention" in t:
+                d["stage2_attention"] = amap(t["stage2_attention"], f"stage2_{i}")
+                d["stage2_origin"] = _floats(t["stage2_origin"])
+                d["stage2_cell_size"] = _floats(t["stage2_cell_size"])
+            tiles.append(d)
+        doc: dict[str, Any] = {"format": FORMAT, "format_version": FORMAT_VERSION}
+        for f in fields(self):
+            doc[f.name] = getattr(self, f.name)
+        doc.update(
+            stage1_attention=amap(self.stage1_attention, "stage1"),
+            stage1_origin=_floats(self.stage1_origin),
+            stage1_cell_size=_floats(self.stage1_cell_size),
+            tiles=tiles,
+            subtiles=[{**s, "region": [int(v) for v in s["region"]]} for s in self.subtiles],
+            decode_ratio=self.decode_ratio,
+            summary=self.summary(),
+            definitions=PIXEL_DEFINITIONS,
+        )
+        return doc
+
+    def to_json(self, maps_file: str | None = None, indent: int | None = None) -> str:
+        """JSON text (NaN and infinity refused); see :meth:`to_dict`."""
+        return json.dumps(self.to_dict(maps_file), indent=indent, allow_nan=False)
+
+    def maps_npz(self) -> dict[str, np.ndarray]:
+        """The attention maps by the keys :meth:`to_dict` uses with a ``maps_file``."""
+        maps = {"stage1": np.asarray(self.stage1_attention, np.float32)}
+        for i, t in enumerate(self.tiles):
+            if "stage2_attention" in t:
+                maps[f"stage2_{i}"] = np.asarray(t["stage2_attention"], np.float32)
+        return maps
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any], base_dir: str | os.PathLike | None = None) -> Result:
+        """Inverse of :meth:`to_dict`; ``base_dir`` is where a referenced maps file lies."""
+        if doc.get("format") != FORMAT:
+            raise ValueError("not a napari-zoomin result (missing or wrong 'format')")
+        npz: dict[str, np.ndarray] = {}
+
+        def amap(v) -> np.ndarray:
+            if isinstance(v, dict):
+                if not npz:
+                    where = Path(base_dir or ".") / v["file"]
+                    with np.load(where, allow_pickle=False) as z:
+                        npz.update({k: z[k] for k in z.files})
+                return np.asarray(npz[v["key"]], np.float32)
+            return _map_from_json(v)
+
+        names = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in doc.items() if k in names}
+        kw["stage1_attention"] = amap(doc["stage1_attention"])
+        kw["stage1_origin"] = tuple(doc["stage1_origin"])
+        kw["stage1_cell_size"] = tuple(doc["stage1_cell_size"])
+        tiles = []
+        for t in doc["tiles"]:
+            t = dict(t)
+            if "stage2_attention" in t:
+                t["stage2_attention"] = amap(t["stage2_attention"])
+                t["stage2_origin"] = tuple(t["stage2_origin"])
+                t["stage2_cell_size"] = tuple(t["stage2_cell_size"])
+            tiles.append(t)
+        kw["tiles"] = tiles
+        return cls(**kw)
+
+    @classmethod
+    def from_json(cls, text: str, base_dir: str | os.PathLike | None = None) -> Result:
+        return cls.from_dict(json.loads(text), base_dir)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Result:
+        """Read a ``result.json`` (and the maps file beside it, if it references one)."""
+        path = Path(path)
+        return cls.from_json(path.read_text(encoding="utf-8"), path.parent)
+
+
+# --------------------------------------------------------------------------- TIFFs
+
+
+def _max_pool2(a: np.ndarray) -> np.ndarray:
+    """2×2 max of a 2-D map; odd edges keep their last row/column (ceil shapes)."""
+    h, w = a.shape
+    p = np.pad(a, ((0, h % 2), (0, w % 2)), constant_values=-np.inf)
+    return p.reshape((h + 1) // 2, 2, (w + 1) // 2, 2).max(axis=(1, 3))
+
+
+@dataclass
+class SparseMap:
+    """A mostly-empty 2-D float32 map: ``values`` at ``(rows, cols)``, zero elsewhere."""
+
+    shape: tuple[int, int]
+    rows: np.ndarray
+    cols: np.ndarray
+    values: np.ndarray
+
+    def pooled(self) -> SparseMap:
+        """2×2 max pool (ceil shapes), the pyramid rule of the attention TIFFs."""
+        h, w = (self.shape[0] + 1) // 2, (self.shape[1] + 1) // 2
+        r, c = self.rows // 2, self.cols // 2
+        lin = r * w + c
+        uniq, inv = np.unique(lin, return_inverse=True)
+        vals = np.full(uniq.shape, -np.inf, np.float32)
+        np.maximum.at(vals, inv, self.values)
+        # empty cells are 0, so a pooled maximum is never below 0
+        return SparseMap((h, w), uniq // w, uniq % w, np.maximum(vals, 0).astype(np.float32))
+
+    def dense(self) -> np.ndarray:
+        out = np.zeros(self.shape, np.float32)
+        out[self.rows, self.cols] = self.values
+        return out
+
+    def tiles(self, tile: int):
+        """Row-major ``(tile, tile)`` float32 blocks, as tifffile writes tiled pages."""
+        ny, nx = -(-self.shape[0] // tile), -(-self.shape[1] // tile)
+        key = (self.rows // tile) * nx + self.cols // tile
+        order = np.argsort(key, kind="stable")
+        key, rows, cols, vals = key[order], self.rows[order], self.cols[order], self.values[order]
+        bounds = np.searchsorted(key, np.arange(ny * nx + 1))
+        for k in range(ny * nx):
+            block = np.zeros((tile, tile), np.float32)
+            a, b = bounds[k], bounds[k + 1]
+            if b > a:
+                block[rows[a:b] % tile, cols[a:b] % tile] = vals[a:b]
+            yield block
+
+
+def stage2_canvas(result: Result) -> tuple[SparseMap, tuple[float, float]]:
+    """All drawn tiles' stage-2 attention on one slide-wide grid, as sub-tile weights.
+
+    The canvas cell is the stage-2 cell size (the same for every tile), its origin
+    is level-0 (0, 0).  Each tile's cell ``c'`` adds ``α_c·β^c_c'`` (its attention
+    relative to the whole slide, as the sub-tile weights) to the canvas cell that
+    holds its centre; overlapping tiles add up, so the canvas is the two-stage
+    sampling mass over the drawn tiles, with every cell off by at most half a cell.
+    Cells centred outside the slide (zero padding) are left out.
+    """
+    tiles = [t for t in result.tiles if "stage2_attention" in t]
+    if not tiles:
+        raise ValueError("the result has no stage-2 attention (a one-stage model)")
+    dy, dx = (float(v) for v in tiles[0]["stage2_cell_size"])
+    h, w = (int(v) for v in result.slide["shape"])
+    shape = (max(1, math.ceil(h / dy)), max(1, math.ceil(w / dx)))
+    rows, cols, vals = [], [], []
+    for t in tiles:
+        beta = np.asarray(t["stage2_attention"], np.float64)
+        u, v = beta.shape
+        oy, ox = (float(c) for c in t["stage2_origin"])
+        # centre of cell (i, j) is origin + (i + 1/2)·cell: its canvas cell is
+        # floor(origin/cell + 1/2) + i, computed once so neighbours never collide
+        r0 = math.floor(oy / dy + 0.5)
+        c0 = math.floor(ox / dx + 0.5)
+        rr, cc = np.meshgrid(np.arange(u) + r0, np.arange(v) + c0, indexing="ij")
+        rows.append(rr.ravel())
+        cols.append(cc.ravel())
+        vals.append((float(t["alpha"]) * beta).ravel())
+    r, c, val = np.concatenate(rows), np.concatenate(cols), np.concatenate(vals)
+    keep = (r >= 0) & (r < shape[0]) & (c >= 0) & (c < shape[1])
+    r, c, val = r[keep], c[keep], val[keep]
+    lin = r.astype(np.int64) * shape[1] + c
+    uniq, inv = np.unique(lin, return_inverse=True)
+    sums = np.bincount(inv, weights=val, minlength=uniq.shape[0]).astype(np.float32)
+    return SparseMap(shape, uniq // shape[1], uniq % shape[1], sums), (dy, dx)
+
+
+def write_attention_tiff(
+    path: str | os.PathLike,
+    data: np.ndarray | SparseMap,
+    origin: tuple[float, float],
+    cell_size: tuple[float, float],
+    mpp: tuple[float, float] | None,
+    name: str,
+) -> Path:
+    """A float32 map as a tiled, zlib-compressed, pyramidal OME-TIFF (atomic write).
+
+    Level 0 holds the exact values; reduced levels (SubIFDs) are 2×2 maxima (ceil
+    shapes), so a hot spot stays visible at every zoom with the same contrast
+    limits, down to a long side ≤ 256.  The physical pixel size is ``cell_size ×
+    mpp`` (OME ``PhysicalSizeX/Y`` in µm, and TIFF X/YResolution in pixels per cm)
+    and the OME ``Plane`` position is ``origin × mpp``, so the map overlays the slide.
+    Without ``mpp`` the resolution tags have no unit and count map pixels per
+    level-0 pixel.
+    """
+    import tifffile
+
+    path = Path(path)
+    levels: list[np.ndarray | SparseMap] = [
+        data if isinstance(data, SparseMap) else np.asarray(data, np.float32)
+    ]
+    while max(levels[-1].shape) > TIFF_TILE:
+        lv = levels[-1]
+        levels.append(lv.pooled() if isinstance(lv, SparseMap) else _max_pool2(lv))
+
+    def resolution(k: int):
+        sy, sx = cell_size[0] * 2**k, cell_size[1] * 2**k
+        if mpp is None:
+            return (1.0 / sx, 1.0 / sy), "NONE"
+        return (1e4 / (sx * mpp[1]), 1e4 / (sy * mpp[0])), "CENTIMETER"
+
+    meta: dict[str, Any] = {"axes": "YX", "Name": name}
+    if mpp is not None:
+        meta.update(
+            PhysicalSizeX=cell_size[1] * mpp[1],
+            PhysicalSizeXUnit="µm",
+            PhysicalSizeY=cell_size[0] * mpp[0],
+            PhysicalSizeYUnit="µm",
+            Plane={
+                "PositionX": [origin[1] * mpp[1]],
+                "PositionXUnit": ["µm"],
+                "PositionY": [origin[0] * mpp[0]],
+                "PositionYUnit": ["µm"],
+            },
+        )
+    tmp = _partial(path)
+    try:
+        with tifffile.TiffWriter(tmp, bigtiff=True, ome=True) as tw:
+            for k, lv in enumerate(levels):
+                res, unit = resolution(k)
+                kwargs: dict[str, Any] = {
+                    "tile": (TIFF_TILE, TIFF_TILE),
+                    "compression": "zlib",
+                    "predictor": True,
+                    "photometric": "minisblack",
+                    "resolution": res,
+                    "resolutionunit": unit,
+                }
+                if k == 0:
+                    kwargs.update(subifds=len(levels) - 1, metadata=meta)
+                else:
+                    kwargs.update(subfiletype=1, metadata=None)
+                if isinstance(lv, SparseMap):
+                    tw.write(lv.tiles(TIFF_TILE), shape=lv.shape, dtype=np.float32, **kwargs)
+                else:
+                    tw.write(lv, **kwargs)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def _geojson_annotations(result: Result):
+    from .annotations import Annotation
+
+    anns, props = [], []
+    for i, t in enumerate(result.tiles):
+        top, left, h, w = (int(v) for v in t["region"])
+        anns.append(Annotation.rectangle(top, left, h, w, label="Sampled tile"))
+        m = {"count": int(t["count"]), "alpha": float(t["alpha"])}
+        props.append({"name": f"tile {i}", "tile": i, **m, "measurements": m})
+    for k, s in enumerate(result.subtiles):
+        top, left, h, w = (int(v) for v in s["region"])
+        anns.append(Annotation.rectangle(top, left, h, w, label="Sampled sub-tile"))
+        m = {"weight": float(s["weight"]), "tile": int(s["tile"])}
+        props.append({"name": f"sub-tile {k}", **m, "measurements": m})
+    return anns, props
+
+
+def write_outputs(result: Result, out_dir: str | os.PathLike) -> dict[str, Path]:
+    """Write a result's files into ``out_dir`` (created); returns ``{what: path}``.
+
+    - ``stage1_attention`` → ``stage1_attention.ome.tif``: ``α`` at its placement
+      (:func:`write_attention_tiff`).
+    - ``stage2_attention`` → ``stage2_attention.ome.tif`` (two-stage models): the
+      drawn tiles' ``α_c·β^c`` on one slide-wide grid (:func:`stage2_canvas`).
+    - ``geojson`` → ``sampled.geojson``: QuPath annotations "Sampled tile"
+      (properties ``count``, ``alpha``) and "Sampled sub-tile" (``weight``, ``tile``),
+      rectangles in level-0 (x, y) pixels, also as QuPath measurements.
+    - ``maps`` → ``attention_maps.npz`` only when the maps exceed
+      :data:`JSON_MAX_CELLS` cells; ``result.json`` then references it.
+    - ``json`` → ``result.json``, written last.
+    """
+    from .annotations import write_geojson
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    mpp = result.slide.get("mpp")
+    mpp = None if mpp is None else (float(mpp[0]), float(mpp[1]))
+    written: dict[str, Path] = {}
+    written["stage1_attention"] = write_attention_tiff(
+        out / "stage1_attention.ome.tif",
+        result.stage1_attention,
+        result.stage1_origin,
+        result.stage1_cell_size,
+        mpp,
+        "stage-1 attention",
+    )
+    if result.has_stage2:
+        canvas, cell = stage2_canvas(result)
+        written["stage2_attention"] = write_attention_tiff(
+            out / "stage2_attention.ome.tif",
+            canvas,
+            (0.0, 0.0),
+            cell,
+            mpp,
+            "stage-2 attention (sub-tile weights)",
+        )
+    anns, props = _geojson_annotations(result)
+    written["geojson"] = write_geojson(out / "sampled.geojson", anns, props)
+    maps_file = None
+    if max(result.stage1_attention.size, result.stage2_cells) > JSON_MAX_CELLS:
+        import io
+
+        buf = io.BytesIO()
+        np.savez_compressed(buf, **result.maps_npz())
+        written["maps"] = _atomic_bytes(out / MAPS_FILE, buf.getvalue())
+        maps_file = MAPS_FILE
+    text = result.to_json(maps_file=maps_file)
+    written["json"] = _atomic_bytes(out / "result.json", text.encode("utf-8"))
+    return written
