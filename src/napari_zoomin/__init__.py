@@ -13,6 +13,8 @@ from ._version import __version__
 from .errors import AnnotationError, CheckpointError, SlideError, ZoominError
 
 if TYPE_CHECKING:
+    from .engine.checkpoints import load_model
+    from .engine.inference import classify
     from .slide import Slide, open_slide
 
 __all__ = [
@@ -22,10 +24,17 @@ __all__ = [
     "SlideError",
     "ZoominError",
     "__version__",
+    "classify",
+    "load_model",
     "open_slide",
 ]
 
-_LAZY = {"open_slide": ".slide", "Slide": ".slide"}
+_LAZY = {
+    "open_slide": ".slide",
+    "Slide": ".slide",
+    "classify": ".engine.inference",
+    "load_model": ".engine.checkpoints",
+}
 
 
 def __getattr__(name: str):

@@ -11,7 +11,6 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
 from . import __version__
 from .errors import ZoominError
@@ -41,19 +40,89 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tissue_arg(value: str):
+    return None if value == "none" else value
+
+
+def _progress_line(fraction: float, message: str) -> None:
+    """A single self-overwriting progress line on a terminal, nothing when piped."""
+    if sys.stderr.isatty():
+        print(f"\r[{fraction:4.0%}] {message:<60}", end="", file=sys.stderr, flush=True)
+        if fraction >= 1.0:
+            print(file=sys.stderr)
+
+
+def _classify_and_write(slide_path, args) -> int:
+    from .engine.inference import classify
+    from .engine.results import write_outputs
+
+    result = classify(
+        slide_path,
+        args.model,
+        draws=args.draws,
+        seed=args.seed,
+        device=args.device,
+        mode=args.mode,
+        tissue=_tissue_arg(args.tissue),
+        progress=_progress_line,
+    )
+    print(result.summary())
+    files = write_outputs(result, args.out)
+    for what, path in files.items():
+        print(f"  {what}: {path}")
+    return 0
+
+
+def _cmd_classify(args: argparse.Namespace) -> int:
+    return _classify_and_write(args.slide, args)
+
+
+def _cmd_batch(args: argparse.Namespace) -> int:
+    from .engine.batch import run_batch
+
+    table = run_batch(
+        args.folder,
+        args.model,
+        args.out,
+        scheduler=args.scheduler,
+        workers=args.workers,
+        draws=args.draws,
+        seed=args.seed,
+        device=args.device,
+        tissue=_tissue_arg(args.tissue),
+        pattern=args.pattern,
+        recursive=args.recursive,
+        progress=_progress_line,
+    )
+    errors = int((table["error"].fillna("") != "").sum()) if "error" in table else 0
+    print(f"{len(table)} slides in {args.out} ({errors} failed)")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .slide import open_slide
     from .slide.synthetic import sample_slide_path
 
     start = time.perf_counter()
     path = sample_slide_path()
     print(f"sample slide: {path} (ready in {time.perf_counter() - start:.1f} s)")
-    with open_slide(path) as slide:
-        print(json.dumps(slide.info(), indent=2))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    print("Open it in napari with:  napari --plugin napari-zoomin " + str(path))
-    return 0
+    args.model, args.draws, args.seed, args.device = "demo", 16, 0, "auto"
+    args.mode, args.tissue = "sample", "auto"
+    code = _classify_and_write(path, args)
+    print(f"Look at it in napari:  napari --plugin napari-zoomin {path}")
+    return code
+
+
+def _add_classify_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="demo", help="'demo' or a .safetensors checkpoint")
+    p.add_argument("--draws", type=int, default=16, help="independent draws K (default 16)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--mode", choices=["sample", "topk"], default="sample")
+    p.add_argument(
+        "--tissue",
+        default="auto",
+        help="'auto' (detect), 'none' (whole slide), or a mask image/label file",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,7 +149,23 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--seed", type=int, default=0)
     sample.set_defaults(func=_cmd_sample)
 
-    demo = sub.add_parser("demo", help="build the sample slide and run the main job on it")
+    classify = sub.add_parser("classify", help="classify a slide and write why")
+    classify.add_argument("slide", help="slide or image file")
+    classify.add_argument("--out", default="zoomin-out", help="output folder")
+    _add_classify_options(classify)
+    classify.set_defaults(func=_cmd_classify)
+
+    batch = sub.add_parser("batch", help="classify every slide in a folder (dask.distributed)")
+    batch.add_argument("folder", help="folder of slides")
+    batch.add_argument("--out", required=True, help="results CSV (resumable)")
+    batch.add_argument("--scheduler", help="dask scheduler address (default: a LocalCluster)")
+    batch.add_argument("--workers", type=int, default=2, help="LocalCluster worker processes")
+    batch.add_argument("--pattern", help="glob of slide names, e.g. '*.svs'")
+    batch.add_argument("--recursive", action="store_true", help="look in sub-folders too")
+    _add_classify_options(batch)
+    batch.set_defaults(func=_cmd_batch)
+
+    demo = sub.add_parser("demo", help="build the sample slide and classify it with the demo model")
     demo.add_argument("--out", default="demo-out", help="output folder")
     demo.set_defaults(func=_cmd_demo)
     return parser
