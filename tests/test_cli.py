@@ -36,3 +36,67 @@ def test_console_script_is_installed(cmu_svs):
     bad = subprocess.run([exe, "info", "/no/such/slide.svs"], capture_output=True, text=True)
     assert bad.returncode == 1
     assert bad.stderr.strip() == "zoomin: error: /no/such/slide.svs: no such file. Check the path."
+
+
+def test_classify_writes_result_json_and_outputs(tmp_path, capsys):
+    from napari_zoomin.engine.checkpoints import build_model, save_checkpoint
+    from napari_zoomin.slide.synthetic import write_sample_slide
+
+    slide = write_sample_slide(tmp_path / "s.tif", size=8192, label="positive", seed=5).path
+    model = build_model(
+        "zoomin",
+        {
+            "view_scale": 1 / 16,
+            "stage2_scale": 1 / 8,
+            "tile_size": (256, 256),
+            "subtile_size": (32, 32),
+            "n_samples": 8,
+            "feature_dim": 16,
+            "feature_hidden": 16,
+        },
+    )
+    ckpt = save_checkpoint(tmp_path / "m.safetensors", model, ["negative", "positive"])
+    out = tmp_path / "out"
+    code = main(
+        [
+            "classify",
+            str(slide),
+            "--model",
+            str(ckpt),
+            "--out",
+            str(out),
+            "--draws",
+            "2",
+            "--seed",
+            "3",
+            "--device",
+            "cpu",
+        ]
+    )
+    assert code == 0
+    summary = capsys.readouterr().out.splitlines()[0]
+    assert summary.startswith("s.tif: ") and "over 2 draws" in summary
+    result = json.loads((out / "result.json").read_text())
+    for key in (
+        "label",
+        "probabilities",
+        "subtiles",
+        "pixels_decoded",
+        "pixels_needed",
+        "seconds",
+        "model_sha256",
+    ):
+        assert key in result
+    assert result["label"] in ("negative", "positive")
+    assert sum(result["probabilities"].values()) == __import__("pytest").approx(1.0)
+    assert result["pixels_needed"] <= result["pixels_decoded"]
+    assert (out / "sampled.geojson").is_file() and (out / "stage1_attention.ome.tif").is_file()
+
+
+def test_classify_unknown_model_is_a_clear_error(tmp_path, capsys, pyramids):
+    assert main(["classify", str(pyramids["openslide", "zlib"]), "--model", "nosuch"]) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == (
+        "zoomin: error: unknown model name 'nosuch'. Use 'demo' or the path of a "
+        ".safetensors checkpoint."
+    )

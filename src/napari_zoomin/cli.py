@@ -99,6 +99,64 @@ def _cmd_batch(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .engine.dataset import read_labels
+    from .engine.trainer import TrainConfig, train
+
+    records, classes = read_labels(
+        args.labels, args.slides, args.annotations, val_fraction=args.val_fraction, seed=args.seed
+    )
+    config = TrainConfig(
+        kind=args.kind,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        device=args.device,
+        early_stopping_patience=args.patience,
+        view_scale=args.s1,
+        stage2_scale=args.s2,
+        tile_size=args.tile,
+        subtile_size=args.subtile,
+        n_samples=args.n,
+        entropy_weight=args.entropy,
+        contrastive_warmup_epochs=args.warmup,
+        pretrain_epochs=args.pretrain_epochs,
+    )
+
+    def progress(event: dict) -> None:
+        if not sys.stderr.isatty() and event.get("stage") == "train":
+            return
+        parts = [
+            f"{event.get('stage', '')} epoch {event.get('epoch', '?')}/{event.get('epochs', '?')}"
+        ]
+        if "step" in event:
+            parts.append(f"step {event['step']}/{event.get('steps', '?')}")
+        for key in ("loss", "val_loss", "val_accuracy"):
+            if event.get(key) is not None:
+                parts.append(f"{key} {event[key]:.3f}")
+        line = ", ".join(parts)
+        if sys.stderr.isatty():
+            end = "\n" if event.get("stage") != "train" else ""
+            print(f"\r{line:<78}", end=end, file=sys.stderr, flush=True)
+        else:
+            print(line, file=sys.stderr, flush=True)
+
+    n_train = sum(r.split == "train" for r in records)
+    n_val = sum(r.split == "val" for r in records)
+    print(f"training {args.kind} on {n_train} slides ({n_val} for validation), classes {classes}")
+    result = train(
+        records, config, args.out, classes=classes, progress=progress, resume=not args.fresh
+    )
+    best = result.best_val_accuracy
+    print(
+        f"best model (epoch {result.best_epoch}, validation accuracy "
+        f"{'n/a' if best is None else f'{best:.3f}'}): {result.checkpoint_path}"
+    )
+    print(f"resumable training state: {result.last_checkpoint_path}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .slide.synthetic import sample_slide_path
 
@@ -164,6 +222,37 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--recursive", action="store_true", help="look in sub-folders too")
     _add_classify_options(batch)
     batch.set_defaults(func=_cmd_batch)
+
+    tr = sub.add_parser("train", help="train a model on a folder of labelled slides")
+    tr.add_argument("--slides", required=True, help="folder of slides")
+    tr.add_argument("--labels", required=True, help="CSV with columns slide,label[,split]")
+    tr.add_argument("--annotations", help="folder of ROI files (<slide>.geojson / .xml)")
+    tr.add_argument("--out", required=True, help="checkpoint to write (.safetensors)")
+    tr.add_argument(
+        "--kind", default="zoomin", choices=["zoomin", "ats", "uniform", "reinforce-ats"]
+    )
+    tr.add_argument("--epochs", type=int, default=200)
+    tr.add_argument("--batch-size", type=int, default=5)
+    tr.add_argument("--lr", type=float, default=1e-4)
+    tr.add_argument("--patience", type=int, default=20, help="early-stopping patience (epochs)")
+    tr.add_argument("--s1", type=float, default=1 / 16, help="stage-1 view scale")
+    tr.add_argument("--s2", type=float, default=1 / 8, help="stage-2 view scale (of a tile)")
+    tr.add_argument("--tile", type=int, default=256, help="tile side, level-0 pixels")
+    tr.add_argument("--subtile", type=int, default=50, help="sub-tile side, level-0 pixels")
+    tr.add_argument("-n", "--n", type=int, default=100, help="draws N per slide")
+    tr.add_argument("--entropy", type=float, default=1e-5, help="entropy regulariser λ")
+    tr.add_argument("--warmup", type=int, default=10, help="epochs before the contrastive loss")
+    tr.add_argument(
+        "--pretrain-epochs",
+        type=int,
+        default=5,
+        help="tile-classifier pre-training epochs when ROIs exist (0 = off)",
+    )
+    tr.add_argument("--val-fraction", type=float, default=0.2)
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    tr.add_argument("--fresh", action="store_true", help="ignore a previous training state")
+    tr.set_defaults(func=_cmd_train)
 
     demo = sub.add_parser("demo", help="build the sample slide and classify it with the demo model")
     demo.add_argument("--out", default="demo-out", help="output folder")
