@@ -1,0 +1,173 @@
+#!/usr/bin/env python
+"""Train the packaged demo model (``--model demo``) on sample slides; see docs/training.md.
+
+    python scripts/train_demo_model.py [--threads 2]
+
+1. Writes sample slides with :func:`~napari_zoomin.slide.synthetic.write_sample_slide`
+   into a cache folder (once): 12 for training (8192² and 12,288²) and 8 held out for
+   validation (8192², 12,288² and 16,384²), half positive, other seeds than training,
+   one tumour and one distractor each (two distractors on a negative slide), so the
+   planted regions are 48, 64 and 96 px across.  A 1/16 view cannot tell a tumour
+   from its distractor (same 16×16 block sums); full resolution can.
+2. Trains a small Zoom-In network with :func:`napari_zoomin.engine.trainer.train`
+   (resuming an interrupted run).
+3. Writes the best checkpoint (by validation accuracy) to
+   ``src/napari_zoomin/weights/demo.safetensors`` with the recipe in its metadata.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import torch
+
+from napari_zoomin.cache import cache_dir
+from napari_zoomin.engine.checkpoints import DEMO_MODEL, load_checkpoint, save_checkpoint
+from napari_zoomin.engine.dataset import SlideDataset
+from napari_zoomin.engine.trainer import TrainConfig, train
+
+SEED = 0
+CLASSES = ["negative", "positive"]
+TRAIN_SIZES = (8192, 12288)
+VAL_SIZES = (8192, 12288, 16384)
+N_TRAIN, N_VAL = 12, 8
+TRAIN_SEEDS, VAL_SEEDS = 1000, 2000
+
+#: the demo's training settings (everything else: TrainConfig defaults)
+CONFIG = {
+    "kind": "zoomin",
+    "epochs": 60,
+    "batch_size": 2,
+    "lr": 4e-3,
+    "attention_lr": 1e-2,
+    "seed": SEED,
+    "device": "cpu",
+    "early_stopping_patience": 0,
+    "val_draws": 4,
+    # s1 = 1/16 (000's Camelyon16 value): a planted region is a 3-6 px blob of the
+    # view, barely different from the tissue's own brown areas, but learnable (at 1/32
+    # and 1/64 it is not); tiles of 128 px (> 1/s1) hold it whole; s2 = 1/4 shows it
+    # as a 12-24 px blob in a 32×32 tile view; sub-tiles of 32 px are full-resolution
+    # crops of it, where tumour cells and scrambled distractors differ.
+    "view_scale": 1 / 16,
+    "stage2_scale": 1 / 4,
+    "tile_size": 128,
+    "subtile_size": 32,
+    "n_samples": 32,
+    "feature_dim": 32,
+    "feature_hidden": 64,
+    "feature_channels": (16, 32),
+    "entropy_weight": 1e-4,
+    "contrastive": True,
+    "contrastive_warmup_epochs": 20,
+    "pixel_weight": 1.0,
+    # The stage-1 view cannot separate a tumour from its distractor, so attention is
+    # supervised towards both ("where to look"); the feature network decides.
+    "roi_labels": ("Tumor", "Distractor"),
+    "roi_attention_weight": 10.0,
+    "pretrain_epochs": 0,
+    "num_workers": 1,
+}
+
+
+def _write(job: tuple[str, int, str, int]) -> str:
+    from napari_zoomin.slide.synthetic import write_sample_slide
+
+    path, size, label, seed = job
+    if not (Path(path).is_file() and Path(path).with_suffix(".geojson").is_file()):
+        write_sample_slide(path, size=size, label=label, seed=seed, n_tumor=1, n_distractors=1)
+    return path
+
+
+def make_slides(folder: Path, jobs: int) -> Path:
+    """Write the sample slides (skipping existing ones) and their labels CSV."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rows, work = [], []
+    plan = (("train", N_TRAIN, TRAIN_SEEDS, TRAIN_SIZES), ("val", N_VAL, VAL_SEEDS, VAL_SIZES))
+    for split, count, first_seed, sizes in plan:
+        for k in range(count):
+            label = CLASSES[(k + 1) % 2]  # positive first
+            size = sizes[(k // 2) % len(sizes)]
+            seed = first_seed + k
+            name = f"{split}-{k:02d}-{label}-{size}-seed{seed}.tif"
+            rows.append(f"{name},{label},{split}")
+            work.append((str(folder / name), size, label, seed))
+    with ProcessPoolExecutor(max(1, jobs)) as pool:
+        list(pool.map(_write, work))
+    csv = folder / "labels.csv"
+    csv.write_text("slide,label,split\n" + "\n".join(rows) + "\n", encoding="utf-8")
+    return csv
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cache", type=Path, default=None, help="slides and work folder")
+    parser.add_argument("--out", type=Path, default=DEMO_MODEL, help="where the demo model goes")
+    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument("--epochs", type=int, default=CONFIG["epochs"])
+    parser.add_argument("--fresh", action="store_true", help="do not resume an earlier run")
+    parser.add_argument(
+        "--set", default="{}", help="JSON overrides of the settings, e.g. '{\"n_samples\": 16}'"
+    )
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    folder = args.cache or cache_dir("demo-training")
+    t0 = time.perf_counter()
+    csv = make_slides(folder / "slides", args.jobs)
+    t_slides = time.perf_counter() - t0
+    print(f"slides ready in {t_slides:.0f} s: {csv}", flush=True)
+
+    config = TrainConfig(**{**CONFIG, "epochs": args.epochs, **json.loads(args.set)})
+    dataset = SlideDataset.from_csv(
+        csv, csv.parent, roi_labels=config.roi_labels, workers=config.num_workers
+    )
+    work = folder / "run" / "demo.safetensors"
+
+    def progress(event: dict) -> None:
+        if event["stage"] == "validate" and "val_accuracy" in event:
+            print(
+                f"{time.perf_counter() - t0:6.0f} s  epoch {event['epoch']:3d}/{event['epochs']}"
+                f"  loss {event['loss']:.3f}  train acc {event['accuracy']:.2f}"
+                f"  val acc {event['val_accuracy']:.3f}  val loss {event['val_loss']:.3f}"
+                + ("  *" if event["best"] else ""),
+                flush=True,
+            )
+
+    result = train(dataset, config, work, progress=progress, resume=not args.fresh)
+    seconds = time.perf_counter() - t0
+    best = load_checkpoint(result.checkpoint_path)
+    info = best.info["info"]
+    info["data"].pop("fingerprint", None)
+    info["data"]["labels_csv"] = "labels.csv (written by scripts/train_demo_model.py)"
+    info["recipe"] = {
+        "script": "scripts/train_demo_model.py",
+        "command": "python scripts/train_demo_model.py",
+        "seed": SEED,
+        "train_slides": {"n": N_TRAIN, "seeds": [TRAIN_SEEDS, TRAIN_SEEDS + N_TRAIN - 1]},
+        "val_slides": {"n": N_VAL, "seeds": [VAL_SEEDS, VAL_SEEDS + N_VAL - 1]},
+        "train_sizes": list(TRAIN_SIZES),
+        "val_sizes": list(VAL_SIZES),
+        "regions_per_slide": "1 tumour + 1 distractor (positive), 2 distractors (negative)",
+        "seconds_total": round(seconds, 1),
+        "seconds_slides": round(t_slides, 1),
+        "threads": args.threads,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(args.out, best.model, best.classes, info=info)
+    size = args.out.stat().st_size
+    print(
+        f"best epoch {result.best_epoch}: validation accuracy {result.best_val_accuracy:.3f} "
+        f"on {N_VAL} held-out slides; {seconds:.0f} s in all; {args.out} ({size / 1e6:.2f} MB)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

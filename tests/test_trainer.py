@@ -1,0 +1,338 @@
+"""The trainer on real (tiny) sample slides: checkpoints, progress, cancel, resume, bad runs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from napari_zoomin.engine import trainer as trainer_module
+from napari_zoomin.engine.checkpoints import DEMO_MODEL, load_checkpoint
+from napari_zoomin.engine.dataset import SlideDataset, SlideRecord
+from napari_zoomin.engine.trainer import (
+    TrainConfig,
+    last_checkpoint_path,
+    stratified_batches,
+    train,
+)
+from napari_zoomin.errors import CheckpointError, TrainingError
+from napari_zoomin.models import ZoomIn
+
+CLASSES = ["negative", "positive"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: one thread is as fast and robust to a busy CPU.  Module scope, so
+    that the module's runs all use it (bit-for-bit results need the same threads)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory) -> list[SlideRecord]:
+    """Four 8192² sample slides (2 + 2) for training and two for validation, annotated."""
+    from napari_zoomin.slide.synthetic import write_sample_slide
+
+    folder = tmp_path_factory.mktemp("train-slides")
+    out = []
+    for k, split in enumerate(["train"] * 4 + ["val"] * 2):
+        label = CLASSES[k % 2]
+        info = write_sample_slide(folder / f"s{k}.tif", size=8192, label=label, seed=40 + k)
+        out.append(SlideRecord(info.path, label, k % 2, split, info.geojson_path, k + 2))
+    return out
+
+
+def tiny(**overrides) -> TrainConfig:
+    """A model of a few thousand parameters whose epoch takes about a second."""
+    settings = {
+        "epochs": 2,
+        "batch_size": 2,
+        "lr": 1e-3,
+        "view_scale": 1 / 64,
+        "stage2_scale": 1 / 4,
+        "tile_size": 128,
+        "subtile_size": 16,
+        "n_samples": 4,
+        "feature_dim": 8,
+        "feature_hidden": 16,
+        "feature_channels": (4, 8),
+        "pretrain_epochs": 0,
+        "val_draws": 2,
+        "num_workers": 1,
+        "contrastive_warmup_epochs": 1,
+        "early_stopping_patience": 0,
+    }
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
+_TISSUE: dict = {}  # tissue masks shared by the datasets of this module (detected once)
+
+
+def dataset(records) -> SlideDataset:
+    return SlideDataset(records, CLASSES, workers=1, tissue_masks=_TISSUE)
+
+
+@pytest.fixture(scope="module")
+def straight(records, tmp_path_factory):
+    """An uninterrupted two-epoch run, the reference of the resume tests."""
+    out = tmp_path_factory.mktemp("straight") / "m.safetensors"
+    train(dataset(records), tiny(epochs=2), out)
+    return out
+
+
+def weights(path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(path).model.state_dict()
+
+
+def same_weights(a, b) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_one_epoch_writes_both_checkpoints(records, tmp_path):
+    events = []
+    out = tmp_path / "model.safetensors"
+    result = train(
+        dataset(records),
+        tiny(epochs=1, pretrain_epochs=1, roi_attention_weight=1.0),
+        out,
+        progress=events.append,
+    )
+    assert result.checkpoint_path == out and out.is_file()
+    assert result.last_checkpoint_path == tmp_path / "model.last.safetensors"
+    assert result.best_epoch == 1 and 0.0 <= result.best_val_accuracy <= 1.0
+    assert not result.cancelled and len(result.history) == 1
+    best, last = load_checkpoint(out), load_checkpoint(result.last_checkpoint_path)
+    assert best.kind == last.kind == "zoomin" and best.classes == CLASSES
+    assert best.optimizer_state is None and last.optimizer_state is not None
+    assert set(last.rng_state) == set()  # epoch boundary: re-derived from the seed
+    info = best.info["info"]
+    assert info["metrics"]["best_epoch"] == 1
+    assert info["data"]["per_split"] == {
+        "train": {"negative": 2, "positive": 2},
+        "val": {"negative": 1, "positive": 1},
+    }
+    assert info["data"]["annotated"] == 6
+    assert info["trainer_config"]["subtile_size"] == 16 and info["classes"] == CLASSES
+    assert info["history"][0]["epoch"] == 1 and "train_roi_attention" in info["history"][0]
+    assert {"torch", "napari_zoomin", "numpy", "python"} <= set(info["versions"])
+    assert info["seconds"] > 0
+    assert last.info["info"]["trainer"]["state"]["epoch"] == 1
+    assert set(last.info["info"]["trainer"]["state"]["pretrained"]) == {
+        "stage1_attention",
+        "stage2_attention",
+        "feature",
+    }
+    assert best.model.config.subtile_size == (16, 16)
+    # progress: pre-training, every step, validation
+    stages = [e["stage"] for e in events]
+    assert stages[:2] == ["pretrain", "pretrain"]
+    steps = [e for e in events if e["stage"] == "train"]
+    assert [(e["step"], e["steps"], e["epoch"], e["epochs"]) for e in steps] == [
+        (1, 2, 1, 1),
+        (2, 2, 1, 1),
+    ]
+    assert all(isinstance(e["loss"], float) for e in steps)
+    final = events[-1]
+    assert final["stage"] == "validate" and final["best"] is True
+    assert final["val_accuracy"] == result.best_val_accuracy
+    assert final["val_loss"] == pytest.approx(result.history[0]["val_loss"])
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(records, straight, tmp_path):
+    # one epoch, then a new call that resumes and runs the second
+    split = tmp_path / "b" / "m.safetensors"
+    first = train(dataset(records), tiny(epochs=1), split)
+    assert len(first.history) == 1
+    second = train(dataset(records), tiny(epochs=2), split)
+    assert [h["epoch"] for h in second.history] == [1, 2]
+    assert same_weights(
+        weights(last_checkpoint_path(straight)), weights(last_checkpoint_path(split))
+    )
+    assert same_weights(weights(straight), weights(split))
+    # a finished run resumed again does nothing
+    again = train(dataset(records), tiny(epochs=2), split)
+    assert again.history == second.history
+
+
+def test_cancel_mid_epoch_keeps_the_checkpoint_and_resumes_exactly(records, straight, tmp_path):
+    out = tmp_path / "b" / "m.safetensors"
+    steps = []
+
+    def count(event):
+        if event["stage"] == "train":
+            steps.append(event)
+
+    result = train(
+        dataset(records), tiny(epochs=2), out, progress=count, cancel=lambda: len(steps) == 3
+    )
+    assert result.cancelled and len(result.history) == 1  # epoch 2 stopped after step 1
+    assert load_checkpoint(out).info["info"]["metrics"]["best_epoch"] == 1
+    last = load_checkpoint(last_checkpoint_path(out))
+    state = last.info["info"]["trainer"]["state"]
+    assert (state["epoch"], state["step"]) == (1, 1)
+    assert set(last.rng_state) == {"sampler", "torch"}
+
+    resumed = train(dataset(records), tiny(epochs=2), out)
+    assert not resumed.cancelled and len(resumed.history) == 2
+    assert same_weights(weights(last_checkpoint_path(straight)), weights(last_checkpoint_path(out)))
+
+
+def test_cancel_before_the_first_step(records, tmp_path):
+    out = tmp_path / "m.safetensors"
+    result = train(dataset(records), tiny(), out, cancel=lambda: True)
+    assert result.cancelled and result.history == [] and result.best_epoch is None
+    assert not out.exists()
+    assert load_checkpoint(last_checkpoint_path(out)).info["info"]["trainer"]["state"]["step"] == 0
+
+
+def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(
+    records, tmp_path, monkeypatch
+):
+    original = ZoomIn.loss
+
+    def poisoned(self, sources, labels, epoch=0, generator=None):
+        terms = original(self, sources, labels, epoch=epoch, generator=generator)
+        if epoch == 1:
+            terms.total = terms.total * float("nan")
+        return terms
+
+    monkeypatch.setattr(ZoomIn, "loss", poisoned)
+    out = tmp_path / "m.safetensors"
+    with pytest.raises(TrainingError, match=r"became nan at epoch 2, step 1") as info:
+        train(dataset(records), tiny(epochs=3), out)
+    assert "Lower the learning rate" in str(info.value)
+    last = load_checkpoint(last_checkpoint_path(out))
+    assert last.info["info"]["trainer"]["state"]["epoch"] == 1
+    assert all(torch.isfinite(p).all() for p in last.model.parameters())
+    assert load_checkpoint(out).info["info"]["metrics"]["best_epoch"] == 1
+
+
+def test_out_of_memory_suggests_smaller_settings(records, tmp_path, monkeypatch):
+    def oom(self, *args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(ZoomIn, "loss", oom)
+    with pytest.raises(TrainingError, match=r"ran out of memory on cpu at epoch 1, step 1") as e:
+        train(dataset(records), tiny(), tmp_path / "m.safetensors")
+    assert "N = 4" in str(e.value) and "--batch-size" in str(e.value)
+
+
+def test_early_stopping(records, tmp_path, monkeypatch):
+    monkeypatch.setattr(trainer_module, "_validate", lambda *args, **kwargs: (0.5, 0.7))
+    result = train(
+        dataset(records), tiny(epochs=5, early_stopping_patience=1), tmp_path / "m.safetensors"
+    )
+    # epoch 2 is no better (same accuracy and loss): stop after one epoch of patience
+    assert result.stopped_early and len(result.history) == 2 and result.best_epoch == 1
+
+
+def test_resume_refuses_other_settings_and_foreign_files(records, straight, tmp_path):
+    out = tmp_path / "m.safetensors"
+    shutil.copy(straight, out)
+    shutil.copy(last_checkpoint_path(straight), last_checkpoint_path(out))
+    with pytest.raises(TrainingError, match=r"other settings or data \(lr: 0.001 → 0.01") as e:
+        train(dataset(records), tiny(epochs=3, lr=1e-2), out)
+    assert "--no-resume" in str(e.value)
+    with pytest.raises(TrainingError, match="training data"):
+        train(dataset(records[:5]), tiny(epochs=3), out)
+    with pytest.raises(TrainingError, match="model architecture"):
+        train(dataset(records), tiny(epochs=3, feature_dim=16), out)
+    # the best model is a model checkpoint, not a training checkpoint
+    last = last_checkpoint_path(out)
+    last.write_bytes(out.read_bytes())
+    with pytest.raises(TrainingError, match="not a training checkpoint"):
+        train(dataset(records), tiny(epochs=3), out)
+
+
+def test_checkpoint_of_another_architecture_fails_with_checkpoint_error(
+    records, straight, tmp_path
+):
+    """Weights that do not fit the description (kind/config) are refused when resuming."""
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path / "m.safetensors"
+    last = last_checkpoint_path(out)
+    shutil.copy(last_checkpoint_path(straight), last)
+    tensors = load_file(last)
+    with open(last, "rb") as fh:
+        header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+    document = json.loads(header["__metadata__"]["napari_zoomin"])
+    document["config"]["feature_dim"] = 16  # the weights are for 8
+    save_file(tensors, last, metadata={"napari_zoomin": json.dumps(document)})
+    with pytest.raises(CheckpointError, match="do not fit a zoomin model"):
+        train(dataset(records), tiny(epochs=3), out)
+    # and a file that is not a checkpoint at all
+    last.write_bytes(b"not a safetensors file")
+    with pytest.raises(CheckpointError, match="not a valid safetensors file"):
+        train(dataset(records), tiny(epochs=3), out)
+
+
+def test_invalid_settings(records, tmp_path):
+    with pytest.raises(TrainingError, match="unknown model kind 'zoom'"):
+        train(dataset(records), tiny(kind="zoom"), tmp_path / "m.safetensors")
+    with pytest.raises(TrainingError, match="epochs must be at least 1"):
+        train(dataset(records), tiny(epochs=0), tmp_path / "m.safetensors")
+    with pytest.raises(TrainingError, match="no training slides"):
+        train(dataset(records[4:]), tiny(), tmp_path / "m.safetensors")
+    with pytest.raises(TrainingError, match="cannot end in"):
+        train(dataset(records), tiny(), tmp_path / "m.last.safetensors")
+
+
+def test_records_and_other_kinds(records, tmp_path):
+    """Records work as data; a one-stage model trains through the same path."""
+    config = tiny(kind="ats", epochs=1, subtile_size=64, view_scale=1 / 32)
+    result = train(records[:4], config, tmp_path / "ats.safetensors")  # no validation slides
+    checkpoint = load_checkpoint(result.checkpoint_path)
+    assert checkpoint.kind == "ats" and checkpoint.model.config.patch_size == (64, 64)
+    assert result.best_epoch == 1 and result.best_val_accuracy is None
+
+
+def test_stratified_batches_are_balanced_and_seeded():
+    labels = [0] * 6 + [1] * 6
+    a = stratified_batches(labels, 4, torch.Generator().manual_seed(1))
+    b = stratified_batches(labels, 4, torch.Generator().manual_seed(1))
+    assert a == b and sorted(i for batch in a for i in batch) == list(range(12))
+    assert all(sum(labels[i] for i in batch) == 2 for batch in a)
+    c = stratified_batches(labels, 4, torch.Generator().manual_seed(2))
+    assert c != a
+    plain = stratified_batches(labels, 5, torch.Generator().manual_seed(1), balanced=False)
+    assert [len(batch) for batch in plain] == [5, 5, 2]
+
+
+def test_last_checkpoint_sits_beside_the_model(tmp_path):
+    assert last_checkpoint_path(tmp_path / "x.safetensors") == tmp_path / "x.last.safetensors"
+    assert last_checkpoint_path(tmp_path / "x") == tmp_path / "x.last.safetensors"
+
+
+def test_train_config_round_trip():
+    config = TrainConfig(tile_size=512, roi_labels=["Tumor", "Metastasis"])
+    assert TrainConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    with pytest.raises(ValueError, match="unknown training settings: speed"):
+        TrainConfig.from_dict({"speed": 1})
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not DEMO_MODEL.is_file(), reason="no demo model is shipped yet (issue 4)")
+def test_demo_model_is_small_and_classifies_fresh_sample_slides(tmp_path):
+    from napari_zoomin.engine.checkpoints import load_model
+    from napari_zoomin.slide.synthetic import write_sample_slide
+
+    assert DEMO_MODEL.is_file() and DEMO_MODEL.stat().st_size < 2 * 2**20
+    checkpoint = load_model("demo")
+    assert checkpoint.classes == CLASSES and checkpoint.kind == "zoomin"
+    slides = [
+        write_sample_slide(tmp_path / f"{label}.tif", size=8192, label=label, seed=99)
+        for label in CLASSES
+    ]
+    records = [SlideRecord(info.path, info.label, k, "test", None) for k, info in enumerate(slides)]
+    with SlideDataset(records, CLASSES, workers=2) as data:
+        predictions = checkpoint.model.predict(
+            data.sources([0, 1]), n_draws=8, generator=torch.Generator().manual_seed(0)
+        )
+    assert [p.label for p in predictions] == [0, 1]
