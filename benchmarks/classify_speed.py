@@ -29,6 +29,7 @@ import platform
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from datetime import date
 from pathlib import Path
@@ -58,19 +59,17 @@ def _cuda_peak(device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**20
 
 
-def run_zoomin(path: Path, model_name: str, n: int, device: str) -> dict:
+def _timed_classify(path: Path, ckpt, device: str, method: str) -> dict:
+    """One classification with K = 1 draw after the model is loaded: the table row."""
     from napari_zoomin import open_slide
-    from napari_zoomin.engine.checkpoints import load_model
     from napari_zoomin.engine.inference import classify
 
-    ckpt = load_model(model_name, device="cpu")
-    ckpt.model.config.n_samples = n
     slide = open_slide(path)
     start = time.perf_counter()
     result = classify(slide, ckpt, draws=1, seed=0, device=device)
     seconds = time.perf_counter() - start
     return {
-        "method": f"Zoom-In (N={n})",
+        "method": method,
         "seconds": seconds,
         "pixels_decoded": result.pixels_decoded,
         "pixels_needed": result.pixels_needed,
@@ -81,10 +80,16 @@ def run_zoomin(path: Path, model_name: str, n: int, device: str) -> dict:
     }
 
 
+def run_zoomin(path: Path, model_name: str, n: int, device: str) -> dict:
+    from napari_zoomin.engine.checkpoints import load_model
+
+    ckpt = load_model(model_name, device="cpu")
+    ckpt.model.config.n_samples = n
+    return _timed_classify(path, ckpt, device, f"Zoom-In (N={n})")
+
+
 def run_ats(path: Path, model_name: str, n: int, device: str) -> dict:
-    from napari_zoomin import open_slide
     from napari_zoomin.engine.checkpoints import build_model, load_model, save_checkpoint
-    from napari_zoomin.engine.inference import classify
 
     zoomin = load_model(model_name, device="cpu")
     c = zoomin.model.config
@@ -100,23 +105,12 @@ def run_ats(path: Path, model_name: str, n: int, device: str) -> dict:
             "num_classes": c.num_classes,
         },
     )
-    ckpt_path = Path(f"/tmp/zoomin-bench-ats-{n}.safetensors")
+    ckpt_path = Path(tempfile.gettempdir()) / f"zoomin-bench-ats-{n}.safetensors"
     save_checkpoint(ckpt_path, ats, zoomin.classes)
     ckpt = load_model(ckpt_path)
-    slide = open_slide(path)
-    start = time.perf_counter()
-    result = classify(slide, ckpt, draws=1, seed=0, device=device)
-    seconds = time.perf_counter() - start
-    return {
-        "method": f"ATS one-stage (N={n}, {c.subtile_size[0]} px patches)",
-        "seconds": seconds,
-        "pixels_decoded": result.pixels_decoded,
-        "pixels_needed": result.pixels_needed,
-        "decode_ratio": result.pixels_decoded / max(result.pixels_needed, 1),
-        "timings": result.timings,
-        "cuda_peak_mb": None,
-        "device": result.device,
-    }
+    return _timed_classify(
+        path, ckpt, device, f"ATS one-stage (N={n}, {c.subtile_size[0]} px patches)"
+    )
 
 
 def run_tiling(path: Path, model_name: str, sample_tiles: int, device: str) -> dict:
