@@ -16,7 +16,7 @@ from napari_zoomin.engine.dataset import (
     stratified_split,
 )
 from napari_zoomin.errors import DataError, LabelsError, ZoominError
-from napari_zoomin.models.source import full_region, read_roi
+from napari_zoomin.models.source import full_region, read_hard_negatives, read_roi
 
 
 def _slides(folder: Path, names) -> Path:
@@ -210,6 +210,24 @@ def test_roi_masks_reach_the_model(positive_slide):
     ) as dataset:
         roi = read_roi(dataset[0], torch.tensor([[distractor.y, distractor.x, 64, 64]]), 1.0)
         assert float(roi.max()) == 1.0
+        # ... and then nothing annotated is left over as a hard negative
+        assert read_hard_negatives(dataset[0], full_region(dataset[0]), 1 / 16) is None
+
+
+def test_annotated_non_roi_regions_are_hard_negatives(positive_slide):
+    """The distractor (annotated, not ROI) is where the hard-negative mask is > 0."""
+    info = positive_slide
+    tumour = next(r for r in info.regions if r.kind == "Tumor")
+    distractor = next(r for r in info.regions if r.kind == "Distractor")
+    record = SlideRecord(info.path, "positive", 1, "train", info.geojson_path)
+    with SlideDataset([record], ["negative", "positive"], workers=1) as dataset:
+        source = dataset[0]
+        regions = torch.tensor([[r.y, r.x, r.box, r.box] for r in (tumour, distractor)])
+        hard = read_hard_negatives(source, regions[1:], 1.0)[0]
+        assert float(hard.sum()) == pytest.approx(distractor.area, rel=0.1)
+        assert float(read_hard_negatives(source, regions[:1], 1.0).abs().max()) == 0.0
+        view = read_hard_negatives(source, full_region(source), 1 / 16)[0]
+        assert float(view.sum()) * 256 == pytest.approx(distractor.area, rel=0.1)
 
 
 def test_unannotated_slide_has_no_roi_and_opens_lazily(positive_slide, tmp_path):

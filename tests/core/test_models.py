@@ -354,6 +354,39 @@ def test_tile_classifier_pretraining_keeps_the_model_parameters():
         pretrain_tile_classifiers(m, [TensorSource(_image(h, w, 28))], epochs=1)
 
 
+def test_pretraining_patches_cover_rois_hard_negatives_and_tissue():
+    """Half the patch centres on the ROI, a quarter on annotated look-alikes, the rest
+    in the tissue (never on glass)."""
+    from napari_zoomin.models.pretrain import _centres
+
+    h, w = 256, 256
+    roi = torch.zeros(h, w, dtype=torch.bool)
+    roi[16:48, 16:48] = True
+    hard = torch.zeros(h, w, dtype=torch.bool)
+    hard[200:232, 16:48] = True
+    tissue = torch.zeros(h, w, dtype=torch.bool)
+    tissue[:, :128] = True  # the right half is glass
+    src = TensorSource(_image(h, w, 5), tissue=tissue, roi=roi, hard_negatives=hard)
+    centres = _centres(src, 64, 1 / 8, torch.Generator().manual_seed(0))
+    assert centres.shape == (64, 2)
+
+    def inside(c, top, left, size, margin=8):  # jitter: one view pixel of 8
+        return (
+            (c[:, 0] >= top - margin)
+            & (c[:, 0] < top + size + margin)
+            & (c[:, 1] >= left - margin)
+            & (c[:, 1] < left + size + margin)
+        )
+
+    on_roi, on_hard = inside(centres, 16, 16, 32), inside(centres, 200, 16, 32)
+    assert int(on_roi.sum()) >= 32 and int(on_hard.sum()) >= 16
+    assert bool((centres[:, 1] < 128 + 8).all())  # nothing on the glass half
+    # without hard negatives and tissue: half on the ROI, the rest anywhere
+    plain = _centres(TensorSource(_image(h, w, 5), roi=roi), 64, 1 / 8, torch.Generator())
+    assert int(inside(plain, 16, 16, 32).sum()) >= 32
+    assert bool((plain[:, 1] >= 128).any())
+
+
 def test_device_selection_never_assumes_a_gpu():
     assert select_device("cpu").type == "cpu"
     auto = select_device()

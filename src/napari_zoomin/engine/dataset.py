@@ -354,6 +354,7 @@ class RoiMask:
 
     ``(regions (n, 4) int64 level-0 [top, left, height, width], scale) -> (n, h', w')``
     float32, pixel-aligned with ``SlideSource.read`` (:func:`rasterize_region`).
+    :meth:`hard_negatives` does the same for the annotations that are not ROI.
     Whole-slide masks (the stage-1 target, read every step) are cached per scale.
     """
 
@@ -366,32 +367,49 @@ class RoiMask:
         self.index = index
         self.shape_level0 = (int(shape_level0[0]), int(shape_level0[1]))
         self.labels = None if labels is None else frozenset(labels)
-        self._whole: OrderedDict[float, Tensor] = OrderedDict()
+        self._whole: OrderedDict[tuple, Tensor] = OrderedDict()
 
     @property
     def has_roi(self) -> bool:
         """True when at least one annotation carries an ROI label."""
         return bool(self.index._positive(self.labels).any()) if len(self.index) else False
 
+    @property
+    def other_labels(self) -> frozenset[str]:
+        """Labels of the annotations that are neither ROI nor exclusions."""
+        if self.labels is None:
+            return frozenset()
+        return frozenset(
+            lab
+            for lab, excluded in zip(self.index.labels, self.index.exclusion, strict=True)
+            if not excluded and lab not in self.labels
+        )
+
     def __call__(self, regions: Tensor, scale: float) -> Tensor:
+        return self._read(regions, scale, self.labels)
+
+    def hard_negatives(self, regions: Tensor, scale: float) -> Tensor | None:
+        """Fractions of annotated non-ROI area (``None`` if the slide has none)."""
+        others = self.other_labels
+        return self._read(regions, scale, others) if others else None
+
+    def _read(self, regions: Tensor, scale: float, labels: frozenset[str] | None) -> Tensor:
         regions = torch.as_tensor(regions, dtype=torch.int64).reshape(-1, 4)
         rows = [tuple(int(v) for v in r) for r in regions.tolist()]
         whole = (0, 0, *self.shape_level0)
         if len(rows) == 1 and rows[0] == whole:
-            key = float(scale)
+            key = (float(scale), labels)
             if key not in self._whole:
-                self._whole[key] = self._rasterize(rows, scale)
-                while len(self._whole) > 4:
+                self._whole[key] = self._rasterize(rows, scale, labels)
+                while len(self._whole) > 6:
                     self._whole.popitem(last=False)
             self._whole.move_to_end(key)
             return self._whole[key].clone()
-        return self._rasterize(rows, scale)
+        return self._rasterize(rows, scale, labels)
 
-    def _rasterize(self, rows: list[tuple[int, ...]], scale: float) -> Tensor:
+    def _rasterize(self, rows: list[tuple[int, ...]], scale: float, labels) -> Tensor:
         masks = [
-            rasterize_region(
-                self.index, r, scale, labels=self.labels, shape_level0=self.shape_level0
-            )
+            rasterize_region(self.index, r, scale, labels=labels, shape_level0=self.shape_level0)
             for r in rows
         ]
         return torch.from_numpy(np.stack(masks))
@@ -518,9 +536,14 @@ class SlideDataset:
         out = []
         for i in indices:
             slide = self._slide(i, pinned)
+            roi = self.roi_mask(i)
             out.append(
                 SlideSource(
-                    slide, tissue=self.tissue_mask(i), roi=self.roi_mask(i), workers=self.workers
+                    slide,
+                    tissue=self.tissue_mask(i),
+                    roi=roi,
+                    workers=self.workers,
+                    hard_negatives=None if roi is None else roi.hard_negatives,
                 )
             )
         return out

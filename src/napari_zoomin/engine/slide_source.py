@@ -31,13 +31,24 @@ class SlideSource:
         tissue: a :class:`TissueMask`; cells outside it get zero attention.
         roi: optional callable ``(regions, scale) -> Tensor (n, h', w')`` giving the
             fraction of annotated ROI under each output pixel (pixel supervision).
+        hard_negatives: optional callable of the same form for annotated regions that
+            are not ROI (hard negatives for tile pre-training).
         workers: threads decoding regions in parallel.
     """
 
-    def __init__(self, slide: Slide, tissue: TissueMask | None = None, roi=None, workers: int = 4):
+    def __init__(
+        self,
+        slide: Slide,
+        tissue: TissueMask | None = None,
+        roi=None,
+        workers: int = 4,
+        *,
+        hard_negatives=None,
+    ):
         self.slide = slide
         self.tissue = tissue
         self._roi = roi
+        self._hard_negatives = hard_negatives
         self.workers = max(1, int(workers))
         self.counter = ReadCounter()
 
@@ -100,3 +111,8 @@ class SlideSource:
 
     def read_roi(self, regions: Tensor, scale: float) -> Tensor | None:
         return None if self._roi is None else self._roi(as_regions(regions), scale)
+
+    def read_hard_negatives(self, regions: Tensor, scale: float) -> Tensor | None:
+        if self._hard_negatives is None:
+            return None
+        return self._hard_negatives(as_regions(regions), scale)

@@ -10,7 +10,9 @@ tell whether a patch of its own input kind contains any ROI pixel:
 An attention network's logit map is averaged to one logit (000: "global average
 pooling layer"); ``f`` gets a temporary linear head.  The heads are discarded
 afterwards: the model keeps exactly its own parameters.  Half the patches are centred
-on ROI pixels (jittered), half anywhere, so that rare ROIs are seen.
+on ROI pixels (jittered), a quarter on annotated non-ROI regions when there are any
+(hard negatives), the rest anywhere in the tissue, so that rare ROIs and their
+look-alikes are seen.
 """
 
 from __future__ import annotations
@@ -24,31 +26,49 @@ from torch import Tensor, nn
 
 from .base import AttentionSamplingModel
 from .coordinates import CellGrid
-from .source import ImageSource, full_region, read_roi
+from .source import ImageSource, full_region, read_hard_negatives, read_roi, tissue_mask
 
 __all__ = ["pretrain_tile_classifiers"]
 
 
-def _centres(source: ImageSource, n: int, scale: float, generator: torch.Generator):
-    """``n`` level-0 centres, about half on ROI pixels located on the ``scale`` view.
+def _on_mask(view: Tensor, n: int, shape, scale: float, generator) -> Tensor:
+    """``n`` level-0 centres of random non-zero pixels of a ``scale`` view, jittered."""
+    view = view.cpu()
+    grid = CellGrid(torch.zeros(1, 2), shape, tuple(view.shape), tuple(view.shape))
+    candidates = torch.nonzero(view.reshape(-1) > 0)[:, 0]
+    pick = candidates[torch.randint(len(candidates), (n,), generator=generator)]
+    jitter = torch.randint(-1, 2, (n, 2), generator=generator)
+    step = torch.tensor([max(1, round(1 / scale)) // 2] * 2)
+    return grid.centres(pick) + jitter * step
 
-    ``None`` if the source has no ROI annotation.
+
+def _centres(source: ImageSource, n: int, scale: float, generator: torch.Generator):
+    """``n`` level-0 centres located on the ``scale`` view; ``None`` without annotations.
+
+    Half lie on ROI pixels (when the image has any), a quarter on annotated non-ROI
+    regions (hard negatives, when it has any), the rest anywhere in the tissue (the
+    whole image without a tissue mask): random points of a slide are mostly glass,
+    which teaches nothing.
     """
     h, w = source.shape
-    roi = read_roi(source, full_region(source), scale)
+    whole = full_region(source)
+    roi = read_roi(source, whole, scale)
     if roi is None:
         return None
+    hard = read_hard_negatives(source, whole, scale)
+    tissue = tissue_mask(source, scale)
     n_pos = n // 2 if bool((roi > 0).any()) else 0
-    rand = torch.rand(n - n_pos, 2, generator=generator, dtype=torch.float64)
-    centres = [(rand * torch.tensor([h - 1, w - 1], dtype=torch.float64)).round().long()]
+    n_hard = n // 4 if hard is not None and bool((hard > 0).any()) else 0
+    n_rest = n - n_pos - n_hard
+    if tissue is not None and bool(tissue.any()):
+        centres = [_on_mask(tissue, n_rest, (h, w), scale, generator)]
+    else:
+        rand = torch.rand(n_rest, 2, generator=generator, dtype=torch.float64)
+        centres = [(rand * torch.tensor([h - 1, w - 1], dtype=torch.float64)).round().long()]
     if n_pos:
-        view = roi[0].cpu()
-        grid = CellGrid(torch.zeros(1, 2), (h, w), tuple(view.shape), tuple(view.shape))
-        candidates = torch.nonzero(view.reshape(-1) > 0)[:, 0]
-        pick = candidates[torch.randint(len(candidates), (n_pos,), generator=generator)]
-        jitter = torch.randint(-1, 2, (n_pos, 2), generator=generator)
-        step = torch.tensor([max(1, round(1 / scale)) // 2] * 2)
-        centres.append(grid.centres(pick) + jitter * step)
+        centres.append(_on_mask(roi[0], n_pos, (h, w), scale, generator))
+    if n_hard:
+        centres.append(_on_mask(hard[0], n_hard, (h, w), scale, generator))
     return torch.cat(centres)
 
 

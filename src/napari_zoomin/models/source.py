@@ -23,6 +23,11 @@ Optional capabilities, looked up with ``getattr`` (a source may lack them):
   region-of-interest pixels (annotated tumour, …) under each output pixel, same
   geometry as ``read``; ``None`` when the image has no annotation.  Used for pixel
   supervision (000 §2.5) and tile pre-training.
+- ``read_hard_negatives(regions, scale) -> Tensor (n, h', w') | None``: the same for
+  annotated regions that are *not* ROI (a pathologist's "Normal" outline, the sample
+  slides' distractors); tile pre-training draws some negatives there, because such
+  look-alikes are what a classifier must learn to reject and random patches rarely
+  hit them.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ __all__ = [
     "crop_regions",
     "downsample_area",
     "full_region",
+    "read_hard_negatives",
     "read_roi",
     "read_view",
     "scaled_size",
@@ -113,6 +119,12 @@ def tissue_mask(source: ImageSource, scale: float) -> Tensor | None:
 def read_roi(source: ImageSource, regions: Tensor, scale: float) -> Tensor | None:
     """The source's ROI fractions for ``regions`` at ``scale``, or ``None`` if unannotated."""
     method = getattr(source, "read_roi", None)
+    return None if method is None else method(regions, scale)
+
+
+def read_hard_negatives(source: ImageSource, regions: Tensor, scale: float) -> Tensor | None:
+    """The source's annotated non-ROI fractions for ``regions``, or ``None`` if it has none."""
+    method = getattr(source, "read_hard_negatives", None)
     return None if method is None else method(regions, scale)
 
 
@@ -235,6 +247,8 @@ class TensorSource:
             tissue is ever excluded by downsampling.
         roi: optional (H, W) bool/float mask of regions of interest for pixel
             supervision; ``read_roi`` returns the fraction of ROI pixels per output pixel.
+        hard_negatives: optional (H, W) mask of annotated non-ROI regions
+            (``read_hard_negatives``).
 
     Reads are exact slices (zero-filled outside the image) and, for ``scale < 1``,
     area downsampling (:func:`downsample_area`).  ``counter`` records what was read.
@@ -245,11 +259,13 @@ class TensorSource:
         image: Tensor | np.ndarray,
         tissue: Tensor | np.ndarray | None = None,
         roi: Tensor | np.ndarray | None = None,
+        hard_negatives: Tensor | np.ndarray | None = None,
     ):
         self.image = _to_chw_float(image)
         shape = (int(self.image.shape[1]), int(self.image.shape[2]))
         self._tissue = _to_mask(tissue, shape, "tissue")
         self._roi = _to_mask(roi, shape, "roi")
+        self._hard_negatives = _to_mask(hard_negatives, shape, "hard_negatives")
         self.counter = ReadCounter()
 
     @property
@@ -272,3 +288,9 @@ class TensorSource:
         if self._roi is None:
             return None
         return downsample_area(crop_regions(self._roi, as_regions(regions)), scale)[:, 0]
+
+    def read_hard_negatives(self, regions: Tensor, scale: float) -> Tensor | None:
+        if self._hard_negatives is None:
+            return None
+        regions = as_regions(regions)
+        return downsample_area(crop_regions(self._hard_negatives, regions), scale)[:, 0]
