@@ -407,3 +407,36 @@ def test_zoomin_runs_on_cuda_with_amp():
     lt.total.backward()
     (p,) = m.predict([src], n_draws=2)
     assert p.probabilities.device.type == "cpu"
+
+
+@pytest.mark.parametrize("padding", ["same", "valid"])
+def test_blockwise_attention_equals_the_whole_view(padding):
+    """Inference computes stage-1 logits only in blocks with tissue, with the same values."""
+    from napari_zoomin.models.networks import AttentionNetwork
+
+    torch.manual_seed(0)
+    net = AttentionNetwork(padding=padding).eval()
+    nn.init.normal_(net.logit.weight)
+    view = torch.rand(3, 150, 131)
+    full = net(view[None])[0]
+    needed = torch.zeros_like(full, dtype=torch.bool)
+    needed[40:50, 60:70] = needed[0, 0] = needed[-1, -1] = True  # edges and corners too
+    blocks = net.forward_blocks(view, needed, block=32)
+    torch.testing.assert_close(blocks[needed], full[needed], rtol=0, atol=1e-6)
+    assert float(blocks[:32, 96:].abs().max()) == 0.0  # a block without tissue: not computed
+
+
+def test_stage1_skips_glass_blocks_at_inference_with_identical_alpha():
+    h, w = 96, 80
+    torch.manual_seed(0)
+    m = ZoomIn(
+        ZoomInConfig(
+            view_scale=1.0, stage2_scale=0.5, tile_size=(16, 16), subtile_size=(8, 8), **SMALL
+        )
+    )
+    nn.init.normal_(m.attention.logit.weight)
+    src = TensorSource(_image(h, w, 3), tissue=_tissue(h, w))
+    trained = m.stage1([src])[0]  # with gradients: the whole view
+    with torch.no_grad():
+        inferred = m.stage1([src])[0]
+    torch.testing.assert_close(inferred.attention, trained.attention.detach(), rtol=0, atol=1e-7)

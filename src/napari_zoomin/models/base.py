@@ -204,18 +204,24 @@ class AttentionSamplingModel(nn.Module):
     # -- stage 1 ----------------------------------------------------------------------
 
     def stage1(self, sources: Sequence[ImageSource]) -> list[Stage1]:
-        """Views at ``view_scale``, attention logits and ``α`` for every image (000 eq. 1)."""
+        """Views at ``view_scale``, attention logits and ``α`` for every image (000 eq. 1).
+
+        Without gradients (inference) and with a tissue mask, logits are computed only
+        for blocks holding tissue cells (:meth:`AttentionNetwork.forward_blocks`,
+        identical values): the other cells get ``α = 0`` whatever their logit.
+        """
         scale = self.config.view_scale
         views = [read_view(src, scale).to(self.device) for src in sources]
-        logits = apply_grouped(self.attention, views)
-        out = []
-        for src, view, lg in zip(sources, views, logits, strict=True):
+        grids, masks, tissues = [], [], []
+        for src, view in zip(sources, views, strict=True):
             h, w = src.shape
+            view_shape = (int(view.shape[-2]), int(view.shape[-1]))
+            map_shape = self.attention.map_shape(view_shape)
             grid = CellGrid(
                 origins=torch.zeros(1, 2, dtype=torch.int64),
                 region_size=(int(h), int(w)),
-                view_shape=(int(view.shape[-2]), int(view.shape[-1])),
-                map_shape=(int(lg.shape[-2]), int(lg.shape[-1])),
+                view_shape=view_shape,
+                map_shape=(int(map_shape[0]), int(map_shape[1])),
                 offset=tuple(self.attention.offset),
                 stride=tuple(self.attention.stride),
             )
@@ -224,6 +230,22 @@ class AttentionSamplingModel(nn.Module):
             if tissue is not None:
                 tissue = tissue.to(torch.bool).cpu()
                 mask = grid.cell_values(tissue).reshape(-1).to(self.device)
+            grids.append(grid)
+            masks.append(mask)
+            tissues.append(tissue)
+        blockwise = not torch.is_grad_enabled() and hasattr(self.attention, "forward_blocks")
+        logits: list[Tensor | None] = [
+            self.attention.forward_blocks(view, mask.reshape(grid.map_shape))
+            if blockwise and mask is not None
+            else None
+            for view, mask, grid in zip(views, masks, grids, strict=True)
+        ]
+        rest = [k for k, lg in enumerate(logits) if lg is None]
+        computed = apply_grouped(self.attention, [views[k] for k in rest])
+        for k, lg in zip(rest, computed, strict=True):
+            logits[k] = lg
+        out = []
+        for lg, mask, grid, tissue in zip(logits, masks, grids, tissues, strict=True):
             alpha = attention_distribution(
                 lg[None], None if mask is None else mask[None], self.config.uniform_mix
             )[0]
