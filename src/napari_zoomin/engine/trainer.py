@@ -112,6 +112,12 @@ class TrainConfig:
         pretrain_patches: patches per annotated slide and network for pre-training.
         roi_labels: annotation labels that are ROI (e.g. ``("Tumor",)``).
 
+    Starting point:
+        init_from: start from the weights of this checkpoint (a path or ``"demo"``)
+            instead of a random initialisation: fine-tuning a model on new slides, or
+            a second training phase with other settings. Its kind and architecture
+            must be those of these settings.
+
     Data:
         num_workers: threads decoding the regions of one read.
     """
@@ -144,6 +150,7 @@ class TrainConfig:
     pretrain_epochs: int = 5
     pretrain_patches: int = 32
     roi_labels: tuple[str, ...] = DEFAULT_ROI_LABELS
+    init_from: str | None = None
     num_workers: int = 4
 
     def __post_init__(self) -> None:
@@ -477,6 +484,8 @@ def train(
                 model = build_model(config.kind, settings)
             except (ValueError, TypeError) as exc:
                 raise TrainingError(None, f"cannot build the {config.kind} model: {exc}.") from None
+        if config.init_from:
+            _initialise_from(model, config, settings, len(classes))
     model.to(device)
 
     def info(final: bool = False) -> dict[str, Any]:
@@ -742,6 +751,31 @@ def train(
             if state.stopped_early:
                 break
     return result(cancelled=cancelled)
+
+
+def _initialise_from(model, config: TrainConfig, settings: dict, num_classes: int) -> None:
+    """Copy the weights of ``config.init_from`` into a freshly built ``model``."""
+    from .checkpoints import load_model
+
+    start = load_model(config.init_from)
+    theirs = _plain(start.config)
+    ours = _plain(_model_config_dict(config.kind, settings))
+    if start.kind != config.kind or theirs != ours or len(start.classes) != num_classes:
+        what = [f"kind {start.kind} vs {config.kind}"] if start.kind != config.kind else []
+        if isinstance(theirs, dict) and isinstance(ours, dict):
+            what += [
+                f"{k}: {theirs.get(k)!r} vs {ours.get(k)!r}"
+                for k in sorted(set(theirs) | set(ours))
+                if theirs.get(k) != ours.get(k)
+            ]
+        if len(start.classes) != num_classes:
+            what.append(f"{len(start.classes)} classes vs {num_classes}")
+        raise TrainingError(
+            start.path,
+            "cannot initialise from it: another architecture (" + "; ".join(what[:6]) + ").",
+            "Use the same model settings as that checkpoint, or drop init_from.",
+        )
+    model.load_state_dict(start.model.state_dict())
 
 
 def _parameter_groups(model: AttentionSamplingModel, config: TrainConfig) -> list[dict]:
