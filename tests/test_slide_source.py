@@ -108,3 +108,18 @@ def test_user_mask_wrong_size_is_a_clear_error(tmp_path):
         load_tissue_mask(tmp_path / "bad.npy", (5000, 10_000))
     with pytest.raises(AnnotationError, match="not found"):
         load_tissue_mask(tmp_path / "missing.png", (10, 10))
+
+
+@pytest.mark.parametrize("scale", [1 / 16, 1 / 64, 1 / 300, 0.3])
+def test_tissue_mask_at_any_scale_marks_views_pixels_over_any_tissue(scale):
+    """``at_scale`` equals the definition: area resampling of the mask, then > 0."""
+    import torch.nn.functional as F
+
+    from napari_zoomin.models.source import scaled_size
+
+    mask = np.random.default_rng(0).random((157, 123)) > 0.97
+    tissue = TissueMask(mask, (10_000, 7_833), "test")
+    size = (scaled_size(10_000, scale), scaled_size(7_833, scale))
+    as_float = torch.from_numpy(mask.astype(np.float32))[None, None]
+    expected = F.interpolate(as_float, size, mode="area")
+    assert torch.equal(tissue.at_scale(scale), expected[0, 0] > 0)

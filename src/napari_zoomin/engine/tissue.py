@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..errors import AnnotationError
 from ..models.source import scaled_size
@@ -51,8 +50,26 @@ class TissueMask:
         """The mask at the view ``V(x, scale)``: True where any tissue lies under a pixel."""
         h, w = self.level0_shape
         size = (scaled_size(h, scale), scaled_size(w, scale))
-        m = torch.from_numpy(self.mask.astype(np.float32))[None, None]
-        return F.interpolate(m, size=size, mode="area")[0, 0] > 0
+        m = _any_in_ranges(self.mask, size[0], axis=0)
+        return torch.from_numpy(_any_in_ranges(m, size[1], axis=1))
+
+
+def _any_in_ranges(mask: np.ndarray, size: int, axis: int) -> np.ndarray:
+    """Resize a bool mask along ``axis`` to ``size``: True where any covered pixel is.
+
+    Output pixel ``i`` covers input pixels ``[floor(i·n/size), ceil((i+1)·n/size))``
+    (the ranges of area resampling), counted with a cumulative sum: exact, and fast
+    both up and down (a gigapixel slide's 1/16 view is 4x its tissue mask).
+    """
+    n = mask.shape[axis]
+    i = np.arange(size, dtype=np.int64)
+    lo = (i * n) // size
+    hi = -((-(i + 1) * n) // size)  # ceil
+    if n <= size:  # upsampling: a range holds one or two pixels
+        return mask.take(lo, axis=axis) | mask.take(hi - 1, axis=axis)
+    counts = np.cumsum(mask, axis=axis, dtype=np.int32)
+    counts = np.concatenate([np.zeros_like(counts.take([0], axis=axis)), counts], axis=axis)
+    return (counts.take(hi, axis=axis) - counts.take(lo, axis=axis)) > 0
 
 
 def _saturation(rgb: np.ndarray) -> np.ndarray:

@@ -99,9 +99,9 @@ class AttentionNetwork(nn.Module):
             elif norm is not None:
                 raise ValueError(f"norm must be 'batch' or None, got {norm!r}")
             if activation == "relu":
-                body.append(nn.ReLU())
+                body.append(nn.ReLU(inplace=True))
             elif activation == "leaky_relu":
-                body.append(nn.LeakyReLU(0.2))
+                body.append(nn.LeakyReLU(0.2, inplace=True))
             else:
                 raise ValueError(f"activation must be 'relu' or 'leaky_relu', got {activation!r}")
             c_in = channels
