@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from ..sampling import sample, two_stage_expected_features
 from ..sampling.sampler import draws_to_counts, sample_subtiles
-from .base import AttentionSamplingModel, SamplingConfig, Stage1, stack_rows, unique_pairs
+from .base import AttentionSamplingModel, SamplingConfig, Stage1, unique_pairs
 from .coordinates import CellGrid
 from .device import autocast
 from .distributions import attention_distribution, complement_distribution
@@ -66,6 +66,34 @@ class ZoomInConfig(SamplingConfig):
     mask_subtiles: bool = True
 
 
+def _draw_tiles(
+    alphas: Sequence[Tensor], rows: Tensor, n: int, generator: torch.Generator | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """N stage-1 draws with replacement per row, as distinct cells, counts and ``α_c``.
+
+    Each image's distribution is sampled once for all its rows (independent draws, so
+    ``r·N`` draws split into ``r`` rows are ``r`` independent samples), over its
+    non-zero cells only: K draws of a gigapixel slide whose ``α`` has tens of millions
+    of cells never stack K copies of it.
+
+    Returns:
+        ``cells`` (R, T) with ``counts`` (R, T) (0 = padding), and ``α`` (R, T) at
+        those cells, differentiable.
+    """
+    draws = torch.empty((len(rows), n), dtype=torch.int64)
+    for b in torch.unique(rows).tolist():
+        sel = torch.nonzero(rows == b)[:, 0]
+        a = alphas[b].detach()
+        nonzero = torch.nonzero(a > 0)[:, 0]
+        picks = sample(a[nonzero][None], n * len(sel), replace=True, generator=generator)
+        draws[sel] = nonzero[picks[0]].cpu().reshape(len(sel), n)
+    cells, counts = draws_to_counts(draws)
+    gathered = torch.stack(
+        [alphas[b][cells[r].to(alphas[b].device)] for r, b in enumerate(rows.tolist())]
+    )
+    return cells, counts, gathered
+
+
 @dataclass(eq=False)
 class TwoStagePass:
     """One two-stage sampling pass over R rows (image, draw).
@@ -74,8 +102,9 @@ class TwoStagePass:
 
     Attributes:
         rows: (R,) image of each row.
-        tile_attention: (R, K1) the stage-1 distribution that was sampled (α, or its
-            complement for contrastive views).
+        tile_attention: (R, T) the stage-1 distribution that was sampled (α, or its
+            complement for contrastive views) at the drawn tiles ``tile_cells`` (a
+            gigapixel slide's α has millions of cells; rows never copy it).
         tile_cells, tile_counts, tile_ids: (R, T) distinct drawn tiles, their counts
             ``m_c`` (0 = padding) and their index in the tile table.
         table_images, table_cells, table_regions: (U,), (U,), (U, 4) the tile table.
@@ -182,10 +211,8 @@ class ZoomIn(AttentionSamplingModel):
             if complement:
                 a = complement_distribution(a[None], None if s.mask is None else s.mask[None])[0]
             alphas.append(a)
-        p = stack_rows(alphas, rows_t.tolist())  # (R, K1)
         # Stage 1: N tiles with replacement, kept as counts m_c (000 §2.2, eq. 6).
-        draws = sample(p.detach(), c.n_samples, replace=True, generator=generator)
-        cells, counts = draws_to_counts(draws)  # (R, T)
+        cells, counts, p = _draw_tiles(alphas, rows_t, c.n_samples, generator)  # (R, T) each
         row_images = rows_t[:, None].expand(cells.shape)
         t_images, t_cells, tile_ids = unique_pairs(row_images, cells, counts.cpu() > 0)
         regions = torch.empty(int(t_images.shape[0]), 4, dtype=torch.int64)
@@ -208,7 +235,7 @@ class ZoomIn(AttentionSamplingModel):
         beta = attention_distribution(logits2, mask2, c.uniform_mix)  # (U, K2)
         beta_sampled = complement_distribution(beta, mask2) if complement else beta
 
-        tile_ids_dev = tile_ids.to(p.device)
+        tile_ids_dev = tile_ids.to(beta_sampled.device)
         beta_rows = beta_sampled[tile_ids_dev]  # (R, T, K2)
         # min(m_c, nnz β^c) sub-tiles per tile without replacement, eq. (9) of 000.
         sub_idx, n_sub = sample_subtiles(beta_rows.detach(), counts, generator)
@@ -221,7 +248,8 @@ class ZoomIn(AttentionSamplingModel):
         feats = self.featurise(sources, t_images[s_tiles], sub_regions)  # (S, D)
         feat_rows = feats[sub_ids.to(feats.device)]  # (R, T, M, D)
         # Unbiased value and gradients for a, b and f (estimators.py, eq. 5 and 9 of 000).
-        z = two_stage_expected_features(p, cells, counts, beta_rows, sub_idx, feat_rows)
+        positions = torch.arange(cells.shape[1], device=p.device).expand(cells.shape)
+        z = two_stage_expected_features(p, positions, counts, beta_rows, sub_idx, feat_rows)
         return TwoStagePass(
             rows=rows_t,
             tile_attention=p,
