@@ -90,7 +90,9 @@ class SlideSource:
         else:
             with ThreadPoolExecutor(min(self.workers, n)) as pool:
                 blocks = list(pool.map(read_one, windows))
-        pixels = torch.from_numpy(np.stack(blocks)).permute(0, 3, 1, 2)
+        # one region (a stage-1 view: hundreds of MB on a gigapixel slide) is not copied
+        stacked = blocks[0][None] if n == 1 else np.stack(blocks)
+        pixels = torch.from_numpy(stacked).permute(0, 3, 1, 2)
         pixels = pixels.float().div_(255.0)
         if (lh, lw) != out_size or any(
             (y1 - y0, x1 - x0) != (lh, lw) for y0, y1, x0, x1 in windows

@@ -244,6 +244,7 @@ class AttentionSamplingModel(nn.Module):
         computed = apply_grouped(self.attention, [views[k] for k in rest])
         for k, lg in zip(rest, computed, strict=True):
             logits[k] = lg
+        del views, computed  # a gigapixel slide's view is large: free it before the softmax
         out = []
         for lg, mask, grid, tissue in zip(logits, masks, grids, tissues, strict=True):
             alpha = attention_distribution(
