@@ -1,0 +1,647 @@
+"""``Classify slide``: run the engine on a slide layer and show where the model looked.
+
+The widget holds no model logic: it gathers the inputs, runs
+:func:`napari_zoomin.engine.inference.classify` in a napari worker (progress bar, Cancel),
+and renders the returned :class:`~napari_zoomin.engine.results.Result` with
+:mod:`.result_layers` (four layers on the slide), a summary and a table of the most
+attended sub-tiles.  Export writes the engine's files (:func:`~napari_zoomin.engine.
+results.write_outputs`) and the ``ROI annotations`` layer as QuPath GeoJSON.  "Edit tissue
+mask" shows the engine's tissue mask as a labels layer; while that layer exists, its
+(possibly edited) pixels are the sampling mask of the next classification.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from magicgui.widgets import (
+    ComboBox,
+    Container,
+    Label,
+    ProgressBar,
+    PushButton,
+    SpinBox,
+    Table,
+)
+from qtpy.QtCore import QObject, Signal, Slot
+
+from ..errors import ZoominError
+from .model_choices import DEMO, known_models, on_models_changed
+from .result_layers import (
+    RESULT_KEY,
+    STAGE2_LAYER,
+    TISSUE_LAYER,
+    result_layer_data,
+    subtile_view,
+    summary_lines,
+    tissue_layer_data,
+    tissue_mask_from_labels,
+    top_subtiles,
+)
+from .slide_layers import layer_slide, level0_frame, slide_layers
+
+if TYPE_CHECKING:
+    import napari
+
+    from ..engine.checkpoints import Checkpoint
+    from ..engine.results import Result
+
+__all__ = ["ClassifyWidget", "available_devices"]
+
+log = logging.getLogger(__name__)
+
+#: rows of the "most attended sub-tiles" table
+TOP_SUBTILES = 20
+ROI_EXPORT_NAME = "roi_annotations.geojson"
+#: metadata key by which the ROI annotations widget ties a shapes layer to its slide
+#: (the slide's resolved path, or ``layer:<name>``); see ``roi_widget.ROI_METADATA``
+ROI_METADATA = "napari_zoomin_roi"
+
+
+def available_devices() -> list[str]:
+    """``auto``, ``cpu`` and the accelerators torch reports here (nothing that would fail)."""
+    import torch
+
+    devices = ["auto", "cpu"]
+    if torch.cuda.is_available():
+        devices += ["cuda"] + [f"cuda:{i}" for i in range(1, torch.cuda.device_count())]
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        devices.append("mps")
+    return devices
+
+
+def _model_label(model: str) -> str:
+    if model == DEMO:
+        return "demo (packaged)"
+    path = Path(model)
+    return f"{path.name} ({path.parent})"
+
+
+def _level0_shape(layer) -> tuple[int, int]:
+    data = layer.data[0] if layer.multiscale else layer.data
+    return int(data.shape[0]), int(data.shape[1])
+
+
+class _Relay(QObject):
+    """Carries calls from worker threads (and model registrations) to the GUI thread.
+
+    It lives in the GUI thread, so a signal emitted anywhere is delivered there (queued).
+    """
+
+    progressed = Signal(float, str)
+    models_changed = Signal()
+
+    def __init__(self, on_progress, on_models_changed):
+        super().__init__()
+        self._on_progress = on_progress
+        self._on_models_changed = on_models_changed
+        self.progressed.connect(self._deliver_progress)
+        self.models_changed.connect(self._deliver_models)
+
+    @Slot(float, str)
+    def _deliver_progress(self, fraction: float, message: str) -> None:
+        self._on_progress(fraction, message)
+
+    @Slot()
+    def _deliver_models(self) -> None:
+        self._on_models_changed()
+
+
+@dataclass
+class _Job:
+    """Everything a classification needs, captured on the GUI thread when it starts."""
+
+    layer: Any
+    frame: tuple[tuple[float, float], tuple[float, float]]
+    model: str
+    device: str
+    draws: int
+    seed: int
+    tissue: np.ndarray | None  # an edited tissue mask (copy), or None for "auto"
+    units: tuple  # the slide layer's (y, x) units, given to every result layer
+
+
+@dataclass
+class _Outcome:
+    result: Result | None = None
+    layers: list | None = None  # napari layers, built in the worker (Shapes are slow to build)
+    cancelled: bool = False
+    error: str | None = None
+
+
+class ClassifyWidget(Container):
+    """Dock widget: inputs, Classify/Cancel, progress, result summary, top sub-tiles."""
+
+    def __init__(self, viewer: napari.viewer.Viewer):
+        super().__init__(labels=False)
+        self.viewer = viewer
+        self.result: Result | None = None
+        self._result_frame = None
+        self._result_slide = None  # the slide layer the result was computed for
+        self._worker = None
+        self._busy = False
+        self._cancel = threading.Event()
+        self._browsed: list[str] = []
+        self._checkpoints: dict[tuple, Checkpoint] = {}
+        self._checkpoint_lock = threading.Lock()
+        self._relay = _Relay(self._on_progress, self._refresh_models)
+
+        self.slide_choice = ComboBox(label="Slide", choices=self._slide_choices)
+        self.model_choice = ComboBox(label="Model", choices=self._model_choices, value=DEMO)
+        self.browse_button = PushButton(text="Choose checkpoint…")
+        self.draws = SpinBox(label="Draws (K)", value=16, min=1, max=1024)
+        self.seed = SpinBox(label="Seed", value=0, min=0, max=2**31 - 1)
+        self.device = ComboBox(label="Device", choices=available_devices(), value="auto")
+        self.classify_button = PushButton(text="Classify slide")
+        self.cancel_button = PushButton(text="Cancel", enabled=False)
+        self.progress = ProgressBar(min=0, max=100, value=0)
+        self.status = Label(value="")
+        self.summary = Label(value="")
+        self.subtile_table = Table(
+            value={"data": [], "index": [], "columns": self._table_columns()}
+        )
+        self.export_button = PushButton(text="Export…", enabled=False)
+        self.tissue_button = PushButton(text="Edit tissue mask")
+
+        form = Container(
+            widgets=[self.slide_choice, self.model_choice, self.draws, self.seed, self.device],
+            labels=True,
+        )
+        self.extend(
+            [
+                form,
+                self.browse_button,
+                Container(
+                    widgets=[self.classify_button, self.cancel_button],
+                    layout="horizontal",
+                    labels=False,
+                ),
+                self.progress,
+                self.status,
+                self.summary,
+                Label(value="Most attended sub-tiles (select one to go there):"),
+                self.subtile_table,
+                Container(
+                    widgets=[self.export_button, self.tissue_button],
+                    layout="horizontal",
+                    labels=False,
+                ),
+            ]
+        )
+        from qtpy.QtWidgets import QSizePolicy
+
+        for label in (self.status, self.summary):  # long paths wrap, never widen the dock
+            label.native.setWordWrap(True)
+            label.native.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
+        self._setup_table()
+
+        self.classify_button.changed.connect(self.classify)
+        self.cancel_button.changed.connect(self.cancel)
+        self.browse_button.changed.connect(self._browse_checkpoint)
+        self.export_button.changed.connect(self._export_dialog)
+        self.tissue_button.changed.connect(self.edit_tissue_mask)
+        for event in (
+            viewer.layers.events.inserted,
+            viewer.layers.events.removed,
+            viewer.layers.events.moved,
+        ):
+            event.connect(self._refresh_slides)
+        self._disconnect_models = on_models_changed(self._models_registered)
+        disconnect = self._disconnect_models  # not self: the widget is going away
+        self.native.destroyed.connect(lambda *_: disconnect())
+        self._refresh_slides()
+
+    # ------------------------------------------------------------------ choices
+    def _slide_choices(self, _widget=None) -> list[tuple[str, Any]]:
+        """Image layers that can be slides: not our own attention maps."""
+        return [
+            (layer.name, layer)
+            for layer in slide_layers(self.viewer)
+            if RESULT_KEY not in layer.metadata
+        ]
+
+    def _refresh_slides(self, _event=None) -> None:
+        """Follow layers added/removed; keep the choice, else the active image, else the first."""
+        previous = self.slide_choice.value
+        self.slide_choice.reset_choices()
+        layers = [layer for _, layer in self._slide_choices()]
+        if layers and not any(layer is previous for layer in layers):
+            active = self.viewer.layers.selection.active
+            self.slide_choice.value = next((lay for lay in layers if lay is active), layers[0])
+        self._update_buttons()
+
+    def _model_choices(self, _widget=None) -> list[tuple[str, str]]:
+        models = known_models()
+        models += [p for p in self._browsed if p not in models]
+        return [(_model_label(m), m) for m in models]
+
+    def _models_registered(self, _choices) -> None:
+        """Called by :func:`register_model`, possibly from a worker thread: go via Qt."""
+        try:
+            self._relay.models_changed.emit()
+        except RuntimeError:  # the widget is gone
+            self._disconnect_models()
+
+    def _refresh_models(self) -> None:
+        self.model_choice.reset_choices()
+
+    def choose_checkpoint(self, path: str | Path) -> bool:
+        """Add a checkpoint file to the model list and select it, if it loads.
+
+        The file is loaded (and cached) now for the selected device, so a damaged file
+        is reported when chosen, not after a click on Classify.
+        """
+        path = str(Path(path).expanduser().resolve())
+        try:
+            self._checkpoint(path, self.device.value)
+        except ZoominError as exc:
+            _show_error(str(exc))
+            return False
+        if path not in self._browsed:
+            self._browsed.append(path)
+        self.model_choice.reset_choices()
+        self.model_choice.value = path
+        return True
+
+    def _browse_checkpoint(self) -> None:
+        from qtpy.QtWidgets import QFileDialog
+
+        path, _ = QFileDialog.getOpenFileName(
+            self.native,
+            "Choose a napari-zoomin checkpoint",
+            "",
+            "napari-zoomin checkpoints (*.safetensors);;All files (*)",
+        )
+        if path:
+            self.choose_checkpoint(path)
+
+    def _checkpoint(self, model: str, device: str) -> Checkpoint:
+        """The loaded checkpoint, cached per (model, file version, device)."""
+        from ..engine.checkpoints import DEMO_MODEL, load_model
+        from ..errors import ClassificationError
+        from ..models.device import select_device
+
+        try:
+            dev = select_device(device)
+        except (RuntimeError, ValueError) as exc:
+            raise ClassificationError(
+                None, f"cannot use device {device!r}: {exc}.", "Choose cpu or auto."
+            ) from exc
+        file = DEMO_MODEL if model == DEMO else Path(model)
+        try:
+            stat = file.stat()
+            version = (stat.st_mtime_ns, stat.st_size)
+        except OSError:
+            version = None  # load_model says what is wrong with the path
+        key = (model, version, str(dev))
+        with self._checkpoint_lock:
+            if key not in self._checkpoints:
+                checkpoint = load_model(model, dev)
+                for old in [k for k in self._checkpoints if k[0] == model and k[2] == key[2]]:
+                    del self._checkpoints[old]  # an older version of the same file
+                self._checkpoints[key] = checkpoint
+            return self._checkpoints[key]
+
+    # ------------------------------------------------------------------ running
+    @property
+    def running(self) -> bool:
+        """True from Classify until the result is shown (or cancelled, or failed)."""
+        return self._busy
+
+    def _update_buttons(self) -> None:
+        has_slide = self.slide_choice.value is not None
+        self.classify_button.enabled = has_slide and not self.running
+        self.tissue_button.enabled = has_slide
+        self.cancel_button.enabled = self._worker is not None
+        self.export_button.enabled = self.result is not None and not self.running
+        if not has_slide and not self.running:
+            self.status.value = "Open a slide (File > Open, or File > Open Sample) to classify it."
+        elif self.status.value.startswith("Open a slide"):
+            self.status.value = ""
+
+    def _tissue_labels_for(self, layer) -> np.ndarray | None:
+        """A copy of the ``tissue mask`` layer's pixels if it was made for ``layer``."""
+        from napari.layers import Labels
+
+        if TISSUE_LAYER not in self.viewer.layers:
+            return None
+        tissue = self.viewer.layers[TISSUE_LAYER]
+        meta = tissue.metadata.get("napari_zoomin_tissue") if isinstance(tissue, Labels) else None
+        if not meta or meta.get("slide_layer") != layer.name:
+            return None
+        if tuple(meta.get("level0_shape", ())) != _level0_shape(layer):
+            return None
+        return np.array(tissue.data, copy=True)
+
+    def classify(self) -> None:
+        """Start classifying the chosen slide in a worker thread."""
+        if self.running:
+            return
+        layer = self.slide_choice.value
+        if layer is None:
+            _show_warning("No slide to classify: open a slide (File > Open) first.")
+            return
+        from napari.qt.threading import create_worker
+
+        job = _Job(
+            layer=layer,
+            frame=level0_frame(layer),
+            model=self.model_choice.value,
+            device=self.device.value,
+            draws=int(self.draws.value),
+            seed=int(self.seed.value),
+            tissue=self._tissue_labels_for(layer),
+            units=tuple(layer.units[-2:]),
+        )
+        self._cancel.clear()
+        self.progress.value = 0
+        mask = " with the edited tissue mask" if job.tissue is not None else ""
+        self.status.value = f"Classifying {layer.name}{mask}…"
+        worker = create_worker(self._run, job, _start_thread=False)
+        worker.returned.connect(lambda outcome: self._finished(outcome, job))
+        worker.errored.connect(lambda _exc: self._done())  # only BaseException gets here
+        self._worker = worker
+        self._busy = True
+        self._update_buttons()
+        worker.start()
+
+    def cancel(self) -> None:
+        """Ask the running classification to stop at its next step."""
+        if self._worker is not None:  # not once the result is being shown
+            self._cancel.set()
+            self.status.value = "Cancelling…"
+
+    def _run(self, job: _Job) -> _Outcome:
+        """The worker: load (cached) model, open the slide, classify, build the result
+        layers (napari layers are plain Python objects; only adding them needs the GUI
+        thread).  Never raises."""
+        from napari.layers import Layer
+
+        from ..engine.inference import Cancelled, classify
+
+        try:
+            ckpt = self._checkpoint(job.model, job.device)
+            with layer_slide(job.layer) as slide:
+                tissue: Any = "auto"
+                if job.tissue is not None:
+                    tissue = tissue_mask_from_labels(job.tissue, slide.shape)
+                result = classify(
+                    slide,
+                    ckpt,
+                    draws=job.draws,
+                    seed=job.seed,
+                    device=job.device,
+                    tissue=tissue,
+                    progress=self._relay.progressed.emit,
+                    cancel=self._cancel.is_set,
+                )
+            layers = [
+                Layer.create(data, {**kwargs, "units": job.units}, kind)
+                for data, kwargs, kind in result_layer_data(result, job.frame)
+            ]
+            return _Outcome(result=result, layers=layers)
+        except Cancelled:
+            return _Outcome(cancelled=True)
+        except ZoominError as exc:
+            return _Outcome(error=str(exc))
+        except Exception as exc:  # a bug: say so plainly, keep the traceback in the log
+            log.exception("classification failed")
+            return _Outcome(
+                error=f"classification failed unexpectedly ({type(exc).__name__}: {exc}). "
+                "Please report this with the log."
+            )
+
+    def _on_progress(self, fraction: float, message: str) -> None:
+        if self.running and not self._cancel.is_set():
+            self.progress.value = round(100 * fraction)
+            self.status.value = message
+
+    def _finished(self, outcome: _Outcome, job: _Job) -> None:
+        self._worker = None
+        self.cancel_button.enabled = False
+        if outcome.cancelled:
+            self.progress.value = 0
+            self.status.value = "Classification cancelled."
+            self._done()
+        elif outcome.error is not None:
+            self.progress.value = 0
+            self.status.value = "Classification failed (see the notification)."
+            _show_error(outcome.error)
+            self._done()
+        else:
+            self._show_result(outcome.result, outcome.layers, job)
+
+    def _done(self) -> None:
+        self._worker = None
+        self._busy = False
+        self._update_buttons()
+
+    # ------------------------------------------------------------------ result
+    def _show_result(self, result: Result, layers: list, job: _Job) -> None:
+        self.result = result
+        self._result_frame = job.frame
+        self._result_slide = job.layer
+        if not result.has_stage2 and STAGE2_LAYER in self.viewer.layers:
+            self.viewer.layers.remove(STAGE2_LAYER)  # a stale map of an earlier model
+        self.summary.value = "\n".join(summary_lines(result))
+        self._fill_table(result)
+        self.status.value = "Adding the result layers…"
+
+        def shown() -> None:
+            self.progress.value = 100
+            self.status.value = f"Classified {job.layer.name}."
+            self._done()
+
+        self._add_gradually(list(layers), shown)
+
+    def _add_gradually(self, layers: list, then) -> None:
+        """Add one layer per turn of the Qt event loop, then call ``then``: napari spends
+        ~0.3 s of GUI time on each new layer, and the viewer should not freeze for all."""
+        from qtpy.QtCore import QTimer
+
+        if not layers:
+            then()
+            return
+        self._put_layers(layers[:1])
+        QTimer.singleShot(0, lambda: self._add_gradually(layers[1:], then))
+
+    def _put_layers(self, layers: list) -> None:
+        """Add layers, replacing a layer of the same name in place (same position,
+        visibility and opacity), so a re-run never stacks duplicates."""
+        for new in layers:
+            name = new.name
+            if name in self.viewer.layers:
+                old = self.viewer.layers[name]
+                new.visible, new.opacity = old.visible, old.opacity
+                index = self.viewer.layers.index(old)
+                self.viewer.layers.remove(old)
+                self.viewer.layers.insert(index, new)
+            else:
+                self.viewer.layers.append(new)
+
+    @staticmethod
+    def _table_columns() -> list[str]:
+        return ["rank", "weight", "x (px)", "y (px)", "size (px)"]
+
+    def _setup_table(self) -> None:
+        from qtpy.QtWidgets import QAbstractItemView
+
+        table = self.subtile_table.native
+        table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
+        table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
+        table.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
+        table.verticalHeader().setVisible(False)
+        table.itemSelectionChanged.connect(self._on_table_selection)
+
+    def _fill_table(self, result: Result) -> None:
+        rows = [
+            [r["rank"], f"{r['weight']:.4g}", r["x"], r["y"], f"{r['w']} x {r['h']}"]
+            for r in top_subtiles(result, TOP_SUBTILES)
+        ]
+        self.subtile_table.value = {"data": rows, "index": [], "columns": self._table_columns()}
+        self.subtile_table.native.resizeColumnsToContents()
+
+    def _on_table_selection(self) -> None:
+        rows = self.subtile_table.native.selectionModel().selectedRows()
+        if rows:
+            self.show_subtile(rows[0].row())
+
+    def show_subtile(self, index: int) -> None:
+        """Centre the camera on sub-tile ``index`` (0 = most attended), at full resolution."""
+        if self.result is None or not 0 <= index < len(self.result.subtiles):
+            return
+        region = self.result.subtiles[index]["region"]
+        centre, zoom = subtile_view(region, self._result_frame, self.viewer.canvas.size)
+        camera = self.viewer.scene.camera
+        camera.center = centre
+        camera.zoom = zoom
+
+    # ------------------------------------------------------------------ export
+    def _export_dialog(self) -> None:
+        from qtpy.QtWidgets import QFileDialog
+
+        folder = QFileDialog.getExistingDirectory(self.native, "Export the result to a folder")
+        if folder:
+            self.export(folder)
+
+    def _roi_layer(self):
+        """The ROI shapes layer of the classified slide: the one the ``ROI annotations``
+        widget tied to it (metadata), else an untied layer named ``ROI annotations``."""
+        from napari.layers import Shapes
+
+        from .roi_shapes import ROI_LAYER_NAME
+
+        slide = self._result_slide
+        path = slide.metadata.get("path") or getattr(slide.source, "path", None)
+        key = str(Path(path).resolve()) if path else f"layer:{slide.name}"
+        shapes = [layer for layer in self.viewer.layers if isinstance(layer, Shapes)]
+        tied = [layer for layer in shapes if layer.metadata.get(ROI_METADATA) == key]
+        untied = [
+            layer
+            for layer in shapes
+            if layer.name == ROI_LAYER_NAME and ROI_METADATA not in layer.metadata
+        ]
+        return (tied + untied or [None])[0]
+
+    def roi_annotations(self):
+        """The classified slide's ROI shapes as annotations in level-0 pixels, if any."""
+        from .roi_shapes import LABEL_FEATURE, RINGS_FEATURE, shapes_to_annotations
+
+        layer = self._roi_layer() if self._result_slide is not None else None
+        if layer is None or len(layer.data) == 0:
+            return []
+        features = layer.features
+        labels = (
+            list(features[LABEL_FEATURE]) if LABEL_FEATURE in features else [""] * len(layer.data)
+        )
+        rings = list(features[RINGS_FEATURE]) if RINGS_FEATURE in features else None
+        annotations, _ = shapes_to_annotations(
+            layer.data,
+            layer.shape_type,
+            labels,
+            layer_scale=layer.scale,
+            layer_translate=layer.translate,
+            frame=self._result_frame,
+            rings=rings,
+        )
+        return annotations
+
+    def export(self, folder: str | Path) -> dict[str, Path]:
+        """Write result.json, the attention maps (pyramidal OME-TIFF), sampled.geojson and,
+        when there is an ``ROI annotations`` layer, roi_annotations.geojson into ``folder``."""
+        from ..engine.annotations import write_geojson
+        from ..engine.results import write_outputs
+
+        if self.result is None:
+            _show_warning("Nothing to export yet: classify a slide first.")
+            return {}
+        out = Path(folder)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            written: dict[str, Path] = {}
+            rois = self.roi_annotations()
+            if rois:
+                written["rois"] = write_geojson(out / ROI_EXPORT_NAME, rois)
+            written.update(write_outputs(self.result, out))  # result.json last
+        except OSError as exc:
+            _show_error(
+                f"{out}: cannot write the result there ({exc.strerror or exc}). "
+                "Choose a folder you can write to."
+            )
+            return {}
+        from napari.utils.notifications import show_info
+
+        names = ", ".join(p.name for p in written.values())
+        show_info(f"Exported {names} to {out}")
+        self.status.value = f"Exported to {out}"
+        return written
+
+    # ------------------------------------------------------------------ tissue
+    def edit_tissue_mask(self) -> None:
+        """Show the engine's tissue mask of the chosen slide as a paintable labels layer.
+
+        An existing ``tissue mask`` layer for the same slide is kept (it may hold edits)
+        and selected; delete it to start again from the detected mask.
+        """
+        layer = self.slide_choice.value
+        if layer is None:
+            _show_warning("No slide: open a slide (File > Open) first.")
+            return
+        if self._tissue_labels_for(layer) is None:
+            from ..engine.tissue import detect_tissue
+
+            try:
+                with layer_slide(layer) as slide:
+                    mask = detect_tissue(slide)
+            except ZoominError as exc:
+                _show_error(str(exc))
+                return
+            from napari.layers import Layer
+
+            data, kwargs, kind = tissue_layer_data(mask, level0_frame(layer), layer.name)
+            self._put_layers([Layer.create(data, {**kwargs, "units": layer.units[-2:]}, kind)])
+        tissue = self.viewer.layers[TISSUE_LAYER]
+        self.viewer.layers.selection.active = tissue
+        self.status.value = (
+            "Tissue mask: paint (label 1) to add tissue, erase to exclude it. The next "
+            "classification of this slide samples only there; delete the layer to go back "
+            "to automatic detection."
+        )
+
+
+def _show_error(message: str) -> None:
+    from napari.utils.notifications import show_error
+
+    show_error(f"napari-zoomin: {message}")
+
+
+def _show_warning(message: str) -> None:
+    from napari.utils.notifications import show_warning
+
+    show_warning(f"napari-zoomin: {message}")

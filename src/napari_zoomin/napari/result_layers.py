@@ -1,0 +1,405 @@
+"""A classification :class:`~napari_zoomin.engine.results.Result` as napari layer data.
+
+Pure functions (no Qt, no viewer): they return napari ``LayerData`` tuples
+``(data, kwargs, layer_type)`` placed on a slide layer whose level-0 frame is
+``(scale, translate)`` (:func:`~.slide_layers.level0_frame`), plus the text and table
+rows the ``Classify slide`` widget shows.
+
+Placement.  Results use continuous level-0 coordinates (pixel ``c`` covers
+``[c, c + 1)``); napari puts the *centre* of data pixel ``k`` at ``translate + k·scale``,
+so the level-0 point ``x`` lies at world ``t + s·(x − ½)``
+(:func:`~.roi_shapes.level0_to_world`).  A map whose cell ``(i, j)`` covers
+``origin + [i, i+1)·cell`` therefore gets ``scale = s·cell`` and
+``translate = t + s·(origin + cell/2 − ½)`` (:func:`map_placement`); shapes layers hold
+level-0 coordinates as they are in ``result.json`` and are placed like the ``ROI
+annotations`` layer (:func:`~.roi_shapes.roi_shapes_placement`).
+
+Display choices.  Attention maps use :data:`ATTENTION_COLORMAP`, inferno's colours
+with an opacity that rises with the value (0 is fully transparent), in translucent
+blending: attention is heavily skewed (a few cells hold most of it), so the slide stays
+visible under weak attention and hot spots glow.  Background is NaN, which napari
+draws fully transparent too: cells off the tissue (``α = 0``, never sampled) and
+everywhere outside the drawn tiles leave the slide's pixels exactly as they were.
+(Additive blending would brighten every pixel and wash out on bright-field slides;
+plain inferno at a fixed opacity veils all the tissue in near-black.)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from ..engine.results import Result, SparseMap
+from ..engine.tissue import TissueMask
+from .roi_shapes import level0_to_world, roi_shapes_placement
+
+__all__ = [
+    "RESULT_KEY",
+    "RESULT_LAYER_NAMES",
+    "STAGE1_LAYER",
+    "STAGE2_LAYER",
+    "SUBTILES_LAYER",
+    "TILES_LAYER",
+    "TISSUE_LAYER",
+    "TISSUE_SOURCE",
+    "map_placement",
+    "result_layer_data",
+    "stage1_layer_data",
+    "stage2_canvas_raw",
+    "stage2_layer_data",
+    "subtile_view",
+    "subtiles_layer_data",
+    "summary_lines",
+    "tiles_layer_data",
+    "tissue_layer_data",
+    "tissue_mask_from_labels",
+    "top_subtiles",
+]
+
+STAGE1_LAYER = "stage-1 attention"
+STAGE2_LAYER = "stage-2 attention"
+TILES_LAYER = "sampled tiles"
+SUBTILES_LAYER = "sampled sub-tiles"
+#: bottom to top, the order the layers are added in
+RESULT_LAYER_NAMES = (STAGE1_LAYER, STAGE2_LAYER, TILES_LAYER, SUBTILES_LAYER)
+TISSUE_LAYER = "tissue mask"
+#: ``TissueMask.source`` (and ``result.tissue["source"]``) of a mask edited in napari
+TISSUE_SOURCE = "tissue mask layer"
+#: metadata key of every result layer: the Result itself (provenance; ``to_json`` saves it)
+RESULT_KEY = "napari_zoomin_result"
+
+#: inferno (matplotlib's control colours) with alpha rising from 0, as napari's dict form
+ATTENTION_COLORMAP = {
+    "name": "attention (inferno, transparent at 0)",
+    "colors": [
+        [0.001, 0.000, 0.014, 0.0],
+        [0.342, 0.062, 0.429, 0.55],
+        [0.735, 0.216, 0.330, 0.8],
+        [0.978, 0.557, 0.035, 0.95],
+        [0.988, 0.998, 0.645, 1.0],
+    ],
+    "controls": [0.0, 0.25, 0.5, 0.75, 1.0],
+}
+ATTENTION_OPACITY = 0.85
+#: α is very peaked (one cell may hold 10 % of the slide's attention, a typical tissue
+#: cell 0.004 %): gamma 0.5 shows the secondary places the model drew from too
+STAGE1_GAMMA = 0.5
+SUBTILE_COLORMAP = "viridis"
+TILE_EDGE_COLOR = "#00e5ff"
+#: chunk side of the lazy stage-2 pyramid, and the long side at which it stops
+STAGE2_CHUNK = 256
+
+Frame = tuple[tuple[float, float], tuple[float, float]]
+LayerData = tuple[Any, dict[str, Any], str]
+
+
+def map_placement(
+    origin: tuple[float, float], cell_size: tuple[float, float], frame: Frame
+) -> tuple[tuple[float, float], tuple[float, float]]:
+    """``(scale, translate)`` of an image whose cell ``(i, j)`` covers level-0
+    ``[origin + i·cell, origin + (i+1)·cell)`` (the Result placement convention)."""
+    (sy, sx), (ty, tx) = frame
+    (oy, ox), (dy, dx) = origin, cell_size
+    scale = (sy * dy, sx * dx)
+    translate = (ty + sy * (oy + dy / 2 - 0.5), tx + sx * (ox + dx / 2 - 0.5))
+    return scale, translate
+
+
+def _limits(values: np.ndarray) -> tuple[float, float]:
+    top = float(np.nanmax(values)) if np.isfinite(values).any() else 0.0
+    return (0.0, top if top > 0 else 1.0)
+
+
+def stage1_layer_data(result: Result, frame: Frame) -> LayerData:
+    """``α`` over the whole slide, one pixel per stage-1 cell; background cells NaN."""
+    alpha = np.asarray(result.stage1_attention, np.float32)
+    data = np.where(alpha > 0, alpha, np.float32(np.nan)).astype(np.float32)
+    scale, translate = map_placement(result.stage1_origin, result.stage1_cell_size, frame)
+    return (
+        data,
+        {
+            "name": STAGE1_LAYER,
+            "scale": scale,
+            "translate": translate,
+            "colormap": ATTENTION_COLORMAP,
+            "contrast_limits": _limits(data),
+            "gamma": STAGE1_GAMMA,
+            "opacity": ATTENTION_OPACITY,
+            "blending": "translucent",
+            "interpolation2d": "nearest",
+            "metadata": {
+                RESULT_KEY: result,
+                "values": (
+                    "stage-1 attention alpha per cell (sums to 1 over the slide); "
+                    "NaN = background, never sampled"
+                ),
+                "origin": list(result.stage1_origin),
+                "cell_size": list(result.stage1_cell_size),
+            },
+        },
+        "image",
+    )
+
+
+def stage2_canvas_raw(result: Result) -> tuple[SparseMap, tuple[float, float]] | None:
+    """The drawn tiles' raw ``β^c`` on one slide-wide grid of the stage-2 cell size.
+
+    Every tile's stage-2 map has the same cell size, but tiles start at whole level-0
+    pixels, not at whole cells, so no single grid holds them all exactly: each tile is
+    put at the grid cell nearest its origin (as :func:`~napari_zoomin.engine.results.
+    stage2_canvas` does for the exported TIFF), at most half a cell from its exact
+    placement.  Drawn tiles overlap (neighbouring stage-1 cells); where they do, the
+    more attended tile is shown, as if each tile were a layer stacked by attention.
+    Canvas cell ``(i, j)`` covers level-0 ``[i·dy, (i+1)·dy) × [j·dx, (j+1)·dx)``.
+    Returns ``None`` for one-stage models.
+    """
+    tiles = [t for t in result.tiles if "stage2_attention" in t]
+    if not tiles:
+        return None
+    dy, dx = (float(v) for v in tiles[0]["stage2_cell_size"])
+    h, w = (int(v) for v in result.slide["shape"])
+    shape = (max(1, math.ceil(h / dy)), max(1, math.ceil(w / dx)))
+    rows, cols, vals = [], [], []
+    for t in tiles:  # most attended first (Result order): first occurrence wins below
+        beta = np.asarray(t["stage2_attention"], np.float32)
+        oy, ox = (float(v) for v in t["stage2_origin"])
+        r0, c0 = math.floor(oy / dy + 0.5), math.floor(ox / dx + 0.5)
+        rr, cc = np.meshgrid(
+            np.arange(beta.shape[0]) + r0, np.arange(beta.shape[1]) + c0, indexing="ij"
+        )
+        rows.append(rr.ravel())
+        cols.append(cc.ravel())
+        vals.append(beta.ravel())
+    r, c, v = np.concatenate(rows), np.concatenate(cols), np.concatenate(vals)
+    keep = (r >= 0) & (r < shape[0]) & (c >= 0) & (c < shape[1])
+    r, c, v = r[keep], c[keep], v[keep]
+    _, first = np.unique(r.astype(np.int64) * shape[1] + c, return_index=True)
+    return SparseMap(shape, r[first], c[first], v[first]), (dy, dx)
+
+
+def _lazy_level(level: SparseMap, chunk: int):
+    """A dask array of a sparse map, NaN where it has no value, built chunk by chunk."""
+    import dask.array as da
+
+    h, w = level.shape
+    nx = -(-w // chunk)
+    key = (level.rows // chunk) * nx + level.cols // chunk
+    order = np.argsort(key, kind="stable")
+    key, rows, cols, vals = key[order], level.rows[order], level.cols[order], level.values[order]
+    bounds = np.searchsorted(key, np.arange(-(-h // chunk) * nx + 1))
+
+    def block(block_info=None):
+        info = block_info[None]
+        i, j = info["chunk-location"]
+        out = np.full(info["chunk-shape"], np.nan, np.float32)
+        a, b = bounds[i * nx + j], bounds[i * nx + j + 1]
+        out[rows[a:b] - i * chunk, cols[a:b] - j * chunk] = vals[a:b]
+        return out
+
+    chunks = tuple(tuple(min(chunk, n - k) for k in range(0, n, chunk)) for n in (h, w))
+    return da.map_blocks(block, chunks=chunks, dtype=np.float32, meta=np.empty((0, 0), np.float32))
+
+
+def stage2_layer_data(result: Result, frame: Frame) -> LayerData | None:
+    """Raw ``β^c`` of the drawn tiles (:func:`stage2_canvas_raw`) as one lazy multiscale
+    image over the slide: memory grows with the drawn tiles, not with the slide."""
+    canvas = stage2_canvas_raw(result)
+    if canvas is None:
+        return None
+    level, cell = canvas
+    levels = [level]
+    while len(levels) < 2 or (max(levels[-1].shape) > STAGE2_CHUNK and levels[-1].shape != (1, 1)):
+        levels.append(levels[-1].pooled())  # 2×2 maxima: a hot spot stays visible
+    scale, translate = map_placement((0.0, 0.0), cell, frame)
+    return (
+        [_lazy_level(lv, STAGE2_CHUNK) for lv in levels],
+        {
+            "name": STAGE2_LAYER,
+            "multiscale": True,
+            "scale": scale,
+            "translate": translate,
+            "colormap": ATTENTION_COLORMAP,
+            "contrast_limits": _limits(level.values),
+            "opacity": ATTENTION_OPACITY,
+            "blending": "translucent",
+            "interpolation2d": "nearest",
+            "metadata": {
+                RESULT_KEY: result,
+                "values": (
+                    "raw stage-2 attention beta^c of each drawn tile (each tile's map sums "
+                    "to 1; not weighted by the tile's alpha_c); where drawn tiles overlap, "
+                    "the more attended tile is shown; NaN outside the drawn tiles"
+                ),
+                "placement": (
+                    "one grid of the stage-2 cell size from level-0 (0, 0); each tile "
+                    "snapped to the nearest cell (at most half a cell off)"
+                ),
+                "cell_size": list(cell),
+            },
+        },
+        "image",
+    )
+
+
+def _rectangles(regions) -> list[np.ndarray]:
+    """napari rectangles (4 corners, (y, x)) of level-0 ``[top, left, h, w]`` regions."""
+    out = []
+    for top, left, h, w in regions:
+        y0, x0, y1, x1 = float(top), float(left), float(top + h), float(left + w)
+        out.append(np.array([[y0, x0], [y0, x1], [y1, x1], [y1, x0]]))
+    return out
+
+
+def tiles_layer_data(result: Result, frame: Frame) -> LayerData:
+    """The drawn stage-1 tiles as rectangles (data in level-0 pixels), with ``count``,
+    ``alpha`` and ``tile`` (index into ``result.tiles``) features."""
+    scale, translate = roi_shapes_placement(frame)
+    side = max((t["region"][2] for t in result.tiles), default=64)
+    features = {
+        "tile": np.arange(len(result.tiles), dtype=np.int64),
+        "count": np.array([int(t["count"]) for t in result.tiles], np.int64),
+        "alpha": np.array([float(t["alpha"]) for t in result.tiles], np.float64),
+    }
+    return (
+        _rectangles(t["region"] for t in result.tiles),
+        {
+            "name": TILES_LAYER,
+            "shape_type": "rectangle",
+            "scale": scale,
+            "translate": translate,
+            "features": features,
+            "edge_color": TILE_EDGE_COLOR,
+            "edge_width": side / 128,
+            "face_color": "transparent",
+            "metadata": {RESULT_KEY: result, "units": "level-0 pixels (result.json regions)"},
+        },
+        "shapes",
+    )
+
+
+def subtiles_layer_data(result: Result, frame: Frame) -> LayerData:
+    """The sub-tiles the feature network saw, edges coloured by ``weight`` (``α_c·β^c_c'``)."""
+    scale, translate = roi_shapes_placement(frame)
+    weights = np.array([float(s["weight"]) for s in result.subtiles], np.float64)
+    side = max((s["region"][2] for s in result.subtiles), default=32)
+    features = {
+        "weight": weights,
+        "tile": np.array([int(s["tile"]) for s in result.subtiles], np.int64),
+        "rank": np.arange(1, len(weights) + 1, dtype=np.int64),
+    }
+    kwargs: dict[str, Any] = {
+        "name": SUBTILES_LAYER,
+        "shape_type": "rectangle",
+        "scale": scale,
+        "translate": translate,
+        "features": features,
+        "edge_width": side / 64,
+        "face_color": "transparent",
+        "metadata": {RESULT_KEY: result, "units": "level-0 pixels (result.json regions)"},
+    }
+    if len(weights):
+        kwargs.update(
+            edge_color="weight",
+            edge_colormap=SUBTILE_COLORMAP,
+            edge_contrast_limits=_limits(weights),
+        )
+    return (_rectangles(s["region"] for s in result.subtiles), kwargs, "shapes")
+
+
+def result_layer_data(result: Result, frame: Frame) -> list[LayerData]:
+    """The four result layers, bottom to top (no stage-2 layer for one-stage models)."""
+    layers = [stage1_layer_data(result, frame), stage2_layer_data(result, frame)]
+    layers += [tiles_layer_data(result, frame), subtiles_layer_data(result, frame)]
+    return [layer for layer in layers if layer is not None]
+
+
+# --------------------------------------------------------------------------- text
+
+
+def summary_lines(result: Result) -> list[str]:
+    """What the widget shows: prediction, probabilities ± spread, cost, what was looked at."""
+    p = result.probability
+    if result.mode == "topk":
+        how = f"p = {p:.3f} (top-k, deterministic)"
+    else:
+        sd = float(result.spread[result.label])
+        how = f"p = {p:.3f} ± {sd:.3f} over {result.draws} draw{'s' * (result.draws != 1)}"
+    probs = ", ".join(
+        f"{c} {result.probabilities[c]:.3f} ± {result.spread[c]:.3f}" for c in result.classes
+    )
+    tissue = result.tissue.get("fraction")
+    source = result.tissue.get("source")
+    where = "whole slide" if source is None else f"{tissue:.1%} of the slide ({source})"
+    return [
+        f"Prediction: {result.label} ({how})",
+        f"Probabilities (mean ± spread over draws): {probs}",
+        f"Time: {result.seconds:.1f} s on {result.device}",
+        f"Decoded {result.pixels_decoded / 1e6:.1f} Mpx = {result.decode_ratio:.2f}x the "
+        f"{result.pixels_needed / 1e6:.1f} Mpx needed",
+        f"Looked at {len(result.tiles)} tiles and {len(result.subtiles)} sub-tiles; "
+        f"tissue: {where}",
+    ]
+
+
+def top_subtiles(result: Result, n: int = 20) -> list[dict[str, Any]]:
+    """The ``n`` most attended sub-tiles: rank (1 = most), weight, level-0 region."""
+    rows = []
+    for rank, s in enumerate(result.subtiles[:n], start=1):
+        top, left, h, w = (int(v) for v in s["region"])
+        rows.append(
+            {"rank": rank, "weight": float(s["weight"]), "y": top, "x": left, "h": h, "w": w}
+        )
+    return rows
+
+
+def subtile_view(
+    region, frame: Frame, canvas_size: tuple[int, int], fill: float = 0.3
+) -> tuple[tuple[float, float], float]:
+    """Camera ``(centre (y, x) world, zoom)`` showing a level-0 region.
+
+    The region spans ``fill`` of the canvas' short side, and the zoom is never below one
+    screen pixel per level-0 pixel, so napari displays level 0 (full resolution).
+    """
+    top, left, h, w = (float(v) for v in region)
+    (sy, sx), _ = frame
+    centre = level0_to_world([top + h / 2, left + w / 2], frame)
+    zoom = fill * min(canvas_size) / max(h * sy, w * sx)
+    return (float(centre[0]), float(centre[1])), max(zoom, 1.0 / min(sy, sx))
+
+
+# --------------------------------------------------------------------------- tissue
+
+
+def tissue_layer_data(mask: TissueMask, frame: Frame, slide_layer: str) -> LayerData:
+    """A tissue mask as a paintable labels layer on the slide (1 = tissue, 0 = not).
+
+    Mask pixel ``(i, j)`` covers level-0 ``[i·dy, (i+1)·dy) × [j·dx, (j+1)·dx)`` with
+    ``(dy, dx) = level-0 shape / mask shape`` (:class:`TissueMask`).
+    """
+    h, w = mask.level0_shape
+    cell = (h / mask.mask.shape[0], w / mask.mask.shape[1])
+    scale, translate = map_placement((0.0, 0.0), cell, frame)
+    return (
+        np.asarray(mask.mask, np.uint8),
+        {
+            "name": TISSUE_LAYER,
+            "scale": scale,
+            "translate": translate,
+            "opacity": 0.4,
+            "metadata": {
+                "napari_zoomin_tissue": {
+                    "slide_layer": slide_layer,
+                    "level0_shape": [int(h), int(w)],
+                    "source": mask.source,
+                }
+            },
+        },
+        "labels",
+    )
+
+
+def tissue_mask_from_labels(labels: np.ndarray, level0_shape: tuple[int, int]) -> TissueMask:
+    """The sampling mask of a (possibly edited) tissue labels layer: non-zero = tissue."""
+    return TissueMask(np.asarray(labels) != 0, tuple(int(v) for v in level0_shape), TISSUE_SOURCE)

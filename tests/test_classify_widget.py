@@ -1,0 +1,348 @@
+"""The ``Classify slide`` dock widget in a real napari viewer (under Xvfb), real model."""
+
+from __future__ import annotations
+
+import shutil
+import time
+
+import numpy as np
+import pytest
+
+napari = pytest.importorskip("napari")
+
+from napari_zoomin.engine.annotations import Annotation, read_geojson  # noqa: E402
+from napari_zoomin.engine.checkpoints import DEMO_MODEL, load_model  # noqa: E402
+from napari_zoomin.engine.results import Result  # noqa: E402
+from napari_zoomin.engine.tissue import detect_tissue  # noqa: E402
+from napari_zoomin.errors import CheckpointError, SlideError  # noqa: E402
+from napari_zoomin.napari.classify_widget import ClassifyWidget  # noqa: E402
+from napari_zoomin.napari.model_choices import register_model  # noqa: E402
+from napari_zoomin.napari.roi_shapes import roi_shapes_placement  # noqa: E402
+from napari_zoomin.napari.slide_layers import layer_slide, level0_frame  # noqa: E402
+from napari_zoomin.slide import open_slide  # noqa: E402
+from napari_zoomin.slide.synthetic import write_sample_slide  # noqa: E402
+
+pytestmark = pytest.mark.viewer
+
+NAMES = ("stage-1 attention", "stage-2 attention", "sampled tiles", "sampled sub-tiles")
+
+
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory):
+    """An 8192² positive sample slide (a 4096² one is too small for its planted regions)."""
+    folder = tmp_path_factory.mktemp("classify-widget")
+    return write_sample_slide(folder / "positive.tif", size=8192, label="positive", seed=1)
+
+
+@pytest.fixture
+def notifications():
+    from napari.utils.notifications import notification_manager
+
+    seen: list = []
+    notification_manager.notification_ready.connect(seen.append)
+    yield seen
+    notification_manager.notification_ready.disconnect(seen.append)
+
+
+def messages(seen) -> list[str]:
+    return [str(n.message) for n in seen]
+
+
+def viewer_with_widget(make_napari_viewer, path=None, show=False):
+    viewer = make_napari_viewer(show=show)
+    layer = viewer.open(path, plugin="napari-zoomin")[0] if path is not None else None
+    widget = ClassifyWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="Classify slide")
+    return viewer, layer, widget
+
+
+def run(qtbot, widget, timeout=60_000):
+    widget.classify_button.native.click()
+    assert widget.running
+    qtbot.waitUntil(lambda: not widget.running, timeout=timeout)
+
+
+def world_of_level0(slide_layer, points_yx):
+    """napari's own placement of level-0 points (pixel c covers [c, c+1)) on the slide layer."""
+    return np.asarray(slide_layer.data_to_world(np.asarray(points_yx, float) - 0.5))
+
+
+def screen_of_world(viewer, shot_shape, world_yx):
+    """Canvas pixel (row, col) of world points, from the camera."""
+    camera = viewer.scene.camera
+    centre = np.asarray(camera.center[-2:])
+    half = np.asarray(shot_shape[:2]) / 2
+    return (np.asarray(world_yx) - centre) * camera.zoom + half
+
+
+def test_classify_from_the_manifest_widget(make_napari_viewer, qtbot, sample, tmp_path):
+    from qtpy.QtCore import QTimer
+
+    viewer = make_napari_viewer(show=True)
+    viewer.window.resize(1200, 800)
+    (slide,) = viewer.open(sample.path, plugin="napari-zoomin")
+    _, widget = viewer.window.add_plugin_dock_widget("napari-zoomin", "Classify slide")
+    assert isinstance(widget, ClassifyWidget)
+    assert widget.slide_choice.value is slide and widget.model_choice.value == "demo"
+    assert (widget.draws.value, widget.seed.value) == (16, 0)
+    assert widget.device.choices[:2] == ("auto", "cpu")
+
+    # heartbeat: the GUI thread keeps serving a 20 ms timer while the worker classifies
+    ticks: list[float] = []
+    classified: list[float] = []  # when the engine's "done" progress reached the GUI
+    timer = QTimer()
+    timer.setInterval(20)
+    timer.timeout.connect(lambda: ticks.append(time.perf_counter()))
+    widget.progress.changed.connect(
+        lambda value: classified.append(time.perf_counter()) if value == 100 else None
+    )
+    timer.start()
+    start = time.perf_counter()
+    run(qtbot, widget)
+    timer.stop()
+    assert widget.result is not None, widget.status.value
+    during = np.array([t for t in ticks if t <= classified[0]])
+    gaps = np.diff([start, *during, classified[0]])
+    # a classification on the GUI thread would give no tick at all until it ends
+    assert len(during) >= 0.3 * (classified[0] - start) / 0.02, gaps
+    assert gaps.max() < 1.5, gaps
+    # the result layers are added one per event-loop turn: ticks between them too
+    assert np.sum(np.array(ticks) > classified[0]) >= 3
+
+    result = widget.result
+    assert [layer.name for layer in viewer.layers] == [slide.name, *NAMES]
+    assert widget.summary.value.splitlines()[0].startswith(f"Prediction: {result.label} (p = ")
+    table = widget.subtile_table
+    assert table.shape == (20, 5)
+    assert table.data[0][:2] == [1, f"{result.subtiles[0]['weight']:.4g}"]
+    assert table.data[0][2:4] == [result.subtiles[0]["region"][1], result.subtiles[0]["region"][0]]
+
+    # the ROI widget's layer of this slide is exported with the result; another's is not
+    frame = level0_frame(slide)
+    scale, translate = roi_shapes_placement(frame)
+    rect = np.array([[4000.0, 3000.0], [4000.0, 3400.0], [4300.0, 3400.0], [4300.0, 3000.0]])
+    for key, corners in [("/elsewhere/other.tif", rect + 100), (str(sample.path.resolve()), rect)]:
+        viewer.add_shapes(
+            [corners],
+            shape_type="rectangle",
+            name="ROI annotations",
+            scale=scale,
+            translate=translate,
+            features={"label": ["Tumor"]},
+            metadata={"napari_zoomin_roi": key},
+        )
+    written = widget.export(tmp_path / "out")
+    assert {p.name for p in written.values()} == {
+        "result.json",
+        "stage1_attention.ome.tif",
+        "stage2_attention.ome.tif",
+        "sampled.geojson",
+        "roi_annotations.geojson",
+    }
+    assert list(read_geojson(written["rois"])) == [Annotation.rectangle(4000, 3000, 300, 400)]
+    saved = Result.load(written["json"])
+    assert saved.subtiles == result.subtiles
+
+    # the layers lie on the slide: checked against napari's placement of the slide's pixels
+    subtiles = viewer.layers["sampled sub-tiles"]
+    for k in (0, len(saved.subtiles) - 1):
+        top, left, h, w = saved.subtiles[k]["region"]
+        corners = [[top, left], [top, left + w], [top + h, left + w], [top + h, left]]
+        np.testing.assert_allclose(
+            subtiles.data_to_world(subtiles.data[k]), world_of_level0(slide, corners), atol=1e-6
+        )
+    alpha = viewer.layers["stage-1 attention"]
+    (oy, ox), (dy, dx) = saved.stage1_origin, saved.stage1_cell_size
+    for i, j in [(0, 0), (100, 250)]:
+        np.testing.assert_allclose(
+            alpha.data_to_world([i, j]),
+            world_of_level0(slide, [oy + (i + 0.5) * dy, ox + (j + 0.5) * dx]),
+            atol=1e-6,
+        )
+    beta = viewer.layers["stage-2 attention"]
+    cy, cx = saved.tiles[0]["stage2_cell_size"]
+    np.testing.assert_allclose(
+        beta.data_to_world([10, 20]), world_of_level0(slide, [10.5 * cy, 20.5 * cx]), atol=1e-6
+    )
+
+    # the overlay shows over the slide; the glass stays exactly as it was
+    for layer in [lay for lay in viewer.layers if lay.name.startswith("ROI annotations")]:
+        viewer.layers.remove(layer)
+    viewer.reset_view()
+    on = viewer.screenshot(canvas_only=True, flash=False)[..., :3].astype(int)
+    for name in NAMES:
+        viewer.layers[name].visible = False
+    off = viewer.screenshot(canvas_only=True, flash=False)[..., :3].astype(int)
+    for name in NAMES:
+        viewer.layers[name].visible = True
+    changed = np.abs(on - off).max(axis=-1) > 0
+    rows, cols = np.indices(changed.shape)
+    screen = np.stack([rows, cols], -1).reshape(-1, 2) + 0.5
+    camera = viewer.scene.camera
+    world_px = (screen - np.asarray(on.shape[:2]) / 2) / camera.zoom + camera.center[-2:]
+    level0 = (world_px - frame[1]) / frame[0] + 0.5
+    cell = np.floor((level0 - [oy, ox]) / [dy, dx]).astype(int)
+    looked = np.zeros(np.add(saved.stage1_attention.shape, 2), bool)  # α > 0 or under a tile
+    looked[1:-1, 1:-1] = saved.stage1_attention > 0
+    for t in saved.tiles:
+        top, left, h, w = t["region"]
+        r0, c0 = int((top - oy) // dy), int((left - ox) // dx)
+        looked[max(r0, 0) : r0 + int(h // dy) + 3, max(c0, 0) : c0 + int(w // dx) + 3] = True
+    from scipy import ndimage
+
+    looked = ndimage.binary_dilation(looked, iterations=2)
+    inside = np.all((cell >= -1) & (cell <= np.asarray(saved.stage1_attention.shape)), axis=1)
+    glass = np.ones(len(cell), bool)
+    glass[inside] = ~looked[cell[inside, 0] + 1, cell[inside, 1] + 1]
+    glass = glass.reshape(changed.shape)
+    assert glass.mean() > 0.5  # most of the canvas is glass or background
+    assert not changed[glass].any()
+    print("canvas", on.shape, changed.sum(), glass.mean())
+    assert changed.sum() > 50
+    # ... and the top tile's square on screen is where the overlay changed pixels
+    top, left, h, w = saved.tiles[0]["region"]
+    (r0, c0), (r1, c1) = screen_of_world(
+        viewer, on.shape, world_of_level0(slide, [[top, left], [top + h, left + w]])
+    )
+    assert changed[int(r0) : int(np.ceil(r1)) + 1, int(c0) : int(np.ceil(c1)) + 1].any()
+
+    # selecting a sub-tile in the table centres it at full resolution
+    widget.subtile_table.native.selectRow(3)
+    top, left, h, w = result.subtiles[3]["region"]
+    np.testing.assert_allclose(
+        viewer.scene.camera.center[-2:], world_of_level0(slide, [top + h / 2, left + w / 2])
+    )
+    shot = viewer.screenshot(canvas_only=True, flash=False)
+    assert slide.data_level == 0
+    assert h * slide.scale[0] * viewer.scene.camera.zoom >= 0.25 * min(shot.shape[:2])
+
+    # re-run: the layers are replaced, never stacked
+    before = [viewer.layers[name] for name in NAMES]
+    run(qtbot, widget)
+    assert [layer.name for layer in viewer.layers] == [slide.name, *NAMES]
+    assert all(viewer.layers[n] is not old for n, old in zip(NAMES, before, strict=True))
+    assert widget.result.subtiles == result.subtiles  # same seed, same draws
+
+
+def test_cancel_mid_run_leaves_no_layers(make_napari_viewer, qtbot, sample):
+    viewer, slide, widget = viewer_with_widget(make_napari_viewer, sample.path)
+    progress_seen: list[int] = []
+
+    def cancel_on_first_progress(value):
+        progress_seen.append(value)
+        if len(progress_seen) == 1:
+            widget.cancel_button.native.click()
+
+    widget.progress.changed.connect(cancel_on_first_progress)
+    run(qtbot, widget)
+    widget.progress.changed.disconnect(cancel_on_first_progress)
+    assert widget.status.value == "Classification cancelled."
+    assert widget.result is None and widget.progress.value == 0
+    assert [layer.name for layer in viewer.layers] == [slide.name]
+    assert widget.classify_button.enabled and not widget.cancel_button.enabled
+    # the viewer and the widget still work
+    run(qtbot, widget)
+    assert [layer.name for layer in viewer.layers] == [slide.name, *NAMES]
+
+
+def test_bad_input_gives_messages_and_the_widget_stays_usable(
+    make_napari_viewer, qtbot, sample, tmp_path, notifications
+):
+    viewer, _, widget = viewer_with_widget(make_napari_viewer)
+    # no slide: the button is off, the widget says what to do, a direct call warns
+    assert widget.slide_choice.value is None and not widget.classify_button.enabled
+    assert widget.status.value.startswith("Open a slide")
+    widget.classify()
+    assert any("No slide to classify" in m for m in messages(notifications))
+    # a labels layer is never offered as a slide
+    viewer.add_labels(np.zeros((64, 64), np.uint8), name="labels")
+    assert widget.slide_choice.choices == () and not widget.classify_button.enabled
+    # an image layer that is not a slide: layer_slide's message
+    stack = viewer.add_image(np.zeros((3, 64, 64), np.uint8), name="stack")
+    assert widget.slide_choice.value is stack and widget.classify_button.enabled
+    with pytest.raises(SlideError) as expected:
+        layer_slide(stack)
+    run(qtbot, widget)
+    assert f"napari-zoomin: {expected.value}" in messages(notifications)
+    assert all(n not in viewer.layers for n in NAMES)
+
+    # a corrupt checkpoint: refused when chosen, with the checkpoint's own message
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x00garbage, not safetensors" * 10)
+    with pytest.raises(CheckpointError) as expected:
+        load_model(bad)
+    assert widget.choose_checkpoint(bad) is False
+    assert f"napari-zoomin: {expected.value}" in messages(notifications)
+    assert widget.model_choice.value == "demo" and str(bad) not in widget.model_choice.choices
+
+    # a good checkpoint, chosen, then damaged on disk: the cached model is not reused
+    (slide,) = viewer.open(sample.path, plugin="napari-zoomin")
+    assert widget.slide_choice.value is stack  # a chosen layer stays chosen
+    widget.slide_choice.value = slide
+    mine = tmp_path / "mine.safetensors"
+    shutil.copyfile(DEMO_MODEL, mine)
+    assert widget.choose_checkpoint(mine) and widget.model_choice.value == str(mine)
+    mine.write_bytes(b"\x00" * 100)
+    with pytest.raises(CheckpointError) as expected:
+        load_model(mine)
+    run(qtbot, widget)
+    assert f"napari-zoomin: {expected.value}" in messages(notifications)
+    assert widget.result is None and all(n not in viewer.layers for n in NAMES)
+
+    # a model registered by Train classifier appears in the list
+    trained = tmp_path / "trained.safetensors"
+    shutil.copyfile(DEMO_MODEL, trained)
+    register_model(trained)
+    qtbot.waitUntil(lambda: str(trained.resolve()) in widget.model_choice.choices)
+
+    # and the demo model still classifies
+    widget.model_choice.value = "demo"
+    run(qtbot, widget)
+    assert [layer.name for layer in viewer.layers][-4:] == list(NAMES)
+    assert widget.result.model_kind == "zoomin"
+
+
+def test_edited_tissue_mask_keeps_sampling_off_erased_tissue(make_napari_viewer, qtbot, sample):
+    viewer, slide, widget = viewer_with_widget(make_napari_viewer, sample.path)
+    widget.tissue_button.native.click()
+    labels = viewer.layers["tissue mask"]
+    with open_slide(sample.path) as s:
+        detected = detect_tissue(s)
+    assert np.array_equal(labels.data != 0, detected.mask)
+    my, mx = 8192 / labels.data.shape[0], 8192 / labels.data.shape[1]
+    np.testing.assert_allclose(labels.scale, np.asarray(slide.scale) * [my, mx])
+    # mask pixel (i, j) covers level-0 [i·my, (i+1)·my): its centre on the slide
+    np.testing.assert_allclose(
+        labels.data_to_world([4, 7]), world_of_level0(slide, [4.5 * my, 7.5 * mx])
+    )
+
+    run(qtbot, widget)
+    first = widget.result
+    assert first.tissue["source"] == "tissue mask layer"
+    # erase the tissue under every tile the model drew, and re-classify
+    erased = np.zeros(labels.data.shape, bool)
+    for t in first.tiles:
+        top, left, h, w = t["region"]
+        rows = slice(int(top // my), int((top + h) // my) + 1)
+        erased[rows, int(left // mx) : int((left + w) // mx) + 1] = True
+    edited = labels.data.copy()
+    edited[erased] = 0
+    labels.data = edited
+    widget.tissue_button.native.click()  # a second click keeps the edited layer
+    assert np.array_equal(viewer.layers["tissue mask"].data, edited)
+    run(qtbot, widget)
+    second = widget.result
+    assert second.tissue["fraction"] == pytest.approx(float((edited != 0).mean()))
+    assert second.tissue["fraction"] < first.tissue["fraction"]
+    # a stage-1 cell (16 px) can be drawn only if some tissue lies under it
+    cell = second.stage1_cell_size[0]
+    for t in second.tiles:
+        top, left, h, w = t["region"]
+        cy, cx = top + h / 2, left + w / 2
+        under = edited[
+            int((cy - cell / 2) // my) : int((cy + cell / 2) // my) + 1,
+            int((cx - cell / 2) // mx) : int((cx + cell / 2) // mx) + 1,
+        ]
+        assert under.any(), t["region"]
+    first_centres = {(t["region"][0], t["region"][1]) for t in first.tiles}
+    assert not first_centres & {(t["region"][0], t["region"][1]) for t in second.tiles}

@@ -1,0 +1,265 @@
+"""The Train classifier dock widget in a real viewer: a run, cancel and resume, bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+
+import numpy as np
+import pytest
+
+napari = pytest.importorskip("napari")
+
+from napari.utils.notifications import NotificationSeverity, notification_manager  # noqa: E402
+
+from napari_zoomin.engine.annotations import Annotation, read_annotations  # noqa: E402
+from napari_zoomin.engine.checkpoints import load_checkpoint, load_model  # noqa: E402
+from napari_zoomin.napari import model_choices  # noqa: E402
+from napari_zoomin.napari.roi_widget import RoiWidget  # noqa: E402
+from napari_zoomin.napari.train_widget import (  # noqa: E402
+    FROM_FOLDER,
+    FROM_VIEWER,
+    LossAccuracyPlot,
+    TrainWidget,
+)
+
+pytestmark = pytest.mark.viewer
+
+#: a model of a few thousand parameters (as tests/test_trainer.py's ``tiny``)
+TINY = {
+    "feature_dim": 8,
+    "feature_hidden": 16,
+    "feature_channels": [4, 8],
+    "pretrain_epochs": 0,
+    "val_draws": 2,
+    "num_workers": 1,
+    "early_stopping_patience": 0,
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def slides(tmp_path_factory):
+    """Three 4096² sample slides (2 positive, 1 negative) and their labels CSV."""
+    from napari_zoomin.slide.synthetic import write_sample_slide
+
+    folder = tmp_path_factory.mktemp("train-widget-slides")
+    for name, label, seed in [
+        ("pos1", "positive", 21),
+        ("pos2", "positive", 22),
+        ("neg1", "negative", 23),
+    ]:
+        write_sample_slide(
+            folder / f"{name}.tif",
+            size=4096,
+            label=label,
+            seed=seed,
+            tile=256,
+            n_tumor=0,
+            n_distractors=0,
+        )
+    (folder / "labels.csv").write_text(
+        "slide,label,split\npos1,positive,train\nneg1,negative,train\npos2,positive,val\n"
+    )
+    return folder
+
+
+def tiny_widget(viewer, out, epochs=1) -> TrainWidget:
+    """The dock widget (from the manifest) with a tiny model typed into its form."""
+    _, widget = viewer.window.add_plugin_dock_widget("napari-zoomin", "Train classifier")
+    assert isinstance(widget, TrainWidget)
+    widget.epochs.value = epochs
+    widget.batch_size.value = 2
+    widget.lr.value = "1e-3"
+    widget.n_samples.value = 4
+    widget.view_scale.value = "1/64"
+    widget.stage2_scale.value = "1/4"
+    widget.tile_size.value = 128
+    widget.subtile_size.value = 16
+    widget.warmup.value = 1
+    widget.other_settings.value = json.dumps(TINY)
+    widget.device.value = "cpu"
+    widget.out_path.value = out
+    return widget
+
+
+def from_folder(widget, slides, csv_name="labels.csv") -> None:
+    widget.source.value = FROM_FOLDER
+    widget.slides_dir.value = slides
+    widget.labels_csv.value = slides / csv_name
+
+
+def wait_done(qtbot, widget, timeout=60_000) -> float:
+    t0 = time.perf_counter()
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=timeout)
+    return time.perf_counter() - t0
+
+
+def messages(severity) -> list[str]:
+    return [str(n.message) for n in notification_manager.records if n.severity == severity]
+
+
+def near_colour(image, colour, tolerance=40) -> int:
+    """Pixels of a QImage within ``tolerance`` of a QColor (RGB distance per channel)."""
+    from qtpy.QtGui import QImage
+
+    image = image.convertToFormat(QImage.Format.Format_RGB888)
+    w, h, stride = image.width(), image.height(), image.bytesPerLine()
+    data = np.frombuffer(image.constBits().asstring(stride * h), np.uint8)
+    rgb = data.reshape(h, stride)[:, : w * 3].reshape(h, w, 3).astype(int)
+    target = np.array([colour.red(), colour.green(), colour.blue()])
+    return int((np.abs(rgb - target).max(axis=2) <= tolerance).sum())
+
+
+def test_train_one_epoch_from_a_labels_csv(make_napari_viewer, qtbot, slides, tmp_path):
+    viewer = make_napari_viewer()
+    out = tmp_path / "model.safetensors"
+    widget = tiny_widget(viewer, out)
+    from_folder(widget, slides)
+    widget.train_button.native.click()
+    assert widget.worker is not None
+    assert not widget.train_button.enabled and widget.cancel_button.enabled
+    wait_done(qtbot, widget)
+
+    assert widget.result is not None and not widget.result.cancelled
+    checkpoint = load_model(out)
+    assert checkpoint.kind == "zoomin" and checkpoint.classes == ["negative", "positive"]
+    info = checkpoint.info["info"]
+    assert info["data"]["labels_csv"] == str(slides / "labels.csv")
+    assert info["data"]["per_split"] == {
+        "train": {"negative": 1, "positive": 1},
+        "val": {"negative": 0, "positive": 1},
+    }
+    assert info["trainer_config"]["n_samples"] == 4 and info["trainer_config"]["tile_size"] == 128
+    assert info["metrics"]["best_epoch"] == 1
+    assert str(out.resolve()) in model_choices.known_models()
+    # the progress bar reached the end; the plot has one point per epoch, the run's values
+    assert widget.progress.value == widget.progress.max
+    (record,) = info["history"]
+    assert widget.plot.losses == [pytest.approx(record["train_loss"])]
+    assert widget.plot.accuracies == [record["val_accuracy"]]
+    # the plot paints its points: more of each colour than the legend of an empty plot
+    drawn, blank = LossAccuracyPlot(), LossAccuracyPlot()
+    for loss, accuracy in zip(widget.plot.losses, widget.plot.accuracies, strict=True):
+        drawn.add_epoch(loss, accuracy)
+    images = []
+    for plot in (drawn, blank):
+        plot.resize(480, 120)
+        images.append(plot.grab().toImage())
+    for colour in (LossAccuracyPlot.LOSS_COLOUR, LossAccuracyPlot.ACCURACY_COLOUR):
+        assert near_colour(images[0], colour) > near_colour(images[1], colour) + 4
+    assert any(str(out) in m for m in messages(NotificationSeverity.INFO))
+    assert widget.train_button.enabled and not widget.cancel_button.enabled
+
+
+def test_train_the_slides_open_in_the_viewer(make_napari_viewer, qtbot, slides, tmp_path):
+    viewer = make_napari_viewer()
+    for name in ("pos1", "pos2", "neg1"):
+        viewer.open(slides / f"{name}.tif", plugin="napari-zoomin")
+    viewer.open(slides / "pos1.tif", plugin="napari-zoomin")  # the same slide twice: one row
+    roi = RoiWidget(viewer)
+    viewer.window.add_dock_widget(roi)
+    roi.slide.value = viewer.layers["pos1"]
+    roi.shapes_layer.add_rectangles(np.array([[512.0, 1024.0], [768.0, 1536.0]]))  # level 0
+
+    out = tmp_path / "viewer-model.safetensors"
+    widget = tiny_widget(viewer, out)
+    widget.source.value = FROM_VIEWER
+    assert sorted(p.name for p, _, _ in widget.slide_rows()) == ["neg1.tif", "pos1.tif", "pos2.tif"]
+    widget.set_slide_label("pos1", "positive")
+    widget.set_slide_label("pos2", "positive")
+    widget.set_slide_label("neg1", "negative")
+    widget.train_button.native.click()
+    # pending ROI edits were saved before the run read the ROI files
+    rectangle = Annotation.rectangle(top=512, left=1024, height=256, width=512)
+    assert list(read_annotations(slides / "pos1.geojson")) == [rectangle]
+    wait_done(qtbot, widget)
+
+    labels_csv = tmp_path / "viewer-model.labels.csv"
+    with open(labels_csv, newline="") as f:
+        rows = sorted((r["slide"], r["label"], r["split"]) for r in csv.DictReader(f))
+    # "auto" splits: a seeded fifth of every class with two or more slides is validation
+    assert [(p.split("/")[-1], lab) for p, lab, _ in rows] == [
+        ("neg1.tif", "negative"),
+        ("pos1.tif", "positive"),
+        ("pos2.tif", "positive"),
+    ]
+    assert all(p.startswith("/") for p, _, _ in rows)
+    assert [s for _, lab, s in rows if lab == "negative"] == ["train"]
+    assert sorted(s for _, lab, s in rows if lab == "positive") == ["train", "val"]
+    info = load_model(out).info["info"]
+    assert info["data"]["labels_csv"] == str(labels_csv)
+    assert info["data"]["annotated"] == 3  # every sample slide has its ROI file
+    assert str(out.resolve()) in model_choices.known_models()
+
+
+def test_cancel_keeps_the_checkpoint_and_train_resumes(make_napari_viewer, qtbot, slides, tmp_path):
+    viewer = make_napari_viewer()
+    out = tmp_path / "long.safetensors"
+    widget = tiny_widget(viewer, out, epochs=200)
+    from_folder(widget, slides)
+    widget.train_button.native.click()
+    qtbot.waitUntil(lambda: "epoch" in widget.status.value, timeout=60_000)  # first event
+    widget.cancel_button.native.click()
+    assert wait_done(qtbot, widget) < 8.0  # the current step (and validation) finish first
+    result = widget.result
+    assert result.cancelled and 1 <= len(result.history) < 200
+    done = len(result.history)
+    last = load_checkpoint(result.last_checkpoint_path)  # the training state loads
+    assert last.info["info"]["trainer"]["state"]["epoch"] == done
+    assert load_model(out).info["info"]["metrics"]["best_epoch"] <= done
+    assert str(out.resolve()) in model_choices.known_models()
+    assert "Cancelled" in widget.status.value
+    assert f"({done} of 200 epochs done)" in widget.resume_note.value
+
+    # Train again with one more epoch: the widget resumes and says so
+    widget.epochs.value = done + 1
+    widget.train_button.native.click()
+    assert widget.resumed_from == done
+    assert widget.status.value.startswith("Resumed the interrupted run at epoch")
+    wait_done(qtbot, widget)
+    assert not widget.result.cancelled
+    assert [r["epoch"] for r in widget.result.history] == list(range(1, done + 2))
+    assert len(widget.plot.losses) == done + 1  # the earlier epochs came from the checkpoint
+    assert widget.progress.value == widget.progress.max
+
+
+def test_bad_input_is_a_notification_and_the_widget_stays_usable(
+    make_napari_viewer, qtbot, slides, tmp_path
+):
+    viewer = make_napari_viewer()
+    widget = tiny_widget(viewer, tmp_path / "m.safetensors")
+    empty = slides / "empty.csv"
+    empty.write_text("")
+    from_folder(widget, slides, "empty.csv")
+    widget.train_button.native.click()
+    wait_done(qtbot, widget)
+    errors = messages(NotificationSeverity.ERROR)
+    assert str(empty) in errors[-1] and "the labels CSV is empty" in errors[-1]
+    assert widget.train_button.enabled and not widget.cancel_button.enabled
+    assert not (tmp_path / "m.safetensors").exists()
+
+    widget.slides_dir.value = tmp_path / "no-such-folder"
+    widget.labels_csv.value = slides / "labels.csv"
+    assert widget.start() is False and widget.worker is None
+    assert "no-such-folder does not exist" in messages(NotificationSeverity.ERROR)[-1]
+
+    widget.slides_dir.value = slides
+    widget.lr.value = "fast"
+    assert widget.start() is False
+    assert "Learning rate: 'fast' is not a number" in messages(NotificationSeverity.ERROR)[-1]
+
+    widget.lr.value = "1e-3"  # fixed: it trains
+    assert widget.start() is True
+    wait_done(qtbot, widget)
+    assert widget.result is not None and (tmp_path / "m.safetensors").is_file()
