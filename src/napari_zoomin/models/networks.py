@@ -157,21 +157,21 @@ class AttentionNetwork(nn.Module):
             raise ValueError(f"needed {tuple(needed.shape)} is not the map's shape {(h_a, w_a)}")
         r = self.layers * (self.kernel_size // 2)
         out = view.new_zeros((h_a, w_a))
-        needed = needed.to(view.device)
-        for y0 in range(0, h_a, block):
-            y1 = min(h_a, y0 + block)
-            for x0 in range(0, w_a, block):
-                x1 = min(w_a, x0 + block)
-                if not bool(needed[y0:y1, x0:x1].any()):
-                    continue
-                if self.padding == "same":  # map (i, j) sees view [i-r, i+r] x [j-r, j+r]
-                    cy0, cx0 = max(0, y0 - r), max(0, x0 - r)
-                    crop = view[None, :, cy0 : min(h_v, y1 + r), cx0 : min(w_v, x1 + r)]
-                else:  # map (i, j) sees view [i, i+2r] x [j, j+2r]
-                    cy0, cx0 = y0, x0
-                    crop = view[None, :, y0 : y1 + 2 * r, x0 : x1 + 2 * r]
-                logits = self.forward(crop)[0]
-                out[y0:y1, x0:x1] = logits[y0 - cy0 : y1 - cy0, x0 - cx0 : x1 - cx0]
+        nby, nbx = -(-h_a // block), -(-w_a // block)
+        padded = needed.new_zeros((nby * block, nbx * block))
+        padded[:h_a, :w_a] = needed
+        busy = padded.view(nby, block, nbx, block).any(dim=3).any(dim=1).tolist()
+        for by, bx in ((by, bx) for by in range(nby) for bx in range(nbx) if busy[by][bx]):
+            y0, x0 = by * block, bx * block
+            y1, x1 = min(h_a, y0 + block), min(w_a, x0 + block)
+            if self.padding == "same":  # map (i, j) sees view [i-r, i+r] x [j-r, j+r]
+                cy0, cx0 = max(0, y0 - r), max(0, x0 - r)
+                crop = view[None, :, cy0 : min(h_v, y1 + r), cx0 : min(w_v, x1 + r)]
+            else:  # map (i, j) sees view [i, i+2r] x [j, j+2r]
+                cy0, cx0 = y0, x0
+                crop = view[None, :, y0 : y1 + 2 * r, x0 : x1 + 2 * r]
+            logits = self.forward(crop)[0]
+            out[y0:y1, x0:x1] = logits[y0 - cy0 : y1 - cy0, x0 - cx0 : x1 - cx0]
         return out
 
 
