@@ -384,3 +384,35 @@ def test_demo_model_classifies_fresh_sample_slides(fresh_pair):
             data.sources([0, 1]), n_draws=8, generator=torch.Generator().manual_seed(0)
         )
     assert [p.label for p in predictions] == [0, 1]
+
+
+def test_cli_train_passes_its_options_and_records_the_csv(records, tmp_path, capsys):
+    """``zoomin train``: flags and ``--set`` reach TrainConfig; the checkpoint names its CSV."""
+    import json
+
+    from napari_zoomin.cli import main
+
+    folder = records[0].path.parent
+    csv = tmp_path / "labels.csv"
+    csv.write_text(
+        "slide,label,split\n" + "".join(f"{r.path.name},{r.label},{r.split}\n" for r in records)
+    )
+    settings = tiny().to_dict()
+    for key in ("epochs", "lr", "contrastive", "roi_labels", "feature_channels", "model_options"):
+        settings.pop(key)
+    out = tmp_path / "cli.safetensors"
+    args = ["train", "--slides", str(folder), "--labels", str(csv), "--out", str(out)]
+    args += ["--epochs", "1", "--lr", "2e-3", "--no-contrastive", "--roi-labels", "Tumor,Other"]
+    args += ["--set", json.dumps({**settings, "feature_channels": [4, 8]})]
+    assert main(args) == 0
+    info = load_checkpoint(out).info["info"]
+    config = info["trainer_config"]
+    assert config["epochs"] == 1 and config["lr"] == 2e-3 and config["contrastive"] is False
+    assert config["roi_labels"] == ["Tumor", "Other"] and config["n_samples"] == 4
+    assert info["data"]["labels_csv"] == str(csv)
+    assert "best model (epoch 1" in capsys.readouterr().out
+
+    assert main([*args[:9], "--set", "{not json"]) == 1
+    assert "--set is not JSON" in capsys.readouterr().err
+    assert main([*args[:9], "--set", '{"speed": 1}']) == 1
+    assert "unknown training settings: speed" in capsys.readouterr().err

@@ -13,7 +13,7 @@ import sys
 import time
 
 from . import __version__
-from .errors import ZoominError
+from .errors import TrainingError, ZoominError
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -99,30 +99,69 @@ def _cmd_batch(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_train(args: argparse.Namespace) -> int:
-    from .engine.dataset import read_labels
-    from .engine.trainer import TrainConfig, train
+EXAMPLE_SET = "Example: --set '{\"lr\": 1e-3}'"
 
-    records, classes = read_labels(
-        args.labels, args.slides, args.annotations, val_fraction=args.val_fraction, seed=args.seed
-    )
-    config = TrainConfig(
-        kind=args.kind,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
+
+def _train_config(args: argparse.Namespace):
+    """The :class:`TrainConfig` of ``zoomin train``'s options (``--set`` applied last)."""
+    from .engine.trainer import TrainConfig
+
+    given = {
+        "kind": args.kind,
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "attention_lr": args.attention_lr,
+        "seed": args.seed,
+        "device": args.device,
+        "early_stopping_patience": args.patience,
+        "view_scale": args.s1,
+        "stage2_scale": args.s2,
+        "tile_size": args.tile,
+        "subtile_size": args.subtile,
+        "n_samples": args.n,
+        "feature_dim": args.feature_dim,
+        "entropy_weight": args.entropy,
+        "contrastive": False if args.no_contrastive else None,
+        "contrastive_warmup_epochs": args.warmup,
+        "pixel_weight": args.pixel_weight,
+        "roi_attention_weight": args.roi_attention_weight,
+        "roi_labels": None
+        if args.roi_labels is None
+        else tuple(lab.strip() for lab in args.roi_labels.split(",") if lab.strip()),
+        "pretrain_epochs": args.pretrain_epochs,
+        "init_from": args.init_from,
+    }
+    values = {k: v for k, v in given.items() if v is not None}
+    try:
+        extra = json.loads(args.set)
+    except json.JSONDecodeError as exc:
+        raise TrainingError(None, f"--set is not JSON ({exc}).", EXAMPLE_SET) from None
+    if not isinstance(extra, dict):
+        raise TrainingError(None, "--set must be a JSON object.", EXAMPLE_SET)
+    try:
+        return TrainConfig.from_dict({**values, **extra})
+    except (TypeError, ValueError) as exc:
+        raise TrainingError(
+            None, f"--set: {exc}.", "See docs/training.md for the settings."
+        ) from None
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .engine.dataset import SlideDataset
+    from .engine.trainer import train
+
+    config = _train_config(args)
+    dataset = SlideDataset.from_csv(
+        args.labels,
+        args.slides,
+        args.annotations,
+        val_fraction=args.val_fraction,
         seed=args.seed,
-        device=args.device,
-        early_stopping_patience=args.patience,
-        view_scale=args.s1,
-        stage2_scale=args.s2,
-        tile_size=args.tile,
-        subtile_size=args.subtile,
-        n_samples=args.n,
-        entropy_weight=args.entropy,
-        contrastive_warmup_epochs=args.warmup,
-        pretrain_epochs=args.pretrain_epochs,
+        roi_labels=config.roi_labels,
+        workers=config.num_workers,
     )
+    records, classes = dataset.records, dataset.classes
 
     def progress(event: dict) -> None:
         if not sys.stderr.isatty() and event.get("stage") == "train":
@@ -145,9 +184,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     n_train = sum(r.split == "train" for r in records)
     n_val = sum(r.split == "val" for r in records)
     print(f"training {args.kind} on {n_train} slides ({n_val} for validation), classes {classes}")
-    result = train(
-        records, config, args.out, classes=classes, progress=progress, resume=not args.fresh
-    )
+    with dataset:
+        result = train(dataset, config, args.out, progress=progress, resume=not args.fresh)
     best = result.best_val_accuracy
     print(
         f"best model (epoch {result.best_epoch}, validation accuracy "
@@ -239,22 +277,32 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument(
         "--kind", default="zoomin", choices=["zoomin", "ats", "uniform", "reinforce-ats"]
     )
-    tr.add_argument("--epochs", type=int, default=200)
-    tr.add_argument("--batch-size", type=int, default=5)
-    tr.add_argument("--lr", type=float, default=1e-4)
-    tr.add_argument("--patience", type=int, default=20, help="early-stopping patience (epochs)")
-    tr.add_argument("--s1", type=float, default=1 / 16, help="stage-1 view scale")
-    tr.add_argument("--s2", type=float, default=1 / 8, help="stage-2 view scale (of a tile)")
-    tr.add_argument("--tile", type=int, default=256, help="tile side, level-0 pixels")
-    tr.add_argument("--subtile", type=int, default=50, help="sub-tile side, level-0 pixels")
-    tr.add_argument("-n", "--n", type=int, default=100, help="draws N per slide")
-    tr.add_argument("--entropy", type=float, default=1e-5, help="entropy regulariser λ")
-    tr.add_argument("--warmup", type=int, default=10, help="epochs before the contrastive loss")
+    # defaults: None = TrainConfig's (docs/training.md), so parsing needs no torch import
+    # No defaults here (None = TrainConfig's, see docs/training.md): parsing imports no torch.
+    for flag, kind, what in (
+        ("--epochs", int, "epochs (default 200)"),
+        ("--batch-size", int, "slides per step (default 5)"),
+        ("--lr", float, "Adam learning rate of f and g (default 1e-4)"),
+        ("--attention-lr", float, "learning rate of a and b (default: --lr)"),
+        ("--patience", int, "early-stopping patience in epochs (default 20; 0 = off)"),
+        ("--s1", float, "stage-1 view scale (default 1/16)"),
+        ("--s2", float, "stage-2 view scale of a tile (default 1/8)"),
+        ("--tile", int, "tile side in level-0 pixels (default 256)"),
+        ("--subtile", int, "sub-tile side in level-0 pixels (default 50)"),
+        ("--n", int, "draws N per slide (default 100)"),
+        ("--feature-dim", int, "features of f (default 512)"),
+        ("--entropy", float, "entropy regulariser λ (default 1e-5)"),
+        ("--warmup", int, "epochs before the contrastive loss (default 10)"),
+        ("--pixel-weight", float, "weight of the ROI attention MSE (default 1)"),
+        ("--roi-attention-weight", float, "weight of the stage-1 ROI term (default 0 = off)"),
+        ("--pretrain-epochs", int, "tile pre-training epochs when ROIs exist (default 5)"),
+    ):
+        tr.add_argument(flag, type=kind, help=what)
+    tr.add_argument("--no-contrastive", action="store_true", help="no in-sample contrastive loss")
+    tr.add_argument("--roi-labels", help="ROI annotation labels, comma-separated (default Tumor)")
+    tr.add_argument("--init-from", help="start from this checkpoint's weights ('demo' or a path)")
     tr.add_argument(
-        "--pretrain-epochs",
-        type=int,
-        default=5,
-        help="tile-classifier pre-training epochs when ROIs exist (0 = off)",
+        "--set", default="{}", help="any other setting as JSON, e.g. '{\"num_workers\": 2}'"
     )
     tr.add_argument("--val-fraction", type=float, default=0.2)
     tr.add_argument("--seed", type=int, default=0)
