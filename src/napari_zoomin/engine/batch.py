@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from .._version import __version__
+from ..atomic import atomic_open
 from ..errors import CheckpointError, ZoominError
 from ..slide import SLIDE_EXTENSIONS
 
@@ -232,18 +233,11 @@ def _compact(path: Path, columns: list[str]) -> None:
     latest: dict[str, dict] = {}
     for row in rows:
         latest[row["slide"]] = row
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
-        with open(tmp, "w", newline="", encoding="utf-8") as fh:
-            writer = csv.DictWriter(fh, fieldnames=columns)
-            writer.writeheader()
-            for slide in sorted(latest):
-                writer.writerow(latest[slide])
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_open(path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns)
+        writer.writeheader()
+        for slide in sorted(latest):
+            writer.writerow(latest[slide])
 
 
 # --------------------------------------------------------------------------- batch

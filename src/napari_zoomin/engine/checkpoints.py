@@ -8,7 +8,7 @@ training-data summary, metrics, history and the package version, plus the
 SHA-256 of the tensors.  Nothing is ever unpickled: safetensors parses a JSON
 header and raw buffers, so a hostile file can fail to load but cannot run code.
 
-Writes are atomic (a temp file in the same folder, fsync, ``os.replace``), so an
+Writes are atomic (:func:`napari_zoomin.atomic.write_bytes_atomic`), so an
 interrupted save leaves the previous checkpoint intact.
 """
 
@@ -18,7 +18,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from typing import Any
 import torch
 
 from .._version import __version__
+from ..atomic import write_bytes_atomic
 from ..errors import CheckpointError
 from ..models import (
     ATS,
@@ -177,17 +177,7 @@ def save_checkpoint(
     document["tensors_sha256"] = _tensors_sha256(tensors)
     data = save(tensors, metadata={METADATA_KEY: json.dumps(document)})
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_bytes_atomic(path, data)
 
 
 def read_checkpoint_info(path: str | os.PathLike) -> dict[str, Any]:

@@ -29,13 +29,14 @@ from __future__ import annotations
 import json
 import math
 import os
-import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from ..atomic import atomic_path, write_bytes_atomic
 
 __all__ = [
     "FORMAT",
@@ -79,23 +80,6 @@ PIXEL_DEFINITIONS = {
         "stage-2 view is read from the level nearest a downsample of 1/s2"
     ),
 }
-
-
-def _partial(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.partial")
-
-
-def _atomic_bytes(path: Path, data: bytes) -> Path:
-    tmp = _partial(path)
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
 
 
 # --------------------------------------------------------------------------- placement
@@ -473,30 +457,25 @@ def write_attention_tiff(
                 "PositionYUnit": ["µm"],
             },
         )
-    tmp = _partial(path)
-    try:
-        with tifffile.TiffWriter(tmp, bigtiff=True, ome=True) as tw:
-            for k, lv in enumerate(levels):
-                res, unit = resolution(k)
-                kwargs: dict[str, Any] = {
-                    "tile": (TIFF_TILE, TIFF_TILE),
-                    "compression": "zlib",
-                    "predictor": True,
-                    "photometric": "minisblack",
-                    "resolution": res,
-                    "resolutionunit": unit,
-                }
-                if k == 0:
-                    kwargs.update(subifds=len(levels) - 1, metadata=meta)
-                else:
-                    kwargs.update(subfiletype=1, metadata=None)
-                if isinstance(lv, SparseMap):
-                    tw.write(lv.tiles(TIFF_TILE), shape=lv.shape, dtype=np.float32, **kwargs)
-                else:
-                    tw.write(lv, **kwargs)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=True, ome=True) as tw:
+        for k, lv in enumerate(levels):
+            res, unit = resolution(k)
+            kwargs: dict[str, Any] = {
+                "tile": (TIFF_TILE, TIFF_TILE),
+                "compression": "zlib",
+                "predictor": True,
+                "photometric": "minisblack",
+                "resolution": res,
+                "resolutionunit": unit,
+            }
+            if k == 0:
+                kwargs.update(subifds=len(levels) - 1, metadata=meta)
+            else:
+                kwargs.update(subfiletype=1, metadata=None)
+            if isinstance(lv, SparseMap):
+                tw.write(lv.tiles(TIFF_TILE), shape=lv.shape, dtype=np.float32, **kwargs)
+            else:
+                tw.write(lv, **kwargs)
     return path
 
 
@@ -567,8 +546,8 @@ def write_outputs(result: Result, out_dir: str | os.PathLike) -> dict[str, Path]
 
         buf = io.BytesIO()
         np.savez_compressed(buf, **result.maps_npz())
-        written["maps"] = _atomic_bytes(out / MAPS_FILE, buf.getvalue())
+        written["maps"] = write_bytes_atomic(out / MAPS_FILE, buf.getvalue())
         maps_file = MAPS_FILE
     text = result.to_json(maps_file=maps_file)
-    written["json"] = _atomic_bytes(out / "result.json", text.encode("utf-8"))
+    written["json"] = write_bytes_atomic(out / "result.json", text.encode("utf-8"))
     return written

@@ -43,6 +43,7 @@ from qtpy.QtCore import QObject, QPointF, Signal
 from qtpy.QtGui import QColor, QPainter, QPen, QPolygonF
 from qtpy.QtWidgets import QSizePolicy, QWidget
 
+from ..atomic import atomic_open
 from ..engine.checkpoints import read_checkpoint_info
 from ..engine.dataset import SlideDataset, order_classes, read_labels, stratified_split
 from ..engine.trainer import TrainConfig, TrainResult, last_checkpoint_path, train
@@ -400,7 +401,7 @@ class TrainWidget(Container):
         auto = stratified_split([index[lab] for _, lab, _ in rows], VAL_FRACTION, seed)
         csv_path = out_path.with_name(out_path.stem + ".labels.csv")
         csv_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(csv_path, "w", newline="", encoding="utf-8") as f:
+        with atomic_open(csv_path, "w", newline="", encoding="utf-8") as f:
             writer = csv.writer(f)
             writer.writerow(["slide", "label", "split"])
             for (path, label, split), auto_split in zip(rows, auto, strict=True):

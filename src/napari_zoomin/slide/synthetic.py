@@ -43,12 +43,12 @@ from typing import Literal
 import numpy as np
 
 from .._version import __version__
+from ..atomic import atomic_path, write_text_atomic
 from ..cache import cache_dir
 from .tiff_writer import (
     DEFAULT_QUALITY,
     Compression,
     PyramidInfo,
-    partial_path,
     write_pyramid,
 )
 
@@ -508,15 +508,6 @@ def _geojson(info_regions: list[PlantedRegion], props: dict) -> dict:
     return {"type": "FeatureCollection", "properties": props, "features": features}
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = partial_path(path)
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _resolve_out(out: str | os.PathLike, label: str, size: int, seed: int) -> Path:
     out = Path(out)
     if out.suffix.lower() in (".tif", ".tiff"):
@@ -583,8 +574,7 @@ def write_sample_slide(
         "napari-zoomin sample slide (mirror-tiled CMU-1-Small-Region, CC0; "
         f"planted skimage IHC regions)\nlabel={label}|seed={seed}|recipe={RECIPE_VERSION}"
     )
-    tmp_tif = partial_path(path)
-    try:
+    with atomic_path(path) as tmp_tif:  # the slide last: a slide beside its sidecars is complete
         pyramid = write_pyramid(
             tmp_tif,
             layout.source,
@@ -623,11 +613,8 @@ def write_sample_slide(
         }
         geojson_path = path.with_suffix(".geojson")
         recipe_path = path.with_suffix(".json")
-        _write_text_atomic(geojson_path, json.dumps(_geojson(layout.regions, props), indent=1))
-        _write_text_atomic(recipe_path, json.dumps(recipe, indent=1))
-        os.replace(tmp_tif, path)
-    finally:
-        tmp_tif.unlink(missing_ok=True)
+        write_text_atomic(geojson_path, json.dumps(_geojson(layout.regions, props), indent=1))
+        write_text_atomic(recipe_path, json.dumps(recipe, indent=1))
     return SampleSlideInfo(
         path=path,
         geojson_path=geojson_path,

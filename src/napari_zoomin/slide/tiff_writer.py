@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import math
 import os
-import secrets
 import time
 from collections.abc import Callable, Hashable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -47,6 +46,7 @@ import numpy as np
 import tifffile
 
 from .._version import __version__
+from ..atomic import atomic_path
 
 Compression = Literal["jpeg", "zlib"]
 TileContent = np.ndarray | Callable[[], np.ndarray]
@@ -326,11 +326,6 @@ class _Builder:
         self._push(k + 1, pr, records_up)
 
 
-def partial_path(path: Path) -> Path:
-    """A unique hidden sibling of ``path`` to write into before ``os.replace``."""
-    return path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.partial")
-
-
 def write_pyramid(
     path: str | os.PathLike,
     source: TileSource,
@@ -356,8 +351,8 @@ def write_pyramid(
 
     Reduced levels are 2×2 area averages of the level above (:func:`downsample2`),
     down to a long side ``<= min_size`` unless ``n_levels`` is given.  ``mpp`` is
-    the level-0 pixel size in micrometres.  The file is written to a temporary
-    sibling and moved into place, so ``path`` never holds a partial file.
+    the level-0 pixel size in micrometres.  The file is written atomically
+    (:func:`napari_zoomin.atomic.atomic_path`), so ``path`` never holds a partial file.
     ``workers`` threads encode tiles (default: up to 4, one per core).
     """
     path = Path(path)
@@ -374,7 +369,6 @@ def write_pyramid(
     if workers is None:
         workers = min(4, os.cpu_count() or 1)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = partial_path(path)
     t0 = time.perf_counter()
     pool = ThreadPoolExecutor(workers) if workers > 1 else None
     try:
@@ -387,7 +381,7 @@ def write_pyramid(
             software=f"napari-zoomin {__version__}",
             **_tiff_kwargs(compression),
         )
-        with tifffile.TiffWriter(tmp, bigtiff=True) as tw:
+        with atomic_path(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=True) as tw:
             for k, (h, w) in enumerate(shapes):
                 data = builder.level0_bytes() if k == 0 else iter(builder.out[k])
                 res = 1e4 / (mpp * 2**k)
@@ -401,12 +395,9 @@ def write_pyramid(
                 )
                 if k:
                     builder.out[k] = []  # free the encoded level
-        os.replace(tmp, path)
     finally:
         if pool is not None:
             pool.shutdown()
-        if tmp.exists():
-            tmp.unlink()
     return PyramidInfo(
         path=path,
         level_shapes=tuple(shapes),
