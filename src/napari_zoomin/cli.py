@@ -212,7 +212,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         args.model, args.draws, args.seed, args.device = "demo", 16, 0, "auto"
         args.mode, args.tissue = "sample", "auto"
         _classify_and_write(path, args)
-    print(f"Look at it in napari:  napari --plugin napari-zoomin {path}")
+    print(
+        f"Look at it in napari:  napari --plugin napari-zoomin {path}\n"
+        "  then Plugins > Zoom-In slide classifier > Classify slide, and click Classify slide"
+    )
     return 0
 
 
