@@ -302,3 +302,20 @@ def test_fallback_folder_when_the_slide_folder_is_not_writable(
     (saved,) = (tmp_path / "user").rglob("case.geojson")
     assert list(read_annotations(saved)) == [Annotation.rectangle(0, 0, 64, 64)]
     assert roi_shapes.find_sidecar(slide) == saved  # where training looks too
+
+
+def test_pending_saves_skip_a_widget_whose_qt_side_is_gone(make_napari_viewer, slide):
+    """Train asks every ROI widget to save; one from a closed viewer must not crash it."""
+    from PyQt6 import sip  # the test extra's binding
+    from qtpy.QtCore import QTimer
+
+    from napari_zoomin.napari.roi_widget import _widgets, flush_pending_saves
+
+    viewer = make_napari_viewer()
+    open_slide_layer(viewer, slide)
+    widget = docked_widget(viewer)
+    timer, widget._timer = widget._timer, QTimer()
+    sip.delete(widget._timer)  # what closing its viewer does before Python lets go of it
+    flush_pending_saves()
+    assert widget not in _widgets
+    widget._timer = timer  # let the fixture close the viewer normally

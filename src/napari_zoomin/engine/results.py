@@ -13,8 +13,11 @@ QuPath writes them.  A map *placement* ``origin (y, x)`` and ``cell_size (dy, dx
 says that cell ``(i, j)`` of a map covers the level-0 square
 ``[origin_y + i·dy, origin_y + (i+1)·dy) × [origin_x + j·dx, origin_x + (j+1)·dx)``
 (continuous coordinates: level-0 pixel ``(r, c)`` covers ``[r, r+1) × [c, c+1)``).
-In napari that is ``translate=origin, scale=cell_size`` on an image layer that
-overlays the slide's level 0.
+napari centres data pixel ``k`` on ``k`` (it covers ``[k − ½, k + ½)``), so over a
+slide layer with unit scale and no translate that is ``scale=cell_size``,
+``translate=origin + cell_size/2 − ½``; over a slide layer of scale ``s`` and
+translate ``t``, ``scale=s·cell_size``, ``translate=t + s·(origin + cell_size/2 − ½)``
+(``napari_zoomin.napari.result_layers.map_placement``).
 
 :func:`write_outputs` writes ``result.json``, the attention maps as pyramidal
 OME-TIFFs whose physical pixel size is the cell size × the slide's µm/pixel (so they

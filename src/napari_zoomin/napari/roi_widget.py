@@ -74,7 +74,10 @@ _widgets: weakref.WeakSet[RoiWidget] = weakref.WeakSet()
 def flush_pending_saves() -> None:
     """Save every ROI change not yet written (``Train classifier`` calls it before a run)."""
     for widget in list(_widgets):
-        widget.flush()
+        try:
+            widget.flush()
+        except RuntimeError:  # its Qt side is gone (viewer closed); it saved when closing
+            _widgets.discard(widget)
 
 
 def _rgba(label: str) -> tuple[float, float, float, float]:
@@ -386,7 +389,9 @@ class RoiWidget(Container):
             feature_defaults={LABEL_FEATURE: self.label.value, RINGS_FEATURE: ""},
             edge_color=[_rgba(lab) for lab in labels] if labels else "red",
             face_color="transparent",
-            edge_width=max(2.0, max(h0, w0) / 500.0),
+            # data units (level-0 px): thin enough not to hide a 50-px region when
+            # zoomed in, still a line at whole-slide view
+            edge_width=max(2.0, max(h0, w0) / 4000.0),
             metadata={ROI_METADATA: self._key(slide_layer)},
         )
         layer.current_edge_color = _rgba(self.label.value)
