@@ -236,7 +236,7 @@ class AttentionSamplingModel(nn.Module):
         blockwise = not torch.is_grad_enabled() and hasattr(self.attention, "forward_blocks")
         logits: list[Tensor | None] = [
             self.attention.forward_blocks(view, mask.reshape(grid.map_shape))
-            if blockwise and mask is not None
+            if blockwise and mask is not None and bool(mask.any())  # no tissue: unmasked
             else None
             for view, mask, grid in zip(views, masks, grids, strict=True)
         ]
