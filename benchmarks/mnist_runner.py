@@ -357,12 +357,14 @@ def table(rows: list[dict]) -> str:
 
 def plot(rows: list[dict], title: str, path: Path) -> None:
     """Training-loss curves (moving average over steps) and test errors, one PNG."""
+    import textwrap
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [3, 2]})
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [3, 2]})
     for r in rows:
         steps = torch.tensor(r["step_loss"])
         w = max(1, len(steps) // 25)
@@ -372,16 +374,16 @@ def plot(rows: list[dict], title: str, path: Path) -> None:
         ax1.plot(x.numpy(), smooth.numpy(), label=r["model"])
     ax1.set_xlabel("epoch")
     ax1.set_ylabel("training cross-entropy (moving average)")
-    ax1.legend(fontsize=8)
+    ax1.legend(fontsize=7, loc="best")
     ax1.set_title(title)
-    names = [r["model"] for r in rows]
+    names = [textwrap.fill(r["model"], 30) for r in rows]
     errors = [100 * r["test_error_sample"] for r in rows]
     ax2.barh(names, errors, color="tab:blue", label="sampled, K = 1")
     topk = [100 * r["test_error_topk"] if "test_error_topk" in r else 0 for r in rows]
     ax2.barh(names, topk, color="none", edgecolor="black", label="top-k")
     ax2.invert_yaxis()
     ax2.set_xlabel("test error (%)")
-    ax2.legend(fontsize=8)
+    ax2.legend(fontsize=7, loc="lower right")
     ax2.tick_params(axis="y", labelsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -461,11 +463,11 @@ def main(bench: Bench, argv: list[str] | None = None) -> int:
     print(table(rows))
     for r in rows:
         if "pretrain" in r:
-            summary = {
-                k: (v[-1] if isinstance(v, list) else v)
-                for k, v in r["pretrain"].items()
-                if k != "reused"
-            }
+            pre = r["pretrain"]
+            if "reused" in pre:
+                print(f"\n- {r['model']}: the same pre-trained networks ({pre['reused']}).")
+                continue
+            summary = {k: (v[-1] if isinstance(v, list) else v) for k, v in pre.items()}
             print(f"\n- {r['model']}: pre-training {r['pretrain_seconds']:.0f} s, {summary}")
     for note in bench.notes:
         print(f"\n- {note}")
