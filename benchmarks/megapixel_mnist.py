@@ -237,6 +237,7 @@ def _models() -> dict[str, ModelSpec]:
         "ats_replace": ModelSpec("ATS-{n}, with replacement", _ats(True), _pretrain),
         "reinforce": ModelSpec("ATS-{n}, REINFORCE (003)", _reinforce, _pretrain),
         "zoomin": ModelSpec("Zoom-In (N = {n}), s1 0.06", _zoomin(0.06), _pretrain),
+        "zoomin_s08": ModelSpec("Zoom-In (N = {n}), s1 0.08", _zoomin(0.08), _pretrain),
         "zoomin_s1": ModelSpec("Zoom-In (N = {n}), s1 0.1", _zoomin(0.1), _pretrain),
         "ats_scratch": ModelSpec("ATS-{n}, without replacement, f from scratch", _ats(False)),
     }

@@ -28,7 +28,6 @@ on its own) and ``cnn`` (a CNN on the 0.125 view).
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 
 import torch
@@ -37,7 +36,8 @@ from torch import Tensor, nn
 from benchmarks.megapixel_mnist import ScaledClassifier
 from benchmarks.mnist_data import needle_mnist
 from benchmarks.mnist_runner import Bench, ModelSpec, main
-from napari_zoomin.models import LowResolutionCNN, ZoomIn, ZoomInConfig
+from napari_zoomin.models import LowResolutionCNN, ZoomIn, ZoomInConfig, pretrain_tile_classifiers
+from napari_zoomin.models.pretrain import PRETRAINED_NETWORKS
 
 FEATURES = {"feature_dim": 64, "feature_channels": (8, 16), "feature_hidden": 128}
 
@@ -114,55 +114,35 @@ PRETRAIN_IMAGES = 500
 def _pretrain(model, data, args: argparse.Namespace) -> dict:
     """000 §2.5 (a) on the ROI (the 3's ink): ``a`` and ``f`` as tile classifiers.
 
-    Patches as in :func:`~napari_zoomin.models.pretrain_tile_classifiers` (8 per
-    image of the first ``PRETRAIN_IMAGES`` training images: half on the ROI, half
-    anywhere on ink), but the attention map is pooled by its *maximum*: a 3 fills a
-    small part of a patch, and with 000's average pooling the network learned
+    :func:`~napari_zoomin.models.pretrain_tile_classifiers` on the first
+    ``PRETRAIN_IMAGES`` training images (8 patches per image and network: half on the
+    ROI, half anywhere on ink), with the attention map pooled by its *maximum*: a 3
+    fills a small part of a patch, and with 000's average pooling the network learned
     nothing (measured: the BCE stayed at the label prior).  With ``s2 = s1`` stage 2
-    sees tiles at the scale ``a`` was trained for, so ``b`` starts as a copy of
-    ``a``.  Both are then frozen: end-to-end training with image labels flattened
-    the attention to a constant map in our runs, so only ``f`` and ``g`` keep learning.
+    sees tiles at the scale ``a`` was trained for, so ``b`` starts as a copy of ``a``
+    (otherwise it is pre-trained on its own tiles).  Both are then frozen: end-to-end
+    training with image labels flattened the attention to a constant map in our
+    runs, so only ``f`` and ``g`` keep learning.
     """
-    from napari_zoomin.models.pretrain import _fit, _patches
-
-    generator = torch.Generator().manual_seed(args.seed)
-    images = data.images[:PRETRAIN_IMAGES]
     c = model.config
-    size = (math.ceil(16 / c.view_scale),) * 2
-    x, y = _patches(images, size, c.view_scale, 8, c.view_scale, generator)
-    a = model.attention
-    history = {
-        "attention": _fit(a, _max_pool, list(a.parameters()), x, y, 15, 64, 3e-3, generator, "cpu")
-    }
-    b = model.stage2_attention
-    if c.stage2_scale == c.view_scale:  # the same scale: stage 2 uses the same detector
-        b.load_state_dict(a.state_dict())
-    else:
-        x, y = _patches(images, tuple(c.tile_size), c.stage2_scale, 8, c.view_scale, generator)
-        history["stage2_attention"] = _fit(
-            b, _max_pool, list(b.parameters()), x, y, 15, 64, 3e-3, generator, "cpu"
-        )
-    a.requires_grad_(False)
-    b.requires_grad_(False)
-    head = nn.Linear(c.feature_dim, 1)
-    x, y = _patches(images, model.patch_size, 1.0, 8, c.view_scale, generator)
-    history["feature"] = _fit(
-        model.feature,
-        lambda z: head(z)[:, 0],
-        [*model.feature.parameters(), *head.parameters()],
-        x,
-        y,
-        15,
-        64,
-        3e-3,
-        generator,
-        "cpu",
+    shared = c.stage2_scale == c.view_scale  # the same scale: stage 2 uses a's detector
+    history = pretrain_tile_classifiers(
+        model,
+        data.images[:PRETRAIN_IMAGES],
+        epochs=15,
+        patches_per_image=8,
+        batch_size=64,
+        lr=3e-3,
+        generator=torch.Generator().manual_seed(args.seed),
+        pooling="max",
+        networks=("stage1_attention", "feature") if shared else PRETRAINED_NETWORKS,
     )
-    return {name: [round(v, 4) for v in losses] for name, losses in history.items()}
-
-
-def _max_pool(logit_map: Tensor) -> Tensor:
-    return logit_map.float().amax(dim=(-2, -1))
+    if shared:
+        model.stage2_attention.load_state_dict(model.attention.state_dict())
+    model.attention.requires_grad_(False)
+    model.stage2_attention.requires_grad_(False)
+    names = {"stage1_attention": "attention"}  # the keys of the published tables
+    return {names.get(k, k): [round(v, 4) for v in losses] for k, losses in history.items()}
 
 
 def _cnn(args: argparse.Namespace):

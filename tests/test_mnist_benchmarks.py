@@ -222,3 +222,18 @@ def test_short_training_on_a_small_haystack_lowers_the_loss(mnist):
     assert first == pytest.approx(np.log(10), abs=0.05)  # untrained: uniform over 10 classes
     assert last < first - 0.15
     assert len(history["step_loss"]) == 20
+
+
+def test_cosine_schedule_decays_the_learning_rate_to_zero_over_the_run(mnist):
+    """``--lr-schedule cosine``: step t of T trains at lr·(1 + cos(πt/T))/2, from lr to ~0."""
+    data = megapixel_mnist(mnist, "train", 8, seed=0, shape=(200, 200), n_noise=2, ink_mask=True)
+    torch.manual_seed(0)
+    model = ATS(ATSConfig(num_classes=10, view_scale=0.12, patch_size=(50, 50), n_samples=4))
+    history = train_model(model, data, 3, 4, 1e-2, 0, lr_schedule="cosine")
+    t = np.arange(6)
+    expected = 1e-2 * (1 + np.cos(np.pi * t / 6)) / 2
+    np.testing.assert_allclose(history["step_lr"], expected, rtol=1e-12, atol=1e-15)
+    constant = train_model(model, data, 1, 4, 1e-3, 0)
+    assert constant["step_lr"] == [1e-3, 1e-3]
+    with pytest.raises(ValueError, match="unknown learning-rate schedule"):
+        train_model(model, data, 1, 4, 1e-3, 0, lr_schedule="step")

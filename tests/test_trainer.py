@@ -403,15 +403,19 @@ def test_cli_train_passes_its_options_and_records_the_csv(records, tmp_path, cap
     out = tmp_path / "cli.safetensors"
     args = ["train", "--slides", str(folder), "--labels", str(csv), "--out", str(out)]
     args += ["--epochs", "1", "--lr", "2e-3", "--no-contrastive", "--roi-labels", "Tumor,Other"]
+    args += ["--pretrain-pooling", "max"]
     args += ["--set", json.dumps({**settings, "feature_channels": [4, 8]})]
     assert main(args) == 0
     info = load_checkpoint(out).info["info"]
     config = info["trainer_config"]
     assert config["epochs"] == 1 and config["lr"] == 2e-3 and config["contrastive"] is False
     assert config["roi_labels"] == ["Tumor", "Other"] and config["n_samples"] == 4
+    assert config["pretrain_pooling"] == "max"
     assert info["data"]["labels_csv"] == str(csv)
     assert "best model (epoch 1" in capsys.readouterr().out
 
+    assert main([*args[:9], "--set", '{"pretrain_pooling": "median"}']) == 1
+    assert "pretrain_pooling must be 'mean' or 'max', got 'median'" in capsys.readouterr().err
     assert main([*args[:9], "--set", "{not json"]) == 1
     assert "--set is not JSON" in capsys.readouterr().err
     assert main([*args[:9], "--set", '{"speed": 1}']) == 1

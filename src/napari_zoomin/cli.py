@@ -130,6 +130,7 @@ def _train_config(args: argparse.Namespace):
         if args.roi_labels is None
         else tuple(lab.strip() for lab in args.roi_labels.split(",") if lab.strip()),
         "pretrain_epochs": args.pretrain_epochs,
+        "pretrain_pooling": args.pretrain_pooling,
         "init_from": args.init_from,
     }
     values = {k: v for k, v in given.items() if v is not None}
@@ -280,7 +281,6 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument(
         "--kind", default="zoomin", choices=["zoomin", "ats", "uniform", "reinforce-ats"]
     )
-    # defaults: None = TrainConfig's (docs/training.md), so parsing needs no torch import
     # No defaults here (None = TrainConfig's, see docs/training.md): parsing imports no torch.
     for flag, kind, what in (
         ("--epochs", int, "epochs (default 200)"),
@@ -301,6 +301,11 @@ def build_parser() -> argparse.ArgumentParser:
         ("--pretrain-epochs", int, "tile pre-training epochs when ROIs exist (default 5)"),
     ):
         tr.add_argument(flag, type=kind, help=what)
+    tr.add_argument(
+        "--pretrain-pooling",
+        choices=("mean", "max"),
+        help="pool a pre-trained attention map by its mean (default, 000) or max (tiny ROIs)",
+    )
     tr.add_argument("--no-contrastive", action="store_true", help="no in-sample contrastive loss")
     tr.add_argument("--roi-labels", help="ROI annotation labels, comma-separated (default Tumor)")
     tr.add_argument("--init-from", help="start from this checkpoint's weights ('demo' or a path)")

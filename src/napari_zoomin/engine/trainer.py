@@ -110,6 +110,9 @@ class TrainConfig:
         pretrain_epochs: epochs of tile-classifier pre-training of ``a``, ``b`` and ``f``
             when training slides carry ROI annotations (0 = off).
         pretrain_patches: patches per annotated slide and network for pre-training.
+        pretrain_pooling: how a pre-trained attention map becomes one patch logit:
+            ``"mean"`` (000's global average pooling) or ``"max"``, for ROIs that fill a
+            small part of a patch (a few tumour cells in a 16-cell view patch).
         roi_labels: annotation labels that are ROI (e.g. ``("Tumor",)``).
 
     Starting point:
@@ -149,6 +152,7 @@ class TrainConfig:
     model_options: dict[str, Any] = field(default_factory=dict)
     pretrain_epochs: int = 5
     pretrain_patches: int = 32
+    pretrain_pooling: str = "mean"
     roi_labels: tuple[str, ...] = DEFAULT_ROI_LABELS
     init_from: str | None = None
     num_workers: int = 4
@@ -196,6 +200,10 @@ class TrainConfig:
                 problems.append(f"{name} must not be negative, got {getattr(self, name)}")
         if self.seed < 0:
             problems.append(f"seed must not be negative, got {self.seed}")
+        if self.pretrain_pooling not in ("mean", "max"):
+            problems.append(
+                f"pretrain_pooling must be 'mean' or 'max', got {self.pretrain_pooling!r}"
+            )
         if problems:
             raise TrainingError(None, "invalid training settings: " + "; ".join(problems) + ".")
 
@@ -568,6 +576,7 @@ def train(
                         sources,
                         epochs=config.pretrain_epochs,
                         patches_per_image=config.pretrain_patches,
+                        pooling=config.pretrain_pooling,
                         generator=torch.Generator().manual_seed(_seed(config.seed, 2)),
                     )
             except Exception as exc:

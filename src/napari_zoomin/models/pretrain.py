@@ -7,8 +7,11 @@ tell whether a patch of its own input kind contains any ROI pixel:
 - ``b`` (Zoom-In): tiles read at ``s2``;
 - ``f``: (sub-)tiles at full resolution.
 
-An attention network's logit map is averaged to one logit (000: "global average
-pooling layer"); ``f`` gets a temporary linear head.  The heads are discarded
+An attention network's logit map is pooled to one logit: averaged (000: "global
+average pooling layer") or, with ``pooling="max"``, its maximum, for ROIs that fill a
+small part of a patch (a few tumour cells, one digit among many: on Needle MNIST the
+average learned nothing and the maximum did, see ``docs/benchmarks.md``); ``f`` gets a
+temporary linear head.  The heads are discarded
 afterwards: the model keeps exactly its own parameters.  Half the patches are centred
 on ROI pixels (jittered), a quarter on annotated non-ROI regions when there are any
 (hard negatives), the rest anywhere in the tissue, so that rare ROIs and their
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +32,9 @@ from .base import AttentionSamplingModel
 from .coordinates import CellGrid
 from .source import ImageSource, full_region, read_hard_negatives, read_roi, tissue_mask
 
-__all__ = ["pretrain_tile_classifiers"]
+__all__ = ["PRETRAINED_NETWORKS", "pretrain_tile_classifiers"]
+
+PRETRAINED_NETWORKS = ("stage1_attention", "stage2_attention", "feature")
 
 
 def _on_mask(view: Tensor, n: int, shape, scale: float, generator) -> Tensor:
@@ -127,6 +133,8 @@ def pretrain_tile_classifiers(
     batch_size: int = 64,
     lr: float = 1e-3,
     generator: torch.Generator | None = None,
+    pooling: Literal["mean", "max"] = "mean",
+    networks: Sequence[str] = PRETRAINED_NETWORKS,
 ) -> dict[str, list[float]]:
     """Pre-train the model's attention network(s) and feature network from ROI masks.
 
@@ -136,23 +144,35 @@ def pretrain_tile_classifiers(
         sources: images; only those whose ``read_roi`` returns a mask are used.
         epochs, patches_per_image, batch_size, lr: training of each tile classifier.
         generator: seeds patch placement and batch order.
+        pooling: how an attention network's logit map becomes the patch logit:
+            ``"mean"`` (000) or ``"max"`` (small ROIs).
+        networks: which of :data:`PRETRAINED_NETWORKS` to pre-train (in that order).
 
     Returns:
         The mean binary cross-entropy per epoch of each pre-trained network
         (``"stage1_attention"``, ``"stage2_attention"``, ``"feature"``).
     """
+    if pooling not in ("mean", "max"):
+        raise ValueError(f"pooling must be 'mean' or 'max', got {pooling!r}")
+    unknown = sorted(set(networks) - set(PRETRAINED_NETWORKS))
+    if unknown:
+        raise ValueError(
+            f"unknown network(s) {', '.join(unknown)}; choose from {', '.join(PRETRAINED_NETWORKS)}"
+        )
     generator = generator or torch.Generator().manual_seed(0)
     device = model.device
     c = model.config
     history: dict[str, list[float]] = {}
 
-    def pooled(logit_map: Tensor) -> Tensor:  # global average pooling of the logit map
-        return logit_map.float().mean(dim=(-2, -1))
+    def pooled(logit_map: Tensor) -> Tensor:  # global average or max pooling of the map
+        logit_map = logit_map.float()
+        return logit_map.amax(dim=(-2, -1)) if pooling == "max" else logit_map.mean(dim=(-2, -1))
 
-    nets = [
-        ("stage1_attention", model.attention, c.view_scale, (math.ceil(16 / c.view_scale),) * 2)
-    ]
-    if hasattr(model, "stage2_attention"):
+    nets = []
+    if "stage1_attention" in networks:
+        size = (math.ceil(16 / c.view_scale),) * 2
+        nets.append(("stage1_attention", model.attention, c.view_scale, size))
+    if "stage2_attention" in networks and hasattr(model, "stage2_attention"):
         nets.append(
             ("stage2_attention", model.stage2_attention, c.stage2_scale, tuple(c.tile_size))
         )
@@ -162,6 +182,8 @@ def pretrain_tile_classifiers(
             continue
         x, y = _patches(sources, size, scale, patches_per_image, c.view_scale, generator)
         history[name] = _fit(net, pooled, params, x, y, epochs, batch_size, lr, generator, device)
+    if "feature" not in networks:
+        return history
 
     head = nn.Linear(c.feature_dim, 1).to(device)
     x, y = _patches(sources, model.patch_size, 1.0, patches_per_image, c.view_scale, generator)
