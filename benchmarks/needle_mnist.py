@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from benchmarks.megapixel_mnist import ScaledClassifier
 from benchmarks.mnist_data import needle_mnist
 from benchmarks.mnist_runner import Bench, ModelSpec, main
+from napari_zoomin.engine.trainer import roi_attention_loss
 from napari_zoomin.models import LowResolutionCNN, ZoomIn, ZoomInConfig, pretrain_tile_classifiers
 from napari_zoomin.models.pretrain import PRETRAINED_NETWORKS
 
@@ -77,6 +78,33 @@ class StridedAttention(nn.Module):
         return self.logit(self.body(view))[:, 0]
 
 
+class RoiSupervisedZoomIn(ZoomIn):
+    """Zoom-In whose stage-1 attention also learns from the ROI on the whole view.
+
+    The training objective adds ``KL(M̃ ‖ α)`` (the trainer's ``roi_attention_weight``
+    term, :func:`~napari_zoomin.engine.trainer.roi_attention_loss`) on the images that
+    hold a 3: 000's eq. (11) MSE has a gradient proportional to ``α`` itself, which
+    vanishes on this 65,536-cell map, while the cross-entropy's gradient on the logits,
+    ``α − M̃``, moves the attention mass onto the 3 whatever its size.
+    """
+
+    roi_attention_weight = 1.0
+
+    def stage1(self, sources):
+        self._stage1 = super().stage1(sources)  # kept for the ROI term: one view read
+        return self._stage1
+
+    def loss(self, sources, labels, epoch: int = 0, generator=None):
+        self._stage1 = None
+        terms = super().loss(sources, labels, epoch=epoch, generator=generator)
+        if torch.is_grad_enabled():
+            kl = roi_attention_loss(self, sources, self._stage1)
+            terms.pixel = kl.detach()
+            terms.total = terms.total + self.roi_attention_weight * kl
+        self._stage1 = None
+        return terms
+
+
 def _zoomin_paper(args: argparse.Namespace):
     """000's networks and NeedleCamelyon settings, image labels only."""
     return ZoomIn(ZoomInConfig(view_scale=0.25, pixel_weight=0.0, **_sampling(args)))
@@ -96,9 +124,9 @@ def _sampling(args: argparse.Namespace) -> dict:
     }
 
 
-def _zoomin_roi(view_scale: float):
+def _zoomin_roi(view_scale: float, cls=ZoomIn):
     def build(args: argparse.Namespace):
-        return ZoomIn(
+        return cls(
             ZoomInConfig(view_scale=view_scale, pixel_weight=0.0, **_sampling(args)),
             attention=StridedAttention(),
             stage2_attention=StridedAttention(),
@@ -145,6 +173,13 @@ def _pretrain(model, data, args: argparse.Namespace) -> dict:
     return {names.get(k, k): [round(v, 4) for v in losses] for k, losses in history.items()}
 
 
+def _pretrain_then_train_a(model, data, args: argparse.Namespace) -> dict:
+    """:func:`_pretrain`, then ``a`` trains on (``b`` stays the frozen pre-trained copy)."""
+    report = _pretrain(model, data, args)
+    model.attention.requires_grad_(True)
+    return report
+
+
 def _cnn(args: argparse.Namespace):
     return LowResolutionCNN(num_classes=2, view_scale=0.125, channels=(8, 16, 32))
 
@@ -164,6 +199,11 @@ BENCH = Bench(
             _zoomin_roi(0.5),
             pretrain=_pretrain,
         ),
+        "zoomin_roi_kl": ModelSpec(
+            "Zoom-In, s1 0.5 + ROI pre-training + ROI attention term, a trained (N = {n})",
+            _zoomin_roi(0.5, RoiSupervisedZoomIn),
+            pretrain=_pretrain_then_train_a,
+        ),
         "zoomin_roi_025": ModelSpec(
             "Zoom-In, s1 0.25 + ROI pre-training, frozen strided a/b (N = {n})",
             _zoomin_roi(0.25),
@@ -171,7 +211,7 @@ BENCH = Bench(
         ),
         "cnn": ModelSpec("CNN on the 0.125 view", _cnn),
     },
-    default_models=["zoomin_paper", "zoomin_roi"],
+    default_models=["zoomin_paper", "zoomin_roi", "zoomin_roi_kl"],
     defaults={"epochs": 2, "train": 1600, "test": 500, "batch_size": 8, "lr": 1e-3, "n": 30},
     quick={"epochs": 1, "train": 32, "test": 32, "cost_steps": 3},
     notes=[

@@ -14,6 +14,7 @@ from napari_zoomin.engine.dataset import SlideDataset, SlideRecord
 from napari_zoomin.engine.trainer import (
     TrainConfig,
     last_checkpoint_path,
+    roi_attention_loss,
     stratified_batches,
     train,
 )
@@ -398,7 +399,15 @@ def test_cli_train_passes_its_options_and_records_the_csv(records, tmp_path, cap
         "slide,label,split\n" + "".join(f"{r.path.name},{r.label},{r.split}\n" for r in records)
     )
     settings = tiny().to_dict()
-    for key in ("epochs", "lr", "contrastive", "roi_labels", "feature_channels", "model_options"):
+    for key in (
+        "epochs",
+        "lr",
+        "contrastive",
+        "roi_labels",
+        "feature_channels",
+        "model_options",
+        "pretrain_pooling",
+    ):
         settings.pop(key)
     out = tmp_path / "cli.safetensors"
     args = ["train", "--slides", str(folder), "--labels", str(csv), "--out", str(out)]
@@ -420,3 +429,25 @@ def test_cli_train_passes_its_options_and_records_the_csv(records, tmp_path, cap
     assert "--set is not JSON" in capsys.readouterr().err
     assert main([*args[:9], "--set", '{"speed": 1}']) == 1
     assert "unknown training settings: speed" in capsys.readouterr().err
+
+
+def test_roi_attention_term_is_the_kl_from_the_roi_to_alpha():
+    """``KL(M̃ ‖ α)`` with M̃ uniform on the ROI cells (view at scale 1: a cell per pixel),
+    0 for a source without ROI pixels; a stage 1 already computed gives the same value."""
+    from napari_zoomin.models import ATS, ATSConfig, TensorSource
+
+    torch.manual_seed(0)
+    model = ATS(ATSConfig(view_scale=1.0, patch_size=(8, 8), feature_dim=8, feature_hidden=16))
+    roi = torch.zeros(12, 10, dtype=torch.bool)
+    roi[2:4, 5:8] = True  # 6 cells
+    image = torch.rand(3, 12, 10, generator=torch.Generator().manual_seed(1))
+    annotated = TensorSource(image, roi=roi)
+    empty = TensorSource(image, roi=torch.zeros_like(roi))
+    stage1 = model.stage1([annotated, empty])
+    alpha = stage1[0].attention.reshape(12, 10)
+    assert alpha.shape == roi.shape
+    expected = (torch.log(torch.tensor(1 / 6)) - torch.log(alpha[roi])).sum() / 6 / 2
+    value = roi_attention_loss(model, [annotated, empty])
+    torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(roi_attention_loss(model, [annotated, empty], stage1), value)
+    assert float(roi_attention_loss(model, [empty, empty])) == 0.0

@@ -802,7 +802,9 @@ def _parameter_groups(model: AttentionSamplingModel, config: TrainConfig) -> lis
     return [g for g in groups if g["params"]]
 
 
-def roi_attention_loss(model: AttentionSamplingModel, sources: Sequence) -> torch.Tensor:
+def roi_attention_loss(
+    model: AttentionSamplingModel, sources: Sequence, stage1: Sequence | None = None
+) -> torch.Tensor:
     """``KL(M̃ ‖ α)`` averaged over ``sources`` (see ``TrainConfig.roi_attention_weight``).
 
     ``M̃`` is the source's ROI fraction at the stage-1 view, sampled at the cells and
@@ -810,9 +812,11 @@ def roi_attention_loss(model: AttentionSamplingModel, sources: Sequence) -> torc
     or whose mask has no ROI pixel on tissue (annotated negatives), contribute 0: at
     the stage-1 scale a look-alike of the ROI may be indistinguishable from it, and
     attending to it on a negative slide is what lets ``f`` tell them apart.
+    ``stage1``: the sources' stage-1 attention when already computed (one view read).
     """
     total = torch.zeros((), device=model.device)
-    stage1 = model.stage1(sources)
+    if stage1 is None:
+        stage1 = model.stage1(sources)
     for src, st in zip(sources, stage1, strict=True):
         roi = read_roi(src, full_region(src), model.config.view_scale)
         if roi is None:
