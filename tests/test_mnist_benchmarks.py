@@ -237,3 +237,31 @@ def test_cosine_schedule_decays_the_learning_rate_to_zero_over_the_run(mnist):
     assert constant["step_lr"] == [1e-3, 1e-3]
     with pytest.raises(ValueError, match="unknown learning-rate schedule"):
         train_model(model, data, 1, 4, 1e-3, 0, lr_schedule="step")
+
+
+def test_roi_supervised_zoomin_adds_the_roi_term_from_its_one_view_read(mnist):
+    """Needle's ``zoomin_roi_kl``: the loss adds KL(M̃‖α) on the positive image only, from
+    the stage 1 the loss computed (one 512² view read per image), and its gradient
+    reaches ``a``."""
+    import argparse
+
+    from benchmarks.needle_mnist import RoiSupervisedZoomIn, _zoomin_roi
+
+    from napari_zoomin.engine.trainer import roi_attention_loss
+
+    data = needle_mnist(mnist, "train", 2, seed=0, ink_mask=True)
+    assert data.labels.tolist() == [1, 0]
+    torch.manual_seed(0)
+    model = _zoomin_roi(0.5, RoiSupervisedZoomIn)(argparse.Namespace(n=4))
+    data.reset_counters()
+    terms = model.loss(data.images, data.labels, generator=torch.Generator().manual_seed(0))
+    views = sum(img.counter.output_pixels.get(0.5, 0) for img in data.images)
+    stage1_px = 2 * 512 * 512
+    assert stage1_px <= views <= stage1_px + 2 * 4 * 32 * 32  # + at most 4 tile views each
+    with torch.no_grad():
+        kl = roi_attention_loss(model, data.images)
+        only_positive = roi_attention_loss(model, data.images[:1]) / 2
+    assert float(terms.pixel) == pytest.approx(float(kl), rel=1e-5)
+    assert float(kl) == pytest.approx(float(only_positive), rel=1e-6) and float(kl) > 0
+    terms.total.backward()
+    assert float(model.attention.logit.weight.grad.abs().sum()) > 0
