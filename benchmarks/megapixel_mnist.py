@@ -46,9 +46,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 
 from benchmarks.mnist_data import DIGIT, Mnist, megapixel_mnist, noise_patterns
+from benchmarks.mnist_networks import PooledFeatureNetwork, ScaledClassifier
 from benchmarks.mnist_runner import Bench, ModelSpec, main
 from napari_zoomin.models import (
     ATS,
@@ -70,52 +71,6 @@ SHARED = {
     "entropy_weight": 1e-4,
     "uniform_mix": 1e-5,
 }
-
-
-class PooledFeatureNetwork(nn.Module):
-    """``f`` for digits anywhere in a patch: conv–ReLU–max-pool ×2, conv–ReLU, global max pool.
-
-    Like the ATS reference's Megapixel MNIST network (convolutions, then global max
-    pooling, then L2 normalisation), with pooling between the convolutions to keep
-    it cheap on one CPU core: a digit is recognised wherever it lies in the patch.
-    """
-
-    def __init__(self, out_features: int = 64, channels: tuple[int, int, int] = (16, 32, 64)):
-        super().__init__()
-        c1, c2, c3 = channels
-        self.body = nn.Sequential(
-            nn.Conv2d(3, c1, 5),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Conv2d(c1, c2, 3),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Conv2d(c2, c3, 3),
-            nn.ReLU(),
-        )
-        self.out = nn.Linear(c3, out_features)
-
-    def forward(self, patches: Tensor) -> Tensor:
-        h = self.body(patches).amax(dim=(-2, -1))
-        return F.normalize(self.out(h), dim=-1, eps=1e-12)
-
-
-class ScaledClassifier(nn.Module):
-    """``g``: one fully connected layer on the aggregated feature times a fixed ``scale``.
-
-    The features are unit vectors (ATS §3.4) and their attention-weighted mean is
-    shorter still, so a plain linear ``g`` needs thousands of Adam steps just to grow
-    weights large enough for confident logits; a fixed scale (a cosine classifier's
-    temperature) is the same layer, reparametrised to start there.
-    """
-
-    def __init__(self, in_features: int, num_classes: int, scale: float = 16.0):
-        super().__init__()
-        self.scale = scale
-        self.linear = nn.Linear(in_features, num_classes)
-
-    def forward(self, z: Tensor) -> Tensor:
-        return self.linear(z * self.scale)
 
 
 def digit_patches(mnist: Mnist, split: str, n: int, seed: int, size: int = 50):

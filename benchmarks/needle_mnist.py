@@ -31,51 +31,15 @@ import argparse
 import sys
 
 import torch
-from torch import Tensor, nn
 
-from benchmarks.megapixel_mnist import ScaledClassifier
 from benchmarks.mnist_data import needle_mnist
+from benchmarks.mnist_networks import ScaledClassifier, StridedAttention
 from benchmarks.mnist_runner import Bench, ModelSpec, main
 from napari_zoomin.engine.trainer import roi_attention_loss
 from napari_zoomin.models import LowResolutionCNN, ZoomIn, ZoomInConfig, pretrain_tile_classifiers
 from napari_zoomin.models.pretrain import PRETRAINED_NETWORKS
 
 FEATURES = {"feature_dim": 64, "feature_channels": (8, 16), "feature_hidden": 128}
-
-
-class StridedAttention(nn.Module):
-    """An attention network that can see a whole digit: one cell per 2×2 view pixels.
-
-    conv 3×3 (``c1``)–leaky ReLU–max-pool 2–conv 3×3 (``c2``)–leaky ReLU–conv 3×3
-    (``c2``)–leaky ReLU, then a 1×1 logit.  Its receptive field is 12 view pixels
-    (a 28-pixel digit is 14 pixels at ``s = 0.5``), where 000's three 3×3 layers see
-    7; the layers after the pooling cost a quarter as much per channel.
-    ``offset``/``stride`` place each cell on the centre of its 2×2 block.
-    """
-
-    offset = (0.5, 0.5)
-    stride = (2, 2)
-
-    def __init__(self, c1: int = 8, c2: int = 16):
-        super().__init__()
-        self.body = nn.Sequential(
-            nn.Conv2d(3, c1, 3, padding=1),
-            nn.LeakyReLU(0.2),
-            nn.MaxPool2d(2),
-            nn.Conv2d(c1, c2, 3, padding=1),
-            nn.LeakyReLU(0.2),
-            nn.Conv2d(c2, c2, 3, padding=1),
-            nn.LeakyReLU(0.2),
-        )
-        self.logit = nn.Conv2d(c2, 1, 1)
-
-    def map_shape(self, view_shape: tuple[int, int]) -> tuple[int, int]:
-        if min(view_shape) < 2:
-            raise ValueError(f"view {tuple(view_shape)} is too small for a stride-2 map")
-        return (view_shape[0] // 2, view_shape[1] // 2)
-
-    def forward(self, view: Tensor) -> Tensor:
-        return self.logit(self.body(view))[:, 0]
 
 
 class RoiSupervisedZoomIn(ZoomIn):
