@@ -1,0 +1,99 @@
+"""Where trained Megapixel MNIST models look: on the digits, or on the scribbles?
+
+    python -m benchmarks.megapixel_attention --out DIR [--models ats,zoomin_s08] [--images 100]
+
+Loads the weights that :mod:`benchmarks.megapixel_mnist` saved in ``--out`` (same
+``--seed``) and, on the first ``--images`` test images, reports per model:
+
+- the stage-1 attention mass ``α`` on cells whose level-0 centre lies on one of the
+  five digits (the rest lies on the 50 scribbles);
+- the share of the patches (ATS) or sub-tiles (Zoom-In) of one sampled estimate
+  whose centre lies within 8 px of a digit's 28×28 box, and how many of the five
+  digits they reach;
+- the accuracy of that estimate.
+
+A model that reaches fewer digits decides from fewer votes: three of the five
+digits carry the label.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from benchmarks import megapixel_mnist
+from benchmarks.mnist_data import load_mnist
+
+
+def _inside(points: np.ndarray, boxes: np.ndarray, margin: int = 0) -> np.ndarray:
+    """(P, B) bool: point p lies in box b (``[top, left, h, w]``) grown by ``margin``."""
+    top, left = boxes[None, :, 0] - margin, boxes[None, :, 1] - margin
+    bottom, right = top + boxes[None, :, 2] + 2 * margin, left + boxes[None, :, 3] + 2 * margin
+    r, c = points[:, None, 0], points[:, None, 1]
+    return (r >= top) & (r < bottom) & (c >= left) & (c < right)
+
+
+def attention_report(model, data, seed: int) -> dict:
+    """The measures of the module docstring for one model on ``data``."""
+    generator = torch.Generator().manual_seed(seed + 5)
+    mass, on_digits, reached, correct = [], [], [], 0
+    model.eval()
+    for image, label in zip(data.images, data.labels.tolist(), strict=True):
+        (p,) = model.predict([image], mode="sample", n_draws=1, generator=generator)
+        correct += int(p.label == label)
+        alpha = p.attention.reshape(-1)
+        centres = p.attention_grid.centres(torch.arange(alpha.numel())).reshape(-1, 2)
+        digits = image.boxes()[:5]  # the first five objects are the digits
+        on = torch.from_numpy(_inside(centres.numpy(), digits).any(1))
+        mass.append(float(alpha[on].sum()))
+        regions = p.patches.regions.numpy()
+        hit = _inside(regions[:, :2] + regions[:, 2:] // 2, digits, margin=8)
+        on_digits.append(float(hit.any(1).mean()))
+        reached.append(int(hit.any(0).sum()))
+    return {
+        "alpha_on_digits": float(np.mean(mass)),
+        "patches_on_digits": float(np.mean(on_digits)),
+        "digits_reached": float(np.mean(reached)),
+        "accuracy": correct / len(data),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.megapixel_attention")
+    p.add_argument("--out", required=True, help="the --out folder of megapixel_mnist")
+    p.add_argument("--models", type=lambda s: s.split(","), default=["ats", "zoomin_s08"])
+    p.add_argument("--images", type=int, default=100, help="test images")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n", type=int, default=10)
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    build = argparse.Namespace(seed=args.seed, n=args.n, mask="ink")
+    data = megapixel_mnist.BENCH.make_data(load_mnist(), "test", args.images, build)
+    print("| model | α on digits | patches on digits | digits reached (of 5) | accuracy |")
+    print("|---|---|---|---|---|")
+    for key in args.models:
+        spec = megapixel_mnist.BENCH.models[key]
+        weights = Path(args.out) / f"{key}.pt"
+        if not weights.is_file():
+            print(
+                f"{weights}: no trained weights; run benchmarks.megapixel_mnist first",
+                file=sys.stderr,
+            )
+            return 1
+        torch.manual_seed(args.seed)
+        model = spec.build(build)
+        model.load_state_dict(torch.load(weights, weights_only=True))
+        r = attention_report(model, data, args.seed)
+        print(
+            f"| {spec.label.format(n=args.n)} | {r['alpha_on_digits']:.0%} | "
+            f"{r['patches_on_digits']:.0%} | {r['digits_reached']:.2f} | {r['accuracy']:.0%} |"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
