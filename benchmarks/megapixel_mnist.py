@@ -211,7 +211,7 @@ BENCH = Bench(
         mnist, split, n, args.seed, ink_mask=args.mask == "ink"
     ),
     models=_models(),
-    default_models=["cnn", "uniform", "ats", "ats_replace", "zoomin_s08"],
+    default_models=["cnn", "uniform", "ats", "zoomin_s08"],
     defaults={
         "epochs": 8,
         "train": 5000,
