@@ -8,7 +8,7 @@ positives hold one 3 and 400 other digits, negatives 401 other digits; balanced.
 Zoom-In reported 0.503 test accuracy here (chance): at ``s1 = 0.25`` a digit is 7×7
 view pixels among hundreds of others, and 000's attention network (three 3×3
 layers of 8 kernels: a 7-pixel receptive field) cannot tell which one is the 3.
-Both default runs use 000's NeedleCamelyon sampling settings (``s2 = 0.5``,
+All default runs use 000's NeedleCamelyon sampling settings (``s2 = 0.5``,
 ``N = 30``, 32×32 sub-tiles; 64×64 tiles), entropy weight 1e-5, the contrastive
 loss after a warm-up of 1 epoch (000: 10 of 150) and an ink mask as tissue mask.
 
@@ -20,6 +20,9 @@ loss after a warm-up of 1 epoch (000: 10 of 150) and an ink mask as tissue mask.
   §2.5), ``b`` a copy of ``a`` (same scale); (3) attention networks that can see a
   whole digit (:class:`StridedAttention`); ``a`` and ``b`` then frozen, ``f`` and
   ``g`` (scaled as in Megapixel MNIST) trained with image labels, learning rate 1e-3.
+- ``zoomin_roi_kl`` — **the same, with ``a`` trained on** after pre-training, its
+  objective plus the ROI term ``KL(M̃ ‖ α)`` on the images that hold a 3
+  (:class:`RoiSupervisedZoomIn`); ``b`` stays the frozen pre-trained copy.
 
 Not run by default: ``zoomin_roi_025`` (the same at ``s1 = 0.25``, ``b`` pre-trained
 on its own) and ``cnn`` (a CNN on the 0.125 view).
