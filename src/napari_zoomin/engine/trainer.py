@@ -38,6 +38,7 @@ from .._version import __version__
 from ..errors import TrainingError
 from ..models import AttentionSamplingModel, grad_scaler, pretrain_tile_classifiers, select_device
 from ..models.networks import class_probabilities
+from ..models.pretrain import POOLINGS
 from ..models.source import full_region, read_roi
 from .checkpoints import MODEL_KINDS, build_model, load_checkpoint, save_checkpoint
 from .dataset import DEFAULT_ROI_LABELS, SlideDataset, SlideRecord
@@ -200,7 +201,7 @@ class TrainConfig:
                 problems.append(f"{name} must not be negative, got {getattr(self, name)}")
         if self.seed < 0:
             problems.append(f"seed must not be negative, got {self.seed}")
-        if self.pretrain_pooling not in ("mean", "max"):
+        if self.pretrain_pooling not in POOLINGS:
             problems.append(
                 f"pretrain_pooling must be 'mean' or 'max', got {self.pretrain_pooling!r}"
             )

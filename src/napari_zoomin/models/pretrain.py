@@ -32,9 +32,10 @@ from .base import AttentionSamplingModel
 from .coordinates import CellGrid
 from .source import ImageSource, full_region, read_hard_negatives, read_roi, tissue_mask
 
-__all__ = ["PRETRAINED_NETWORKS", "pretrain_tile_classifiers"]
+__all__ = ["POOLINGS", "PRETRAINED_NETWORKS", "pretrain_tile_classifiers"]
 
 PRETRAINED_NETWORKS = ("stage1_attention", "stage2_attention", "feature")
+POOLINGS = ("mean", "max")  # how an attention map becomes a patch logit
 
 
 def _on_mask(view: Tensor, n: int, shape, scale: float, generator) -> Tensor:
@@ -152,7 +153,7 @@ def pretrain_tile_classifiers(
         The mean binary cross-entropy per epoch of each pre-trained network
         (``"stage1_attention"``, ``"stage2_attention"``, ``"feature"``).
     """
-    if pooling not in ("mean", "max"):
+    if pooling not in POOLINGS:
         raise ValueError(f"pooling must be 'mean' or 'max', got {pooling!r}")
     unknown = sorted(set(networks) - set(PRETRAINED_NETWORKS))
     if unknown:
