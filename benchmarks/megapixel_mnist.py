@@ -49,7 +49,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchmarks.mnist_data import DIGIT, Mnist, megapixel_mnist, noise_patterns
-from benchmarks.mnist_networks import PooledFeatureNetwork, ScaledClassifier
+from benchmarks.mnist_networks import (
+    HalfResolutionAttention,
+    PooledFeatureNetwork,
+    ScaledClassifier,
+)
 from benchmarks.mnist_runner import Bench, ModelSpec, main
 from napari_zoomin.models import (
     ATS,
@@ -147,20 +151,24 @@ def _pretrain(model, data, args: argparse.Namespace) -> dict:
     return report
 
 
-def _networks() -> dict[str, nn.Module]:
-    """``f`` and ``g`` shared by every attention-sampling model of the table."""
-    return {
+def _networks(half_resolution: bool = False) -> dict[str, nn.Module]:
+    """``f`` and ``g`` shared by every attention-sampling model of the table, and ``a``
+    when it is :class:`HalfResolutionAttention` (else the model's default)."""
+    networks: dict[str, nn.Module] = {
         "feature": PooledFeatureNetwork(FEATURE_DIM),
         "classifier": ScaledClassifier(FEATURE_DIM, 10),
     }
+    if half_resolution:
+        networks["attention"] = HalfResolutionAttention()
+    return networks
 
 
-def _ats(replace: bool, cls=ATS):
+def _ats(replace: bool, cls=ATS, half_resolution: bool = False):
     def build(args: argparse.Namespace):
         config = ATSConfig(
             view_scale=VIEW_SCALE, patch_size=PATCH, n_samples=args.n, replace=replace, **SHARED
         )
-        return cls(config, **_networks())
+        return cls(config, **_networks(half_resolution))
 
     return build
 
@@ -170,7 +178,7 @@ def _reinforce(args: argparse.Namespace):
     return ReinforceATS(config, **_networks())
 
 
-def _zoomin(view_scale: float):
+def _zoomin(view_scale: float, half_resolution: bool = False):
     def build(args: argparse.Namespace):
         config = ZoomInConfig(
             view_scale=view_scale,
@@ -181,7 +189,7 @@ def _zoomin(view_scale: float):
             contrastive=False,
             **SHARED,
         )
-        return ZoomIn(config, **_networks())
+        return ZoomIn(config, **_networks(half_resolution))
 
     return build
 
@@ -200,6 +208,14 @@ def _models() -> dict[str, ModelSpec]:
         "zoomin": ModelSpec("Zoom-In (N = {n}), s1 0.06", _zoomin(0.06), _pretrain),
         "zoomin_s08": ModelSpec("Zoom-In (N = {n}), s1 0.08", _zoomin(0.08), _pretrain),
         "zoomin_s1": ModelSpec("Zoom-In (N = {n}), s1 0.1", _zoomin(0.1), _pretrain),
+        "zoomin_half": ModelSpec(
+            "Zoom-In (N = {n}), s1 0.12, half-resolution a", _zoomin(0.12, True), _pretrain
+        ),
+        "ats_half": ModelSpec(
+            "ATS-{n}, without replacement, half-resolution a",
+            _ats(False, half_resolution=True),
+            _pretrain,
+        ),
         "ats_scratch": ModelSpec("ATS-{n}, without replacement, f from scratch", _ats(False)),
     }
 

@@ -3,7 +3,9 @@
 - :class:`PooledFeatureNetwork`: ``f`` for a digit anywhere in a patch;
 - :class:`ScaledClassifier`: ``g`` on unit-norm features;
 - :class:`StridedAttention`: an attention network with one cell per 2×2 view pixels
-  that sees a whole digit.
+  that sees a whole digit;
+- :class:`HalfResolutionAttention`: an attention network computed at half the view's
+  resolution from its first layer on, for a stage 1 that only has to pick tiles.
 """
 
 from __future__ import annotations
@@ -11,7 +13,12 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["PooledFeatureNetwork", "ScaledClassifier", "StridedAttention"]
+__all__ = [
+    "HalfResolutionAttention",
+    "PooledFeatureNetwork",
+    "ScaledClassifier",
+    "StridedAttention",
+]
 
 
 class PooledFeatureNetwork(nn.Module):
@@ -90,6 +97,43 @@ class StridedAttention(nn.Module):
         if min(view_shape) < 2:
             raise ValueError(f"view {tuple(view_shape)} is too small for a stride-2 map")
         return (view_shape[0] // 2, view_shape[1] // 2)
+
+    def forward(self, view: Tensor) -> Tensor:
+        return self.logit(self.body(view))[:, 0]
+
+
+class HalfResolutionAttention(nn.Module):
+    """Attention at one cell per 2×2 view pixels, computed at that resolution throughout.
+
+    conv 3×3 stride 2 (``c1``)–leaky ReLU–conv 3×3 (``c2``)–leaky ReLU–conv 3×3 (``c2``)
+    –leaky ReLU, then a 1×1 logit that starts at zero (uniform attention, as
+    :class:`~napari_zoomin.models.networks.AttentionNetwork`).  Zoom-In's stage 1 picks
+    tiles (100² level-0 pixels, 12 view pixels at ``s1`` = 0.12) rather than patch
+    centres, so its map can be coarser than ATS's: every layer runs on a quarter of
+    the view's pixels, which is where the attention network's memory goes, while the
+    first layer still reads every view pixel.  Receptive field: 11 view pixels.
+    Cell ``(i, j)`` is centred on view pixel ``(2i, 2j)``.
+    """
+
+    offset = (0.0, 0.0)
+    stride = (2, 2)
+
+    def __init__(self, c1: int = 8, c2: int = 16):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(3, c1, 3, stride=2, padding=1),
+            nn.LeakyReLU(0.2, inplace=True),
+            nn.Conv2d(c1, c2, 3, padding=1),
+            nn.LeakyReLU(0.2, inplace=True),
+            nn.Conv2d(c2, c2, 3, padding=1),
+            nn.LeakyReLU(0.2, inplace=True),
+        )
+        self.logit = nn.Conv2d(c2, 1, 1)
+        nn.init.zeros_(self.logit.weight)
+        nn.init.zeros_(self.logit.bias)
+
+    def map_shape(self, view_shape: tuple[int, int]) -> tuple[int, int]:
+        return ((view_shape[0] + 1) // 2, (view_shape[1] + 1) // 2)
 
     def forward(self, view: Tensor) -> Tensor:
         return self.logit(self.body(view))[:, 0]

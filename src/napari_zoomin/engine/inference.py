@@ -31,6 +31,7 @@ import torch
 
 from .._version import __version__
 from ..errors import AnnotationError, ClassificationError, ZoominError
+from ..models.zoomin import topk_tiles
 from ..slide import Slide, open_slide
 from .checkpoints import Checkpoint, load_model
 from .results import Result, grid_placement
@@ -511,9 +512,7 @@ def _stage2_regions(pred, cfg, mode: str) -> np.ndarray:
     """
     if mode != "topk":
         return pred.tiles.regions.numpy()
-    alpha = pred.attention.reshape(-1).float()
-    k = min(int(cfg.n_samples), int((alpha > 0).sum()))
-    cells = torch.topk(alpha, k).indices
+    cells = topk_tiles(pred.attention.reshape(-1).float(), pred.attention_grid, cfg)
     regions = pred.attention_grid.regions(cells, tuple(cfg.tile_size)).numpy()
     return np.concatenate([regions, pred.tiles.regions.numpy()])
 

@@ -24,6 +24,7 @@ from .losses import attention_mse, classification_loss, entropy_regulariser
 from .networks import UniformAttention, class_probabilities
 from .outputs import LossTerms, PatchSet, Prediction, TileSet
 from .source import ImageSource, full_region, read_roi
+from .topk import distinct_top_k
 
 __all__ = ["ATS", "ATSConfig", "OneStagePass", "Uniform"]
 
@@ -204,8 +205,9 @@ class ATS(AttentionSamplingModel):
 
         ``"sample"``: ``n_draws`` independent estimates per image (mean probability,
         standard deviation as ``spread``; patches = union over draws, counts summed).
-        ``"topk"``: deterministic, the ``N`` most attended cells aggregated with their
-        attention renormalised.
+        ``"topk"``: deterministic, the ``N`` most attended patches that do not overlap a
+        better one by more than ``config.topk_max_overlap`` of their area
+        (:func:`~.topk.distinct_top_k`), aggregated with their attention renormalised.
         """
         if mode not in ("sample", "topk"):
             raise ValueError(f"mode must be 'sample' or 'topk', got {mode!r}")
@@ -258,9 +260,15 @@ class ATS(AttentionSamplingModel):
     def _predict_topk(self, sources, stage1: Sequence[Stage1], b: int) -> Prediction:
         st = stage1[b]
         alpha = st.attention.detach().float()
-        k = min(self.config.n_samples, int((alpha > 0).sum()))
-        w, cells = torch.topk(alpha, k)
-        cells = cells.cpu()
+        cells = distinct_top_k(
+            alpha,
+            self.config.n_samples,
+            st.grid.centres,
+            self.patch_size,
+            self.config.topk_max_overlap,
+        )
+        k = int(cells.shape[0])
+        w = alpha[cells.to(alpha.device)]
         regions = st.grid.regions(cells, self.patch_size)
         feats = self.featurise(sources, torch.full((k,), b, dtype=torch.int64), regions)
         z = (w[:, None] * feats).sum(0, keepdim=True) / w.sum()

@@ -44,6 +44,9 @@ class SamplingConfig:
         pixel_weight: weight of the attention-map MSE of 000 eq. (11), applied to images
             whose source has ROI annotations.
         negative_class: the reference class of the contrastive loss (000 §2.3).
+        topk_max_overlap: top-k inference skips a region (patch, tile, sub-tile) that
+            overlaps a better-ranked chosen one by more than this fraction of its area
+            (:func:`~.topk.distinct_top_k`); 1 = the plain N largest attention values.
     """
 
     num_classes: int = 2
@@ -63,6 +66,7 @@ class SamplingConfig:
     entropy_weight: float = 1e-5
     pixel_weight: float = 1.0
     negative_class: int = 0
+    topk_max_overlap: float = 0.25
 
     def to_dict(self) -> dict:
         """Plain-Python form (for checkpoints)."""
@@ -157,6 +161,8 @@ class AttentionSamplingModel(nn.Module):
             raise ValueError(f"n_samples must be at least 1, got {config.n_samples}")
         if not 0 <= config.negative_class < config.num_classes:
             raise ValueError("negative_class must be one of the classes")
+        if not 0 <= config.topk_max_overlap <= 1:
+            raise ValueError(f"topk_max_overlap must be in [0, 1], got {config.topk_max_overlap}")
         self.config = config
         self.attention = attention if attention is not None else self.make_attention_network()
         self.feature = (

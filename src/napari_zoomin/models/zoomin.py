@@ -38,8 +38,9 @@ from .losses import (
 from .networks import class_probabilities
 from .outputs import LossTerms, PatchSet, Prediction, TileSet
 from .source import ImageSource, full_region, read_roi
+from .topk import distinct_top_k
 
-__all__ = ["TwoStagePass", "ZoomIn", "ZoomInConfig"]
+__all__ = ["TwoStagePass", "ZoomIn", "ZoomInConfig", "topk_tiles"]
 
 
 @dataclass
@@ -64,6 +65,16 @@ class ZoomInConfig(SamplingConfig):
     contrastive_weight: float = 1.0
     contrastive_warmup_epochs: int = 10
     mask_subtiles: bool = True
+
+
+def topk_tiles(alpha: Tensor, grid: CellGrid, config: ZoomInConfig) -> Tensor:
+    """Stage-1 cells that top-k inference reads: the ``N`` most attended distinct tiles.
+
+    Also used by the engine to account for the tile views read (one rule, one place).
+    """
+    return distinct_top_k(
+        alpha, config.n_samples, grid.centres, tuple(config.tile_size), config.topk_max_overlap
+    )
 
 
 def _draw_tiles(
@@ -358,7 +369,9 @@ class ZoomIn(AttentionSamplingModel):
                 summed).  ``"topk"``: deterministic — the ``N`` most attended tiles,
                 then the ``N`` sub-tiles with the largest ``α_c β^c_c'`` among them,
                 aggregated with those weights renormalised (biased, but converges to the
-                full model as ``N`` grows).
+                full model as ``N`` grows); at both stages a region that overlaps a
+                better-ranked chosen one by more than ``config.topk_max_overlap`` of
+                its area is skipped (:func:`topk_tiles`).
             n_draws: K for ``"sample"``.
         """
         if mode not in ("sample", "topk"):
@@ -421,8 +434,8 @@ class ZoomIn(AttentionSamplingModel):
         c = self.config
         st = stage1[b]
         alpha = st.attention.detach().float()
-        k = min(c.n_samples, int((alpha > 0).sum()))
-        top_cells = torch.topk(alpha, k).indices.cpu()
+        top_cells = topk_tiles(alpha, st.grid, c)
+        k = int(top_cells.shape[0])
         regions = st.grid.regions(top_cells, c.tile_size)
         images = torch.full((k,), b, dtype=torch.int64)
         views = self.read_regions(sources, images, regions, c.stage2_scale)
@@ -438,10 +451,15 @@ class ZoomIn(AttentionSamplingModel):
         mask2 = self._stage2_mask(stage1, images, grid2)
         beta = attention_distribution(logits2, mask2, c.uniform_mix).float()  # (k, K2)
         joint = (alpha[top_cells.to(alpha.device)][:, None] * beta).reshape(-1)
-        n = min(c.n_samples, int((joint > 0).sum()))
-        w, flat = torch.topk(joint, n)
         k2 = beta.shape[1]
-        sub_tile, sub_cell = (flat // k2).cpu(), (flat % k2).cpu()
+
+        def sub_centres(f: Tensor) -> Tensor:
+            return grid2.select(f // k2).centres((f % k2)[:, None])[:, 0]
+
+        flat = distinct_top_k(joint, c.n_samples, sub_centres, c.subtile_size, c.topk_max_overlap)
+        n = int(flat.shape[0])
+        w = joint[flat.to(joint.device)]
+        sub_tile, sub_cell = flat // k2, flat % k2
         sub_regions = grid2.select(sub_tile).regions(sub_cell[:, None], c.subtile_size)[:, 0]
         feats = self.featurise(sources, torch.full((n,), b, dtype=torch.int64), sub_regions)
         z = (w[:, None] * feats).sum(0, keepdim=True) / w.sum()
