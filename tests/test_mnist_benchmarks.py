@@ -265,3 +265,24 @@ def test_roi_supervised_zoomin_adds_the_roi_term_from_its_one_view_read(mnist):
     assert float(kl) == pytest.approx(float(only_positive), rel=1e-6) and float(kl) > 0
     terms.total.backward()
     assert float(model.attention.logit.weight.grad.abs().sum()) > 0
+
+
+def test_half_resolution_attention_cells_sit_on_even_view_pixels():
+    """Cell (i, j) of :class:`HalfResolutionAttention` is centred on view pixel (2i, 2j),
+    as its ``offset``/``stride`` tell the cell grid; untrained, it is uniform."""
+    from benchmarks.mnist_networks import HalfResolutionAttention
+
+    net = HalfResolutionAttention(c1=2, c2=2)
+    view = torch.zeros(1, 3, 13, 10)
+    view[0, 0, 6, 4] = 1.0
+    assert net.map_shape((13, 10)) == (7, 5)
+    assert torch.equal(net(view), torch.zeros(1, 7, 5))  # zero logits: uniform α
+    with torch.no_grad():  # centre taps only: logit (i, j) = view[0, 2i, 2j]
+        for conv in (net.body[0], net.body[2], net.body[4]):
+            conv.weight.zero_()
+            conv.bias.zero_()
+            conv.weight[0, 0, 1, 1] = 1.0
+        net.logit.weight.zero_()
+        net.logit.weight[0, 0] = 1.0
+    logits = net(view)[0]
+    assert logits.shape == (7, 5) and logits[3, 2] == 1.0 and logits.sum() == 1.0
