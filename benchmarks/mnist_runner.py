@@ -12,6 +12,9 @@ parent process runs, for every model, two children:
    resident memory of exactly those passes (the high-water mark is reset first) and
    the pixels the image sources served.
 
+``--reevaluate`` keeps trained runs and evaluates their saved weights again with the
+current inference code (``--phase evaluate``), e.g. after a change of the top-k rule.
+
 Each model's result is one JSON file in ``--out`` (written when its run ends, so a
 killed benchmark loses at most the run in progress; finished runs with the same
 settings are reused unless ``--fresh``).  The parent then prints the Markdown table
@@ -291,6 +294,9 @@ def child(bench: Bench, args: argparse.Namespace) -> dict:
         model.load_state_dict(torch.load(weights, weights_only=True))
         data = bench.make_data(mnist, "test", min(args.cost_steps + 1, args.test), args)
         return measure_cost(model, data, args.cost_steps, args.seed)
+    if args.phase == "evaluate":
+        model.load_state_dict(torch.load(weights, weights_only=True))
+        return evaluate(model, bench.make_data(mnist, "test", args.test, args), args.seed)
     train = bench.make_data(mnist, "train", args.train, args)
     test = bench.make_data(mnist, "test", args.test, args)
     row: dict = {"key": key, "model": spec.label.format(n=args.n), "settings": settings}
@@ -333,11 +339,18 @@ def run_all(bench: Bench, args: argparse.Namespace) -> list[dict]:
             row = json.loads(path.read_text())
             if row.get("settings") != settings or "cost" not in row:
                 row = None
-            elif not args.remeasure:
-                _log(f"{key}: reusing {path}")
-                row["model"] = bench.models[key].label.format(n=args.n)
-                rows.append(row)
-                continue
+            else:
+                if args.reevaluate:
+                    _log(f"{key}: evaluating the saved weights again")
+                    phase = [bench.module, *common, f"--child={key}", "--phase=evaluate"]
+                    row.update(run_child(phase, log))
+                    row["evaluated"] = date.today().isoformat()
+                    path.write_text(json.dumps(row))
+                if not args.remeasure:
+                    _log(f"{key}: reusing {path}")
+                    row["model"] = bench.models[key].label.format(n=args.n)
+                    rows.append(row)
+                    continue
         if row is None:
             _log(f"{key}: training ({bench.models[key].label.format(n=args.n)})")
             row = run_child([bench.module, *common, f"--child={key}", "--phase=train"], log)
@@ -467,8 +480,13 @@ def parser(bench: Bench) -> argparse.ArgumentParser:
         action="store_true",
         help="keep the trained runs, measure their time and memory again (back to back)",
     )
+    p.add_argument(
+        "--reevaluate",
+        action="store_true",
+        help="keep the trained runs, evaluate their weights again with the current code",
+    )
     p.add_argument("--child", help=argparse.SUPPRESS)
-    p.add_argument("--phase", choices=("train", "cost"), help=argparse.SUPPRESS)
+    p.add_argument("--phase", choices=("train", "cost", "evaluate"), help=argparse.SUPPRESS)
     return p
 
 
