@@ -1,9 +1,9 @@
 """Process-level measurements shared by the benchmarks: peak memory, machine, child runs.
 
-``classify_speed.py`` and ``slide_io.py`` carry their own one-line ``_peak_rss_mb``
-(``ru_maxrss``); this module adds what a per-phase measurement needs: resetting the
-high-water mark (Linux ``/proc/self/clear_refs``), so a peak is that of the phase
-measured and not of the set-up before it.
+Every benchmark reads its peak memory here (``VmHWM``, ``ru_maxrss`` where /proc is
+missing); the per-phase measurements of the MNIST runner also reset the high-water
+mark (Linux ``/proc/self/clear_refs``), so a peak is that of the phase measured and
+not of the set-up before it.
 """
 
 from __future__ import annotations

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -34,11 +33,9 @@ import time
 from datetime import date
 from pathlib import Path
 
+from benchmarks._measure import peak_rss_mb
+
 TARGETS = {"seconds": 5.0, "peak_rss_mb": 1536.0, "decode_ratio": 2.0}
-
-
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def ensure_slide(size: int) -> Path:
@@ -203,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
             row = run_ats(path, args.model, args.n, args.device)
         else:
             row = run_tiling(path, args.model, args.tiling_sample, args.device)
-        row["peak_rss_mb"] = _peak_rss_mb()
+        row["peak_rss_mb"] = peak_rss_mb()
         print(json.dumps(row))
         return 0
 

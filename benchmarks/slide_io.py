@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -31,11 +30,9 @@ import time
 from datetime import date
 from pathlib import Path
 
+from benchmarks._measure import peak_rss_mb
+
 TARGETS = {"open_s": 0.5, "region_warm_ms": 50.0, "viewing_peak_rss_mb": 1024.0}
-
-
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def ensure_slide(size: int) -> tuple[Path, float | None]:
@@ -98,7 +95,7 @@ def measure(path: Path, backend: str, viewer: bool, repeats: int = 5) -> dict:
             v.screenshot(canvas_only=True, flash=False)
             times.append(time.perf_counter() - start)
         result["zoomed_screenshot_s"] = statistics.median(times)
-        result["viewing_peak_rss_mb"] = _peak_rss_mb()
+        result["viewing_peak_rss_mb"] = peak_rss_mb()
     rows, cols = slide.shape
     cold, warm = [], []
     for _ in range(repeats):
@@ -116,7 +113,7 @@ def measure(path: Path, backend: str, viewer: bool, repeats: int = 5) -> dict:
     slide.read(low, 0, 0, *slide.level_shapes[low])
     result["low_level"] = f"{low} ({slide.level_shapes[low][0]}x{slide.level_shapes[low][1]})"
     result["low_level_s"] = time.perf_counter() - start
-    result["peak_rss_mb"] = _peak_rss_mb()
+    result["peak_rss_mb"] = peak_rss_mb()
     if viewer:
         v.close()
     slide.close()
