@@ -178,10 +178,11 @@ def _reinforce(args: argparse.Namespace):
     return ReinforceATS(config, **_networks())
 
 
-def _zoomin(view_scale: float, half_resolution: bool = False):
+def _zoomin(view_scale: float, half_resolution: bool = False, stage1_replace: bool = True):
     def build(args: argparse.Namespace):
         config = ZoomInConfig(
             view_scale=view_scale,
+            stage1_replace=stage1_replace,
             stage2_scale=0.25,
             tile_size=(100, 100),
             subtile_size=PATCH,
@@ -210,6 +211,11 @@ def _models() -> dict[str, ModelSpec]:
         "zoomin_s1": ModelSpec("Zoom-In (N = {n}), s1 0.1", _zoomin(0.1), _pretrain),
         "zoomin_half": ModelSpec(
             "Zoom-In (N = {n}), s1 0.12, half-resolution a", _zoomin(0.12, True), _pretrain
+        ),
+        "zoomin_half_distinct": ModelSpec(
+            "Zoom-In (N = {n}), s1 0.12, half-resolution a, distinct tiles",
+            _zoomin(0.12, True, stage1_replace=False),
+            _pretrain,
         ),
         "ats_half": ModelSpec(
             "ATS-{n}, without replacement, half-resolution a",

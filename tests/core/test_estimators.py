@@ -171,11 +171,14 @@ def _two_stage_full(tile_logits, sub_logits, features, sub_mask):
     return value.detach(), _jacobians(value, inputs)
 
 
-def _two_stage_enumerated(tile_logits, sub_logits, features, sub_mask, n):
+def _two_stage_enumerated(tile_logits, sub_logits, features, sub_mask, n, replace=True):
     alpha, beta = (x.detach() for x in _two_stage_attention(tile_logits, sub_logits, sub_mask))
     total_p, value, jacs = 0.0, 0.0, [0.0, 0.0, 0.0]
-    for tiles, p_tiles in _ordered_draws(alpha, n, replace=True):
-        cells, counts = draws_to_counts(torch.tensor([tiles]))
+    for tiles, p_tiles in _ordered_draws(alpha, n, replace=replace):
+        if replace:
+            cells, counts = draws_to_counts(torch.tensor([tiles]))
+        else:  # distinct tiles in draw order, one sub-tile each
+            cells, counts = torch.tensor([tiles]), torch.ones(1, n, dtype=torch.long)
         n_sub = subtile_draw_counts(beta[cells], counts)[0]
         t = cells.shape[1]
         per_tile = [
@@ -193,7 +196,7 @@ def _two_stage_enumerated(tile_logits, sub_logits, features, sub_mask, n):
             a, b = _two_stage_attention(inputs[0], inputs[1], sub_mask)
             feats = inputs[2][cells[0][:, None], sub_idx[0]][None]  # (1, T, M, D)
             est = two_stage_expected_features(
-                a[None], cells, counts, b[cells[0]][None], sub_idx, feats
+                a[None], cells, counts, b[cells[0]][None], sub_idx, feats, replace=replace
             )[0]
             for i, jac in enumerate(_jacobians(est, inputs)):
                 jacs[i] = jacs[i] + p * jac
@@ -203,13 +206,15 @@ def _two_stage_enumerated(tile_logits, sub_logits, features, sub_mask, n):
     return value, jacs
 
 
+@pytest.mark.parametrize("replace", [True, False])
 @pytest.mark.parametrize("n", [1, 2, 3])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_two_stage_estimator_is_exactly_unbiased(n, seed):
-    """3 tiles × 3 sub-cells: value and gradients wrt α logits, β logits and features."""
+def test_two_stage_estimator_is_exactly_unbiased(n, seed, replace):
+    """3 tiles × 3 sub-cells: value and gradients wrt α logits, β logits and features,
+    with stage 1 drawing with replacement (000) or without (N distinct tiles)."""
     tile_logits, sub_logits, features, sub_mask = _two_stage_setup(seed)
     full_value, full_jacs = _two_stage_full(tile_logits, sub_logits, features, sub_mask)
-    value, jacs = _two_stage_enumerated(tile_logits, sub_logits, features, sub_mask, n)
+    value, jacs = _two_stage_enumerated(tile_logits, sub_logits, features, sub_mask, n, replace)
     torch.testing.assert_close(value, full_value, atol=TOL, rtol=0)
     for jac, full in zip(jacs, full_jacs, strict=True):
         torch.testing.assert_close(jac, full, atol=TOL, rtol=0)

@@ -116,17 +116,23 @@ def _zoomin_full_model(m: ZoomIn, src: TensorSource) -> torch.Tensor:
     return torch.einsum("c,cs,csd->d", st.attention, beta, feats)
 
 
-@pytest.mark.parametrize("masked", [False, True])
-def test_zoomin_sampled_aggregate_is_unbiased_for_its_full_model(masked):
+@pytest.mark.parametrize(("masked", "stage1_replace"), [(False, True), (True, True), (True, False)])
+def test_zoomin_sampled_aggregate_is_unbiased_for_its_full_model(masked, stage1_replace):
     h, w = 24, 20
     src = TensorSource(_image(h, w, 3), tissue=_tissue(h, w) if masked else None)
-    m = _zoomin_tiny()
+    m = _zoomin_tiny(stage1_replace=stage1_replace)
     with torch.no_grad():
         full = _zoomin_full_model(m, src)
         st = m.stage1([src])
         run = m.two_stage([src], st, [0] * 20_000, generator=torch.Generator().manual_seed(4))
     mean, se = run.z.mean(0), run.z.std(0) / run.z.shape[0] ** 0.5
     assert torch.all((mean - full).abs() <= 5 * se + 1e-6), (mean, full, se)
+    live = run.tile_counts > 0
+    if not stage1_replace:  # N distinct tiles per row, one sub-tile each
+        assert torch.all(run.tile_counts[live] == 1) and torch.all(live.sum(1) == 3)
+        cells = torch.where(live, run.tile_cells, -1 - torch.arange(3))
+        assert all(len(set(r)) == 3 for r in cells[:200].tolist())
+        assert torch.all(run.n_subtiles[live] == 1)
     if masked:
         alpha = st[0].attention.reshape(st[0].grid.map_shape)
         assert torch.all(alpha[:, : st[0].grid.map_shape[1] // 3 - 1] == 0)

@@ -56,6 +56,10 @@ class ZoomInConfig(SamplingConfig):
         contrastive_warmup_epochs: epochs without it first (10 in the paper).
         mask_subtiles: also exclude background sub-cells, using the stage-1 tissue mask
             at each sub-cell's centre (tiles without any tissue sub-cell stay unmasked).
+        stage1_replace: ``True`` (000): N tiles with replacement, kept as counts, a tile
+            drawn m times gets m sub-tiles.  ``False``: N distinct tiles (Gumbel-top-k,
+            ATS's estimator) with one sub-tile each, so an estimate cannot spend its
+            draws on one tile as ``α`` sharpens; unbiased too (``estimators.py``).
     """
 
     stage2_scale: float = 0.2
@@ -65,6 +69,7 @@ class ZoomInConfig(SamplingConfig):
     contrastive_weight: float = 1.0
     contrastive_warmup_epochs: int = 10
     mask_subtiles: bool = True
+    stage1_replace: bool = True
 
 
 def topk_tiles(alpha: Tensor, grid: CellGrid, config: ZoomInConfig) -> Tensor:
@@ -78,27 +83,47 @@ def topk_tiles(alpha: Tensor, grid: CellGrid, config: ZoomInConfig) -> Tensor:
 
 
 def _draw_tiles(
-    alphas: Sequence[Tensor], rows: Tensor, n: int, generator: torch.Generator | None
+    alphas: Sequence[Tensor],
+    rows: Tensor,
+    n: int,
+    generator: torch.Generator | None,
+    replace: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """N stage-1 draws with replacement per row, as distinct cells, counts and ``α_c``.
+    """N stage-1 draws per row, as distinct cells, counts and ``α_c``.
 
-    Each image's distribution is sampled once for all its rows (independent draws, so
-    ``r·N`` draws split into ``r`` rows are ``r`` independent samples), over its
-    non-zero cells only: K draws of a gigapixel slide whose ``α`` has tens of millions
-    of cells never stack K copies of it.
+    With replacement, each image's distribution is sampled once for all its rows
+    (independent draws, so ``r·N`` draws split into ``r`` rows are ``r`` independent
+    samples), over its non-zero cells only: K draws of a gigapixel slide whose ``α``
+    has tens of millions of cells never stack K copies of it.  Without replacement,
+    each row draws ``min(N, nnz α)`` distinct cells in draw order (count 1 each, then
+    padding), one Gumbel-top-k per row over the non-zero cells.
 
     Returns:
         ``cells`` (R, T) with ``counts`` (R, T) (0 = padding), and ``α`` (R, T) at
         those cells, differentiable.
     """
-    draws = torch.empty((len(rows), n), dtype=torch.int64)
-    for b in torch.unique(rows).tolist():
-        sel = torch.nonzero(rows == b)[:, 0]
-        a = alphas[b].detach()
-        nonzero = torch.nonzero(a > 0)[:, 0]
-        picks = sample(a[nonzero][None], n * len(sel), replace=True, generator=generator)
-        draws[sel] = nonzero[picks[0]].cpu().reshape(len(sel), n)
-    cells, counts = draws_to_counts(draws)
+    if not replace:
+        cells = torch.zeros((len(rows), n), dtype=torch.int64)
+        counts = torch.zeros((len(rows), n), dtype=torch.int64)
+        for b in torch.unique(rows).tolist():
+            sel = torch.nonzero(rows == b)[:, 0]
+            a = alphas[b].detach()
+            nonzero = torch.nonzero(a > 0)[:, 0]
+            k = min(n, int(nonzero.shape[0]))
+            picks = sample(
+                a[nonzero][None].expand(len(sel), -1), k, replace=False, generator=generator
+            )
+            cells[sel, :k] = nonzero[picks].cpu()
+            counts[sel, :k] = 1
+    else:
+        draws = torch.empty((len(rows), n), dtype=torch.int64)
+        for b in torch.unique(rows).tolist():
+            sel = torch.nonzero(rows == b)[:, 0]
+            a = alphas[b].detach()
+            nonzero = torch.nonzero(a > 0)[:, 0]
+            picks = sample(a[nonzero][None], n * len(sel), replace=True, generator=generator)
+            draws[sel] = nonzero[picks[0]].cpu().reshape(len(sel), n)
+        cells, counts = draws_to_counts(draws)
     gathered = torch.stack(
         [alphas[b][cells[r].to(alphas[b].device)] for r, b in enumerate(rows.tolist())]
     )
@@ -222,8 +247,11 @@ class ZoomIn(AttentionSamplingModel):
             if complement:
                 a = complement_distribution(a[None], None if s.mask is None else s.mask[None])[0]
             alphas.append(a)
-        # Stage 1: N tiles with replacement, kept as counts m_c (000 §2.2, eq. 6).
-        cells, counts, p = _draw_tiles(alphas, rows_t, c.n_samples, generator)  # (R, T) each
+        # Stage 1: N tiles with replacement, kept as counts m_c (000 §2.2, eq. 6), or
+        # N distinct tiles in draw order (stage1_replace=False).
+        cells, counts, p = _draw_tiles(
+            alphas, rows_t, c.n_samples, generator, c.stage1_replace
+        )  # (R, T) each
         row_images = rows_t[:, None].expand(cells.shape)
         t_images, t_cells, tile_ids = unique_pairs(row_images, cells, counts.cpu() > 0)
         regions = torch.empty(int(t_images.shape[0]), 4, dtype=torch.int64)
@@ -260,7 +288,9 @@ class ZoomIn(AttentionSamplingModel):
         feat_rows = feats[sub_ids.to(feats.device)]  # (R, T, M, D)
         # Unbiased value and gradients for a, b and f (estimators.py, eq. 5 and 9 of 000).
         positions = torch.arange(cells.shape[1], device=p.device).expand(cells.shape)
-        z = two_stage_expected_features(p, positions, counts, beta_rows, sub_idx, feat_rows)
+        z = two_stage_expected_features(
+            p, positions, counts, beta_rows, sub_idx, feat_rows, replace=c.stage1_replace
+        )
         return TwoStagePass(
             rows=rows_t,
             tile_attention=p,

@@ -20,7 +20,13 @@ whose value and derivative are chosen with ``stopgrad`` (``.detach()``):
   ``tests/core/test_estimators.py`` proves ours by exact enumeration.
 - two stages (Zoom-In): ``(1/N) Σ_c m_c · (α_c / sg(α_c)) · mean_{n ≤ n_c} T^c_n`` with
   ``m_c`` the with-replacement counts of tile ``c`` among ``N`` draws and
-  ``n_c = min(m_c, nnz(β^c))`` sub-tiles drawn without replacement from ``β^c``.
+  ``n_c = min(m_c, nnz(β^c))`` sub-tiles drawn without replacement from ``β^c``;
+  with stage 1 *without* replacement (our option, not 000's), ``N`` distinct tiles in
+  draw order, one sub-tile each: ``Σ_k w_k · (β^{c_k}_{c'_k} / sg(β^{c_k}_{c'_k})) · f``
+  with ``w_k`` the one-stage without-replacement weights of the tiles' ``α``.  The
+  inner factor is an unbiased estimate of ``Σ_c' β^c_c' f(c, c')`` drawn independently
+  given the tile, and both estimators are linear in it, so value and gradients stay
+  unbiased.
 """
 
 from __future__ import annotations
@@ -128,6 +134,7 @@ def two_stage_expected_features(
     subtile_attention: Tensor,
     subtile_indices: Tensor,
     features: Tensor,
+    replace: bool = True,
 ) -> Tensor:
     """Zoom-In's two-stage estimate of ``Σ_c α_c Σ_c' β^c_c' f(c, c')`` (000 eq. 5).
 
@@ -148,6 +155,10 @@ def two_stage_expected_features(
             the first ``n_c`` entries of each row are read.
         features: (B, T, M, D) features of those sub-tiles (padding entries are ignored
             and receive zero gradient).
+        replace: how stage 1 drew.  ``False``: ``tile_indices`` are distinct tiles in
+            sequential draw order (:func:`~napari_zoomin.sampling.sample` without
+            replacement), ``tile_counts`` 1 for each and 0 for trailing padding, so
+            every tile has one sub-tile.
 
     Returns:
         (B, D).
@@ -176,12 +187,21 @@ def two_stage_expected_features(
     alpha = tile_attention.gather(1, tile_indices.to(tile_attention.device))
     if bool((live & (alpha.detach() <= 0)).any()):
         raise ValueError("a drawn tile has zero attention α_c")
-    alpha_safe = torch.where(live, alpha.detach(), torch.ones_like(alpha))
-    tile_weight = torch.where(
-        live,
-        counts.to(alpha.dtype) / total.unsqueeze(1).to(alpha.dtype) * alpha / alpha_safe,
-        torch.zeros_like(alpha),
-    )
+    if replace:
+        alpha_safe = torch.where(live, alpha.detach(), torch.ones_like(alpha))
+        tile_weight = torch.where(
+            live,
+            counts.to(alpha.dtype) / total.unsqueeze(1).to(alpha.dtype) * alpha / alpha_safe,
+            torch.zeros_like(alpha),
+        )
+    else:
+        prefix = torch.arange(t, device=counts.device) < total.unsqueeze(1)
+        if bool((counts > 1).any()) or bool((live != prefix).any()):
+            raise ValueError(
+                "without replacement, tile_counts must be 1 for the drawn tiles (in draw "
+                "order) and 0 only for trailing padding"
+            )
+        tile_weight = without_replacement_weights(alpha, total)
 
     # Stage 2, without replacement, per tile: weights of mean_n T^c_n.
     m = subtile_indices.shape[2]
