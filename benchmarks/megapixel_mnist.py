@@ -34,7 +34,12 @@ attention over the ink; **ATS-N** without replacement (ATS's default) and with;
 of ATS's cells; 0.06 and 0.1 as options), seen at 0.25 by stage 2, 50×50 sub-tiles,
 no contrastive loss (it pushes views towards a "negative" class, and this task has
 none).  Not run by default: REINFORCE, Zoom-In at 0.06 and 0.1, ATS with ``f`` from
-scratch (``--models reinforce,zoomin,zoomin_s1,ats_scratch``).
+scratch (``--models reinforce,zoomin,zoomin_s1,ats_scratch``), and the rows of the
+memory-matched comparison: Zoom-In at ``s1`` 0.12 whose ``a`` is
+:class:`HalfResolutionAttention` (one cell per 2×2 view pixels, computed at that
+resolution), with 000's stage 1 (``zoomin_half``) or with N distinct stage-1 tiles
+(``zoomin_half_distinct``, ``stage1_replace=False``), and ATS-10 with the same ``a``
+(``ats_half``, the control).
 """
 
 from __future__ import annotations
