@@ -96,7 +96,7 @@ def _draw_tiles(
     samples), over its non-zero cells only: K draws of a gigapixel slide whose ``α``
     has tens of millions of cells never stack K copies of it.  Without replacement,
     each row draws ``min(N, nnz α)`` distinct cells in draw order (count 1 each, then
-    padding), one Gumbel-top-k per row over the non-zero cells.
+    padding), one Gumbel-top-k per row over the non-zero cells, a row at a time.
 
     Returns:
         ``cells`` (R, T) with ``counts`` (R, T) (0 = padding), and ``α`` (R, T) at
@@ -110,11 +110,10 @@ def _draw_tiles(
             a = alphas[b].detach()
             nonzero = torch.nonzero(a > 0)[:, 0]
             k = min(n, int(nonzero.shape[0]))
-            picks = sample(
-                a[nonzero][None].expand(len(sel), -1), k, replace=False, generator=generator
-            )
-            cells[sel, :k] = nonzero[picks].cpu()
-            counts[sel, :k] = 1
+            for r in sel.tolist():  # one row at a time: no K copies of a slide's α
+                picks = sample(a[nonzero][None], k, replace=False, generator=generator)
+                cells[r, :k] = nonzero[picks[0]].cpu()
+                counts[r, :k] = 1
     else:
         draws = torch.empty((len(rows), n), dtype=torch.int64)
         for b in torch.unique(rows).tolist():
