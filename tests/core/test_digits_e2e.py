@@ -12,7 +12,9 @@ of an unbalanced batch is dominated by a label-prior term common to all features
 which collapses the L2-normalised features before they learn anything.  Margins
 over the thresholds, measured with seeds 0–2: Zoom-In 0.87–0.93, ATS 0.83–0.87
 (sampled, 4 draws); the CNN stays at 0.51.  On one thread (2026-12-02, seed 0):
-Zoom-In 0.945 / 0.922 (sampled / top-k), ATS 0.812 / 0.812, CNN 0.520.
+Zoom-In 0.945 / 0.922 (sampled / top-k), ATS 0.812 / 0.812, CNN 0.520 on an AVX-512
+machine with the plain top-k; Zoom-In 0.926 / 0.891, ATS 0.828 / 0.820, CNN 0.512 on
+one without AVX-512 and with top-k of distinct regions (``topk_max_overlap`` 0.25).
 """
 
 from __future__ import annotations
