@@ -102,27 +102,22 @@ def _draw_tiles(
         ``cells`` (R, T) with ``counts`` (R, T) (0 = padding), and ``α`` (R, T) at
         those cells, differentiable.
     """
-    if not replace:
-        cells = torch.zeros((len(rows), n), dtype=torch.int64)
-        counts = torch.zeros((len(rows), n), dtype=torch.int64)
-        for b in torch.unique(rows).tolist():
-            sel = torch.nonzero(rows == b)[:, 0]
-            a = alphas[b].detach()
-            nonzero = torch.nonzero(a > 0)[:, 0]
-            k = min(n, int(nonzero.shape[0]))
-            for r in sel.tolist():  # one row at a time: no K copies of a slide's α
-                picks = sample(a[nonzero][None], k, replace=False, generator=generator)
-                cells[r, :k] = nonzero[picks[0]].cpu()
-                counts[r, :k] = 1
-    else:
-        draws = torch.empty((len(rows), n), dtype=torch.int64)
-        for b in torch.unique(rows).tolist():
-            sel = torch.nonzero(rows == b)[:, 0]
-            a = alphas[b].detach()
-            nonzero = torch.nonzero(a > 0)[:, 0]
+    draws = torch.zeros((len(rows), n), dtype=torch.int64)
+    distinct = torch.zeros((len(rows), n), dtype=torch.int64)  # counts without replacement
+    for b in torch.unique(rows).tolist():
+        sel = torch.nonzero(rows == b)[:, 0]
+        a = alphas[b].detach()
+        nonzero = torch.nonzero(a > 0)[:, 0]
+        if replace:
             picks = sample(a[nonzero][None], n * len(sel), replace=True, generator=generator)
             draws[sel] = nonzero[picks[0]].cpu().reshape(len(sel), n)
-        cells, counts = draws_to_counts(draws)
+            continue
+        k = min(n, int(nonzero.shape[0]))
+        for r in sel.tolist():  # one row at a time: no K copies of a slide's α
+            picks = sample(a[nonzero][None], k, replace=False, generator=generator)
+            draws[r, :k] = nonzero[picks[0]].cpu()
+            distinct[r, :k] = 1
+    cells, counts = draws_to_counts(draws) if replace else (draws, distinct)
     gathered = torch.stack(
         [alphas[b][cells[r].to(alphas[b].device)] for r, b in enumerate(rows.tolist())]
     )
