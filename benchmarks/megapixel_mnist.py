@@ -183,19 +183,30 @@ def _reinforce(args: argparse.Namespace):
     return ReinforceATS(config, **_networks())
 
 
-def _zoomin(view_scale: float, half_resolution: bool = False, stage1_replace: bool = True):
+def _zoomin(
+    view_scale: float,
+    half_resolution: bool = False,
+    stage1_replace: bool = True,
+    stage2_scale: float = 0.25,
+    tile: int = 100,
+    subtile_baseline: bool = False,
+):
     def build(args: argparse.Namespace):
         config = ZoomInConfig(
             view_scale=view_scale,
             stage1_replace=stage1_replace,
-            stage2_scale=0.25,
-            tile_size=(100, 100),
+            stage2_scale=stage2_scale,
+            subtile_baseline=subtile_baseline,
+            tile_size=(tile, tile),
             subtile_size=PATCH,
             n_samples=args.n,
             contrastive=False,
             **SHARED,
         )
-        return ZoomIn(config, **_networks(half_resolution))
+        networks = _networks(half_resolution)
+        if stage2_scale > 0.25:  # b sees the tile finer, computed at a quarter of it
+            networks["stage2_attention"] = HalfResolutionAttention()
+        return ZoomIn(config, **networks)
 
     return build
 
@@ -220,6 +231,21 @@ def _models() -> dict[str, ModelSpec]:
         "zoomin_half_distinct": ModelSpec(
             "Zoom-In (N = {n}), s1 0.12, half-resolution a, distinct tiles",
             _zoomin(0.12, True, stage1_replace=False),
+            _pretrain,
+        ),
+        "zoomin_half_s2": ModelSpec(
+            "Zoom-In (N = {n}), s1 0.12, half-resolution a, distinct tiles, s2 0.5",
+            _zoomin(0.12, True, stage1_replace=False, stage2_scale=0.5),
+            _pretrain,
+        ),
+        "zoomin_half_t75": ModelSpec(
+            "Zoom-In (N = {n}), s1 0.12, half-resolution a, distinct 75² tiles",
+            _zoomin(0.12, True, stage1_replace=False, tile=75),
+            _pretrain,
+        ),
+        "zoomin_half_cv": ModelSpec(
+            "Zoom-In (N = {n}), s1 0.12, half-resolution a, distinct tiles, sub-tile baseline",
+            _zoomin(0.12, True, stage1_replace=False, subtile_baseline=True),
             _pretrain,
         ),
         "ats_half": ModelSpec(

@@ -208,6 +208,28 @@ def test_zoomin_loss_trains_every_network():
     assert lt.entropy.item() < 0  # λ Σ p log p with λ > 0
 
 
+@pytest.mark.parametrize("stage1_replace", [True, False])
+def test_subtile_baseline_changes_only_the_stage2_gradients(stage1_replace):
+    """Same draws, same loss, same gradients for a, f, g; b's differ (the control
+    variate is zero in value and leaves every other gradient alone)."""
+    srcs = [TensorSource(_image(24, 20, s)) for s in (12, 13)]
+    runs = []
+    for baseline in (False, True):
+        m = _zoomin_tiny(stage1_replace=stage1_replace, subtile_baseline=baseline).train()
+        lt = m.loss(srcs, [1, 0], generator=torch.Generator().manual_seed(3))
+        lt.total.backward()
+        grads = {
+            name: torch.cat([p.grad.flatten() for p in getattr(m, name).parameters()])
+            for name in ("attention", "stage2_attention", "feature", "classifier")
+        }
+        runs.append((float(lt.total), grads))
+    (loss0, g0), (loss1, g1) = runs
+    assert loss1 == loss0
+    for name in ("attention", "feature", "classifier"):
+        torch.testing.assert_close(g1[name], g0[name], atol=1e-7, rtol=0)
+    assert float((g1["stage2_attention"] - g0["stage2_attention"]).abs().max()) > 1e-6
+
+
 def test_pixel_supervision_uses_roi_masks():
     h, w = 24, 20
     roi = torch.zeros(h, w, dtype=torch.bool)

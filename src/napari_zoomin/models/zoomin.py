@@ -60,6 +60,10 @@ class ZoomInConfig(SamplingConfig):
             drawn m times gets m sub-tiles.  ``False``: N distinct tiles (Gumbel-top-k,
             ATS's estimator) with one sub-tile each, so an estimate cannot spend its
             draws on one tile as ``α`` sharpens; unbiased too (``estimators.py``).
+        subtile_baseline: train ``b`` with a leave-one-out control variate (the other
+            tiles' sub-tile features) in the two-stage estimator: same value, same
+            expected gradients, lower variance of ``β``'s gradient
+            (:func:`~napari_zoomin.sampling.two_stage_expected_features`).
     """
 
     stage2_scale: float = 0.2
@@ -70,6 +74,7 @@ class ZoomInConfig(SamplingConfig):
     contrastive_warmup_epochs: int = 10
     mask_subtiles: bool = True
     stage1_replace: bool = True
+    subtile_baseline: bool = False
 
 
 def topk_tiles(alpha: Tensor, grid: CellGrid, config: ZoomInConfig) -> Tensor:
@@ -283,7 +288,14 @@ class ZoomIn(AttentionSamplingModel):
         # Unbiased value and gradients for a, b and f (estimators.py, eq. 5 and 9 of 000).
         positions = torch.arange(cells.shape[1], device=p.device).expand(cells.shape)
         z = two_stage_expected_features(
-            p, positions, counts, beta_rows, sub_idx, feat_rows, replace=c.stage1_replace
+            p,
+            positions,
+            counts,
+            beta_rows,
+            sub_idx,
+            feat_rows,
+            replace=c.stage1_replace,
+            subtile_baseline=c.subtile_baseline,
         )
         return TwoStagePass(
             rows=rows_t,

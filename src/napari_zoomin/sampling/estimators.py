@@ -135,6 +135,7 @@ def two_stage_expected_features(
     subtile_indices: Tensor,
     features: Tensor,
     replace: bool = True,
+    subtile_baseline: bool = False,
 ) -> Tensor:
     """Zoom-In's two-stage estimate of ``Σ_c α_c Σ_c' β^c_c' f(c, c')`` (000 eq. 5).
 
@@ -159,6 +160,14 @@ def two_stage_expected_features(
             sequential draw order (:func:`~napari_zoomin.sampling.sample` without
             replacement), ``tile_counts`` 1 for each and 0 for trailing padding, so
             every tile has one sub-tile.
+        subtile_baseline: subtract a control variate from the ``β`` gradients (the
+            value and every other gradient are unchanged, all stay unbiased): tile
+            ``c``'s sub-tile weights, which sum to exactly 1 in value, contribute
+            ``∇w · (f − v_c)`` instead of ``∇w · f``, with ``v_c`` the mean feature
+            (no gradient) of the row's other tiles' sub-tiles.  Those were drawn
+            independently of tile ``c``'s, and ``E[∇ Σ_n w_n] = ∇1 = 0``, so no bias;
+            without it a tile with one sub-tile gets no baseline at all, and every
+            sampled sub-tile is reinforced by ``f``'s raw score.
 
     Returns:
         (B, D).
@@ -218,4 +227,28 @@ def two_stage_expected_features(
     sub_weight = without_replacement_weights(beta, n_sub)  # (B, T, M)
 
     weights = tile_weight.unsqueeze(-1) * sub_weight
-    return torch.einsum("btm,btmd->bd", weights.to(features.dtype), features)
+    z = torch.einsum("btm,btmd->bd", weights.to(features.dtype), features)
+    if subtile_baseline:
+        z = z - _subtile_control_variate(tile_weight, sub_weight, valid, live, features)
+    return z
+
+
+def _subtile_control_variate(
+    tile_weight: Tensor, sub_weight: Tensor, valid: Tensor, live: Tensor, features: Tensor
+) -> Tensor:
+    """``Σ_c w_c (S_c − sg S_c) v_c``: zero in value, zero mean gradient (see the caller).
+
+    ``S_c = Σ_n`` sub-tile weights of tile ``c`` (exactly 1 in value); ``v_c`` the
+    leave-one-out mean, over the row's other live tiles, of their mean sub-tile
+    feature (0 for a row with a single tile).
+    """
+    f = features.detach()
+    n = valid.sum(-1, keepdim=True).clamp(min=1).to(f.dtype)  # (B, T, 1)
+    tile_mean = torch.einsum("btm,btmd->btd", valid.to(f.dtype), f) / n
+    tile_mean = tile_mean * live.unsqueeze(-1).to(f.dtype)
+    others = live.sum(1, keepdim=True).unsqueeze(-1).to(f.dtype) - 1  # (B, 1, 1)
+    v = (tile_mean.sum(1, keepdim=True) - tile_mean) / others.clamp(min=1)
+    v = torch.where(others > 0, v, torch.zeros_like(v))
+    s = sub_weight.sum(-1)
+    centred = (s - s.detach()) * tile_weight.detach()  # zero in value; α gets no gradient
+    return torch.einsum("bt,btd->bd", centred.to(f.dtype), v)
