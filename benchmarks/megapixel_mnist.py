@@ -248,6 +248,11 @@ def _models() -> dict[str, ModelSpec]:
             _zoomin(0.12, True, stage1_replace=False, subtile_baseline=True),
             _pretrain,
         ),
+        "zoomin_half_t75_cv": ModelSpec(
+            "Zoom-In (N = {n}), s1 0.12, half-resolution a, distinct 75² tiles, sub-tile baseline",
+            _zoomin(0.12, True, stage1_replace=False, tile=75, subtile_baseline=True),
+            _pretrain,
+        ),
         "ats_half": ModelSpec(
             "ATS-{n}, without replacement, half-resolution a",
             _ats(False, half_resolution=True),

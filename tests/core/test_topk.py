@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from napari_zoomin.models import ATS, ATSConfig, TensorSource, ZoomIn, ZoomInConfig
-from napari_zoomin.models.topk import distinct_top_k
+from napari_zoomin.models.networks import class_probabilities
+from napari_zoomin.models.topk import distinct_top_k, topk_weights
 from napari_zoomin.models.zoomin import topk_tiles
 
 SMALL = {"feature_dim": 8, "feature_channels": (4, 8), "feature_hidden": 16}
@@ -162,6 +163,46 @@ def test_ats_topk_reads_distinct_patches():
     torch.testing.assert_close(distinct.patches.weights, alpha[distinct.patches.cells])
 
 
+def test_topk_weights_are_the_training_estimators():
+    """Ranked attention 0.5, 0.2, 0.1.  Without replacement, the estimates after each
+    draw are f1; 0.5 f1 + 0.5 f2; 0.5 f1 + 0.2 f2 + 0.3 f3 (ATS eq. 14), whose mean
+    weighs f1, f2, f3 by 2/3, 0.7/3, 0.3/3.  With replacement, or by the "attention"
+    rule: 0.5, 0.2, 0.1 renormalised."""
+    a = torch.tensor([0.5, 0.2, 0.1], dtype=torch.float64)
+    draws = topk_weights(a, replace=False)
+    torch.testing.assert_close(draws, torch.tensor([2 / 3, 0.7 / 3, 0.1], dtype=torch.float64))
+    renormalised = torch.tensor([0.625, 0.25, 0.125], dtype=torch.float64)
+    torch.testing.assert_close(topk_weights(a, replace=True), renormalised)
+    torch.testing.assert_close(topk_weights(a, replace=False, rule="attention"), renormalised)
+    with pytest.raises(ValueError, match="rule"):
+        topk_weights(a, replace=False, rule="mean")
+
+
+@pytest.mark.parametrize("rule", ["draws", "attention"])
+def test_ats_and_zoomin_topk_aggregate_with_the_configured_weights(rule):
+    """The top-k probabilities are g(Σ w f) over the regions reported, w by the rule."""
+    src = TensorSource(torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(2)))
+    torch.manual_seed(0)
+    ats = ATS(
+        ATSConfig(view_scale=0.25, patch_size=(16, 16), n_samples=4, topk_weights=rule, **SMALL),
+        attention=FixedLogits(_bump(16, 16, 8, 8)),
+    )
+    zoomin = _zoomin(0.25)
+    zoomin.config.stage1_replace = False
+    zoomin.config.topk_weights = rule
+    for model, replace in ((ats, False), (zoomin, False)):
+        (p,) = model.predict([src], mode="topk")
+        w = topk_weights(p.patches.weights, replace, rule)
+        images = torch.zeros(len(w), dtype=torch.int64)
+        with torch.no_grad():
+            feats = model.featurise([src], images, p.patches.regions)
+            expected = class_probabilities(model.classifier((w[:, None] * feats).sum(0)[None]))
+        torch.testing.assert_close(p.probabilities, expected[0])
+    assert rule == "attention" or not torch.allclose(w, p.patches.weights / p.patches.weights.sum())
+
+
 def test_config_refuses_an_overlap_outside_zero_one():
     with pytest.raises(ValueError, match="topk_max_overlap"):
         ATS(ATSConfig(topk_max_overlap=-0.1, **SMALL))
+    with pytest.raises(ValueError, match="topk_weights"):
+        ATS(ATSConfig(topk_weights="mean", **SMALL))

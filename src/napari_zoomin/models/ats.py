@@ -24,7 +24,7 @@ from .losses import attention_mse, classification_loss, entropy_regulariser
 from .networks import UniformAttention, class_probabilities
 from .outputs import LossTerms, PatchSet, Prediction, TileSet
 from .source import ImageSource, full_region, read_roi
-from .topk import distinct_top_k
+from .topk import distinct_top_k, topk_weights
 
 __all__ = ["ATS", "ATSConfig", "OneStagePass", "Uniform"]
 
@@ -207,7 +207,8 @@ class ATS(AttentionSamplingModel):
         standard deviation as ``spread``; patches = union over draws, counts summed).
         ``"topk"``: deterministic, the ``N`` most attended patches that do not overlap a
         better one by more than ``config.topk_max_overlap`` of their area
-        (:func:`~.topk.distinct_top_k`), aggregated with their attention renormalised.
+        (:func:`~.topk.distinct_top_k`), aggregated with the weights the training
+        estimator gives that sequence (``config.topk_weights``).
         """
         if mode not in ("sample", "topk"):
             raise ValueError(f"mode must be 'sample' or 'topk', got {mode!r}")
@@ -257,6 +258,10 @@ class ATS(AttentionSamplingModel):
             patches=PatchSet(tile=torch.arange(n), cells=cells, regions=regions, weights=a),
         )
 
+    def topk_aggregation_weights(self, ranked_attention: Tensor) -> Tensor:
+        """Top-k feature weights (``config.topk_weights``, :func:`~.topk.topk_weights`)."""
+        return topk_weights(ranked_attention, self.replace, self.config.topk_weights)
+
     def _predict_topk(self, sources, stage1: Sequence[Stage1], b: int) -> Prediction:
         st = stage1[b]
         alpha = st.attention.detach().float()
@@ -268,10 +273,10 @@ class ATS(AttentionSamplingModel):
             self.config.topk_max_overlap,
         )
         k = int(cells.shape[0])
-        w = alpha[cells.to(alpha.device)]
+        w = self.topk_aggregation_weights(alpha[cells.to(alpha.device)])
         regions = st.grid.regions(cells, self.patch_size)
         feats = self.featurise(sources, torch.full((k,), b, dtype=torch.int64), regions)
-        z = (w[:, None] * feats).sum(0, keepdim=True) / w.sum()
+        z = (w[:, None].to(feats.dtype) * feats).sum(0, keepdim=True)
         probs = class_probabilities(self.classifier(z)).cpu()
         return self._prediction(st, probs, "topk", cells, regions, torch.ones(k, dtype=torch.int64))
 

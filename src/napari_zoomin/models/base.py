@@ -47,6 +47,13 @@ class SamplingConfig:
         topk_max_overlap: top-k inference skips a region (patch, tile, sub-tile) that
             overlaps a better-ranked chosen one by more than this fraction of its area
             (:func:`~.topk.distinct_top_k`); 1 = the plain N largest attention values.
+        topk_weights: how top-k inference weighs the features of the regions it read:
+            ``"draws"`` (default) like the training estimator would
+            (:func:`~.topk.topk_weights`), so ``g`` gets an aggregate like those it
+            was trained on: for draws without replacement, the estimator's weights
+            for a sequence that took them in rank order; ``"attention"``: their
+            attention renormalised to sum to 1 (the rule for every model before
+            2026-12-03; the same as ``"draws"`` for draws with replacement).
     """
 
     num_classes: int = 2
@@ -67,6 +74,7 @@ class SamplingConfig:
     pixel_weight: float = 1.0
     negative_class: int = 0
     topk_max_overlap: float = 0.25
+    topk_weights: Literal["draws", "attention"] = "draws"
 
     def to_dict(self) -> dict:
         """Plain-Python form (for checkpoints)."""
@@ -163,6 +171,10 @@ class AttentionSamplingModel(nn.Module):
             raise ValueError("negative_class must be one of the classes")
         if not 0 <= config.topk_max_overlap <= 1:
             raise ValueError(f"topk_max_overlap must be in [0, 1], got {config.topk_max_overlap}")
+        if config.topk_weights not in ("draws", "attention"):
+            raise ValueError(
+                f"topk_weights must be 'draws' or 'attention', got {config.topk_weights!r}"
+            )
         self.config = config
         self.attention = attention if attention is not None else self.make_attention_network()
         self.feature = (

@@ -38,7 +38,7 @@ from .losses import (
 from .networks import class_probabilities
 from .outputs import LossTerms, PatchSet, Prediction, TileSet
 from .source import ImageSource, full_region, read_roi
-from .topk import distinct_top_k
+from .topk import distinct_top_k, topk_weights
 
 __all__ = ["TwoStagePass", "ZoomIn", "ZoomInConfig", "topk_tiles"]
 
@@ -404,10 +404,11 @@ class ZoomIn(AttentionSamplingModel):
                 deviation; tiles and sub-tiles are the union over draws (tile counts
                 summed).  ``"topk"``: deterministic — the ``N`` most attended tiles,
                 then the ``N`` sub-tiles with the largest ``α_c β^c_c'`` among them,
-                aggregated with those weights renormalised (biased, but converges to the
-                full model as ``N`` grows); at both stages a region that overlaps a
-                better-ranked chosen one by more than ``config.topk_max_overlap`` of
-                its area is skipped (:func:`topk_tiles`).
+                aggregated with the weights the training estimator gives a draw
+                sequence that took them in that order (``config.topk_weights``;
+                biased, but converges to the full model as ``N`` grows); at both
+                stages a region that overlaps a better-ranked chosen one by more than
+                ``config.topk_max_overlap`` of its area is skipped (:func:`topk_tiles`).
             n_draws: K for ``"sample"``.
         """
         if mode not in ("sample", "topk"):
@@ -498,7 +499,8 @@ class ZoomIn(AttentionSamplingModel):
         sub_tile, sub_cell = flat // k2, flat % k2
         sub_regions = grid2.select(sub_tile).regions(sub_cell[:, None], c.subtile_size)[:, 0]
         feats = self.featurise(sources, torch.full((n,), b, dtype=torch.int64), sub_regions)
-        z = (w[:, None] * feats).sum(0, keepdim=True) / w.sum()
+        agg = topk_weights(w, c.stage1_replace, c.topk_weights)
+        z = (agg[:, None].to(feats.dtype) * feats).sum(0, keepdim=True)
         probs = class_probabilities(self.classifier(z)).cpu()
         used = torch.unique(sub_tile)
         local = torch.full((k,), -1, dtype=torch.int64)
