@@ -1,7 +1,7 @@
 """Where trained Megapixel MNIST models look: on the digits, or on the scribbles?
 
     python -m benchmarks.megapixel_attention --out DIR [--models ats,zoomin_s08] [--images 100]
-        [--topk-overlaps 1,0.25]
+        [--topk-overlaps 1,0.25] [--topk-weights attention,draws]
 
 Loads the weights that :mod:`benchmarks.megapixel_mnist` saved in ``--out`` (same
 ``--seed``) and, on the first ``--images`` test images, reports per model:
@@ -13,7 +13,8 @@ Loads the weights that :mod:`benchmarks.megapixel_mnist` saved in ``--out`` (sam
   digits they reach;
 - the accuracy of that estimate;
 - with ``--topk-overlaps``, the same for the deterministic top-k prediction under
-  each value of ``topk_max_overlap`` (1: the plain N largest attention values).
+  each value of ``topk_max_overlap`` (1: the plain N largest attention values), and
+  under each rule of ``--topk-weights`` (the models' ``topk_weights``).
 
 A model that reaches fewer digits decides from fewer votes: three of the five
 digits carry the label.
@@ -84,6 +85,12 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         help="also report top-k under these topk_max_overlap values, e.g. 1,0.25",
     )
+    p.add_argument(
+        "--topk-weights",
+        type=lambda s: s.split(","),
+        default=["draws"],
+        help="top-k feature weights, e.g. attention,draws (see SamplingConfig.topk_weights)",
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     build = argparse.Namespace(seed=args.seed, n=args.n, mask="ink")
@@ -105,12 +112,15 @@ def main(argv: list[str] | None = None) -> int:
         torch.manual_seed(args.seed)
         model = spec.build(build)
         model.load_state_dict(torch.load(weights, weights_only=True))
-        runs = [("sampled, K = 1", "sample", None)] + [
-            (f"top-k, max overlap {v:g}", "topk", v) for v in args.topk_overlaps
+        runs = [("sampled, K = 1", "sample", None, None)] + [
+            (f"top-k, max overlap {v:g}, {w} weights", "topk", v, w)
+            for v in args.topk_overlaps
+            for w in args.topk_weights
         ]
-        for how, mode, overlap in runs:
+        for how, mode, overlap, weights in runs:
             if overlap is not None:
                 model.config.topk_max_overlap = overlap
+                model.config.topk_weights = weights
             r = attention_report(model, data, args.seed, mode)
             print(
                 f"| {spec.label.format(n=args.n)} | {how} | {r['alpha_on_digits']:.0%} | "

@@ -207,8 +207,8 @@ class ATS(AttentionSamplingModel):
         standard deviation as ``spread``; patches = union over draws, counts summed).
         ``"topk"``: deterministic, the ``N`` most attended patches that do not overlap a
         better one by more than ``config.topk_max_overlap`` of their area
-        (:func:`~.topk.distinct_top_k`), aggregated with the weights the training
-        estimator gives that sequence (``config.topk_weights``).
+        (:func:`~.topk.distinct_top_k`), their features weighed by
+        ``config.topk_weights`` (renormalised attention by default).
         """
         if mode not in ("sample", "topk"):
             raise ValueError(f"mode must be 'sample' or 'topk', got {mode!r}")

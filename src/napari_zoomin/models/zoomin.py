@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -64,6 +65,10 @@ class ZoomInConfig(SamplingConfig):
             tiles' sub-tile features) in the two-stage estimator: same value, same
             expected gradients, lower variance of ``β``'s gradient
             (:func:`~napari_zoomin.sampling.two_stage_expected_features`).
+        topk_weights: as in :class:`~.base.SamplingConfig`, ``"draws"`` by default
+            here: α·β multiplies two peaked maps, and renormalising it leaves one
+            sub-tile most of the vote where training gave N distinct tiles about
+            ``1/N`` each (identical rules with 000's stage 1 with replacement).
     """
 
     stage2_scale: float = 0.2
@@ -75,6 +80,7 @@ class ZoomInConfig(SamplingConfig):
     mask_subtiles: bool = True
     stage1_replace: bool = True
     subtile_baseline: bool = False
+    topk_weights: Literal["draws", "attention"] = "draws"
 
 
 def topk_tiles(alpha: Tensor, grid: CellGrid, config: ZoomInConfig) -> Tensor:
