@@ -88,8 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--topk-weights",
         type=lambda s: s.split(","),
-        default=["draws"],
-        help="top-k feature weights, e.g. attention,draws (see SamplingConfig.topk_weights)",
+        default=None,
+        help="top-k feature weights, e.g. attention,draws (default: the model config's)",
     )
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         runs = [("sampled, K = 1", "sample", None, None)] + [
             (f"top-k, max overlap {v:g}, {w} weights", "topk", v, w)
             for v in args.topk_overlaps
-            for w in args.topk_weights
+            for w in args.topk_weights or [model.config.topk_weights]
         ]
         for how, mode, overlap, weights in runs:
             if overlap is not None:

@@ -258,10 +258,6 @@ class ATS(AttentionSamplingModel):
             patches=PatchSet(tile=torch.arange(n), cells=cells, regions=regions, weights=a),
         )
 
-    def topk_aggregation_weights(self, ranked_attention: Tensor) -> Tensor:
-        """Top-k feature weights (``config.topk_weights``, :func:`~.topk.topk_weights`)."""
-        return topk_weights(ranked_attention, self.replace, self.config.topk_weights)
-
     def _predict_topk(self, sources, stage1: Sequence[Stage1], b: int) -> Prediction:
         st = stage1[b]
         alpha = st.attention.detach().float()
@@ -273,7 +269,7 @@ class ATS(AttentionSamplingModel):
             self.config.topk_max_overlap,
         )
         k = int(cells.shape[0])
-        w = self.topk_aggregation_weights(alpha[cells.to(alpha.device)])
+        w = topk_weights(alpha[cells.to(alpha.device)], self.replace, self.config.topk_weights)
         regions = st.grid.regions(cells, self.patch_size)
         feats = self.featurise(sources, torch.full((k,), b, dtype=torch.int64), regions)
         z = (w[:, None].to(feats.dtype) * feats).sum(0, keepdim=True)

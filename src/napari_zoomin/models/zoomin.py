@@ -410,9 +410,9 @@ class ZoomIn(AttentionSamplingModel):
                 deviation; tiles and sub-tiles are the union over draws (tile counts
                 summed).  ``"topk"``: deterministic — the ``N`` most attended tiles,
                 then the ``N`` sub-tiles with the largest ``α_c β^c_c'`` among them,
-                aggregated with the weights the training estimator gives a draw
-                sequence that took them in that order (``config.topk_weights``;
-                biased, but converges to the full model as ``N`` grows); at both
+                their features weighed by ``config.topk_weights`` (by default as the
+                training estimator weighs a draw sequence that took them in that
+                order; biased, but converges to the full model as ``N`` grows); at both
                 stages a region that overlaps a better-ranked chosen one by more than
                 ``config.topk_max_overlap`` of its area is skipped (:func:`topk_tiles`).
             n_draws: K for ``"sample"``.
