@@ -286,3 +286,40 @@ def test_half_resolution_attention_cells_sit_on_even_view_pixels():
         net.logit.weight[0, 0] = 1.0
     logits = net(view)[0]
     assert logits.shape == (7, 5) and logits[3, 2] == 1.0 and logits.sum() == 1.0
+
+
+def test_attention_report_scores_the_held_out_images_it_is_told(mnist, tmp_path, capsys):
+    """``--first-image F`` scores test images F… of the benchmark's seeded sequence,
+    once sampled and once per top-k rule asked, with the weights saved in ``--out``."""
+    import argparse
+
+    from benchmarks import megapixel_attention
+    from benchmarks import megapixel_mnist as bench
+    from benchmarks.mnist_data import Haystack
+
+    build = argparse.Namespace(seed=0, n=10, mask="ink")
+    torch.manual_seed(0)
+    model = bench.BENCH.models["ats"].build(build)
+    torch.save(model.state_dict(), tmp_path / "ats.pt")
+    argv = ["--out", str(tmp_path), "--models", "ats", "--first-image", "3", "--images", "2"]
+    assert megapixel_attention.main([*argv, "--topk-weights", "attention,draws"]) == 0
+    out = capsys.readouterr().out
+    assert "Test images 3–4, seed 0." in out
+    rows = [line for line in out.splitlines() if line.startswith("| ATS")]
+    assert [r.split(" | ")[1] for r in rows] == [
+        "sampled, K = 1",
+        f"top-k, max overlap {model.config.topk_max_overlap:g}, attention weights",
+        f"top-k, max overlap {model.config.topk_max_overlap:g}, draws weights",
+    ]
+    data = bench.BENCH.make_data(mnist, "test", 5, build)
+    held_out = Haystack(
+        data.images[3:], data.labels[3:], data.digit_objects[3:], data.digit_classes[3:]
+    )
+    expected = megapixel_attention.attention_report(model, held_out, 0, "sample")
+    cells = rows[0].strip("| ").split(" | ")
+    assert cells[2:] == [
+        f"{expected['alpha_on_digits']:.0%}",
+        f"{expected['patches_on_digits']:.0%}",
+        f"{expected['digits_reached']:.2f}",
+        f"{expected['accuracy']:.1%}",
+    ]
