@@ -1,6 +1,6 @@
 """Where trained Megapixel MNIST models look: on the digits, or on the scribbles?
 
-    python -m benchmarks.megapixel_attention --out DIR [--models ats,zoomin_s08] [--images 100]
+    python -m benchmarks.megapixel_attention --out DIR [--models ats,zoomin_half_t75] [--images 100]
         [--first-image 0] [--topk-overlaps 1,0.25] [--topk-weights attention,draws]
 
 Loads the weights that :mod:`benchmarks.megapixel_mnist` saved in ``--out`` (same
@@ -82,7 +82,7 @@ def attention_report(model, data, seed: int, mode: str = "sample") -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.megapixel_attention")
     p.add_argument("--out", required=True, help="the --out folder of megapixel_mnist")
-    p.add_argument("--models", type=lambda s: s.split(","), default=["ats", "zoomin_s08"])
+    p.add_argument("--models", type=lambda s: s.split(","), default=["ats", "zoomin_half_t75"])
     p.add_argument("--images", type=int, default=100, help="test images")
     p.add_argument(
         "--first-image",
