@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from benchmarks import megapixel_mnist
-from benchmarks.mnist_data import Haystack, load_mnist
+from benchmarks.mnist_data import load_mnist
 
 
 def _inside(points: np.ndarray, boxes: np.ndarray, margin: int = 0) -> np.ndarray:
@@ -113,13 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     # so building the skipped ones costs only their digit positions).
     data = megapixel_mnist.BENCH.make_data(
         load_mnist(), "test", args.first_image + args.images, build
-    )
-    data = Haystack(
-        data.images[args.first_image :],
-        data.labels[args.first_image :],
-        data.digit_objects[args.first_image :],
-        data.digit_classes[args.first_image :],
-    )
+    ).select(slice(args.first_image, None))
     print(f"Test images {args.first_image}–{args.first_image + args.images - 1}, seed {args.seed}.")
     print(
         "| model | prediction | α on digits | patches on digits | digits reached (of 5) "

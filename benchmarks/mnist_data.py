@@ -405,6 +405,15 @@ class Haystack:
     def __len__(self) -> int:
         return len(self.images)
 
+    def select(self, part: slice) -> Haystack:
+        """The images ``part`` of this split, with their labels and digits (held-out runs)."""
+        return Haystack(
+            self.images[part],
+            self.labels[part],
+            self.digit_objects[part],
+            self.digit_classes[part],
+        )
+
     def pixels_read(self) -> dict[str, int]:
         """Totals of the images' read counters: level-0 px at scale 1, output px below."""
         full = low = 0

@@ -295,7 +295,6 @@ def test_attention_report_scores_the_held_out_images_it_is_told(mnist, tmp_path,
 
     from benchmarks import megapixel_attention
     from benchmarks import megapixel_mnist as bench
-    from benchmarks.mnist_data import Haystack
 
     build = argparse.Namespace(seed=0, n=10, mask="ink")
     torch.manual_seed(0)
@@ -311,10 +310,8 @@ def test_attention_report_scores_the_held_out_images_it_is_told(mnist, tmp_path,
         f"top-k, max overlap {model.config.topk_max_overlap:g}, attention weights",
         f"top-k, max overlap {model.config.topk_max_overlap:g}, draws weights",
     ]
-    data = bench.BENCH.make_data(mnist, "test", 5, build)
-    held_out = Haystack(
-        data.images[3:], data.labels[3:], data.digit_objects[3:], data.digit_classes[3:]
-    )
+    held_out = bench.BENCH.make_data(mnist, "test", 5, build).select(slice(3, None))
+    assert len(held_out) == 2
     expected = megapixel_attention.attention_report(model, held_out, 0, "sample")
     cells = rows[0].strip("| ").split(" | ")
     assert cells[2:] == [
