@@ -67,6 +67,8 @@ def _classify_and_write(slide_path, args) -> int:
         progress=_progress_line,
     )
     print(result.summary())
+    for warning in result.warnings:
+        print(f"zoomin: warning: {warning}", file=sys.stderr)
     files = write_outputs(result, args.out)
     for what, path in files.items():
         print(f"  {what}: {path}")

@@ -348,6 +348,7 @@ def classify(
 
 def _classify(slide, ckpt, dev, draws, seed, mode, tissue, report, check, t0, workers) -> Result:
     timings: dict[str, float] = {}
+    warnings: list[str] = []  # plain-language reasons to doubt the result (Result.warnings)
     model = ckpt.model
     cfg = model.config
     slide.clear_cache()
@@ -488,6 +489,7 @@ def _classify(slide, ckpt, dev, draws, seed, mode, tissue, report, check, t0, wo
         },
         decode=decode,
         timings={k: float(v) for k, v in timings.items()},
+        warnings=warnings,
     )
     report("done", result.summary())
     return result

@@ -167,6 +167,15 @@ class Result:
         device: where the model ran.
         tissue: ``{"source": "otsu" | mask path | "given" | None, "fraction"}``.
         versions: napari_zoomin, torch, python, numpy, tifffile, openslide.
+        warnings: plain-language reasons to doubt this result (the model was trained
+            on other data, the slide's pixel size or stain is unlike its training
+            slides', little tissue, evidence from very few places); shown beside the
+            prediction by every front end.
+        evidence: how concentrated the evidence is: ``places`` (distinct places the
+            sub-tiles read, over all draws), ``subtiles`` (distinct sub-tiles read).
+        resolution: how the slide was read: ``slide_mpp`` and ``model_mpp`` (µm per
+            pixel, or None), ``factor`` (slide pixels per model pixel, 1 when read in
+            pixels) and ``units`` (``"µm"`` or ``"pixel"``).
     """
 
     slide: dict[str, Any]
@@ -196,6 +205,9 @@ class Result:
     tissue: dict[str, Any] = field(default_factory=dict)
     decode: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    evidence: dict[str, Any] = field(default_factory=dict)
+    resolution: dict[str, Any] = field(default_factory=dict)
 
     # -- derived ------------------------------------------------------------------
     @property
