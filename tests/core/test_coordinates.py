@@ -99,7 +99,7 @@ def _paper_centre(i: int, size: int, view: int) -> int:
 
 def test_cell_centres_follow_the_paper_on_non_square_images():
     view = (scaled_size(H, 0.25), scaled_size(W, 0.25))
-    grid = CellGrid(torch.zeros(1, 2), (H, W), view, view)
+    grid = CellGrid(torch.zeros(1, 2), (H, W), view, view, bounds=(H, W))
     cells = torch.arange(grid.n_cells)
     centres = grid.centres(cells)
     rows, cols = cells // view[1], cells % view[1]
@@ -115,15 +115,19 @@ def test_cell_centres_follow_the_paper_on_non_square_images():
 def test_tiles_around_cells_match_numpy_slicing_at_the_borders(image):
     src = TensorSource(image)
     view = (scaled_size(H, 0.2), scaled_size(W, 0.2))
-    grid = CellGrid(torch.zeros(1, 2), (H, W), view, view)
+    grid = CellGrid(torch.zeros(1, 2), (H, W), view, view, bounds=(H, W))
     cells = torch.arange(grid.n_cells)
     regions = grid.regions(cells, (11, 8))
     assert regions.dtype == torch.int64
     tiles = src.read(regions, 1.0)
     for k, (cy, cx) in enumerate(grid.centres(cells).tolist()):
-        assert regions[k].tolist() == [cy - 5, cx - 4, 11, 8]
-        expected = _numpy_cut(image, cy - 5, cx - 4, 11, 8).transpose(2, 0, 1) / 255.0
+        # the edge rule: centred on the cell, shifted the least to lie inside the image
+        top, left = min(max(cy - 5, 0), H - 11), min(max(cx - 4, 0), W - 8)
+        assert regions[k].tolist() == [top, left, 11, 8]
+        expected = _numpy_cut(image, top, left, 11, 8).transpose(2, 0, 1) / 255.0
         np.testing.assert_array_equal(tiles[k].numpy(), expected.astype(np.float32))
+    assert int(regions[:, 0].min()) == 0 and int((regions[:, 0] + 11).max()) == H
+    assert int(regions[:, 1].min()) == 0 and int((regions[:, 1] + 8).max()) == W
 
 
 def test_valid_convolutions_offset_cells_by_their_receptive_field():
@@ -141,23 +145,25 @@ def test_valid_convolutions_offset_cells_by_their_receptive_field():
     logits = net(view)[0]
     assert logits.shape == net.map_shape((15, 22)) == (9, 16)
     assert net.offset == (3.0, 3.0)
-    grid = CellGrid(torch.zeros(1, 2), (150, 220), (15, 22), tuple(logits.shape), net.offset)
+    grid = CellGrid(
+        torch.zeros(1, 2), (150, 220), (15, 22), tuple(logits.shape), net.offset, bounds=(150, 220)
+    )
     cell = int(torch.argmax(logits))
     assert grid.view_positions(torch.tensor([cell]))[0].tolist() == [9.0, 4.0]
-    same = CellGrid(torch.zeros(1, 2), (150, 220), (15, 22), (15, 22))
+    same = CellGrid(torch.zeros(1, 2), (150, 220), (15, 22), (15, 22), bounds=(150, 220))
     assert torch.equal(grid.centres(torch.tensor([cell])), same.centres(torch.tensor([9 * 22 + 4])))
 
 
 def test_view_mask_to_cells_with_offset():
     view = torch.arange(15 * 22).reshape(15, 22)
-    grid = CellGrid(torch.zeros(1, 2), (150, 220), (15, 22), (9, 16), (3.0, 3.0))
+    grid = CellGrid(torch.zeros(1, 2), (150, 220), (15, 22), (9, 16), (3.0, 3.0), bounds=(150, 220))
     assert torch.equal(grid.cell_values(view), view[3:12, 3:19])
 
 
 def test_int64_beyond_2_31_cells_and_pixels():
     h, w = 2**20 + 7, 2**21 + 3  # a 2.2-terapixel "slide"
     view = (scaled_size(h, 1 / 16), scaled_size(w, 1 / 16))
-    grid = CellGrid(torch.zeros(1, 2), (h, w), view, view)
+    grid = CellGrid(torch.zeros(1, 2), (h, w), view, view, bounds=(h, w))
     assert grid.n_cells > 2**31
     cells = torch.tensor([grid.n_cells - 1, grid.n_cells - 2, 2**31 + 12345, 7])
     centres = grid.centres(cells)
@@ -169,11 +175,11 @@ def test_int64_beyond_2_31_cells_and_pixels():
 
 def test_stage2_grid_offsets_every_tile_and_inverse_mapping():
     origins = torch.tensor([[-16, 40], [100, -3]])
-    grid = CellGrid(origins, (32, 48), (16, 24), (16, 24))
+    grid = CellGrid(origins, (32, 48), (16, 24), (16, 24), bounds=(400, 400))
     cells = torch.tensor([[0, 16 * 24 - 1], [5, 30]])
     centres = grid.centres(cells)
     assert centres[0, 0].tolist() == [-16, 40]
     assert centres[0, 1].tolist() == [-16 + 31, 40 + 47]
-    one = CellGrid(torch.zeros(1, 2), (300, 500), (30, 50), (30, 50))
+    one = CellGrid(torch.zeros(1, 2), (300, 500), (30, 50), (30, 50), bounds=(300, 500))
     every = torch.arange(one.n_cells)
     assert torch.equal(one.nearest_view_pixels(one.centres(every)), one.rows_cols(every))

@@ -107,7 +107,13 @@ def _zoomin_full_model(m: ZoomIn, src: TensorSource) -> torch.Tensor:
     logits = m.stage2_attention(views)
     from napari_zoomin.models.coordinates import CellGrid
 
-    grid2 = CellGrid(regions[:, :2], c.tile_size, tuple(views.shape[-2:]), tuple(logits.shape[-2:]))
+    grid2 = CellGrid(
+        regions[:, :2],
+        c.tile_size,
+        tuple(views.shape[-2:]),
+        tuple(logits.shape[-2:]),
+        bounds=src.shape,
+    )
     mask2 = m._stage2_mask([st], torch.zeros(len(cells), dtype=torch.long), grid2)
     beta = attention_distribution(logits, mask2)
     k2 = grid2.n_cells

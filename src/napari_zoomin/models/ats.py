@@ -264,7 +264,7 @@ class ATS(AttentionSamplingModel):
         cells = distinct_top_k(
             alpha,
             self.config.n_samples,
-            st.grid.centres,
+            lambda c: st.grid.region_centres(c, self.patch_size),  # regions read (edge rule)
             self.patch_size,
             self.config.topk_max_overlap,
         )

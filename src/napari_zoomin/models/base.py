@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .coordinates import CellGrid
+from .coordinates import CellGrid, outside_image
 from .device import autocast
 from .distributions import attention_distribution
 from .networks import AttentionNetwork, Classifier, FeatureNetwork, class_probabilities
@@ -243,6 +243,7 @@ class AttentionSamplingModel(nn.Module):
                 map_shape=(int(map_shape[0]), int(map_shape[1])),
                 offset=tuple(self.attention.offset),
                 stride=tuple(self.attention.stride),
+                bounds=(int(h), int(w)),
             )
             tissue = tissue_mask(src, scale)
             mask = None
@@ -277,7 +278,12 @@ class AttentionSamplingModel(nn.Module):
     def read_regions(
         self, sources: Sequence[ImageSource], images: Tensor, regions: Tensor, scale: float
     ) -> Tensor:
-        """Read ``regions[s]`` of ``sources[images[s]]`` at ``scale``, one read per image."""
+        """Read ``regions[s]`` of ``sources[images[s]]`` at ``scale``, one read per image.
+
+        Every read of a model passes here, so the edge rule is enforced here: a region
+        that could lie inside its image but does not is a bug, never zero fill
+        silently handed to a network (:mod:`.coordinates`).
+        """
         n = int(images.shape[0])
         if n == 0:
             raise ValueError("nothing to read")
@@ -286,6 +292,12 @@ class AttentionSamplingModel(nn.Module):
             order[b].append(s)
         out: Tensor | None = None
         for b, idx in order.items():
+            outside = outside_image(regions[idx], sources[b].shape)
+            if outside:
+                raise RuntimeError(
+                    f"{outside} region(s) reach outside the {sources[b].shape} image though "
+                    "they fit in it: the edge rule (models/coordinates.py) was bypassed"
+                )
             pixels = sources[b].read(regions[idx], scale)
             if out is None:
                 out = pixels.new_zeros((n, *pixels.shape[1:]))

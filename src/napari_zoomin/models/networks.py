@@ -54,9 +54,13 @@ class AttentionNetwork(nn.Module):
         layers: conv layers (3).
         kernel_size: odd kernel size (3).
         padding: ``"same"`` keeps the map the size of the view (cell ↔ view pixel,
-            full coverage of the region, border cells see the zero fill the tiles get
-            too); ``"valid"`` (the ATS reference) shrinks it by ``layers·(k−1)`` and
-            offsets every cell by half that (:attr:`offset`).
+            full coverage of the region); its convolutions pad by *replicating* the
+            border, never with zeros: black padding looks like dark nuclei, and a
+            network trained on slides surrounded by glass learned to love it (on
+            real H&E whose tissue touches the border, the demo model's whole stage-1
+            attention sat on the last row).  ``"valid"`` (the ATS reference) shrinks
+            the map by ``layers·(k−1)`` and offsets every cell by half that
+            (:attr:`offset`).
         norm: ``"batch"`` for batch norm after each conv (003), else none.
         activation: ``"relu"`` (000, ATS) or ``"leaky_relu"`` (003).
 
@@ -91,6 +95,7 @@ class AttentionNetwork(nn.Module):
                     channels,
                     kernel_size,
                     padding=kernel_size // 2 if padding == "same" else 0,
+                    padding_mode="replicate",  # no zeros at the view's border
                     bias=norm is None,
                 )
             )

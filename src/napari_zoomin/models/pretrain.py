@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import AttentionSamplingModel
-from .coordinates import CellGrid
+from .coordinates import CellGrid, place_regions
 from .source import ImageSource, full_region, read_hard_negatives, read_roi, tissue_mask
 
 __all__ = ["POOLINGS", "PRETRAINED_NETWORKS", "pretrain_tile_classifiers"]
@@ -41,7 +41,7 @@ POOLINGS = ("mean", "max")  # how an attention map becomes a patch logit
 def _on_mask(view: Tensor, n: int, shape, scale: float, generator) -> Tensor:
     """``n`` level-0 centres of random non-zero pixels of a ``scale`` view, jittered."""
     view = view.cpu()
-    grid = CellGrid(torch.zeros(1, 2), shape, tuple(view.shape), tuple(view.shape))
+    grid = CellGrid(torch.zeros(1, 2), shape, tuple(view.shape), tuple(view.shape), bounds=shape)
     candidates = torch.nonzero(view.reshape(-1) > 0)[:, 0]
     pick = candidates[torch.randint(len(candidates), (n,), generator=generator)]
     jitter = torch.randint(-1, 2, (n, 2), generator=generator)
@@ -90,13 +90,7 @@ def _patches(sources, size, scale: float, per_image: int, locate_scale: float, g
         centres = _centres(src, per_image, locate_scale, generator)
         if centres is None:
             continue
-        regions = torch.cat(
-            (
-                centres - torch.tensor([size[0] // 2, size[1] // 2]),
-                torch.tensor(size).expand(len(centres), 2),
-            ),
-            dim=1,
-        )
+        regions = place_regions(centres, size, src.shape)  # the edge rule
         pixels.append(src.read(regions, scale))
         roi = read_roi(src, regions, scale)
         labels.append((roi.reshape(len(regions), -1) > 0).any(dim=1).float())

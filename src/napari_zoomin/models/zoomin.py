@@ -88,8 +88,13 @@ def topk_tiles(alpha: Tensor, grid: CellGrid, config: ZoomInConfig) -> Tensor:
 
     Also used by the engine to account for the tile views read (one rule, one place).
     """
+    size = tuple(config.tile_size)
     return distinct_top_k(
-        alpha, config.n_samples, grid.centres, tuple(config.tile_size), config.topk_max_overlap
+        alpha,
+        config.n_samples,
+        lambda cells: grid.region_centres(cells, size),
+        size,
+        config.topk_max_overlap,
     )
 
 
@@ -212,20 +217,32 @@ class ZoomIn(AttentionSamplingModel):
     # -- sampling --------------------------------------------------------------------
 
     def _stage2_mask(self, stage1: Sequence[Stage1], images: Tensor, grid: CellGrid):
-        """Sub-cells whose level-0 centre falls on background in the stage-1 tissue mask."""
-        if not self.config.mask_subtiles or all(s.view_tissue is None for s in stage1):
-            return None
+        """Which sub-cells may be drawn: eligible by the edge rule (centre inside the
+        image) and, with ``mask_subtiles``, on tissue in the stage-1 tissue mask.
+
+        A tile without any eligible tissue sub-cell keeps its eligible cells (never
+        the cells outside the image).  ``None`` when every cell may be drawn.
+        """
         k2 = grid.n_cells
-        mask = torch.ones(int(images.shape[0]), k2, dtype=torch.bool)
-        cells = torch.arange(k2, dtype=torch.int64)
+        n = int(images.shape[0])
+        cells = torch.arange(k2, dtype=torch.int64).expand(n, k2)
+        inside = grid.inside(cells)  # (n, K2)
+        use_tissue = self.config.mask_subtiles and any(s.view_tissue is not None for s in stage1)
+        if not use_tissue:
+            return None if bool(inside.all()) else inside.to(self.device)
+        mask = inside.clone()
+        centres = grid.centres(cells)  # (n, K2, 2)
         for b in torch.unique(images).tolist():
             st = stage1[b]
             if st.view_tissue is None:
                 continue
             sel = torch.nonzero(images == b)[:, 0]
-            centres = grid.select(sel).centres(cells.expand(int(sel.shape[0]), k2))
-            pix = st.grid.nearest_view_pixels(centres)
-            mask[sel] = st.view_tissue[pix[..., 0], pix[..., 1]]
+            ok = inside[sel]
+            pix = st.grid.nearest_view_pixels(centres[sel][ok])  # inside points only
+            tissue = torch.zeros_like(ok)
+            tissue[ok] = st.view_tissue[pix[:, 0], pix[:, 1]]
+            some = tissue.any(dim=1, keepdim=True)
+            mask[sel] = torch.where(some, tissue, ok)
         return mask.to(self.device)
 
     def two_stage(
@@ -274,6 +291,7 @@ class ZoomIn(AttentionSamplingModel):
             map_shape=tuple(logits2.shape[-2:]),
             offset=tuple(self.stage2_attention.offset),
             stride=tuple(self.stage2_attention.stride),
+            bounds=torch.tensor([stage1[b].grid.bounds[0].tolist() for b in t_images.tolist()]),
         )
         mask2 = self._stage2_mask(stage1, t_images, grid2)
         beta = attention_distribution(logits2, mask2, c.uniform_mix)  # (U, K2)
@@ -490,14 +508,16 @@ class ZoomIn(AttentionSamplingModel):
             tuple(logits2.shape[-2:]),
             tuple(self.stage2_attention.offset),
             tuple(self.stage2_attention.stride),
+            bounds=st.grid.bounds,
         )
         mask2 = self._stage2_mask(stage1, images, grid2)
         beta = attention_distribution(logits2, mask2, c.uniform_mix).float()  # (k, K2)
         joint = (alpha[top_cells.to(alpha.device)][:, None] * beta).reshape(-1)
         k2 = beta.shape[1]
 
-        def sub_centres(f: Tensor) -> Tensor:
-            return grid2.select(f // k2).centres((f % k2)[:, None])[:, 0]
+        def sub_centres(f: Tensor) -> Tensor:  # of the regions read (edge rule)
+            cells = (f % k2)[:, None]
+            return grid2.select(f // k2).region_centres(cells, c.subtile_size)[:, 0]
 
         flat = distinct_top_k(joint, c.n_samples, sub_centres, c.subtile_size, c.topk_max_overlap)
         n = int(flat.shape[0])
