@@ -63,7 +63,7 @@ def round_half_up(x: Tensor) -> Tensor:
 
 
 def place_regions(centres: Tensor, size: tuple[int, int], bounds) -> Tensor:
-    """Regions ``[top, left, h, w]`` of ``size`` around level-0 ``centres`` (…, 2), inside the image.
+    """Regions ``[top, left, h, w]`` of ``size`` around level-0 ``centres`` (…, 2), in the image.
 
     The edge rule (module docstring): ``top = cy − h//2`` shifted by the least amount
     that puts ``[top, top + h)`` inside ``[0, H)``; a region longer than the image is
@@ -198,7 +198,7 @@ class CellGrid:
         return origins + round_half_up(v * span + middle)
 
     def inside(self, cells: Tensor) -> Tensor:
-        """Eligibility of ``cells`` (edge rule): their level-0 centre lies in the image. Bool (…)."""
+        """Eligibility of ``cells`` (edge rule): their level-0 centre is in the image. Bool (…)."""
         c = self.centres(cells)
         _, bounds = self._expand(cells, self.bounds)
         return ((c >= 0) & (c < bounds)).all(dim=-1)
