@@ -26,13 +26,13 @@ from napari_zoomin.models.source import TensorSource
 
 SIZES = [(961, 1283), (2967, 2220), (4097, 3001), (300, 20000), (333, 517)]
 SEEDS = range(100)
-TINY = dict(
-    feature_dim=8,
-    feature_channels=(4, 4),
-    feature_hidden=8,
-    attention_channels=2,
-    n_samples=6,
-)
+TINY = {
+    "feature_dim": 8,
+    "feature_channels": (4, 4),
+    "feature_hidden": 8,
+    "attention_channels": 2,
+    "n_samples": 6,
+}
 
 
 class BorderAttention(nn.Module):
