@@ -109,6 +109,30 @@ def make_slides(folder: Path, jobs: int) -> Path:
     return csv
 
 
+def write_profile(csv: Path, out: Path) -> int:
+    """Put the training slides' profile into an existing checkpoint (weights untouched).
+
+    The demo model was trained before checkpoints described their training slides;
+    this adds what the trainer now writes itself (``info.data.mpp``,
+    ``info.data.profile``), computed from the same training slides.
+    """
+    from napari_zoomin.engine.trust import training_profile
+
+    ckpt = load_checkpoint(out)
+    info = ckpt.info["info"]
+    with SlideDataset.from_csv(csv, csv.parent) as dataset:
+        train_idx = dataset.indices("train")
+        mpps = {dataset.slide_mpp(i) for i in train_idx}
+        (mpp,) = {round(float(m[0]), 6) for m in mpps}  # the sample slides share one
+        profile = training_profile([dataset.profile(i) for i in train_idx], mpp)
+    info["data"]["mpp"] = mpp
+    info["data"]["profile"] = profile
+    save_checkpoint(out, ckpt.model, ckpt.classes, info=info)
+    print(json.dumps(profile, indent=1))
+    print(f"profile of {len(train_idx)} training slides written into {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cache", type=Path, default=None, help="slides and work folder")
@@ -120,6 +144,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=CONFIG["epochs"])
     parser.add_argument("--fresh", action="store_true", help="do not resume an earlier run")
     parser.add_argument(
+        "--profile-only",
+        action="store_true",
+        help="do not train: write the training profile (pixel size, stain colour, tissue, "
+        "synthetic) of the training slides into the existing --out checkpoint",
+    )
+    parser.add_argument(
         "--set", default="{}", help="JSON overrides of the settings, e.g. '{\"n_samples\": 16}'"
     )
     args = parser.parse_args(argv)
@@ -130,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     t_slides = time.perf_counter() - t0
     print(f"slides ready in {t_slides:.0f} s: {csv}", flush=True)
 
+    if args.profile_only:
+        return write_profile(csv, args.out)
     config = TrainConfig(**{**CONFIG, "epochs": args.epochs, **json.loads(args.set)})
     dataset = SlideDataset.from_csv(
         csv, csv.parent, roi_labels=config.roi_labels, workers=config.num_workers

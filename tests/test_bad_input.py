@@ -111,3 +111,157 @@ def test_bad_array():
         open_slide(np.zeros((4, 4, 4, 4)))
     with pytest.raises(SlideError, match="zero size"):
         open_slide(np.zeros((0, 10, 3), np.uint8))
+
+
+# -- absurd pixel sizes: never used, always explained ------------------------------------
+
+APERIO = "Aperio Image Library v12.0.5\n512x512 [0,0 512x512] (256x256) JPEG/RGB Q=70|AppMag = 20|"
+
+
+def _svs(path, real_crop, mpp: str):
+    """An Aperio-like tiled SVS whose description states ``MPP = mpp`` (OpenSlide: aperio)."""
+    tifffile.imwrite(
+        path,
+        real_crop[:512, :512],
+        tile=(256, 256),
+        photometric="rgb",
+        compression="jpeg",
+        description=f"{APERIO}MPP = {mpp}|Date = 12/29/09",
+        metadata=None,
+    )
+    return path
+
+
+def _tiff(path, real_crop, resolution, unit="CENTIMETER"):
+    """A tiled generic TIFF with these resolution tags (pixels per unit, or rationals)."""
+    tifffile.imwrite(
+        path,
+        real_crop[:512, :512],
+        tile=(256, 256),
+        photometric="rgb",
+        compression="zlib",
+        resolution=resolution,
+        resolutionunit=unit,
+    )
+    return path
+
+
+@pytest.mark.parametrize("backend", ["tifffile", "openslide"])
+@pytest.mark.parametrize(
+    ("mpp", "says"),
+    [
+        ("0", "says 0 µm per pixel"),
+        ("-1", "says -1 µm per pixel"),
+        ("inf", "says infinite µm per pixel"),
+        ("1000", "says 1000 µm per pixel"),
+        ("nan", "says NaN µm per pixel"),
+        ("0.25 um", "says NaN µm per pixel"),  # not a number as written
+    ],
+)
+def test_absurd_mpp_in_an_svs_is_not_used(tmp_path, real_crop, mpp, says, backend):
+    path = _svs(tmp_path / "absurd.svs", real_crop, mpp)
+    with open_slide(path, backend=backend) as s:
+        assert s.vendor == "aperio"
+        assert s.mpp is None
+        assert says in s.mpp_warning and "MPP in the Aperio description" in s.mpp_warning
+        assert "read in pixels" in s.mpp_warning and "\n" not in s.mpp_warning
+        assert s.info()["mpp"] is None and s.info()["mpp_warning"] == s.mpp_warning
+        assert s.read(0, 0, 0, 8, 8).shape == (8, 8, 3)  # and the slide still reads
+
+
+@pytest.mark.parametrize("backend", ["tifffile", "openslide"])
+@pytest.mark.parametrize(
+    ("resolution", "says"),
+    [
+        ((10, 10), "says 1000 µm per pixel"),  # 10 pixels per cm
+        (((0, 1), (0, 1)), "says infinite µm per pixel"),  # a resolution of 0
+        ((20_000, 1), "0.5 µm per pixel across and 10000 µm down"),  # one axis absurd
+    ],
+)
+def test_absurd_mpp_in_tiff_resolution_tags_is_not_used(
+    tmp_path, real_crop, resolution, says, backend
+):
+    with open_slide(_tiff(tmp_path / "absurd.tif", real_crop, resolution), backend=backend) as s:
+        assert s.mpp is None
+        assert says in s.mpp_warning and "TIFF resolution tags" in s.mpp_warning
+
+
+def test_absurd_mpp_in_ome_and_png(tmp_path, real_crop):
+    from PIL import Image
+
+    ome = tmp_path / "absurd.ome.tif"
+    metadata = {"axes": "YXS", "PhysicalSizeX": 1000, "PhysicalSizeY": 1000}
+    tifffile.imwrite(ome, real_crop[:512, :512], tile=(256, 256), metadata=metadata)
+    with open_slide(ome) as s:
+        assert s.mpp is None and "says 1000 µm per pixel (OME PhysicalSizeX/Y)" in s.mpp_warning
+    png = tmp_path / "one-dpi.png"
+    Image.fromarray(real_crop[:64, :64]).save(png, dpi=(1, 1))  # 25,400 µm per pixel
+    with open_slide(png) as s:
+        assert s.mpp is None and "(the image's dpi)" in s.mpp_warning
+        assert "not a plausible scanner pixel size" in s.mpp_warning
+    # image software's default 72 dpi is no statement: no pixel size and nothing to warn of
+    Image.fromarray(real_crop[:64, :64]).save(png, dpi=(72, 72))
+    with open_slide(png) as s:
+        assert (s.mpp, s.mpp_warning) == (None, None)
+    with open_slide(_tiff(tmp_path / "screen.tif", real_crop, (72, 72), "INCH")) as s:
+        assert (s.mpp, s.mpp_warning) == (None, None)
+
+
+@pytest.mark.parametrize("backend", ["tifffile", "openslide"])
+def test_anisotropic_mpp_is_kept_with_a_warning(tmp_path, real_crop, backend):
+    path = _tiff(tmp_path / "stretched.tif", real_crop, (40_000, 20_000))  # x 0.25, y 0.5 µm
+    with open_slide(path, backend=backend) as s:
+        assert s.mpp == pytest.approx((0.5, 0.25))
+        assert "0.25 µm wide and 0.5 µm high" in s.mpp_warning
+        assert "differ by 100 %" in s.mpp_warning
+    with open_slide(_tiff(tmp_path / "fine.tif", real_crop, (20_000, 19_000))) as s:
+        assert s.mpp == pytest.approx((1e4 / 19_000, 0.5)) and s.mpp_warning is None  # 5 %
+
+
+def test_plausible_mpp_has_no_warning(cmu_svs):
+    with open_slide(cmu_svs) as s:
+        assert s.mpp == pytest.approx((0.499, 0.499)) and s.mpp_warning is None
+        assert s.info()["mpp_warning"] is None
+
+
+def test_cli_info_shows_the_mpp_warning(tmp_path, real_crop, capsys):
+    import json
+
+    path = _svs(tmp_path / "absurd.svs", real_crop, "1000")
+    assert main(["info", str(path)]) == 0
+    out, err = capsys.readouterr()
+    info = json.loads(out)
+    assert info["mpp"] is None
+    assert "says 1000 µm per pixel" in info["mpp_warning"]
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("mpp", "problem"),
+    [
+        (0, "mpp=0 gives 0 µm per pixel, which is not a positive size"),
+        (-1, "mpp=-1 gives -1 µm per pixel, which is not a positive size"),
+        (float("nan"), "which is not a number"),
+        (float("inf"), "infinite µm per pixel, which is not a finite size"),
+        (1000, "1000 µm per pixel, which is not a plausible scanner pixel size"),
+        ((0.25, 0.0), "which is not a positive size"),
+        ("fast", "mpp='fast' is not a number"),
+        ((0.25, 0.25, 0.25), "has 3 values"),
+    ],
+)
+def test_absurd_mpp_given_by_the_user_is_an_error(cmu_svs, mpp, problem):
+    for source in (cmu_svs, np.zeros((64, 64, 3), np.uint8)):
+        with pytest.raises(SlideError) as info:
+            open_slide(source, mpp=mpp)
+        message = str(info.value)
+        assert problem in message and "between 0.02 and 50" in message
+        assert "\n" not in message
+    with pytest.raises(SlideError, match=str(cmu_svs.name)):
+        open_slide(cmu_svs, mpp=mpp)
+
+
+def test_plausible_user_mpp_overrides_the_file(cmu_svs):
+    with open_slide(cmu_svs, mpp=0.25) as s:
+        assert s.mpp == (0.25, 0.25) and s.mpp_warning is None
+    with open_slide(cmu_svs, mpp=(0.25, 0.5)) as s:
+        assert s.mpp == (0.25, 0.5) and "differ by 100 %" in s.mpp_warning

@@ -79,6 +79,10 @@ def test_batch_resumes_and_records_failures(folder, model_path, tmp_path):
     sha = hashlib.sha256(model_path.read_bytes()).hexdigest()
     assert (table["model_sha256"] == sha).all() and (table["model_kind"] == "zoomin").all()
     assert ok["worker"].str.startswith("tcp://").all()
+    # the model has no training profile and no pixel size: every row says so
+    assert ok["warnings"].str.contains("does not describe its training slides").all()
+    assert ok["warnings"].str.contains("Read in pixels").all()
+    assert (ok["places"].astype(int) >= 1).all()
     assert seen[0] == (0.0, "4 of 4 slides to classify") and seen[-1][0] == 1.0
 
     # the CSV on disk is the table, readable by the csv module and pandas

@@ -109,7 +109,8 @@ def test_summary_line(result):
     line = result.summary()
     pattern = (
         r"^sample-positive-8192-seed0\.tif: (positive|negative) \(p=\d\.\d\d ± \d\.\d\d over "
-        r"8 draws\) in \d+\.\d s, decoded \d+\.\d Mpx \(\d+\.\dx the \d+\.\d Mpx needed\)$"
+        r"8 draws, \d+ places?\) in \d+\.\d s, decoded \d+\.\d Mpx "
+        r"\(\d+\.\dx the \d+\.\d Mpx needed\)$"
     )
     assert re.match(pattern, line), line
 
@@ -331,9 +332,26 @@ def test_user_mask(slide, ckpt, tmp_path):
 # ----------------------------------------------------------------------------- errors
 
 
-def test_image_smaller_than_a_tile(ckpt):
-    small = open_slide(np.full((100, 300, 3), 200, np.uint8))
-    with pytest.raises(ClassificationError, match=r"100 x 300 pixels, smaller than one 128 x 128"):
+def test_image_smaller_than_a_tile_runs_with_a_warning(ckpt, cmu_pixels):
+    """Thinner than a tile: classified, tiles centred on it, every sub-tile inside it."""
+    small = open_slide(np.ascontiguousarray(cmu_pixels[2000:2100, 600:900]))
+    r = classify(small, ckpt, tissue=None, draws=4)
+    assert any("smaller than one 128 x 128 tile" in w for w in r.warnings), r.warnings
+    assert r.subtiles
+    for s in r.subtiles:
+        top, left, h, w = s["region"]
+        assert top >= 0 and top + h <= 100 and left >= 0 and left + w <= 300
+    for t in r.tiles:  # centred on the 100-px axis, inside along the other
+        top, left, h, w = t["region"]
+        assert top == (100 - h) // 2 and left >= 0 and left + w <= 300
+
+
+def test_image_smaller_than_a_subtile(ckpt):
+    ph, pw = ckpt.model.patch_size
+    small = open_slide(np.full((ph - 1, 300, 3), 200, np.uint8))
+    with pytest.raises(
+        ClassificationError, match=rf"{ph - 1} x 300 pixels, smaller than one {ph} x {pw} sub-tile"
+    ):
         classify(small, ckpt, tissue=None)
 
 
@@ -352,6 +370,41 @@ def test_no_tissue(slide, ckpt, tmp_path):
     np.save(tmp_path / "empty.npy", np.zeros((32, 32), np.uint8))
     with pytest.raises(ClassificationError, match=r"no tissue.*tissue=None"):
         classify(slide, ckpt, tissue=tmp_path / "empty.npy")
+
+
+@pytest.mark.parametrize("kind", ["glass", "black"])
+def test_no_tissue_detected_looks_everywhere_with_a_warning(ckpt, cmu_pixels, kind):
+    """Detection finds nothing: no error, no mask, and a warning that the result means little."""
+    glass = np.tile(cmu_pixels[2500:2756, :256], (8, 8, 1))  # real glass, 2048 x 2048
+    image = glass if kind == "glass" else np.zeros_like(glass)
+    r = classify(open_slide(image), ckpt, draws=1, seed=0, device="cpu")
+    assert r.tissue == {"source": "otsu", "fraction": 0.0, "od_mean": None}
+    (warning,) = [w for w in r.warnings if w.startswith("No tissue was found")]
+    assert "looked everywhere" in warning and "unlikely to mean anything" in warning
+
+
+def test_very_little_tissue_and_the_slides_mpp_warning_are_result_warnings(
+    ckpt, cmu_pixels, tmp_path
+):
+    image = np.tile(cmu_pixels[2500:2756, :256], (8, 8, 1))
+    image[900:1050, 900:1050] = cmu_pixels[2000:2150, 1000:1150]  # 150 x 150 of tissue
+    path = tmp_path / "little.tif"
+    # 10 pixels per cm: the file says 1000 µm per pixel, which is not used
+    tifffile.imwrite(
+        path,
+        image,
+        tile=(256, 256),
+        photometric="rgb",
+        resolution=(10, 10),
+        resolutionunit="CENTIMETER",
+    )
+    with open_slide(path) as s:
+        assert s.mpp is None
+        r = classify(s, ckpt, draws=1, seed=0, device="cpu")
+    assert r.tissue["source"] == "otsu" and 0.003 < r.tissue["fraction"] < 0.01
+    (little,) = [w for w in r.warnings if w.startswith("Very little tissue found")]
+    assert f"({100 * r.tissue['fraction']:.2g} % of the slide)" in little
+    assert any("says 1000 µm per pixel" in w for w in r.warnings)
 
 
 @pytest.mark.parametrize(
@@ -406,3 +459,29 @@ def test_cancel(slide, ckpt):
     with pytest.raises(Cancelled):
         classify(slide, ckpt, cancel=lambda: True)
     assert ckpt.model.training is False  # classify put it in eval mode; predict restored that
+
+
+@pytest.mark.parametrize("mode", ["sample", "topk"])
+def test_real_cmu_slide_with_the_demo_model_stays_inside_and_says_why_to_doubt(cmu_svs, mode):
+    """The issue-16 screen: on real skin whose tissue touches the bottom edge the demo
+    model read 404 of 499 sub-tiles below the slide, in the zero padding."""
+    r = classify(cmu_svs, "demo", draws=16, seed=0, mode=mode)
+    h, w = r.slide["shape"]
+    assert (h, w) == (2967, 2220)
+    assert r.subtiles and r.tiles
+    for part in (*r.tiles, *r.subtiles):
+        top, left, rh, rw = part["region"]
+        assert top >= 0 and left >= 0 and top + rh <= h and left + rw <= w, part["region"]
+    # the stage-1 attention is no longer piled on the last row of cells
+    alpha = r.stage1_attention
+    assert float(alpha[-1].sum()) < 0.05
+    # honest about the model and the evidence
+    assert any("synthetic sample slides only" in x and "not for diagnosis" in x for x in r.warnings)
+    assert r.evidence["subtiles"] == len(r.subtiles) and r.evidence["places"] >= 1
+    assert r.resolution == {
+        "slide_mpp": [0.499, 0.499],
+        "model_mpp": 0.499,
+        "factor": [1.0, 1.0],
+        "units": "µm",
+    }
+    assert not any("stain colour" in x for x in r.warnings)  # H&E like its training tissue

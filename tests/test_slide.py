@@ -239,3 +239,67 @@ def test_info_is_json(cmu_svs):
     assert info["level_shapes"] == [[2967, 2220]]
     assert info["mpp"] == [0.499, 0.499]
     assert info["vendor"] == "aperio"
+
+
+def _sparse_tiff(path, image, missing, tile=256):
+    """A tiled TIFF of ``image`` whose tiles ``missing`` (row-major indices) are not stored.
+
+    A tile offset and byte count of 0 is how scanners leave out areas they did not
+    scan; OpenSlide returns such regions transparent.
+    """
+    import struct
+
+    tifffile.imwrite(path, image, tile=(tile, tile), photometric="rgb", compression="zlib")
+    with tifffile.TiffFile(path) as tif:
+        tags = tif.pages[0].tags
+        where = [
+            (tags[name].valueoffset, int(tags[name].dtype))
+            for name in ("TileOffsets", "TileByteCounts")
+        ]
+    data = bytearray(path.read_bytes())
+    for offset, dtype in where:
+        code = {3: "H", 4: "I", 16: "Q"}[dtype]
+        for i in missing:
+            struct.pack_into("<" + code, data, offset + i * struct.calcsize(code), 0)
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.mark.parametrize("backend", ["openslide", "tifffile"])
+def test_unscanned_tiles_read_as_white_glass_not_black(tmp_path, real_crop, backend):
+    """OpenSlide's transparent (alpha 0) regions, and tifffile's missing tiles, are glass."""
+    from napari_zoomin.engine.tissue import detect_tissue
+
+    image = np.ascontiguousarray(real_crop[:1024, :1024])
+    path = _sparse_tiff(tmp_path / "sparse.tif", image, missing=[5, 6, 9, 10])  # the centre
+    with open_slide(path, backend=backend) as s:
+        got = s.read(0, 0, 0, 1024, 1024)
+        assert (got[256:768, 256:768] == 255).all()
+        kept = np.ones((1024, 1024), bool)
+        kept[256:768, 256:768] = False
+        np.testing.assert_array_equal(got[kept], image[kept])
+        assert not detect_tissue(s).mask[300:700, 300:700].any()
+
+
+def test_transparent_pixels_are_composited_on_the_background():
+    from napari_zoomin.slide.backends.openslide_backend import background_color, composite_on
+
+    rgba = np.zeros((2, 3, 4), np.uint8)
+    rgba[0] = [[200, 100, 50, 255], [0, 0, 0, 0], [200, 100, 50, 128]]
+    rgba[1] = [[10, 20, 30, 255], [10, 20, 30, 0], [0, 0, 0, 1]]
+    background = (240, 230, 220)
+    out = composite_on(rgba, background)
+    assert out.dtype == np.uint8 and out.shape == (2, 3, 3)
+    np.testing.assert_array_equal(out[0, 0], [200, 100, 50])  # opaque: as read
+    np.testing.assert_array_equal(out[0, 1], background)  # transparent: the background
+    np.testing.assert_array_equal(out[1, 1], background)
+    # half transparent: the blend, rounded to the nearest
+    expect = [
+        (v * 128 + c * 127 + 127) // 255 for v, c in zip((200, 100, 50), background, strict=True)
+    ]
+    np.testing.assert_array_equal(out[0, 2], expect)
+    opaque = np.full((4, 4, 4), 255, np.uint8)
+    np.testing.assert_array_equal(composite_on(opaque, background), opaque[..., :3])
+    assert background_color({"openslide.background-color": "F0E6DC"}) == (240, 230, 220)
+    assert background_color({}) == (255, 255, 255)
+    assert background_color({"openslide.background-color": "nonsense"}) == (255, 255, 255)

@@ -123,3 +123,73 @@ def test_tissue_mask_at_any_scale_marks_views_pixels_over_any_tissue(scale):
     as_float = torch.from_numpy(mask.astype(np.float32))[None, None]
     expected = F.interpolate(as_float, size, mode="area")
     assert torch.equal(tissue.at_scale(scale), expected[0, 0] > 0)
+
+
+# -- tissue on real slides: black borders, padding, glass, tissue at the edge ----------
+
+
+def test_tissue_on_the_real_cmu_slide(cmu_svs):
+    """H&E skin whose tissue runs off the bottom edge; white glass in the corners."""
+    with open_slide(cmu_svs) as slide:
+        tissue = detect_tissue(slide)
+    mask = tissue.mask
+    assert mask.shape == (2967, 2220)  # one level: detection reads level 0
+    assert 0.33 < tissue.fraction < 0.43  # 0.381
+    assert mask[-1].mean() > 0.3  # tissue that touches the slide's edge stays tissue
+    # white glass: the top corners and the bottom left
+    assert not mask[:400, :400].any() and not mask[:300, -300:].any()
+    assert not mask[2400:, :400].any()
+
+
+def _pad(rgb: np.ndarray, width: int, noise: int, seed: int = 0) -> np.ndarray:
+    """``rgb`` inside a black border; ``noise`` > 0 adds ±noise to dark pixels (JPEG-like)."""
+    padded = np.pad(rgb, ((width, width), (width, width), (0, 0))).astype(np.int16)
+    if noise:
+        dark = padded.max(axis=-1) <= 30
+        rng = np.random.default_rng(seed)
+        padded[dark] += rng.integers(-noise, noise + 1, (int(dark.sum()), 3), dtype=np.int16)
+    return np.clip(padded, 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("noise", [0, 8], ids=["zeros", "noisy-near-black"])
+def test_black_border_is_never_tissue_and_tissue_still_is(cmu_pixels, noise):
+    plain = detect_tissue(open_slide(cmu_pixels)).mask
+    width = 200
+    mask = detect_tissue(open_slide(_pad(cmu_pixels, width, noise))).mask
+    border = mask.copy()
+    border[width:-width, width:-width] = False
+    assert not border.any()
+    inner = mask[width:-width, width:-width]
+    assert (inner == plain).mean() > 0.999
+    assert inner[-1].mean() > 0.3  # the tissue next to the border is kept
+
+
+def test_black_border_at_the_detection_level_of_a_jpeg_pyramid(tmp_path, cmu_pixels):
+    """Real JPEG artefacts at black/tissue edges, detected at a downsample of 64."""
+    from napari_zoomin.slide.tiff_writer import write_array_pyramid
+
+    width = 512  # black on top, left and right: the tissue still runs off the bottom
+    padded = np.pad(cmu_pixels, ((width, 0), (width, width), (0, 0)))
+    info = write_array_pyramid(tmp_path / "padded.tif", padded, 256, "jpeg", min_size=32)
+    with open_slide(info.path) as slide:
+        tissue = detect_tissue(slide)
+        assert slide.level_downsamples[6] == pytest.approx(64, rel=0.02)
+    mask = tissue.mask
+    assert mask.shape == slide.level_shapes[6]
+    edge = width // 64 - 1  # mask pixels wholly inside the black border
+    assert not mask[:edge].any() and not mask[:, :edge].any() and not mask[:, -edge:].any()
+    assert mask[-1].any()
+    inner = tissue.at_scale(1.0)[width:, width:-width].numpy()  # back at level 0
+    assert inner[detect_tissue(open_slide(cmu_pixels)).mask].mean() > 0.97
+
+
+@pytest.mark.parametrize("kind", ["glass", "black", "noisy-black"])
+def test_slide_without_tissue_has_an_empty_mask(cmu_pixels, kind):
+    rng = np.random.default_rng(1)
+    image = {
+        "glass": cmu_pixels[1800:, :450],  # real glass of the CMU slide
+        "black": np.zeros((1000, 800, 3), np.uint8),
+        "noisy-black": rng.integers(0, 17, (1000, 800, 3)).astype(np.uint8),
+    }[kind]
+    tissue = detect_tissue(open_slide(image))
+    assert not tissue.mask.any() and tissue.fraction == 0.0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 
@@ -65,8 +66,9 @@ def _classify_and_write(slide_path, args) -> int:
         mode=args.mode,
         tissue=_tissue_arg(args.tissue),
         progress=_progress_line,
+        mpp=args.mpp,
     )
-    print(result.summary())
+    print(result.summary(), flush=True)
     for warning in result.warnings:
         print(f"zoomin: warning: {warning}", file=sys.stderr)
     files = write_outputs(result, args.out)
@@ -95,9 +97,17 @@ def _cmd_batch(args: argparse.Namespace) -> int:
         pattern=args.pattern,
         recursive=args.recursive,
         progress=_progress_line,
+        mpp=args.mpp,
     )
     errors = int((table["error"].fillna("") != "").sum()) if "error" in table else 0
+    warned = int((table["warnings"].fillna("") != "").sum()) if "warnings" in table else 0
     print(f"{len(table)} slides in {args.out} ({errors} failed)")
+    if warned:
+        print(
+            f"zoomin: warning: {warned} result(s) carry warnings: read the 'warnings' column "
+            "before the labels",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -167,6 +177,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     records, classes = dataset.records, dataset.classes
 
     def progress(event: dict) -> None:
+        if event.get("message"):  # said once (e.g. training in pixels, not micrometres)
+            print(f"zoomin: warning: {event['message']}", file=sys.stderr, flush=True)
+            return
         if not sys.stderr.isatty() and event.get("stage") == "train":
             return
         parts = [
@@ -213,13 +226,28 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         print("The demo model is not shipped in this version; train one with 'zoomin train'.")
     else:
         args.model, args.draws, args.seed, args.device = "demo", 16, 0, "auto"
-        args.mode, args.tissue = "sample", "auto"
+        args.mode, args.tissue, args.mpp = "sample", "auto", None
         _classify_and_write(path, args)
     print(
         f"Look at it in napari:  napari --plugin napari-zoomin {path}\n"
         "  then Plugins > Zoom-In slide classifier > Classify slide, and click Classify slide"
     )
     return 0
+
+
+def _mpp_arg(text: str) -> float:
+    """``--mpp``: a positive, finite number of micrometres per pixel."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a number; give the slide's micrometres per pixel, e.g. 0.25"
+        ) from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(
+            f"must be a positive number of micrometres per pixel (e.g. 0.25), got {text}"
+        )
+    return value
 
 
 def _add_classify_options(p: argparse.ArgumentParser) -> None:
@@ -232,6 +260,12 @@ def _add_classify_options(p: argparse.ArgumentParser) -> None:
         "--tissue",
         default="auto",
         help="'auto' (detect), 'none' (whole slide), or a mask image/label file",
+    )
+    p.add_argument(
+        "--mpp",
+        type=_mpp_arg,
+        help="the slide's micrometres per pixel, when the file lacks it or has it wrong "
+        "(the model reads slides at the pixel size it was trained at)",
     )
 
 

@@ -36,6 +36,8 @@ __all__ = ["classify_task", "csv_columns", "discover_slides", "run_batch"]
 #: columns before the per-class ones, and after them
 _HEAD = ["slide", "name", "label"]
 _TAIL = [
+    "places",  # distinct places the evidence came from (Result.evidence)
+    "warnings",  # Result.warnings joined by " | ": read them before the label
     "pixels_decoded",
     "pixels_needed",
     "pixels_read",
@@ -178,6 +180,8 @@ def classify_task(
             slide=slide,
             name=Path(slide).name,
             label=result.label,
+            places=result.evidence.get("places", ""),
+            warnings=" | ".join(result.warnings),
             pixels_decoded=result.pixels_decoded,
             pixels_needed=result.pixels_needed,
             pixels_read=result.pixels_read,
@@ -259,6 +263,7 @@ def run_batch(
     recursive: bool = False,
     outputs: str | os.PathLike | None = None,
     progress: Callable[[float, str], None] | None = None,
+    mpp: float | None = None,
 ):
     """Classify every slide in ``folder`` with ``model``; one row per slide in ``out_csv``.
 
@@ -273,6 +278,8 @@ def run_batch(
         draws, seed, device, mode, tissue: as in :func:`~napari_zoomin.engine.classify`
             (each slide gets the same seed, so results do not depend on the order).
         outputs: optional folder for each slide's result files.
+        mpp: every slide's pixel size in µm, overriding or supplying the files' (as
+            ``classify``'s ``mpp``); ``None`` uses each file's own.
         progress: ``progress(fraction, message)`` after each slide.
 
     Returns:
@@ -326,6 +333,8 @@ def run_batch(
     todo = [str(p.resolve()) for p in slides if str(p.resolve()) not in done]
     out_csv.parent.mkdir(parents=True, exist_ok=True)
     options = {"draws": draws, "seed": seed, "device": device, "mode": mode, "tissue": tissue}
+    if mpp is not None:
+        options["mpp"] = float(mpp)
     if progress is not None:
         progress(0.0, f"{len(todo)} of {len(slides)} slides to classify")
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -281,6 +282,25 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
         optimizer_state=optimizer_state,
         rng_state=rng,
     )
+
+
+def training_mpp(ckpt: Checkpoint) -> float | None:
+    """The pixel size (µm) the model was trained at: ``info["data"]["mpp"]``.
+
+    ``None`` when the checkpoint does not record one (older checkpoints, or training
+    slides without a pixel size): the model then works in slide pixels.
+    """
+    doc = ckpt.info if isinstance(ckpt.info, dict) else {}
+    info = doc.get("info") if isinstance(doc.get("info"), dict) else doc
+    data = info.get("data")
+    value = data.get("mpp") if isinstance(data, dict) else None
+    if isinstance(value, bool):
+        return None
+    try:
+        mpp = float(value)
+    except (TypeError, ValueError):
+        return None
+    return mpp if math.isfinite(mpp) and mpp > 0 else None
 
 
 def load_model(name_or_path: str | os.PathLike, device: str | torch.device = "cpu") -> Checkpoint:

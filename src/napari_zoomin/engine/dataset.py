@@ -431,6 +431,9 @@ class SlideDataset:
         labels_csv: where the records came from (recorded in checkpoints).
         tissue_masks: a dict (slide path → :class:`TissueMask`) to share detected masks
             between datasets of the same slides; a new one by default.
+        model_mpp: the pixel size (µm) every slide is read at (``SlideSource``'s
+            ``model_mpp``); ``None`` reads slides in their own pixels.  :func:`train`
+            sets it to the training pixel size it chooses.
 
     Tissue masks and annotation indexes are computed once per slide and kept in
     memory for the dataset's lifetime (one training run).
@@ -448,8 +451,11 @@ class SlideDataset:
         tissue: bool = True,
         labels_csv: str | os.PathLike | None = None,
         tissue_masks: dict[Path, TissueMask] | None = None,
+        model_mpp: float | None = None,
     ):
         self.records = list(records)
+        self.model_mpp = model_mpp
+        self._mpp: dict[Path, tuple[float, float] | None] = {}
         self.labels_csv = None if labels_csv is None else Path(labels_csv)
         self.classes = list(classes)
         self.roi_labels = None if roi_labels is None else tuple(roi_labels)
@@ -509,6 +515,14 @@ class SlideDataset:
                 self._open.pop(j).close()
         return slide
 
+    def slide_mpp(self, i: int) -> tuple[float, float] | None:
+        """The slide's pixel size (y, x) in µm, or ``None`` (read once, then cached)."""
+        path = self.records[i].path
+        if path not in self._mpp:
+            mpp = self._slide(i, {i}).mpp
+            self._mpp[path] = None if mpp is None else (float(mpp[0]), float(mpp[1]))
+        return self._mpp[path]
+
     def tissue_mask(self, i: int) -> TissueMask | None:
         """The slide's tissue mask (detected once, then cached)."""
         if not self.use_tissue:
@@ -517,6 +531,13 @@ class SlideDataset:
         if path not in self._tissue:
             self._tissue[path] = detect_tissue(self._slide(i, {i}))
         return self._tissue[path]
+
+    def profile(self, i: int):
+        """The slide's :class:`~napari_zoomin.engine.trust.SlideProfile` (colour, tissue,
+        pixel size), computed after tissue detection from the same cached level."""
+        from .trust import profile_slide
+
+        return profile_slide(self._slide(i, {i}), self.tissue_mask(i))
 
     def roi_mask(self, i: int) -> RoiMask | None:
         """The slide's ROI callable, or ``None`` when it has no annotation file."""
@@ -544,6 +565,7 @@ class SlideDataset:
                     roi=roi,
                     workers=self.workers,
                     hard_negatives=None if roi is None else roi.hard_negatives,
+                    model_mpp=self.model_mpp,
                 )
             )
         return out

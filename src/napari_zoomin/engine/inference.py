@@ -10,6 +10,13 @@
   tile's view is read at level-0 scale ``s2`` (not ``s1·s2``);
 - sub-tiles are read from level 0 at the drawn coordinates only, in parallel.
 
+The model works in its own pixels: with the checkpoint's training pixel size
+(:func:`~napari_zoomin.engine.checkpoints.training_mpp`) and the slide's, the source
+resamples the slide to the model's µm per pixel (``SlideSource(model_mpp=...)``; the
+levels above are then those nearest ``r/s`` for ``r`` slide pixels per model pixel).
+Everything in the :class:`Result` (regions, map placements, decode accounting) is
+mapped back to the slide's level-0 pixels.
+
 Tissue detection (or a user's mask) keeps background cells out of stage-1 sampling.
 The slide's decode counter is reset and its tile cache cleared first, so
 ``pixels_decoded`` is this classification's cost; ``pixels_needed`` is the minimum
@@ -33,10 +40,20 @@ from .._version import __version__
 from ..errors import AnnotationError, ClassificationError, ZoominError
 from ..models.zoomin import topk_tiles
 from ..slide import Slide, open_slide
-from .checkpoints import Checkpoint, load_model
+from .checkpoints import Checkpoint, load_model, training_mpp
 from .results import Result, grid_placement
 from .slide_source import SlideSource
 from .tissue import TissueMask, detect_tissue, load_tissue_mask
+from .trust import (
+    evidence,
+    evidence_warnings,
+    model_warnings,
+    profile_slide,
+    resolution_warnings,
+    slide_warnings,
+    tissue_warnings,
+    training_profile_of,
+)
 
 __all__ = ["Cancelled", "classify", "needed_file_tiles", "versions"]
 
@@ -209,17 +226,38 @@ def _tile_size(ckpt: Checkpoint) -> tuple[int, int]:
     return (int(size[0]), int(size[1])) if size is not None else tuple(ckpt.model.patch_size)
 
 
-def _check_size(slide: Slide, ckpt: Checkpoint) -> None:
-    """Refuse a slide smaller than one tile, or too small for the stage-1 attention net."""
-    h, w = slide.shape
-    th, tw = _tile_size(ckpt)
-    if h < th or w < tw:
+def _check_size(slide: Slide, ckpt: Checkpoint) -> list[str]:
+    """Refuse a slide smaller than one sub-tile (patch), or too small for the stage-1
+    attention network; warn about one smaller than a tile (the edge rule centres the
+    tiles on it, ``models/coordinates.py``).  Returns the warnings.
+
+    Sizes are in the model's pixels (the slide resampled to its training pixel size).
+    """
+    model_mpp = training_mpp(ckpt)
+    h, w = SlideSource(slide, model_mpp=model_mpp).shape
+    size = f"{h} x {w} pixels"
+    if (h, w) != tuple(slide.shape):
+        size = (
+            f"{slide.shape[0]} x {slide.shape[1]} pixels, {h} x {w} at the model's "
+            f"{model_mpp:.3g} µm/pixel"
+        )
+    ph, pw = (int(v) for v in ckpt.model.patch_size)
+    what = "sub-tile" if hasattr(ckpt.model, "stage2_attention") else "patch"
+    if h < ph or w < pw:
         raise ClassificationError(
             slide.path,
-            f"the image is {h} x {w} pixels, smaller than one {th} x {tw} tile of the "
-            f"{ckpt.kind} model.",
-            "Classify the whole slide at full resolution (not a thumbnail or a crop), or "
-            "use a model trained with a smaller tile size.",
+            f"the image is {size}, smaller than one {ph} x {pw} {what} of the {ckpt.kind} "
+            "model, the smallest region its feature network reads.",
+            "Classify the whole slide at full resolution (not a thumbnail or a crop).",
+        )
+    warnings = []
+    th, tw = _tile_size(ckpt)
+    if h < th or w < tw:
+        warnings.append(
+            f"The image ({size}) is smaller than one {th} x {tw} tile of the model: its "
+            "tiles were centred on it and their stage-2 views include blank padding beyond "
+            "its edge, which the model never saw in training (nothing was drawn there). "
+            "Classify the whole slide, not a crop, for a result you can rely on."
         )
     from ..models.source import scaled_size
 
@@ -232,10 +270,11 @@ def _check_size(slide: Slide, ckpt: Checkpoint) -> None:
         except ValueError as exc:
             raise ClassificationError(
                 slide.path,
-                f"the {h} x {w} image gives a {view[0]} x {view[1]} stage-1 view at scale "
+                f"the {size} image gives a {view[0]} x {view[1]} stage-1 view at scale "
                 f"{s1:g}, too small for the attention network ({exc}).",
                 "Classify a larger image, or use a model with a larger view scale.",
             ) from exc
+    return warnings
 
 
 def _oom_error(slide: Slide, ckpt: Checkpoint, device: torch.device, draws: int, exc):
@@ -267,6 +306,7 @@ def classify(
     progress: Progress | None = None,
     cancel: Callable[[], bool] | None = None,
     workers: int = 4,
+    mpp: float | tuple[float, float] | None = None,
 ) -> Result:
     """Classify a slide and report where the model looked and what reading cost.
 
@@ -290,6 +330,10 @@ def classify(
         cancel: ``cancel() -> bool`` polled between steps; True raises
             :class:`Cancelled`.
         workers: threads decoding regions in parallel.
+        mpp: the slide's pixel size in µm (or (y, x)), overriding or supplying the
+            file's, when ``slide`` is a path (``open_slide(path, mpp=...)`` for an open
+            slide).  The model reads the slide at its training pixel size when both are
+            known (``Result.resolution``, ``Result.warnings``).
 
     Returns:
         A :class:`~napari_zoomin.engine.results.Result`.  ``pixels_decoded`` is what
@@ -300,8 +344,10 @@ def classify(
         region areas at the levels they were read from.
 
     Raises:
-        ClassificationError: image smaller than a tile, no tissue found, out of
-            memory, unavailable device, non-finite output.
+        ClassificationError: image smaller than a sub-tile, an empty tissue mask of
+            the user's, out of memory, unavailable device, non-finite output.  (No
+            tissue detected, a slide smaller than a tile, an unknown pixel size: the
+            result carries a warning instead, :attr:`Result.warnings`.)
         AnnotationError: a tissue mask that is unreadable or of the wrong shape.
         SlideError, CheckpointError: the slide or model cannot be opened.
         Cancelled: ``cancel()`` returned True.
@@ -335,8 +381,12 @@ def classify(
         ckpt = load_model(model, dev)
 
     own = not isinstance(slide, Slide)
+    if mpp is not None and not own:
+        raise ValueError(
+            "mpp is for a slide given as a path; open the slide with open_slide(path, mpp=...)"
+        )
     t0 = time.perf_counter()
-    the_slide = open_slide(slide) if own else slide
+    the_slide = open_slide(slide, mpp=mpp) if own else slide
     try:
         return _classify(
             the_slide, ckpt, dev, draws, seed, mode, tissue, report, check, t0, workers
@@ -354,7 +404,7 @@ def _classify(slide, ckpt, dev, draws, seed, mode, tissue, report, check, t0, wo
     slide.clear_cache()
     slide.reset_decoded()
     check()
-    _check_size(slide, ckpt)
+    warnings.extend(_check_size(slide, ckpt))
 
     # -- tissue ---------------------------------------------------------------------
     t = time.perf_counter()
@@ -365,15 +415,24 @@ def _classify(slide, ckpt, dev, draws, seed, mode, tissue, report, check, t0, wo
     else:
         report("tissue", "Loading the tissue mask")
     mask = _resolve_tissue(slide, tissue)
+    detected = mask is not None and mask.source == "otsu"
     if mask is not None and not mask.mask.any():
-        where = "detected" if mask.source == "otsu" else "in the mask"
-        raise ClassificationError(
-            slide.path if mask.source == "otsu" else mask.source,
-            f"no tissue {where}: every cell would be background.",
-            "Pass a tissue mask of your own (an image or .npy file, non-zero = tissue), or "
-            "classify without one (tissue=None, 'none' on the command line) to let the "
-            "model look everywhere.",
-        )
+        if not detected:  # the user's own mask says there is nothing to read
+            raise ClassificationError(
+                mask.source,
+                "no tissue in the mask: every cell would be background.",
+                "Pass a tissue mask of your own (an image or .npy file, non-zero = tissue), "
+                "or classify without one (tissue=None, 'none' on the command line) to let "
+                "the model look everywhere.",
+            )
+        mask = None  # nothing stained: do not fail, but do not look confident either
+        warnings.extend(tissue_warnings(None, found=False))
+    elif detected:
+        warnings.extend(tissue_warnings(mask.fraction))
+    # what the slide looks like, against what the model was trained on (trust.py)
+    profile = profile_slide(slide, mask)
+    warnings.extend(model_warnings(ckpt.info))
+    warnings.extend(slide_warnings(training_profile_of(ckpt), profile))
     tissue_decoded = slide.total_decoded_pixels
     timings["tissue"] = time.perf_counter() - t
     check()
@@ -381,7 +440,10 @@ def _classify(slide, ckpt, dev, draws, seed, mode, tissue, report, check, t0, wo
     # -- model ----------------------------------------------------------------------
     two_stage = hasattr(model, "stage2_attention")
     steps = ["stage 1", "stage 2", "sub-tiles"] if two_stage else ["stage 1", "sub-tiles"]
-    source = SlideSource(slide, tissue=mask, workers=workers)
+    source = SlideSource(slide, tissue=mask, workers=workers, model_mpp=training_mpp(ckpt))
+    warnings.extend(
+        resolution_warnings(source.slide_mpp, source.model_mpp, source.factor, slide.mpp_warning)
+    )
     observed = _ObservedSource(source, steps, report, check)
     generator = torch.Generator().manual_seed(int(seed))
     t = time.perf_counter()
@@ -415,26 +477,31 @@ def _classify(slide, ckpt, dev, draws, seed, mode, tissue, report, check, t0, wo
     attention = np.nan_to_num(attention, nan=0.0, posinf=0.0, neginf=0.0)
     classes = list(ckpt.classes) or [f"class {i}" for i in range(len(probs))]
 
-    tiles, subtiles = _tiles_and_subtiles(pred)
+    # the model read model pixels; the result is in the slide's level-0 pixels
+    tiles, subtiles = _tiles_and_subtiles(pred, source)
     s1 = float(cfg.view_scale)
     level1 = source.level_for(s1)
     h, w = slide.shape
-    view_tiles = needed_file_tiles(slide, level1, [[0, 0, h, w]])
+    view = source.to_level0([[0, 0, *source.shape]]).numpy()
+    view_tiles = needed_file_tiles(slide, level1, view)
     parts = {"view": view_tiles}
-    levels = {"view": level1, "subtiles": 0}
+    level_sub = source.level_for(1.0)
+    levels = {"view": level1, "subtiles": level_sub}
     if two_stage:
         s2 = float(cfg.stage2_scale)
         level2 = source.level_for(s2)
-        regions2 = _stage2_regions(pred, cfg, mode)
+        regions2 = source.to_level0(_stage2_regions(pred, cfg, mode)).numpy()
         parts["stage2"] = needed_file_tiles(slide, level2, regions2)
         levels["stage2"] = level2
-    parts["subtiles"] = needed_file_tiles(slide, 0, pred.patches.regions.numpy())
+    subtile_regions = source.to_level0(pred.patches.regions).numpy()
+    parts["subtiles"] = needed_file_tiles(slide, level_sub, subtile_regions)
     union = set().union(*parts.values())
     pixels_needed = _tile_pixels(slide, union)
     pixels_read = 0
+    ry, rx = source.factor
     for scale, area in source.counter.level0_pixels.items():
         dy, dx = slide.levels[source.level_for(scale)].downsample
-        pixels_read += round(area / (dy * dx))
+        pixels_read += round(area * ry * rx / (dy * dx))
     decode = {
         "decoded_pixels_by_level": {str(k): int(v) for k, v in slide.decoded_pixels.items()},
         "decoded_tiles_by_level": {str(k): int(v) for k, v in slide.decoded_tiles.items()},
@@ -445,8 +512,20 @@ def _classify(slide, ckpt, dev, draws, seed, mode, tissue, report, check, t0, wo
         "read_levels": levels,
         "regions_read": {f"{k:g}": int(v) for k, v in source.counter.regions.items()},
     }
-    (oy, ox), (dy, dx) = grid_placement(pred.attention_grid)
+    origin, cell = grid_placement(pred.attention_grid)
+    (oy, ox), (dy, dx) = source.to_level0_yx(origin), source.to_level0_yx(cell)
+    resolution = {
+        "slide_mpp": None if source.slide_mpp is None else list(source.slide_mpp),
+        "model_mpp": source.model_mpp,
+        "factor": [float(v) for v in source.factor],
+        "units": source.units,
+    }
     label_index = int(np.argmax(probs))
+    # how many distinct places the evidence comes from (sub-tiles within a tile side)
+    th, tw = _tile_size(ckpt)
+    link = max(th * source.factor[0], tw * source.factor[1])
+    ev = evidence(np.array([sub["region"] for sub in subtiles]).reshape(-1, 4), link)
+    warnings.extend(evidence_warnings(ev, mode, draws, float(spread[label_index])))
     timings["summary"] = time.perf_counter() - t
     seconds = time.perf_counter() - t0
     timings["total"] = seconds
@@ -484,15 +563,23 @@ def _classify(slide, ckpt, dev, draws, seed, mode, tissue, report, check, t0, wo
         model_path=None if ckpt.path is None else str(ckpt.path),
         model_config=_jsonable(ckpt.config),
         tissue={
-            "source": None if mask is None else mask.source,
-            "fraction": None if mask is None else float(mask.fraction),
+            # detection that found nothing says so (fraction 0), unlike --tissue none
+            "source": "otsu" if detected else (None if mask is None else mask.source),
+            "fraction": 0.0 if detected and mask is None else _fraction(mask),
+            "od_mean": None if profile.od_mean is None else list(profile.od_mean),
         },
         decode=decode,
         timings={k: float(v) for k, v in timings.items()},
         warnings=warnings,
+        evidence=ev,
+        resolution=resolution,
     )
     report("done", result.summary())
     return result
+
+
+def _fraction(mask: TissueMask | None) -> float | None:
+    return None if mask is None else float(mask.fraction)
 
 
 def _jsonable(value: Any) -> Any:
@@ -519,8 +606,11 @@ def _stage2_regions(pred, cfg, mode: str) -> np.ndarray:
     return np.concatenate([regions, pred.tiles.regions.numpy()])
 
 
-def _tiles_and_subtiles(pred) -> tuple[list[dict], list[dict]]:
-    """Plain-Python tiles (most attended first) and sub-tiles (largest weight first)."""
+def _tiles_and_subtiles(pred, source: SlideSource) -> tuple[list[dict], list[dict]]:
+    """Plain-Python tiles (most attended first) and sub-tiles (largest weight first).
+
+    Regions and placements are mapped from the model's pixels to the slide's level 0.
+    """
     ts = pred.tiles
     alpha = ts.attention.double().numpy()
     order = sorted(range(len(alpha)), key=lambda i: (-alpha[i], int(ts.cells[i])))
@@ -529,7 +619,7 @@ def _tiles_and_subtiles(pred) -> tuple[list[dict], list[dict]]:
     tiles = []
     for old in order:
         t: dict[str, Any] = {
-            "region": [int(v) for v in ts.regions[old].tolist()],
+            "region": [int(v) for v in source.to_level0(ts.regions[old])[0].tolist()],
             "cell": int(ts.cells[old]),
             "count": int(ts.counts[old]),
             "alpha": float(alpha[old]),
@@ -538,14 +628,15 @@ def _tiles_and_subtiles(pred) -> tuple[list[dict], list[dict]]:
             beta = ts.stage2_attention[old].float().numpy()
             origin, cell = grid_placement(grid, old)
             t["stage2_attention"] = np.nan_to_num(beta, nan=0.0)
-            t["stage2_origin"] = origin
-            t["stage2_cell_size"] = cell
+            t["stage2_origin"] = source.to_level0_yx(origin)
+            t["stage2_cell_size"] = source.to_level0_yx(cell)
         tiles.append(t)
     ps = pred.patches
     weights = ps.weights.double().numpy()
+    regions = source.to_level0(ps.regions).tolist()
     subs = [
         {
-            "region": [int(v) for v in ps.regions[k].tolist()],
+            "region": [int(v) for v in regions[k]],
             "weight": float(weights[k]),
             "tile": new_index.get(int(ps.tile[k]), -1),
             "cell": int(ps.cells[k]),

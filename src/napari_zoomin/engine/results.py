@@ -233,7 +233,10 @@ class Result:
         )
 
     def summary(self) -> str:
-        """One line: ``name: label (p=0.93 ± 0.02 over 16 draws) in 2.1 s, decoded …``."""
+        """One line: ``name: label (p=0.93 ± 0.02 over 16 draws, 3 places) in 2.1 s, …``.
+
+        Warnings are not in it: every front end shows :attr:`warnings` beside it.
+        """
         name = self.slide.get("name") or self.slide.get("path") or "image"
         p = self.probability
         if self.mode == "topk":
@@ -241,6 +244,9 @@ class Result:
         else:
             sd = float(self.spread[self.label])
             how = f"p={p:.2f} ± {sd:.2f} over {self.draws} draw{'s' if self.draws != 1 else ''}"
+        places = self.evidence.get("places")
+        if places is not None:
+            how += f", {places} place{'s' if places != 1 else ''}"
         return (
             f"{name}: {self.label} ({how}) in {self.seconds:.1f} s, decoded "
             f"{self.pixels_decoded / 1e6:.1f} Mpx ({self.decode_ratio:.1f}x the "

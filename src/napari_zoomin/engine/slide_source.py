@@ -6,6 +6,20 @@ for it, and resampled by area averaging to the project's output size rule
 (``scaled_size``).  Several regions are read in parallel by a thread pool (the
 decoders release the GIL), so the sub-tiles of one classification cost about one
 round of tile decodes.
+
+**Model pixels.**  A model is trained at one physical pixel size (``model_mpp``, µm
+per pixel).  When both it and the slide's pixel size are known, the source presents
+a *virtual level 0* at the model's pixel size: ``factor`` ``r = model_mpp /
+slide_mpp`` (slide pixels per model pixel, per axis), ``shape`` ``(⌊H/r_y⌋,
+⌊W/r_x⌋)``, and every region the model asks for is in model pixels.  A read maps the
+region to slide level-0 coordinates (``top·r_y``, …), takes the level
+``best_level(min(r)/s)`` (the finer of the two axes) and resamples the level
+window covering it to ``scaled_size(h, s) × scaled_size(w, s)``: area averaging when
+shrinking (as for ``r = 1``), bilinear (antialiased) interpolation when the slide is
+coarser than the model and a read needs more pixels than the file holds
+(``upsampled_reads`` counts those regions).  Factors within :data:`MPP_TOLERANCE` of
+1 are read in the slide's own pixels, and so is everything when either pixel size is
+unknown (``units == "pixel"``): then reads are exactly those of a plain source.
 """
 
 from __future__ import annotations
@@ -22,18 +36,83 @@ from ..models.source import ReadCounter, as_regions, scaled_size
 from ..slide import Slide
 from .tissue import TissueMask
 
+__all__ = ["MPP_TOLERANCE", "SlideSource", "resolution_factor"]
+
+#: a slide whose pixel size is within this fraction of the model's is read in its own
+#: pixels (scanners' calibrations differ by about this much; resampling by 1.01 would
+#: only blur)
+MPP_TOLERANCE = 0.02
+
+
+def _valid_mpp(value) -> float | None:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) and v > 0 else None
+
+
+def resolution_factor(slide_mpp, model_mpp) -> tuple[float, float]:
+    """Slide pixels per model pixel ``(r_y, r_x) = model_mpp / slide_mpp``.
+
+    ``(1, 1)`` when either pixel size is unknown; an axis within
+    :data:`MPP_TOLERANCE` of 1 is 1.
+    """
+    m = _valid_mpp(model_mpp)
+    if m is None or slide_mpp is None:
+        return (1.0, 1.0)
+    axes = [_valid_mpp(v) for v in slide_mpp]
+    if len(axes) != 2 or None in axes:
+        return (1.0, 1.0)
+    out = []
+    for s in axes:
+        r = m / s
+        out.append(1.0 if abs(r - 1.0) <= MPP_TOLERANCE else r)
+    return (out[0], out[1])
+
+
+def _snap(x: float) -> float:
+    """``x`` or the integer it misses by float rounding only (``3·0.1/0.1``)."""
+    n = round(x)
+    return float(n) if abs(x - n) <= 1e-9 * max(1.0, abs(x)) else x
+
+
+def _resize(pixels: Tensor, size: tuple[int, int]) -> tuple[Tensor, bool]:
+    """(1, C, h, w) to ``size``: area when no axis grows, else bilinear (antialiased).
+
+    Returns the result and whether an axis was upsampled.
+    """
+    h, w = pixels.shape[-2:]
+    if (h, w) == tuple(size):
+        return pixels, False
+    if h >= size[0] and w >= size[1]:
+        return F.interpolate(pixels, size=size, mode="area"), False
+    out = F.interpolate(pixels, size=size, mode="bilinear", align_corners=False, antialias=True)
+    return out, True
+
 
 class SlideSource:
     """Reads level-0 regions of a :class:`Slide` at any scale, as float tensors in [0, 1].
 
     Args:
         slide: the opened slide (its tile cache and decode counter are shared).
-        tissue: a :class:`TissueMask`; cells outside it get zero attention.
+        tissue: a :class:`TissueMask` (over the slide's own level 0); cells outside it
+            get zero attention.
         roi: optional callable ``(regions, scale) -> Tensor (n, h', w')`` giving the
-            fraction of annotated ROI under each output pixel (pixel supervision).
+            fraction of annotated ROI under each output pixel (pixel supervision).  It
+            is given slide level-0 regions; the source resamples its maps to the
+            model-pixel output size.
         hard_negatives: optional callable of the same form for annotated regions that
             are not ROI (hard negatives for tile pre-training).
         workers: threads decoding regions in parallel.
+        model_mpp: the model's training pixel size in µm (``training_mpp``); with the
+            slide's ``mpp`` it makes regions model pixels (module docstring).
+
+    Attributes:
+        factor: ``(r_y, r_x)`` slide level-0 pixels per model pixel (1 in pixel units).
+        units: ``"µm"`` when both pixel sizes are known, else ``"pixel"``.
+        upsampled_reads: regions read so far that needed upsampling (slide coarser
+            than the model).
     """
 
     def __init__(
@@ -44,6 +123,7 @@ class SlideSource:
         workers: int = 4,
         *,
         hard_negatives=None,
+        model_mpp: float | None = None,
     ):
         self.slide = slide
         self.tissue = tissue
@@ -51,14 +131,60 @@ class SlideSource:
         self._hard_negatives = hard_negatives
         self.workers = max(1, int(workers))
         self.counter = ReadCounter()
+        self.model_mpp = _valid_mpp(model_mpp)
+        mpp = slide.mpp
+        axes = None if mpp is None else tuple(_valid_mpp(v) for v in mpp)
+        self.slide_mpp: tuple[float, float] | None = (
+            None if axes is None or None in axes else (axes[0], axes[1])
+        )
+        self.factor: tuple[float, float] = resolution_factor(self.slide_mpp, self.model_mpp)
+        self.units = "µm" if self.model_mpp is not None and self.slide_mpp is not None else "pixel"
+        self.upsampled_reads = 0
+
+    # -- geometry ---------------------------------------------------------------------
+    @property
+    def resampled(self) -> bool:
+        """True when model pixels are not the slide's pixels (``factor != (1, 1)``)."""
+        return self.factor != (1.0, 1.0)
+
+    @property
+    def coarser_than_model(self) -> bool:
+        """True when the slide's pixels are larger than the model's on an axis."""
+        return min(self.factor) < 1.0
 
     @property
     def shape(self) -> tuple[int, int]:
-        return self.slide.shape
+        """(H, W) in model pixels: ``(⌊H/r_y⌋, ⌊W/r_x⌋)`` of the slide's level 0."""
+        if not self.resampled:
+            return self.slide.shape
+        (h, w), (ry, rx) = self.slide.shape, self.factor
+        return max(1, math.floor(_snap(h / ry))), max(1, math.floor(_snap(w / rx)))
 
     def level_for(self, scale: float) -> int:
-        """The pyramid level a read at ``scale`` comes from."""
-        return self.slide.best_level(1.0 / scale)
+        """The pyramid level a read at ``scale`` comes from (the finer axis decides)."""
+        return self.slide.best_level(min(self.factor) / scale)
+
+    def to_level0(self, regions) -> Tensor:
+        """Slide level-0 ``[top, left, h, w]`` (int64 (n, 4)) covering model-pixel regions.
+
+        Edges are rounded outwards, so a row covers its region; with a non-integer
+        factor the rows' sizes may differ by a pixel.
+        """
+        r = torch.as_tensor(regions, dtype=torch.int64).reshape(-1, 4)
+        if not self.resampled:
+            return r.clone()
+        ry, rx = self.factor
+        out = []
+        for top, left, h, w in r.tolist():
+            y0, x0 = math.floor(_snap(top * ry)), math.floor(_snap(left * rx))
+            y1, x1 = math.ceil(_snap((top + h) * ry)), math.ceil(_snap((left + w) * rx))
+            out.append([y0, x0, y1 - y0, x1 - x0])
+        return torch.tensor(out, dtype=torch.int64).reshape(-1, 4)
+
+    def to_level0_yx(self, values) -> tuple[float, float]:
+        """A continuous ``(y, x)`` point or length in model pixels, in slide level-0 pixels."""
+        y, x = values
+        return float(y) * self.factor[0], float(x) * self.factor[1]
 
     def _level_window(self, level: int, region) -> tuple[int, int, int, int]:
         """The level pixels [y0, y1) × [x0, x1) covering a level-0 region."""
@@ -68,6 +194,7 @@ class SlideSource:
         y1, x1 = math.ceil((top + h) / dy), math.ceil((left + w) / dx)
         return y0, y1, x0, x1
 
+    # -- pixels -------------------------------------------------------------------------
     def read(self, regions: Tensor, scale: float) -> Tensor:
         regions = as_regions(regions)
         n = regions.shape[0]
@@ -76,7 +203,14 @@ class SlideSource:
         h, w = int(regions[0, 2]), int(regions[0, 3])
         out_size = (scaled_size(h, scale), scaled_size(w, scale))
         level = self.level_for(scale)
-        windows = [self._level_window(level, r) for r in regions.tolist()]
+        rows = regions.tolist()
+        if self.resampled:
+            ry, rx = self.factor
+            rows = [
+                (_snap(t * ry), _snap(left * rx), _snap(h * ry), _snap(w * rx))
+                for t, left, _, _ in rows
+            ]
+        windows = [self._level_window(level, r) for r in rows]
         # regions of one read share a size, but their windows can differ by one pixel
         lh = max(y1 - y0 for y0, y1, _, _ in windows)
         lw = max(x1 - x0 for _, _, x0, x1 in windows)
@@ -97,24 +231,66 @@ class SlideSource:
         if (lh, lw) != out_size or any(
             (y1 - y0, x1 - x0) != (lh, lw) for y0, y1, x0, x1 in windows
         ):
-            pixels = torch.stack(
-                [
-                    F.interpolate(
-                        pixels[k : k + 1, :, : y1 - y0, : x1 - x0], size=out_size, mode="area"
-                    )[0]
-                    for k, (y0, y1, x0, x1) in enumerate(windows)
-                ]
-            )
+            if not self.resampled:  # exactly the reads of a source in the slide's pixels
+                pixels = torch.stack(
+                    [
+                        F.interpolate(
+                            pixels[k : k + 1, :, : y1 - y0, : x1 - x0], size=out_size, mode="area"
+                        )[0]
+                        for k, (y0, y1, x0, x1) in enumerate(windows)
+                    ]
+                )
+            else:
+                resized = []
+                for k, (y0, y1, x0, x1) in enumerate(windows):
+                    one, up = _resize(pixels[k : k + 1, :, : y1 - y0, : x1 - x0], out_size)
+                    self.upsampled_reads += int(up)
+                    resized.append(one[0].clamp_(0.0, 1.0) if up else one[0])
+                pixels = torch.stack(resized)
         self.counter.add(regions, scale, out_size)
         return pixels
 
     def tissue_mask(self, scale: float) -> Tensor | None:
-        return None if self.tissue is None else self.tissue.at_scale(scale)
+        if self.tissue is None:
+            return None
+        if not self.resampled:
+            return self.tissue.at_scale(scale)
+        hv, wv = self.shape
+        size = (scaled_size(hv, scale), scaled_size(wv, scale))
+        return self.tissue.at_size(size, extent=self.to_level0_yx((hv, wv)))
+
+    def _masks(self, fn, regions: Tensor, scale: float) -> Tensor | None:
+        """An ROI-like callable of slide level-0 regions, at the model-pixel output size."""
+        regions = as_regions(regions)
+        n = regions.shape[0]
+        if not self.resampled or n == 0:
+            return fn(regions, scale)
+        h, w = int(regions[0, 2]), int(regions[0, 3])
+        out_size = (scaled_size(h, scale), scaled_size(w, scale))
+        ry, rx = self.factor
+        rows = regions.tolist()
+        if n == 1 and rows[0] == [0, 0, *self.shape]:
+            real = [[0, 0, *self.slide.shape]]  # the whole slide (callables cache it)
+        else:
+            hr, wr = max(1, math.floor(h * ry + 0.5)), max(1, math.floor(w * rx + 0.5))
+            real = [
+                [math.floor(t * ry + 0.5), math.floor(left * rx + 0.5), hr, wr]
+                for t, left, _, _ in rows
+            ]
+        maps = fn(torch.tensor(real, dtype=torch.int64), scale / min(ry, rx))
+        if maps is None:
+            return None
+        maps = torch.as_tensor(maps)
+        if tuple(maps.shape[-2:]) == out_size:
+            return maps
+        dtype = maps.dtype
+        resized = [_resize(m[None, None].float(), out_size)[0][0, 0] for m in maps]
+        return torch.stack(resized).clamp_(0.0, 1.0).to(dtype)
 
     def read_roi(self, regions: Tensor, scale: float) -> Tensor | None:
-        return None if self._roi is None else self._roi(as_regions(regions), scale)
+        return None if self._roi is None else self._masks(self._roi, regions, scale)
 
     def read_hard_negatives(self, regions: Tensor, scale: float) -> Tensor | None:
         if self._hard_negatives is None:
             return None
-        return self._hard_negatives(as_regions(regions), scale)
+        return self._masks(self._hard_negatives, regions, scale)

@@ -1,14 +1,27 @@
 """Where the tissue is: a low-resolution mask that keeps stage-1 sampling off the glass.
 
 Detection (documented for users in docs/engine.md): read the pyramid level
-nearest a downsample of 64 (16 µm per pixel at 0.25 µm/pixel), compute the HSV
-saturation ``(max − min) / max`` of each pixel, threshold it with Otsu's method
-clipped to [0.04, 0.15] (glass is grey, stained tissue is coloured; the clip
-keeps a slide that is all tissue, or all glass, from being split in two), then
-close small gaps, fill holes, drop specks smaller than 0.1 % of the mask and
-grow the result by one mask pixel so tiles on the tissue border are kept.  Users
-can pass their own mask instead (an image or label file: non-zero = tissue) at
-any resolution with the slide's aspect ratio.
+nearest a downsample of 64 (16 µm per pixel at 0.25 µm/pixel).  A pixel can be
+tissue only if it is coloured and not black:
+
+* its HSV saturation ``(max − min) / max`` is above a threshold found by Otsu's
+  method on the pixels that are not black, clipped to [0.04, 0.15] (glass is
+  grey, stained tissue is coloured; the clip keeps a slide that is all tissue, or
+  all glass, from being split in two);
+* its colour stands out of JPEG noise: ``max − min`` is at least 16 (of 255);
+* it is not black: its brightest channel is above 40 (of 255).  Black scanner
+  borders, zero padding outside the scanned area and black ink have a large
+  saturation from noise alone (``max`` is tiny), so they are ruled out here.
+
+The candidates are then closed over small gaps, holes are filled, specks smaller
+than 0.1 % of the mask dropped, and the result grown by one mask pixel so tiles
+on the tissue border are kept.  The slide's edge is not a gap: tissue that runs
+off the edge of the slide stays tissue up to the last pixel.  Finally, black
+areas larger than a speck are never tissue, even inside a filled hole or next to
+tissue.  White or grey glass and blank grey areas are tissue only as holes that
+tissue encloses or in the one-pixel rim; coloured pen marks look like stain and
+may be kept.  Users can pass their own mask instead (an image or label file:
+non-zero = tissue) at any resolution with the slide's aspect ratio.
 """
 
 from __future__ import annotations
@@ -27,6 +40,10 @@ from ..slide import Slide
 DETECTION_DOWNSAMPLE = 64.0
 #: bounds on the saturation threshold found by Otsu's method
 MIN_SATURATION, MAX_SATURATION = 0.04, 0.15
+#: a pixel whose brightest channel is at most this is black: never tissue
+BLACK_VALUE = 40
+#: tissue's ``max − min`` is at least this: weaker colour is JPEG noise on grey or black
+MIN_CHROMA = 16
 
 
 @dataclass(frozen=True)
@@ -49,22 +66,42 @@ class TissueMask:
     def at_scale(self, scale: float) -> torch.Tensor:
         """The mask at the view ``V(x, scale)``: True where any tissue lies under a pixel."""
         h, w = self.level0_shape
-        size = (scaled_size(h, scale), scaled_size(w, scale))
-        m = _any_in_ranges(self.mask, size[0], axis=0)
-        return torch.from_numpy(_any_in_ranges(m, size[1], axis=1))
+        return self.at_size((scaled_size(h, scale), scaled_size(w, scale)))
+
+    def at_size(
+        self, size: tuple[int, int], extent: tuple[float, float] | None = None
+    ) -> torch.Tensor:
+        """The mask resampled to ``size`` (rows, cols): True where any tissue lies under a pixel.
+
+        The output covers level-0 ``[0, extent_y) × [0, extent_x)`` (default: the whole
+        slide; a model-pixel view of a resampled slide ends up to one model pixel
+        short of the slide's edge, see ``SlideSource``).
+        """
+        h, w = self.level0_shape
+        fy, fx = (1.0, 1.0) if extent is None else (extent[0] / h, extent[1] / w)
+        m = _any_in_ranges(self.mask, int(size[0]), axis=0, fraction=fy)
+        return torch.from_numpy(_any_in_ranges(m, int(size[1]), axis=1, fraction=fx))
 
 
-def _any_in_ranges(mask: np.ndarray, size: int, axis: int) -> np.ndarray:
+def _any_in_ranges(mask: np.ndarray, size: int, axis: int, fraction: float = 1.0) -> np.ndarray:
     """Resize a bool mask along ``axis`` to ``size``: True where any covered pixel is.
 
     Output pixel ``i`` covers input pixels ``[floor(i·n/size), ceil((i+1)·n/size))``
     (the ranges of area resampling), counted with a cumulative sum: exact, and fast
-    both up and down (a gigapixel slide's 1/16 view is 4x its tissue mask).
+    both up and down (a gigapixel slide's 1/16 view is 4x its tissue mask).  With
+    ``fraction`` < 1 the output covers only the first ``fraction·n`` input pixels
+    (``n`` above becomes that fractional length).
     """
     n = mask.shape[axis]
     i = np.arange(size, dtype=np.int64)
-    lo = (i * n) // size
-    hi = -((-(i + 1) * n) // size)  # ceil
+    if fraction == 1.0:
+        lo = (i * n) // size
+        hi = -((-(i + 1) * n) // size)  # ceil
+    else:
+        span = n * float(fraction)
+        lo = np.minimum(np.floor(i * span / size + 1e-9).astype(np.int64), n - 1)
+        hi = np.clip(np.ceil((i + 1) * span / size - 1e-9).astype(np.int64), lo + 1, n)
+        n = span
     if n <= size:  # upsampling: a range holds one or two pixels
         return mask.take(lo, axis=axis) | mask.take(hi - 1, axis=axis)
     counts = np.cumsum(mask, axis=axis, dtype=np.int32)
@@ -72,31 +109,49 @@ def _any_in_ranges(mask: np.ndarray, size: int, axis: int) -> np.ndarray:
     return (counts.take(hi, axis=axis) - counts.take(lo, axis=axis)) > 0
 
 
-def _saturation(rgb: np.ndarray) -> np.ndarray:
-    rgb = rgb.astype(np.float32)
-    hi, lo = rgb.max(axis=-1), rgb.min(axis=-1)
-    return np.divide(hi - lo, hi, out=np.zeros_like(hi), where=hi > 0)
+def tissue_pixels(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The per-pixel rule of the module docstring on (rows, cols, 3) uint8 RGB.
+
+    Returns ``(candidate, black)``: the pixels that may be tissue, and the black ones.
+    """
+    from skimage.filters import threshold_otsu
+
+    r, g, b = (np.asarray(rgb)[..., i] for i in range(3))
+    hi = np.maximum(np.maximum(r, g), b)  # channel-wise: 4x faster than max(axis=-1)
+    chroma = hi - np.minimum(np.minimum(r, g), b)
+    black = hi <= BLACK_VALUE
+    sat = np.divide(chroma, hi, out=np.zeros(hi.shape, np.float32), where=hi > 0, dtype=np.float32)
+    # Otsu on the pixels that are not black: a large noisy black border would
+    # otherwise pull the threshold into its own noise
+    considered = sat[~black]
+    try:
+        threshold = float(threshold_otsu(considered)) if considered.size else MAX_SATURATION
+    except ValueError:  # a constant image
+        threshold = MAX_SATURATION
+    threshold = min(max(threshold, MIN_SATURATION), MAX_SATURATION)
+    return (sat > threshold) & (chroma >= MIN_CHROMA) & ~black, black
 
 
 def detect_tissue(slide: Slide, downsample: float = DETECTION_DOWNSAMPLE) -> TissueMask:
-    """Otsu on saturation at a low pyramid level (see the module docstring)."""
+    """Coloured, non-black pixels at a low pyramid level, cleaned up (see the module docstring)."""
     from scipy import ndimage
-    from skimage.filters import threshold_otsu
     from skimage.morphology import disk, remove_small_objects
 
     level = int(np.argmin([abs(np.log(d / downsample)) for d in slide.level_downsamples]))
     rows, cols = slide.level_shapes[level]
-    sat = _saturation(slide.read(level, 0, 0, rows, cols))
-    try:
-        threshold = float(threshold_otsu(sat))
-    except ValueError:  # a constant image
-        threshold = MAX_SATURATION
-    threshold = min(max(threshold, MIN_SATURATION), MAX_SATURATION)
-    mask = sat > threshold
-    mask = ndimage.binary_closing(mask, structure=disk(2), border_value=0)
+    mask, black = tissue_pixels(slide.read(level, 0, 0, rows, cols))
+    speck = max(int(mask.size * 1e-3), 4)
+    # close gaps with the slide's edge continued outwards: with zeros beyond the edge
+    # the erosion would eat the tissue that runs off the slide
+    radius = 2
+    padded = np.pad(mask, radius, mode="edge")
+    mask = ndimage.binary_closing(padded, structure=disk(radius))[radius:-radius, radius:-radius]
     mask = ndimage.binary_fill_holes(mask)
-    mask = remove_small_objects(mask, max_size=max(int(mask.size * 1e-3), 4))
+    mask = remove_small_objects(mask, max_size=speck)
     mask = ndimage.binary_dilation(mask, iterations=1)
+    # black beyond a speck (a scanner border, padding, a hole of no data) is never
+    # tissue, even where closing, filling or growing reached into it
+    mask &= ~remove_small_objects(black, max_size=speck)
     return TissueMask(mask.astype(bool), slide.shape, "otsu")
 
 

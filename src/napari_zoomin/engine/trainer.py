@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import platform
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -42,6 +44,7 @@ from ..models.pretrain import POOLINGS
 from ..models.source import full_region, read_roi
 from .checkpoints import MODEL_KINDS, build_model, load_checkpoint, save_checkpoint
 from .dataset import DEFAULT_ROI_LABELS, SlideDataset, SlideRecord
+from .trust import training_profile
 
 __all__ = [
     "ProgressCallback",
@@ -455,6 +458,8 @@ def train(
     optimizer_state = None
     rng_state: dict[str, torch.Tensor] = {}
     model: AttentionSamplingModel | None = None
+    own_mpp: float | None = None  # the pixel size of a resumed run or of init_from
+    resumed = False
     if resume and last_path.exists():
         ckpt = load_checkpoint(last_path, device)
         trainer_info = ckpt.info.get("info", {}).get("trainer", {})
@@ -483,6 +488,8 @@ def train(
                 "to start over.",
             )
         model = ckpt.model
+        resumed = True
+        own_mpp = trainer_info.get("data", {}).get("mpp")
         state = _State(**trainer_info["state"])
         optimizer_state = ckpt.optimizer_state
         rng_state = ckpt.rng_state
@@ -494,8 +501,26 @@ def train(
             except (ValueError, TypeError) as exc:
                 raise TrainingError(None, f"cannot build the {config.kind} model: {exc}.") from None
         if config.init_from:
-            _initialise_from(model, config, settings, len(classes))
+            own_mpp = _initialise_from(model, config, settings, len(classes))
     model.to(device)
+
+    # -- the pixel size every training input is read at ------------------------------
+    mpp, mpp_message = _choose_mpp(dataset, train_idx, val_idx, own_mpp, resumed)
+    dataset.model_mpp = mpp
+    summary["mpp"] = mpp
+    # what the model will know: checked against every slide it classifies (trust.py)
+    summary["profile"] = training_profile([dataset.profile(i) for i in train_idx], mpp)
+    if mpp_message:
+        logging.getLogger(__name__).warning(mpp_message)
+        emit(
+            {
+                "stage": "resolution",
+                "epoch": state.epoch,
+                "epochs": config.epochs,
+                "mpp": mpp,
+                "message": mpp_message,
+            }
+        )
 
     def info(final: bool = False) -> dict[str, Any]:
         return {
@@ -763,9 +788,55 @@ def train(
     return result(cancelled=cancelled)
 
 
-def _initialise_from(model, config: TrainConfig, settings: dict, num_classes: int) -> None:
-    """Copy the weights of ``config.init_from`` into a freshly built ``model``."""
-    from .checkpoints import load_model
+def _choose_mpp(
+    dataset: SlideDataset,
+    train_idx: Sequence[int],
+    val_idx: Sequence[int],
+    own: float | None,
+    resumed: bool,
+) -> tuple[float | None, str | None]:
+    """The training pixel size (µm) and, when something is read in pixels, why.
+
+    A resumed run keeps its own; a fine-tuned model (``init_from``) its own when it
+    records one; otherwise the median pixel size of the training slides (for an even
+    count the higher of the two middle ones, a pixel size a training slide has, so
+    fewer slides are upsampled) when every training and validation slide has one,
+    else ``None`` (slides are read in their own pixels).
+    """
+    used = list(train_idx) + list(val_idx)
+    mpps = {i: dataset.slide_mpp(i) for i in used}
+    missing = [dataset.records[i].path.name for i in used if mpps[i] is None]
+    listed = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+    if resumed or own is not None:
+        if own is None:
+            return None, (
+                "training in pixels, not micrometres: the resumed run was started without a "
+                "pixel size, so the model will not record its training resolution."
+            )
+        if missing:
+            return own, (
+                f"{len(missing)} of {len(used)} slides record no pixel size ({listed}): they "
+                f"are read in their own pixels, the others at {own:.3g} µm/pixel."
+            )
+        return own, None
+    if missing:
+        return None, (
+            f"training in pixels, not micrometres: {len(missing)} of {len(used)} slides "
+            f"record no pixel size ({listed}), so the model will not record its training "
+            "resolution and classify cannot match other scanners' slides to it. Give every "
+            "slide a pixel size (e.g. a pyramidal TIFF with resolution tags) to train in "
+            "micrometres."
+        )
+    values = sorted((mpps[i][0] + mpps[i][1]) / 2 for i in train_idx)
+    return float(statistics.median_high(values)), None
+
+
+def _initialise_from(model, config: TrainConfig, settings: dict, num_classes: int):
+    """Copy the weights of ``config.init_from`` into a freshly built ``model``.
+
+    Returns the checkpoint's training pixel size (``None`` when it records none).
+    """
+    from .checkpoints import load_model, training_mpp
 
     start = load_model(config.init_from)
     theirs = _plain(start.config)
@@ -786,6 +857,7 @@ def _initialise_from(model, config: TrainConfig, settings: dict, num_classes: in
             "Use the same model settings as that checkpoint, or drop init_from.",
         )
     model.load_state_dict(start.model.state_dict())
+    return training_mpp(start)
 
 
 def _parameter_groups(model: AttentionSamplingModel, config: TrainConfig) -> list[dict]:

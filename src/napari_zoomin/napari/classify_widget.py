@@ -42,6 +42,7 @@ from .result_layers import (
     tissue_layer_data,
     tissue_mask_from_labels,
     top_subtiles,
+    warning_lines,
 )
 from .slide_layers import layer_slide, level0_frame, slide_layers
 
@@ -162,7 +163,9 @@ class ClassifyWidget(Container):
         self.cancel_button = PushButton(text="Cancel", enabled=False)
         self.progress = ProgressBar(min=0, max=100, value=0)
         self.status = Label(value="")
-        self.summary = Label(value="")
+        self.summary = Label(value="")  # the prediction, first
+        self.warnings = Label(value="")  # reasons to doubt it, right below (Result.warnings)
+        self.details = Label(value="")  # probabilities, cost, what was looked at
         self.subtile_table = Table(
             value={"data": [], "index": [], "columns": self._table_columns()}
         )
@@ -185,6 +188,8 @@ class ClassifyWidget(Container):
                 self.progress,
                 self.status,
                 self.summary,
+                self.warnings,
+                self.details,
                 Label(value="Most attended sub-tiles (select one to go there):"),
                 self.subtile_table,
                 Container(
@@ -196,9 +201,12 @@ class ClassifyWidget(Container):
         )
         from qtpy.QtWidgets import QSizePolicy
 
-        for label in (self.status, self.summary):  # long paths wrap, never widen the dock
-            label.native.setWordWrap(True)
+        for label in (self.status, self.summary, self.warnings, self.details):
+            label.native.setWordWrap(True)  # long paths wrap, never widen the dock
             label.native.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
+        self.summary.native.setStyleSheet("font-weight: bold;")
+        self.warnings.native.setStyleSheet(f"color: {_warning_colour(viewer)};")
+        self.warnings.visible = False
         self._setup_table()
 
         self.classify_button.changed.connect(self.classify)
@@ -449,7 +457,11 @@ class ClassifyWidget(Container):
         self._result_slide = job.layer
         if not result.has_stage2 and STAGE2_LAYER in self.viewer.layers:
             self.viewer.layers.remove(STAGE2_LAYER)  # a stale map of an earlier model
-        self.summary.value = "\n".join(summary_lines(result))
+        lines = summary_lines(result)
+        self.summary.value = lines[0]
+        self.details.value = "\n".join(lines[1:])
+        self.warnings.value = "\n".join(warning_lines(result))
+        self.warnings.visible = bool(result.warnings)
         self._fill_table(result)
         self.status.value = "Adding the result layers…"
 
@@ -633,6 +645,16 @@ class ClassifyWidget(Container):
             "classification of this slide samples only there; delete the layer to go back "
             "to automatic detection."
         )
+
+
+def _warning_colour(viewer) -> str:
+    """The viewer theme's warning colour (amber in napari's themes)."""
+    try:
+        from napari.utils.theme import get_theme
+
+        return str(get_theme(viewer.theme).warning.as_hex())
+    except Exception:  # a theme without one
+        return "#e3b617"
 
 
 def _show_error(message: str) -> None:

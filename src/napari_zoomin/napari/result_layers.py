@@ -56,6 +56,7 @@ __all__ = [
     "tissue_layer_data",
     "tissue_mask_from_labels",
     "top_subtiles",
+    "warning_lines",
 ]
 
 STAGE1_LAYER = "stage-1 attention"
@@ -338,9 +339,19 @@ def summary_lines(result: Result) -> list[str]:
         f"Time: {result.seconds:.1f} s on {result.device}",
         f"Decoded {result.pixels_decoded / 1e6:.1f} Mpx = {result.decode_ratio:.2f}x the "
         f"{result.pixels_needed / 1e6:.1f} Mpx needed",
-        f"Looked at {len(result.tiles)} tiles and {len(result.subtiles)} sub-tiles; "
-        f"tissue: {where}",
+        f"Looked at {len(result.tiles)} tiles and {len(result.subtiles)} sub-tiles"
+        f"{_places(result)}; tissue: {where}",
     ]
+
+
+def _places(result: Result) -> str:
+    places = result.evidence.get("places")
+    return "" if places is None else f" in {places} place{'s' * (places != 1)}"
+
+
+def warning_lines(result: Result) -> list[str]:
+    """The result's warnings as the widget shows them, one per line, beside the prediction."""
+    return [f"⚠ {w}" for w in result.warnings]
 
 
 def top_subtiles(result: Result, n: int = 20) -> list[dict[str, Any]]:

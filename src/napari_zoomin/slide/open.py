@@ -11,7 +11,7 @@ from ..errors import SlideError
 from .backends.array_backend import IMAGE_EXTENSIONS, ArrayBackend
 from .backends.openslide_backend import OPENSLIDE_EXTENSIONS, OpenSlideBackend
 from .backends.tiff_backend import TIFF_EXTENSIONS, TiffBackend
-from .slide import DEFAULT_CACHE_BYTES, Slide
+from .slide import DEFAULT_CACHE_BYTES, Slide, parse_mpp
 
 BACKENDS = {"openslide": OpenSlideBackend, "tifffile": TiffBackend, "array": ArrayBackend}
 
@@ -116,21 +116,21 @@ def open_slide(
     from the extension: tifffile for SVS, OME and generic TIFF (raw tiles, exact at
     every level), OpenSlide for the other scanner formats (MIRAX, NDPI, SCN, ...),
     each falling back to the other when it refuses a file; Pillow for PNG/JPEG.  ``mpp``
-    (µm per level-0 pixel, or (y, x)) overrides or supplies the physical scale;
+    (µm per level-0 pixel, or (y, x)) overrides or supplies the physical scale (outside
+    0.02–50 µm it is a :class:`SlideError`; an implausible value in the file is not used,
+    see :attr:`Slide.mpp_warning`);
     ``cache_bytes`` bounds the decoded tiles kept in memory (0 turns the cache off).
     Raises :class:`SlideError` naming the file, the problem and the fix.
     """
-    override = None
-    if mpp is not None:
-        override = (float(mpp), float(mpp)) if np.isscalar(mpp) else tuple(map(float, mpp))
-
     if isinstance(source, np.ndarray):
+        override = parse_mpp(mpp)
         try:
             return Slide(ArrayBackend(source), mpp=override, cache_bytes=cache_bytes)
         except ValueError as exc:
             raise SlideError(None, f"cannot use the array as an image: {exc}") from exc
 
     path = Path(source).expanduser()
+    override = parse_mpp(mpp, path)
     if backend is not None and backend not in BACKENDS:
         raise SlideError(
             path, f"unknown backend {backend!r}.", f"Choose one of {sorted(BACKENDS)}."

@@ -8,6 +8,7 @@ dask array behind a napari layer, or a benchmark.
 
 from __future__ import annotations
 
+import math
 import threading
 import warnings
 from collections import OrderedDict
@@ -31,6 +32,114 @@ MAX_COARSEST_SIDE = 8192
 DERIVED_MIN_SIDE = 1024
 #: decoded tiles kept in memory per slide (least recently used go first)
 DEFAULT_CACHE_BYTES = 192 * 2**20
+
+
+#: pixel sizes a scanner can plausibly record, in µm per level-0 pixel (0.25 at 40x,
+#: 0.5 at 20x, about 10 for a low-power overview): a file's value outside is not used
+MPP_RANGE = (0.02, 50.0)
+#: pixel height and width further apart than this (relative) are kept, with a warning
+MPP_ANISOTROPY = 0.10
+#: resolutions that image software writes by default (dots per inch): they say nothing
+#: about a microscope, so a file that gives one has no pixel size
+SCREEN_DPI = (72.0, 96.0)
+
+
+def _um(value: float) -> str:
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "infinite" if value > 0 else "minus infinite"
+    return f"{value:.6g}"
+
+
+def _pixel_size_words(mpp: tuple[float, float]) -> str:
+    y, x = mpp
+    if _um(y) == _um(x):
+        return f"{_um(x)} µm per pixel"
+    return f"{_um(x)} µm per pixel across and {_um(y)} µm down"
+
+
+def mpp_problem(mpp: tuple[float, float]) -> str | None:
+    """Why ``(y, x)`` µm per pixel cannot be a scanner's pixel size, in words; None if it can."""
+    lo, hi = MPP_RANGE
+    values = [float(v) for v in mpp]
+    if all(math.isfinite(v) and lo <= v <= hi for v in values):
+        return None
+    if any(math.isnan(v) for v in values):
+        return "which is not a number"
+    if any(v <= 0 for v in values):
+        return "which is not a positive size"
+    if any(math.isinf(v) for v in values):
+        return "which is not a finite size"
+    return f"which is not a plausible scanner pixel size ({lo:g} to {hi:g} µm)"
+
+
+def _anisotropy(mpp: tuple[float, float]) -> float:
+    y, x = mpp
+    return max(y, x) / min(y, x) - 1
+
+
+def parse_mpp(mpp, path: Path | None = None) -> tuple[float, float] | None:
+    """A user's ``mpp`` (a number, or (y, x)) as a checked ``(y, x)`` pair; None stays None.
+
+    Raises :class:`SlideError` for anything that is not two plausible pixel sizes.
+    """
+    if mpp is None:
+        return None
+    shown = repr(mpp) if isinstance(mpp, str | bytes) else str(mpp)
+    fix = (
+        f"Give micrometres per level-0 pixel, between {MPP_RANGE[0]:g} and {MPP_RANGE[1]:g} "
+        "(0.25 at 40x, 0.5 at 20x), or leave mpp out to use the file's own."
+    )
+    try:
+        if isinstance(mpp, str | bytes) or np.ndim(mpp) == 0:
+            pair = (float(mpp), float(mpp))
+        else:
+            pair = tuple(float(v) for v in mpp)
+    except (TypeError, ValueError):
+        raise SlideError(path, f"mpp={shown} is not a number.", fix) from None
+    if len(pair) != 2:
+        raise SlideError(path, f"mpp={shown} has {len(pair)} values, not one or (y, x).", fix)
+    problem = mpp_problem(pair)
+    if problem is not None:
+        raise SlideError(path, f"mpp={shown} gives {_pixel_size_words(pair)}, {problem}.", fix)
+    return pair
+
+
+def _checked_mpp(
+    given: tuple[float, float] | None, backend: SlideBackend, path: Path | None
+) -> tuple[tuple[float, float] | None, str | None]:
+    """``(mpp, warning)``: the user's pixel size, else the file's if it is plausible."""
+    if given is not None:
+        mpp = parse_mpp(given, path)
+        said = "the given pixel size is {x} µm wide and {y} µm high"
+    else:
+        try:
+            raw = backend.mpp
+        except Exception:  # a backend's metadata parser must not stop the slide opening
+            raw = None
+        if raw is None:
+            return None, None
+        mpp = (float(raw[0]), float(raw[1]))
+        where = f" ({backend.mpp_source})" if backend.mpp_source else ""
+        problem = mpp_problem(mpp)
+        if problem is not None:
+            return None, (
+                f"the file says {_pixel_size_words(mpp)}{where}, {problem}; the slide is "
+                "read in pixels, without a physical scale. If you know the pixel size, "
+                "pass it: zoomin classify --mpp <µm per pixel> (Python: "
+                "open_slide(path, mpp=...))."
+            )
+        said = "the file says the pixels are {x} µm wide and {y} µm high" + where
+    if _anisotropy(mpp) > MPP_ANISOTROPY:
+        y, x = mpp
+        return mpp, (
+            said.format(x=_um(x), y=_um(y))
+            + f": they differ by {100 * _anisotropy(mpp):.0f} %. Kept as given, but images "
+            "are analysed in square pixels, so check the scanner's calibration if the "
+            "slide looks stretched."
+        )
+    return mpp, None
 
 
 class SlideWarning(UserWarning):
@@ -64,7 +173,7 @@ class Slide:
     ):
         self._backend = backend
         self.path = path
-        self._mpp = mpp if mpp is not None else backend.mpp
+        self._mpp, self._mpp_warning = _checked_mpp(mpp, backend, path)
         self._lock = threading.Lock()
         self._decoded: dict[int, int] = {}
         self._decoded_tiles: dict[int, int] = {}
@@ -145,8 +254,24 @@ class Slide:
 
     @property
     def mpp(self) -> tuple[float, float] | None:
-        """Micrometres per level-0 pixel as (y, x), or None when the file does not say."""
+        """Micrometres per level-0 pixel as (y, x), or None when unknown.
+
+        None when the file does not say, and when what it says is not a plausible
+        scanner pixel size (0, negative, NaN, infinite, or outside ``MPP_RANGE``):
+        then :attr:`mpp_warning` says why.
+        """
         return self._mpp
+
+    @property
+    def mpp_warning(self) -> str | None:
+        """Why the file's pixel size was not used, or why it is odd; None when all is well.
+
+        One plain-language sentence or two, e.g. "the file says 1000 µm per pixel (...),
+        which is not a plausible scanner pixel size (0.02 to 50 µm); the slide is read
+        in pixels, ...".  Pixels more than 10 % taller than wide (or the reverse) keep
+        their mpp and get a warning too.
+        """
+        return self._mpp_warning
 
     @property
     def properties(self) -> dict[str, str]:
@@ -347,6 +472,7 @@ class Slide:
             "tile_shapes": [list(lv.tile) for lv in self._levels],
             "derived_levels": [i for i, lv in enumerate(self._levels) if lv.stored is None],
             "mpp": None if self.mpp is None else list(self.mpp),
+            "mpp_warning": self.mpp_warning,
             "associated_images": list(self.associated_names),
         }
 

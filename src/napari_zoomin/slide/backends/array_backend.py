@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
 
+from ..slide import SCREEN_DPI
 from .base import SlideBackend
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
@@ -43,10 +45,12 @@ class ArrayBackend(SlideBackend):
         path: Path | None = None,
         mpp: tuple[float, float] | None = None,
         vendor: str = "array",
+        mpp_source: str = "",
     ):
         super().__init__(path)
         self._image = as_rgb_uint8(image)
         self._mpp = mpp
+        self._mpp_source = mpp_source
         self._vendor = vendor
 
     @classmethod
@@ -57,10 +61,12 @@ class ArrayBackend(SlideBackend):
         with Image.open(path) as im:
             mpp = None
             dpi = im.info.get("dpi")
-            if dpi and dpi[0] and dpi[1] and float(dpi[0]) not in (72.0, 96.0):
-                mpp = (25400.0 / float(dpi[1]), 25400.0 / float(dpi[0]))
+            # image software's default (72 or 96, rounded by PNG's pixels per metre) says nothing
+            if dpi and round(float(dpi[0])) not in SCREEN_DPI:
+                # as stated, 0 included (an infinite pixel): the slide judges it
+                mpp = tuple(25400.0 / float(d) if float(d) else math.inf for d in (dpi[1], dpi[0]))
             array = np.asarray(im.convert("RGB"))
-        return cls(array, path=path, mpp=mpp, vendor="image")
+        return cls(array, path=path, mpp=mpp, vendor="image", mpp_source="the image's dpi")
 
     @property
     def vendor(self) -> str:
@@ -78,6 +84,10 @@ class ArrayBackend(SlideBackend):
     @property
     def mpp(self) -> tuple[float, float] | None:
         return self._mpp
+
+    @property
+    def mpp_source(self) -> str:
+        return self._mpp_source
 
     def read_level(self, level: int, y: int, x: int, height: int, width: int) -> np.ndarray:
         return self._image[y : y + height, x : x + width].copy()

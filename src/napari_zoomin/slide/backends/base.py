@@ -41,8 +41,17 @@ class SlideBackend(ABC):
 
     @property
     def mpp(self) -> tuple[float, float] | None:
-        """Micrometres per level-0 pixel as (y, x), when the file says."""
+        """Micrometres per level-0 pixel as (y, x), as the file states it; None if it does not.
+
+        Unchecked: 0, negative, NaN (an unreadable number) and infinite values are
+        returned as they are; :class:`~napari_zoomin.slide.Slide` judges them.
+        """
         return None
+
+    @property
+    def mpp_source(self) -> str:
+        """Where in the file :attr:`mpp` comes from, for messages (e.g. "TIFF resolution tags")."""
+        return ""
 
     @property
     def properties(self) -> dict[str, str]:

@@ -8,11 +8,13 @@ refuses (OME-TIFF, stripped or non-RGB TIFF).
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
 import numpy as np
 
+from ..slide import SCREEN_DPI
 from .base import SlideBackend
 
 TIFF_EXTENSIONS = (".tif", ".tiff", ".btf", ".tf8", ".tf2", ".svs", ".ndpi", ".scn", ".bif")
@@ -41,9 +43,13 @@ class TiffBackend(SlideBackend):
             series = self._pick_series(self._tif)
             self._series = series
             self._layout = _rgb_layout(series.axes, series.shape)
+            # a tile the file does not hold (byte count 0: not scanned) reads as white
+            # glass, as OpenSlide shows it, not as black that looks like dark stain
+            dtype = np.dtype(series.dtype)
+            white = np.iinfo(dtype).max if np.issubdtype(dtype, np.integer) else 1.0
             self._levels = []
             for i, level in enumerate(series.levels):
-                store = series.aszarr(level=i)
+                store = series.aszarr(level=i, fillvalue=white)
                 self._levels.append(zarr.open(store, mode="r"))
                 del level
             self._squeeze = [
@@ -93,19 +99,31 @@ class TiffBackend(SlideBackend):
 
     @property
     def mpp(self) -> tuple[float, float] | None:
+        stated = self._stated_mpp()
+        return None if stated is None else stated[0]
+
+    @property
+    def mpp_source(self) -> str:
+        stated = self._stated_mpp()
+        return "" if stated is None else stated[1]
+
+    def _stated_mpp(self) -> tuple[tuple[float, float], str] | None:
+        """(y, x) µm per pixel as the file states it (unchecked), and where; or None."""
         t = self._tif
         page = self._series.levels[0].keyframe
         try:
             if t.is_ome:
-                return self._ome_mpp()
+                mpp = self._ome_mpp()
+                return None if mpp is None else (mpp, "OME PhysicalSizeX/Y")
             if t.is_svs:
-                m = re.search(r"MPP\s*=\s*([0-9.eE+-]+)", page.description or "")
+                m = re.search(r"\bMPP\s*=\s*([^|\r\n]*)", page.description or "")
                 if m:
-                    v = float(m.group(1))
-                    return (v, v)
+                    v = _number(m.group(1))
+                    return (v, v), "MPP in the Aperio description"
                 return None
-            return self._resolution_mpp(page)
-        except (ValueError, KeyError, AttributeError, ZeroDivisionError):
+            mpp = self._resolution_mpp(page)
+            return None if mpp is None else (mpp, "TIFF resolution tags")
+        except (ValueError, KeyError, AttributeError, TypeError):
             return None
 
     def _ome_mpp(self) -> tuple[float, float] | None:
@@ -120,12 +138,16 @@ class TiffBackend(SlideBackend):
                 factor = {"µm": 1.0, "um": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4, "m": 1e6}
                 ux = factor[el.get("PhysicalSizeXUnit", "µm")]
                 uy = factor[el.get("PhysicalSizeYUnit", "µm")]
-                return (float(sy) * uy, float(sx) * ux)
+                return (_number(sy) * uy, _number(sx) * ux)
         return None
 
     @staticmethod
     def _resolution_mpp(page) -> tuple[float, float] | None:
-        """µm per pixel from the resolution tags, as OpenSlide reads them (cm or inch)."""
+        """µm per pixel from the resolution tags, as OpenSlide reads them (cm or inch).
+
+        A resolution of 0 is an infinite pixel (reported, then refused by the slide);
+        image software's default 72 or 96 dots per inch is no statement at all.
+        """
         tags = page.tags
         if "ResolutionUnit" not in tags or "XResolution" not in tags:
             return None
@@ -134,8 +156,10 @@ class TiffBackend(SlideBackend):
         if microns is None:
             return None
         xn, xd = tags["XResolution"].value
-        yn, yd = tags["YResolution"].value
-        return (microns * yd / yn, microns * xd / xn)
+        yn, yd = tags["YResolution"].value if "YResolution" in tags else (xn, xd)
+        if unit == 2 and xd and round(xn / xd) in SCREEN_DPI:
+            return None
+        return (_per(microns, yn, yd), _per(microns, xn, xd))
 
     @property
     def properties(self) -> dict[str, str]:
@@ -194,6 +218,21 @@ class TiffBackend(SlideBackend):
 
     def close(self) -> None:
         self._tif.close()
+
+
+def _number(text: str) -> float:
+    """``text`` as a float; NaN when it is not a number."""
+    try:
+        return float(str(text).strip())
+    except ValueError:
+        return math.nan
+
+
+def _per(microns: float, numerator: int, denominator: int) -> float:
+    """µm per pixel from a TIFF rational resolution (pixels per unit); 0 → infinite."""
+    if numerator == 0:
+        return math.inf if denominator else math.nan
+    return microns * denominator / numerator
 
 
 def _to_uint8(a: np.ndarray) -> np.ndarray:
