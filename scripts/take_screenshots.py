@@ -4,11 +4,14 @@ Every picture is the whole napari window (layer list, canvas, dock widget) after
 the plugin's dock widgets the way a user would: buttons are clicked and workers are waited
 for with the Qt event loop.  Run it under a virtual X server::
 
-    xvfb-run -a python scripts/take_screenshots.py [--out docs/images]
+    xvfb-run -a python scripts/take_screenshots.py [--out docs/images] [--only NAME ...]
 
 It uses the packaged demo model and the 40,000² sample slide (built into the cache on
 first use, about 10 s), writes four 8192² sample slides for the training picture, and
-takes about a minute on two cores (torch on one thread).  Inputs go to a fixed folder
+takes about a minute on two cores (torch on one thread).  The warnings picture
+classifies the real Aperio slide CMU-1-Small-Region.svs (fetched into the cache on first
+use, or ``--cmu PATH``).  ``--only classify-warnings`` (a picture's file name without
+``.png``; repeatable) takes only those pictures.  Inputs go to a fixed folder
 under the temporary directory, removed at the end.  The cached sample slide is never
 modified: the viewer opens a link (or copy) of it there, so the ROI widget's autosave
 writes there too.
@@ -33,6 +36,8 @@ os.environ.setdefault("QT_QPA_PLATFORM", "xcb")  # a real (virtual) screen, not 
 WINDOW_SIZE = (1400, 900)
 #: the Train classifier form is taller than that
 TRAIN_WINDOW_SIZE = (1400, 1100)
+#: the warnings picture: room for the prediction, its warnings and the details in the dock
+WARNINGS_WINDOW_SIZE = (1600, 1000)
 #: the classification overview is this many times wider than the sub-tile's close-up
 OVERVIEW_ZOOM_OUT = 4
 #: where the inputs are written (removed first and at the end): a fixed name keeps the
@@ -41,6 +46,15 @@ WORK_FOLDER = Path(tempfile.gettempdir()) / "napari-zoomin-screenshots"
 #: a PNG larger than this is reduced to 256 colours, which these pictures survive well
 MAX_PNG_BYTES = 400_000
 PLUGIN = "napari-zoomin"
+#: the pictures, by file name without ``.png`` (``--only``)
+PICTURES = (
+    "open-slide",
+    "classify-result",
+    "classify-zoom",
+    "classify-warnings",
+    "train-widget",
+    "roi-drawing",
+)
 #: the training picture's model: small, so that six epochs take seconds
 SMALL_MODEL = {"feature_dim": 32, "feature_hidden": 64, "feature_channels": [16, 32]}
 
@@ -148,6 +162,13 @@ def linked_sample(folder: Path) -> Path:
     return target
 
 
+def cmu_slide() -> Path:
+    """The real CC0 Aperio slide CMU-1-Small-Region.svs, fetched into the cache once."""
+    from napari_zoomin.data.fetch import fetch_cmu_small_region
+
+    return fetch_cmu_small_region()
+
+
 def planted_tumours(slide_path: Path) -> list[tuple[int, int, int]]:
     """``(top, left, side)`` of the sample slide's planted tumour regions (recipe sidecar)."""
     regions = json.loads(slide_path.with_suffix(".json").read_text())["regions"]
@@ -227,6 +248,28 @@ def classify_pictures(slide_path: Path, out: Path) -> None:
     viewer.close()
 
 
+def classify_warnings_picture(slide_path: Path, out: Path) -> None:
+    """The real CMU-1-Small-Region slide classified with the demo model: the prediction
+    and, right below it in amber, the warnings (the demo model's "not for diagnosis")."""
+    viewer = new_viewer("napari-zoomin: when not to trust a result", WARNINGS_WINDOW_SIZE)
+    viewer.open(slide_path, plugin=PLUGIN)
+    widget = dock(viewer, "Classify slide")
+    if widget.model_choice.value != "demo":
+        raise RuntimeError(f"the model chosen is {widget.model_choice.value!r}, not the demo")
+    widget.classify_button.native.click()
+    wait_until(lambda: not widget.running, 300, "the classification")
+    if widget.result is None:
+        raise RuntimeError(f"classification failed: {widget.status.value}")
+    if not widget.warnings.visible:
+        raise RuntimeError("the result shows no warning")
+    print(widget.summary.value)
+    print(widget.warnings.value)
+    viewer.layers.selection.active = viewer.layers["stage-1 attention"]
+    viewer.reset_view()
+    save_window(viewer, out / "classify-warnings.png")
+    viewer.close()
+
+
 def train_picture(slides: Path, out: Path, model_dir: Path) -> None:
     """A short run of a small model on four sample slides, from a folder and a CSV."""
     from napari_zoomin.napari.train_widget import FROM_FOLDER
@@ -299,8 +342,21 @@ def roi_picture(slide_path: Path, out: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("docs/images"), help="PNG folder")
+    parser.add_argument(
+        "--only",
+        action="append",
+        choices=PICTURES,
+        metavar="NAME",
+        help=f"take only this picture (repeatable): one of {', '.join(PICTURES)}",
+    )
+    parser.add_argument(
+        "--cmu",
+        type=Path,
+        help="CMU-1-Small-Region.svs for the warnings picture (default: fetched into the cache)",
+    )
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    wanted = set(args.only or PICTURES)
 
     import torch
 
@@ -308,14 +364,21 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     shutil.rmtree(WORK_FOLDER, ignore_errors=True)
     try:
-        sample = linked_sample(WORK_FOLDER / "sample")
-        open_slide_picture(sample, args.out)
-        classify_pictures(sample, args.out)
-        project = WORK_FOLDER / "my-project"
-        train_picture(training_slides(project / "slides"), args.out, project / "models")
+        if wanted & {"open-slide", "classify-result", "classify-zoom", "roi-drawing"}:
+            sample = linked_sample(WORK_FOLDER / "sample")
+        if "open-slide" in wanted:
+            open_slide_picture(sample, args.out)
+        if wanted & {"classify-result", "classify-zoom"}:
+            classify_pictures(sample, args.out)
+        if "classify-warnings" in wanted:
+            classify_warnings_picture(args.cmu or cmu_slide(), args.out)
+        if "train-widget" in wanted:
+            project = WORK_FOLDER / "my-project"
+            train_picture(training_slides(project / "slides"), args.out, project / "models")
         # last: Train classifier saves every ROI widget's pending edits when it starts, and
         # an ROI widget of a closed viewer that Python has not collected yet cannot save
-        roi_picture(sample, args.out)
+        if "roi-drawing" in wanted:
+            roi_picture(sample, args.out)
     finally:
         shutil.rmtree(WORK_FOLDER, ignore_errors=True)
     print(f"done in {time.perf_counter() - t0:.0f} s")

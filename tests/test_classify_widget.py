@@ -224,6 +224,30 @@ def test_classify_from_the_manifest_widget(make_napari_viewer, qtbot, sample, tm
     assert widget.result.subtiles == result.subtiles  # same seed, same draws
 
 
+def test_real_slide_shows_its_warnings_under_the_prediction(make_napari_viewer, qtbot, cmu_svs):
+    """The real Aperio CMU-1-Small-Region (2,967 rows x 2,220 columns) with the demo model:
+    the demo model's warning is shown, and every sub-tile read lies inside the slide."""
+    # shown: magicgui's ``visible`` is Qt's isVisible(), False in a hidden window
+    viewer, slide, widget = viewer_with_widget(make_napari_viewer, cmu_svs, show=True)
+    assert not widget.warnings.visible  # nothing to doubt before a result
+    run(qtbot, widget)
+    result = widget.result
+    assert result is not None, widget.status.value
+    assert [layer.name for layer in viewer.layers] == [slide.name, *NAMES]
+
+    assert widget.summary.value.startswith("Prediction:")
+    assert widget.warnings.visible
+    assert "not for diagnosis" in widget.warnings.value
+    assert widget.warnings.value.splitlines() == [f"⚠ {w}" for w in result.warnings]
+    assert f"in {result.evidence['places']} place" in widget.details.value
+
+    assert result.subtiles
+    for s in result.subtiles:
+        top, left, h, w = s["region"]
+        assert top >= 0 and top + h <= 2967, s
+        assert left >= 0 and left + w <= 2220, s
+
+
 def test_cancel_mid_run_leaves_no_layers(make_napari_viewer, qtbot, sample):
     viewer, slide, widget = viewer_with_widget(make_napari_viewer, sample.path)
     progress_seen: list[int] = []

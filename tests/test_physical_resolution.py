@@ -32,6 +32,7 @@ from napari_zoomin.engine.slide_source import SlideSource
 from napari_zoomin.engine.tissue import TissueMask, detect_tissue
 from napari_zoomin.engine.trainer import TrainConfig, train
 from napari_zoomin.slide.tiff_writer import write_array_pyramid
+from test_trainer import tiny
 
 CROP = (2048, 1536)  # rows, cols of real tissue at 0.5 µm/pixel
 CONFIG = {
@@ -340,26 +341,9 @@ def test_cli_classify_with_mpp(slides, model_path, tmp_path, capsys):
 
 
 def _tiny(**overrides) -> TrainConfig:
-    settings = {
-        "epochs": 1,
-        "batch_size": 2,
-        "lr": 1e-3,
-        "view_scale": 1 / 16,
-        "stage2_scale": 1 / 4,
-        "tile_size": 128,
-        "subtile_size": 16,
-        "n_samples": 4,
-        "feature_dim": 8,
-        "feature_hidden": 16,
-        "feature_channels": (4, 8),
-        "pretrain_epochs": 0,
-        "val_draws": 1,
-        "num_workers": 1,
-        "early_stopping_patience": 0,
-        "device": "cpu",
-    }
-    settings.update(overrides)
-    return TrainConfig(**settings)
+    """test_trainer's tiny model, one epoch on the CPU at s1 = 1/16."""
+    settings = {"epochs": 1, "view_scale": 1 / 16, "val_draws": 1, "device": "cpu"}
+    return tiny(**{**settings, **overrides})
 
 
 @pytest.fixture

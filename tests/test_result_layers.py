@@ -6,6 +6,8 @@ differs per axis, non-zero translate), so a missing factor or offset shows.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -31,6 +33,7 @@ from napari_zoomin.napari.result_layers import (
     tissue_layer_data,
     tissue_mask_from_labels,
     top_subtiles,
+    warning_lines,
 )
 from napari_zoomin.slide import open_slide
 from napari_zoomin.slide.synthetic import write_sample_slide
@@ -253,6 +256,21 @@ def test_summary_and_top_subtiles(result):
     assert [[r["y"], r["x"], r["h"], r["w"]] for r in rows] == [
         s["region"] for s in result.subtiles[:20]
     ]
+
+
+def test_warning_lines_and_places_in_the_summary(result):
+    warned = replace(
+        result,
+        warnings=["Pixel size unknown.", "Stain unlike training."],
+        evidence={"subtiles": 7, "places": 2},
+    )
+    assert warning_lines(warned) == ["⚠ Pixel size unknown.", "⚠ Stain unlike training."]
+    assert "sub-tiles in 2 places;" in summary_lines(warned)[4]
+    one = replace(result, evidence={"subtiles": 3, "places": 1})
+    assert "sub-tiles in 1 place;" in summary_lines(one)[4]
+    none = replace(result, warnings=[], evidence={})
+    assert warning_lines(none) == []
+    assert " place" not in summary_lines(none)[4]
 
 
 def test_subtile_view_centres_and_shows_full_resolution():

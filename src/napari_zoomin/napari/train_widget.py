@@ -38,7 +38,7 @@ from magicgui.widgets import (
     SpinBox,
 )
 from napari.qt.threading import create_worker
-from napari.utils.notifications import show_error, show_info
+from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import QObject, QPointF, Signal
 from qtpy.QtGui import QColor, QPainter, QPen, QPolygonF
 from qtpy.QtWidgets import QSizePolicy, QWidget
@@ -617,6 +617,9 @@ class TrainWidget(Container):
         epoch, epochs = int(event.get("epoch", 0)), max(int(event.get("epochs", 1)), 1)
         step, steps = int(event.get("step", 0)), max(int(event.get("steps", 1)), 1)
         prefix = "Resumed; " if self.resumed_from is not None else ""
+        if stage == "resolution":  # the slides are read in pixels: say so, and keep going
+            show_warning(f"Train classifier: {event.get('message', '')}")
+            return
         if stage == "pretrain":
             self.status.value = f"{prefix}pre-training on ROI patches ({step}/{steps} epochs)…"
             return

@@ -81,13 +81,8 @@ class ArrayBackend(SlideBackend):
         rows, cols = self._image.shape[:2]
         return [(min(ARRAY_TILE, rows), min(ARRAY_TILE, cols))]
 
-    @property
-    def mpp(self) -> tuple[float, float] | None:
-        return self._mpp
-
-    @property
-    def mpp_source(self) -> str:
-        return self._mpp_source
+    def _stated_mpp(self) -> tuple[tuple[float, float], str] | None:
+        return None if self._mpp is None else (self._mpp, self._mpp_source)
 
     def read_level(self, level: int, y: int, x: int, height: int, width: int) -> np.ndarray:
         return self._image[y : y + height, x : x + width].copy()

@@ -39,6 +39,10 @@ class SlideBackend(ABC):
     def tile_shapes(self) -> list[tuple[int, int]]:
         """(rows, cols) of the file's decode unit (tile or strip) at each level."""
 
+    def _stated_mpp(self) -> tuple[tuple[float, float], str] | None:
+        """``((y, x) µm per pixel as the file states it, where it says so)``, or None."""
+        return None
+
     @property
     def mpp(self) -> tuple[float, float] | None:
         """Micrometres per level-0 pixel as (y, x), as the file states it; None if it does not.
@@ -46,12 +50,14 @@ class SlideBackend(ABC):
         Unchecked: 0, negative, NaN (an unreadable number) and infinite values are
         returned as they are; :class:`~napari_zoomin.slide.Slide` judges them.
         """
-        return None
+        stated = self._stated_mpp()
+        return None if stated is None else stated[0]
 
     @property
     def mpp_source(self) -> str:
         """Where in the file :attr:`mpp` comes from, for messages (e.g. "TIFF resolution tags")."""
-        return ""
+        stated = self._stated_mpp()
+        return "" if stated is None else stated[1]
 
     @property
     def properties(self) -> dict[str, str]:

@@ -139,16 +139,6 @@ class OpenSlideBackend(SlideBackend):
         return None
 
     @property
-    def mpp(self) -> tuple[float, float] | None:
-        stated = self._stated_mpp()
-        return None if stated is None else stated[0]
-
-    @property
-    def mpp_source(self) -> str:
-        stated = self._stated_mpp()
-        return "" if stated is None else stated[1]
-
-    @property
     def properties(self) -> dict[str, str]:
         return dict(self._props)
 

@@ -97,16 +97,6 @@ class TiffBackend(SlideBackend):
     def tile_shapes(self) -> list[tuple[int, int]]:
         return list(self._tiles)
 
-    @property
-    def mpp(self) -> tuple[float, float] | None:
-        stated = self._stated_mpp()
-        return None if stated is None else stated[0]
-
-    @property
-    def mpp_source(self) -> str:
-        stated = self._stated_mpp()
-        return "" if stated is None else stated[1]
-
     def _stated_mpp(self) -> tuple[tuple[float, float], str] | None:
         """(y, x) µm per pixel as the file states it (unchecked), and where; or None."""
         t = self._tif
