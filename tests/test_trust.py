@@ -131,3 +131,6 @@ def test_evidence_warning_says_agreement_is_not_certainty():
     (w,) = evidence_warnings({"subtiles": 3, "places": 2}, "topk", 1, 0.0)
     assert "two places" in w
     assert evidence_warnings({"subtiles": 30, "places": 5}, "sample", 16, 0.0) == []
+    # a small image is one or two places in all: nothing to warn about
+    assert evidence_warnings({"subtiles": 2, "places": 1}, "sample", 16, 0.0, (512, 400), 128) == []
+    assert len(evidence_warnings({"subtiles": 2, "places": 1}, "sample", 16, 0.0, (513, 4), 128))

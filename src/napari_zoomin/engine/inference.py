@@ -525,7 +525,9 @@ def _classify(slide, ckpt, dev, draws, seed, mode, tissue, report, check, t0, wo
     th, tw = _tile_size(ckpt)
     link = max(th * source.factor[0], tw * source.factor[1])
     ev = evidence(np.array([sub["region"] for sub in subtiles]).reshape(-1, 4), link)
-    warnings.extend(evidence_warnings(ev, mode, draws, float(spread[label_index])))
+    warnings.extend(
+        evidence_warnings(ev, mode, draws, float(spread[label_index]), slide.shape, link)
+    )
     timings["summary"] = time.perf_counter() - t
     seconds = time.perf_counter() - t0
     timings["total"] = seconds

@@ -317,14 +317,24 @@ def evidence(regions: np.ndarray, link: float) -> dict[str, int]:
     return {"subtiles": n, "places": places}
 
 
-def evidence_warnings(ev: dict[str, int], mode: str, draws: int, spread: float) -> list[str]:
+def evidence_warnings(
+    ev: dict[str, int],
+    mode: str,
+    draws: int,
+    spread: float,
+    image_shape: tuple[int, int] | None = None,
+    link: float = 0.0,
+) -> list[str]:
     """A warning when the evidence comes from one or two places.
 
     With several draws their agreement (the spread) is then not independent
-    evidence; in top-k mode there is no spread at all.
+    evidence; in top-k mode there is no spread at all.  An image at most four
+    ``link`` (tile sides) long is only a few places in all: no warning there.
     """
     places, n = int(ev.get("places", 0)), int(ev.get("subtiles", 0))
     if places == 0 or places > 2:
+        return []
+    if image_shape is not None and max(image_shape) <= 4 * link:
         return []
     where = "one place" if places == 1 else "two places"
     if mode == "sample" and draws > 1:

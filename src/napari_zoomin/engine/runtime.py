@@ -1,0 +1,68 @@
+"""What the engine needs to know about the machine it runs on: devices, running out of
+memory, and the versions that produced a result.
+
+One home for each rule, used by classification, training, batch runs, the CLI and
+both dock widgets (they used to keep copies, which drifted: one device list lacked
+``cuda:0``, the trainer's out-of-memory test missed the CPU allocator's message).
+"""
+
+from __future__ import annotations
+
+import platform
+
+import numpy as np
+import torch
+
+from .._version import __version__
+from ..models.device import select_device
+
+__all__ = ["available_devices", "is_oom", "select_device", "versions"]
+
+
+def available_devices() -> list[str]:
+    """``auto`` and ``cpu``, then every accelerator torch reports here (nothing that fails).
+
+    With CUDA: ``cuda`` (the current device) and ``cuda:0`` … ``cuda:n-1``.
+    """
+    devices = ["auto", "cpu"]
+    if torch.cuda.is_available():
+        devices += ["cuda"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        devices.append("mps")
+    return devices
+
+
+def is_oom(exc: BaseException) -> bool:
+    """Whether ``exc`` means "out of memory", on any device (CUDA, MPS or the CPU allocator)."""
+    if isinstance(exc, MemoryError):
+        return True
+    for home in (torch, torch.cuda):  # torch.OutOfMemoryError (CUDA, MPS) where it exists
+        oom = getattr(home, "OutOfMemoryError", None)
+        if isinstance(oom, type) and isinstance(exc, oom):
+            return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and (
+        "out of memory" in text or "can't allocate memory" in text
+    )
+
+
+def versions() -> dict[str, str]:
+    """Versions of what produced a result or a checkpoint (provenance)."""
+    import tifffile
+
+    out = {
+        "napari_zoomin": __version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "tifffile": tifffile.__version__,
+    }
+    try:
+        import openslide
+
+        out["openslide_python"] = openslide.__version__
+        out["openslide"] = openslide.__library_version__
+    except Exception:  # OpenSlide is optional at run time
+        pass
+    return out
