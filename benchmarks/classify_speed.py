@@ -39,8 +39,8 @@ TARGETS = {"seconds": 5.0, "peak_rss_mb": 1536.0, "decode_ratio": 2.0}
 
 
 def ensure_slide(size: int) -> Path:
-    from napari_zoomin.cache import cache_dir
-    from napari_zoomin.slide.synthetic import write_sample_slide
+    from napari_zoomin.paths import cache_dir
+    from napari_zoomin.samples import write_sample_slide
 
     path = cache_dir("bench") / f"bench-{size}.tif"
     if not path.exists():

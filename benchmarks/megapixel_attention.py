@@ -60,7 +60,7 @@ def attention_report(model, data, seed: int, mode: str = "sample") -> dict:
         if mode == "topk":
             (p,) = model.predict([image], mode="topk")
         else:
-            (p,) = model.predict([image], mode="sample", n_draws=1, generator=generator)
+            (p,) = model.predict([image], mode="sample", draws=1, generator=generator)
         correct += int(p.label == label)
         alpha = p.attention.reshape(-1)
         centres = p.attention_grid.centres(torch.arange(alpha.numel())).reshape(-1, 2)

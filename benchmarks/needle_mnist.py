@@ -38,9 +38,9 @@ import torch
 from benchmarks.mnist_data import needle_mnist
 from benchmarks.mnist_networks import ScaledClassifier, StridedAttention
 from benchmarks.mnist_runner import Bench, ModelSpec, main
-from napari_zoomin.engine.trainer import roi_attention_loss
 from napari_zoomin.models import LowResolutionCNN, ZoomIn, ZoomInConfig, pretrain_tile_classifiers
 from napari_zoomin.models.pretrain import PRETRAINED_NETWORKS
+from napari_zoomin.training import roi_attention_loss
 
 FEATURES = {"feature_dim": 64, "feature_channels": (8, 16), "feature_hidden": 128}
 
@@ -49,7 +49,7 @@ class RoiSupervisedZoomIn(ZoomIn):
     """Zoom-In whose stage-1 attention also learns from the ROI on the whole view.
 
     The training objective adds ``KL(M̃ ‖ α)`` (the trainer's ``roi_attention_weight``
-    term, :func:`~napari_zoomin.engine.trainer.roi_attention_loss`) on the images that
+    term, :func:`~napari_zoomin.training.roi_attention_loss`) on the images that
     hold a 3: 000's eq. (11) MSE has a gradient proportional to ``α`` itself, which
     vanishes on this 65,536-cell map, while the cross-entropy's gradient on the logits,
     ``α − M̃``, moves the attention mass onto the 3 whatever its size.

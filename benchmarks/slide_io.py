@@ -37,8 +37,8 @@ TARGETS = {"open_s": 0.5, "region_warm_ms": 50.0, "viewing_peak_rss_mb": 1024.0}
 
 def ensure_slide(size: int) -> tuple[Path, float | None]:
     """The benchmark slide, written once (returns its path and the write time if written)."""
-    from napari_zoomin.cache import cache_dir
-    from napari_zoomin.slide.synthetic import write_sample_slide
+    from napari_zoomin.paths import cache_dir
+    from napari_zoomin.samples import write_sample_slide
 
     path = cache_dir("bench") / f"bench-{size}.tif"
     if path.exists():

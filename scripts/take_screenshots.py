@@ -148,7 +148,7 @@ def linked_sample(folder: Path) -> Path:
     A hard link (a copy where linking fails) keeps the cached files untouched when the
     ROI widget saves its edits beside the slide.
     """
-    from napari_zoomin.slide.synthetic import sample_slide_path
+    from napari_zoomin.samples import sample_slide_path
 
     cached = sample_slide_path(progress=print)
     folder.mkdir(parents=True, exist_ok=True)
@@ -164,7 +164,7 @@ def linked_sample(folder: Path) -> Path:
 
 def cmu_slide() -> Path:
     """The real CC0 Aperio slide CMU-1-Small-Region.svs, fetched into the cache once."""
-    from napari_zoomin.data.fetch import fetch_cmu_small_region
+    from napari_zoomin.samples import fetch_cmu_small_region
 
     return fetch_cmu_small_region()
 
@@ -178,7 +178,7 @@ def planted_tumours(slide_path: Path) -> list[tuple[int, int, int]]:
 def training_slides(folder: Path) -> Path:
     """Four 8192² sample slides (a positive and a negative to train on, two to validate
     on) and their labels CSV."""
-    from napari_zoomin.slide.synthetic import write_sample_slide
+    from napari_zoomin.samples import write_sample_slide
 
     folder.mkdir(parents=True, exist_ok=True)
     rows = [

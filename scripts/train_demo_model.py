@@ -3,13 +3,13 @@
 
     python scripts/train_demo_model.py
 
-1. Writes sample slides with :func:`~napari_zoomin.slide.synthetic.write_sample_slide`
+1. Writes sample slides with :func:`~napari_zoomin.samples.write_sample_slide`
    into a cache folder (once): 12 for training (8192² and 12,288²) and 8 held out for
    validation (8192², 12,288² and 16,384²), half positive, other seeds than training,
    one tumour and one distractor each (two distractors on a negative slide), so the
    planted regions are 48, 64 and 96 px across.  A 1/16 view cannot tell a tumour
    from its distractor (same 16×16 block sums); full resolution can.
-2. Trains a small Zoom-In network with :func:`napari_zoomin.engine.trainer.train`
+2. Trains a small Zoom-In network with :func:`napari_zoomin.training.train`
    (resuming an interrupted run).
 3. Writes the best checkpoint (by validation accuracy) to
    ``src/napari_zoomin/weights/demo.safetensors`` with the recipe in its metadata.
@@ -27,10 +27,10 @@ from pathlib import Path
 
 import torch
 
-from napari_zoomin.cache import cache_dir
 from napari_zoomin.engine.checkpoints import DEMO_MODEL, load_checkpoint, save_checkpoint
 from napari_zoomin.engine.dataset import SlideDataset
-from napari_zoomin.engine.trainer import TrainConfig, train
+from napari_zoomin.paths import cache_dir
+from napari_zoomin.training import TrainConfig, TrainEvent, Validated, train
 
 SEED = 0
 CLASSES = ["negative", "positive"]
@@ -81,7 +81,7 @@ CONFIG = {
 
 
 def _write(job: tuple[str, int, str, int]) -> str:
-    from napari_zoomin.slide.synthetic import write_sample_slide
+    from napari_zoomin.samples import write_sample_slide
 
     path, size, label, seed = job
     if not (Path(path).is_file() and Path(path).with_suffix(".geojson").is_file()):
@@ -168,13 +168,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     work = folder / "run" / "demo.safetensors"
 
-    def progress(event: dict) -> None:
-        if event["stage"] == "validate" and "val_accuracy" in event:
+    def progress(event: TrainEvent) -> None:
+        if isinstance(event, Validated):
             print(
-                f"{time.perf_counter() - t0:6.0f} s  epoch {event['epoch']:3d}/{event['epochs']}"
-                f"  loss {event['loss']:.3f}  train acc {event['accuracy']:.2f}"
-                f"  val acc {event['val_accuracy']:.3f}  val loss {event['val_loss']:.3f}"
-                + ("  *" if event["best"] else ""),
+                f"{time.perf_counter() - t0:6.0f} s  epoch {event.epoch:3d}/{event.epochs}"
+                f"  loss {event.loss:.3f}  train acc {event.accuracy:.2f}"
+                f"  val acc {event.val_accuracy:.3f}  val loss {event.val_loss:.3f}"
+                + ("  *" if event.best else ""),
                 flush=True,
             )
 

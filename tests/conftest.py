@@ -32,7 +32,7 @@ def zoomin_cache(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def cmu_svs(zoomin_cache) -> Path:
     """The real CC0 Aperio slide CMU-1-Small-Region.svs, fetched and checksummed by the project."""
-    from napari_zoomin.data.fetch import fetch_cmu_small_region
+    from napari_zoomin.samples import fetch_cmu_small_region
 
     return fetch_cmu_small_region()
 

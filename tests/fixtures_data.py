@@ -23,7 +23,7 @@ def session_cache_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def fetch_cmu_into(root: Path) -> Path:
     """Fetch (or reuse) CMU-1-Small-Region into the cache at ``root``."""
-    from napari_zoomin.data import fetch_cmu_small_region
+    from napari_zoomin.samples import fetch_cmu_small_region
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("NAPARI_ZOOMIN_CACHE", str(root))
@@ -34,3 +34,35 @@ def block_sums(a: np.ndarray, block: int) -> np.ndarray:
     """Exact per-channel sums of ``block × block`` blocks of an ``(h, w, c)`` array."""
     h, w, c = a.shape
     return a.astype(np.int64).reshape(h // block, block, w // block, block, c).sum(axis=(1, 3))
+
+
+#: a Zoom-In model of a few thousand parameters, for tests of the plumbing around models
+TINY_ZOOMIN = {
+    "view_scale": 1 / 16,
+    "stage2_scale": 1 / 8,
+    "tile_size": [128, 128],
+    "subtile_size": [32, 32],
+    "n_samples": 4,
+    "feature_dim": 16,
+    "feature_hidden": 16,
+}
+
+
+def write_cohort(folder: Path, names: tuple[str, ...], cmu_svs: Path) -> Path:
+    """4096² negative sample slides ``<name>.tif`` (seeds 0, 1, …) in ``folder``.
+
+    Too small for planted regions; the plumbing (batch, CLI) does not need them.
+    """
+    from napari_zoomin.samples import write_sample_slide
+
+    for seed, name in enumerate(names):
+        write_sample_slide(
+            folder / f"{name}.tif",
+            4096,
+            "negative",
+            seed,
+            n_tumor=0,
+            n_distractors=0,
+            cmu_path=cmu_svs,
+        )
+    return folder

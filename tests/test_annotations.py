@@ -5,16 +5,17 @@ from __future__ import annotations
 import json
 import math
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
-from napari_zoomin.engine import annotations as ann_mod
-from napari_zoomin.engine.annotations import (
+from napari_zoomin.annotations import (
     Annotation,
     AnnotationIndex,
-    annotations_path_for,
-    find_annotations,
+    geojson,
+    raster,
     rasterize,
     rasterize_region,
     read_annotations,
@@ -23,9 +24,9 @@ from napari_zoomin.engine.annotations import (
     write_geojson,
 )
 from napari_zoomin.errors import AnnotationError
-from napari_zoomin.models.source import scaled_size
+from napari_zoomin.geometry import scaled_size
 
-K = ann_mod.DEFAULT_SUPERSAMPLE
+K = raster.DEFAULT_SUPERSAMPLE
 
 
 def _square(x0, y0, x1, y1):
@@ -302,10 +303,10 @@ def test_atomic_write_keeps_previous_file_on_failure(tmp_path, monkeypatch):
         fp.write('{"type": "FeatureCollection", "features": [')  # half a file
         raise RuntimeError("disk unplugged")
 
-    monkeypatch.setattr(ann_mod.json, "dump", dump_then_fail)
+    monkeypatch.setattr(geojson.json, "dump", dump_then_fail)
     with pytest.raises(RuntimeError, match="disk unplugged"):
         write_geojson(path, [Annotation.rectangle(5, 5, 1, 1, "Stroma")])
-    monkeypatch.setattr(ann_mod.json, "dump", real_dump)
+    monkeypatch.setattr(geojson.json, "dump", real_dump)
 
     assert path.read_bytes() == before
     assert sorted(os.listdir(tmp_path)) == ["slide.geojson"]  # no temp file left
@@ -416,7 +417,7 @@ def test_rasterize_in_strips_matches_one_pass(monkeypatch):
     anns = [Annotation.ellipse(300, 400, 250, 380, n=97), Annotation.rectangle(100, 50, 7.5, 600)]
     anns.append(Annotation.ellipse(310, 390, 60, 90, "Exclusion"))
     one_pass = rasterize(anns, (640, 800), 1 / 4)
-    monkeypatch.setattr(ann_mod, "_STRIP_PIXELS", 3 * 202)  # 3 output rows per strip
+    monkeypatch.setattr(raster, "_STRIP_PIXELS", 3 * 202)  # 3 output rows per strip
     np.testing.assert_array_equal(rasterize(anns, (640, 800), 1 / 4), one_pass)
 
 
@@ -429,25 +430,22 @@ def test_rasterize_large_slide_is_cheap():
     assert m.sum() * 64**2 == pytest.approx(expected, rel=1e-4)
 
 
-# --------------------------------------------------------------------------- sidecars
+# --------------------------------------------------------------------------- numpy only
 
 
-def test_sidecar_paths(tmp_path):
-    assert annotations_path_for(tmp_path / "slide.svs") == tmp_path / "slide.geojson"
-    assert annotations_path_for(tmp_path / "x.ome.tif") == tmp_path / "x.geojson"
-    assert annotations_path_for("a/b.c.tiff") == annotations_path_for("a/b.c.geojson")
-
-    slide = tmp_path / "tumor_001.tif"
-    assert find_annotations(slide) is None
-    (tmp_path / "tumor_001.xml").write_text(ASAP)
-    assert find_annotations(slide) == tmp_path / "tumor_001.xml"
-    (tmp_path / "tumor_001.json").write_text("[]")
-    assert find_annotations(slide) == tmp_path / "tumor_001.json"
-    other = tmp_path / "labels"
-    other.mkdir()
-    assert find_annotations(slide, other) == tmp_path / "tumor_001.json"
-    (other / "tumor_001.geojson").write_text("[]")
-    assert find_annotations(slide, other) == other / "tumor_001.geojson"
-    ome = tmp_path / "y.ome.tiff"
-    (tmp_path / "y.geojson").write_text("[]")
-    assert find_annotations(ome) == tmp_path / "y.geojson"
+def test_reading_annotations_never_loads_torch(tmp_path):
+    """Annotations and tissue detection are numpy only: a reader or a mask needs no torch."""
+    path = tmp_path / "slide.geojson"
+    write_geojson(path, [Annotation.rectangle(0, 0, 10, 20), Annotation.ellipse(5, 5, 3, 4)])
+    code = f"""
+import sys
+import napari_zoomin.annotations as a
+anns = a.read_annotations({str(path)!r})
+assert len(anns) == 2, anns
+a.rasterize(anns, (16, 32), 0.5)
+assert "torch" not in sys.modules, "napari_zoomin.annotations loaded torch"
+import napari_zoomin.engine.tissue
+assert "torch" not in sys.modules, "napari_zoomin.engine.tissue loaded torch"
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

@@ -9,36 +9,17 @@ import pandas as pd
 import pytest
 import torch
 
+from fixtures_data import TINY_ZOOMIN, write_cohort
 from napari_zoomin.engine.batch import classify_task, csv_columns, discover_slides, run_batch
 from napari_zoomin.engine.checkpoints import build_model, save_checkpoint
 from napari_zoomin.errors import ZoominError
-from napari_zoomin.slide.synthetic import write_sample_slide
 
-CONFIG = {
-    "view_scale": 1 / 16,
-    "stage2_scale": 1 / 8,
-    "tile_size": [128, 128],
-    "subtile_size": [32, 32],
-    "n_samples": 4,
-    "feature_dim": 16,
-    "feature_hidden": 16,
-}
+CONFIG = TINY_ZOOMIN
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory, cmu_svs):
-    folder = tmp_path_factory.mktemp("cohort")
-    # 4096² slides are too small for planted regions; the batch does not need them
-    for name, seed in (("a", 0), ("b", 1), ("c", 2)):
-        write_sample_slide(
-            folder / f"{name}.tif",
-            4096,
-            "negative",
-            seed,
-            n_tumor=0,
-            n_distractors=0,
-            cmu_path=cmu_svs,
-        )
+    folder = write_cohort(tmp_path_factory.mktemp("cohort"), ("a", "b", "c"), cmu_svs)
     # a valid TIFF header pointing at a directory of noise
     (folder / "broken.tif").write_bytes(b"II*\x00\x08\x00\x00\x00" + bytes(range(256)) * 8)
     (folder / ".hidden.tif").write_bytes(b"not a slide")
@@ -142,3 +123,28 @@ def test_csv_of_another_model_is_refused(folder, model_path, tmp_path):
 def test_empty_folder(tmp_path, model_path):
     with pytest.raises(ZoominError, match="holds no slides"):
         run_batch(tmp_path, model_path, tmp_path / "results.csv")
+
+
+def test_task_resolves_auto_device_and_keys_its_cache_by_it(folder, model_path):
+    """``--device auto`` (the CLI's default) reaches the workers as "auto": each resolves it."""
+    from napari_zoomin.engine import batch
+    from napari_zoomin.engine.runtime import select_device
+
+    sha = hashlib.sha256(model_path.read_bytes()).hexdigest()
+    model = {"path": str(model_path), "sha256": sha, "kind": "zoomin"}
+    classes = ["negative", "positive"]
+    options = {"draws": 1, "seed": 0, "device": "auto", "mode": "sample", "tissue": "auto"}
+    batch._MODELS.clear()
+    row = classify_task(str(folder / "a.tif"), model, classes, options)
+    assert row["error"] == "" and row["label"] in classes
+    resolved = str(select_device("auto"))
+    assert row["device"] == resolved
+    assert list(batch._MODELS) == [(str(model_path), sha, resolved)]
+    cached = batch._MODELS[str(model_path), sha, resolved]
+    explicit = classify_task(str(folder / "c.tif"), model, classes, {**options, "device": resolved})
+    assert explicit["error"] == "" and batch._MODELS[str(model_path), sha, resolved] is cached
+
+    bad = classify_task(str(folder / "a.tif"), model, classes, {**options, "device": "gpu"})
+    assert bad["error"].startswith("ClassificationError: cannot use device 'gpu'")
+    assert bad["error"].endswith("Use --device cpu or auto.") and bad["label"] == ""
+    batch._MODELS.clear()

@@ -10,17 +10,18 @@ import pytest
 
 napari = pytest.importorskip("napari")
 
-from napari_zoomin.engine.annotations import Annotation, read_geojson  # noqa: E402
+from napari_zoomin.annotations import Annotation, read_geojson  # noqa: E402
 from napari_zoomin.engine.checkpoints import DEMO_MODEL, load_model  # noqa: E402
 from napari_zoomin.engine.results import Result  # noqa: E402
+from napari_zoomin.engine.runtime import available_devices  # noqa: E402
 from napari_zoomin.engine.tissue import detect_tissue  # noqa: E402
 from napari_zoomin.errors import CheckpointError, SlideError  # noqa: E402
 from napari_zoomin.napari.classify_widget import ClassifyWidget  # noqa: E402
 from napari_zoomin.napari.model_choices import register_model  # noqa: E402
 from napari_zoomin.napari.roi_shapes import roi_shapes_placement  # noqa: E402
 from napari_zoomin.napari.slide_layers import layer_slide, level0_frame  # noqa: E402
+from napari_zoomin.samples import write_sample_slide  # noqa: E402
 from napari_zoomin.slide import open_slide  # noqa: E402
-from napari_zoomin.slide.synthetic import write_sample_slide  # noqa: E402
 
 pytestmark = pytest.mark.viewer
 
@@ -86,6 +87,7 @@ def test_classify_from_the_manifest_widget(make_napari_viewer, qtbot, sample, tm
     assert widget.slide_choice.value is slide and widget.model_choice.value == "demo"
     assert (widget.draws.value, widget.seed.value) == (16, 0)
     assert widget.device.choices[:2] == ("auto", "cpu")
+    assert list(widget.device.choices) == available_devices()  # engine.runtime's list
 
     # heartbeat: the GUI thread keeps serving a 20 ms timer while the worker classifies
     ticks: list[float] = []

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from fixtures_data import TINY_ZOOMIN, write_cohort
 from napari_zoomin.cli import main
 
 
@@ -40,7 +44,7 @@ def test_console_script_is_installed(cmu_svs):
 
 def test_classify_writes_result_json_and_outputs(tmp_path, capsys):
     from napari_zoomin.engine.checkpoints import build_model, save_checkpoint
-    from napari_zoomin.slide.synthetic import write_sample_slide
+    from napari_zoomin.samples import write_sample_slide
 
     slide = write_sample_slide(tmp_path / "s.tif", size=8192, label="positive", seed=5).path
     model = build_model(
@@ -100,3 +104,59 @@ def test_classify_unknown_model_is_a_clear_error(tmp_path, capsys, pyramids):
         "zoomin: error: unknown model name 'nosuch'. Use 'demo' or the path of a "
         ".safetensors checkpoint."
     )
+
+
+# ---------------------------------------------------------------- defaults, as a user runs them
+# Every test above passes --device; these run with none (the default "auto"), which is
+# how a user runs ``zoomin batch`` and ``zoomin classify`` (a batch once failed on every
+# slide with "Expected one of cpu, cuda, ... device type at start of device string: auto").
+
+
+@pytest.fixture(scope="module")
+def two_slides(tmp_path_factory, cmu_svs):
+    return write_cohort(tmp_path_factory.mktemp("cohort"), ("a", "b"), cmu_svs)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    import torch
+
+    from napari_zoomin.engine.checkpoints import build_model, save_checkpoint
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("models") / "zoomin.safetensors"
+    return save_checkpoint(path, build_model("zoomin", TINY_ZOOMIN), ["negative", "positive"])
+
+
+def _auto_device() -> str:
+    from napari_zoomin.engine.runtime import select_device
+
+    return str(select_device("auto"))
+
+
+def test_batch_with_default_device(two_slides, tiny_model, tmp_path, capsys):
+    out = tmp_path / "results.csv"
+    code = main(["batch", str(two_slides), "--model", str(tiny_model), "--out", str(out)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert f"2 slides in {out} (0 failed)" in captured.out
+    with open(out, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [row["name"] for row in rows] == ["a.tif", "b.tif"]
+    for row in rows:
+        assert row["error"] == "", row["error"]
+        assert row["label"] in ("negative", "positive")
+        assert row["device"] == _auto_device() and row["draws"] == "16"
+
+
+def test_classify_with_default_device(two_slides, tiny_model, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(
+        ["classify", str(two_slides / "a.tif"), "--model", str(tiny_model), "--out", str(out)]
+    )
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert captured.out.startswith("a.tif: ")
+    result = json.loads((out / "result.json").read_text())
+    assert result["label"] in ("negative", "positive")
+    assert result["device"] == _auto_device()

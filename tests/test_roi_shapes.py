@@ -5,11 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from napari_zoomin.engine.annotations import Annotation, rasterize, rasterize_region
+from napari_zoomin.annotations import Annotation, rasterize, rasterize_region
 from napari_zoomin.napari import roi_shapes
 from napari_zoomin.napari.roi_shapes import (
     annotations_to_shapes,
-    find_sidecar,
     keyhole_ring,
     labels_to_annotations,
     level0_to_world,
@@ -18,7 +17,6 @@ from napari_zoomin.napari.roi_shapes import (
     roi_labels_placement,
     roi_shapes_placement,
     shapes_to_annotations,
-    sidecar_for_saving,
     world_to_level0,
 )
 
@@ -174,23 +172,3 @@ def test_labels_layer_placement_centres_level_pixels_on_their_level0_squares():
     assert nearest_level([1.0, 4.0, 16.0, 64.0]) == 2
     assert nearest_level([1.0, 2.0, 4.0]) == 2 and nearest_level([1.0]) == 0
     assert nearest_level([1.0, 4.0, 32.0]) == 2  # log distance: 32 is nearer 16 than 4
-
-
-def test_sidecar_beside_the_slide_or_in_the_user_folder(tmp_path, monkeypatch):
-    slide = tmp_path / "slides" / "case 1.ome.tif"
-    slide.parent.mkdir()
-    slide.write_bytes(b"")
-    assert sidecar_for_saving(slide) == (tmp_path / "slides" / "case 1.geojson", False)
-    assert find_sidecar(slide) is None
-
-    monkeypatch.setattr(roi_shapes, "fallback_annotations_dir", lambda: tmp_path / "user")
-    monkeypatch.setattr(roi_shapes, "_is_writable", lambda path: False)
-    fallback, is_fallback = sidecar_for_saving(slide)
-    assert is_fallback and fallback.name == "case 1.geojson"
-    assert fallback.parent.parent == tmp_path / "user"
-    beside = tmp_path / "slides" / "case 1.xml"
-    beside.write_text("<ASAP_Annotations/>")
-    assert find_sidecar(slide) == beside  # the engine's lookup until edits were saved
-    fallback.parent.mkdir(parents=True)
-    fallback.write_text("{}")
-    assert find_sidecar(slide) == fallback  # then the edited copy

@@ -12,8 +12,9 @@ napari = pytest.importorskip("napari")
 
 from napari.utils.notifications import NotificationSeverity, notification_manager  # noqa: E402
 
-from napari_zoomin.engine.annotations import (  # noqa: E402
+from napari_zoomin.annotations import (  # noqa: E402
     Annotation,
+    find_annotations,
     rasterize,
     read_annotations,
     write_geojson,
@@ -31,7 +32,7 @@ SCALE, TRANSLATE = (0.5, 0.5), (100.0, -60.0)  # a slide layer at 0.5 µm/px, sh
 @pytest.fixture(scope="module")
 def template(tmp_path_factory):
     """A 4096² sample slide (levels 1, 2, 4) without planted regions; copied per test."""
-    from napari_zoomin.slide.synthetic import write_sample_slide
+    from napari_zoomin.samples import write_sample_slide
 
     folder = tmp_path_factory.mktemp("roi-template")
     info = write_sample_slide(
@@ -287,11 +288,11 @@ def test_painted_labels_at_a_low_level_cover_the_painted_level0_area(
 def test_fallback_folder_when_the_slide_folder_is_not_writable(
     make_napari_viewer, qtbot, slide, tmp_path, monkeypatch
 ):
-    from napari_zoomin.napari import roi_shapes
+    from napari_zoomin.annotations import sidecar
 
-    monkeypatch.setattr(roi_shapes, "_is_writable", lambda path: False)
+    monkeypatch.setattr(sidecar, "_is_writable", lambda path: False)
     monkeypatch.setattr(roi_module, "fallback_annotations_dir", lambda: tmp_path / "user")
-    monkeypatch.setattr(roi_shapes, "fallback_annotations_dir", lambda: tmp_path / "user")
+    monkeypatch.setattr(sidecar, "fallback_annotations_dir", lambda: tmp_path / "user")
     viewer = make_napari_viewer()
     open_slide_layer(viewer, slide)
     widget = docked_widget(viewer)
@@ -301,7 +302,7 @@ def test_fallback_folder_when_the_slide_folder_is_not_writable(
     assert not slide.with_suffix(".geojson").exists()
     (saved,) = (tmp_path / "user").rglob("case.geojson")
     assert list(read_annotations(saved)) == [Annotation.rectangle(0, 0, 64, 64)]
-    assert roi_shapes.find_sidecar(slide) == saved  # where training looks too
+    assert find_annotations(slide) == saved  # where training looks too
 
 
 def test_pending_saves_skip_a_widget_whose_qt_side_is_gone(make_napari_viewer, slide):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import openslide
@@ -14,8 +16,9 @@ from scipy.ndimage import binary_dilation, binary_erosion
 from skimage.draw import polygon as fill_polygon
 
 from fixtures_data import block_sums, fetch_cmu_into, session_cache_root
-from napari_zoomin.slide import synthetic
-from napari_zoomin.slide.synthetic import (
+from napari_zoomin.geometry import mean_2x2
+from napari_zoomin.samples import synthetic
+from napari_zoomin.samples.synthetic import (
     GLASS_RGB,
     MAX_PLANTED_FRACTION,
     region_counts,
@@ -23,7 +26,6 @@ from napari_zoomin.slide.synthetic import (
     scramble_blocks,
     write_sample_slide,
 )
-from napari_zoomin.slide.tiff_writer import downsample2
 
 SIZE = 8192
 TILE = 256
@@ -154,7 +156,7 @@ def test_every_level_is_the_exact_2x2_average_of_the_level_above(slides):
         above, level = group[str(k - 1)], group[str(k)]
         for y in range(0, level.shape[0], STRIP // 2):
             got = level[y : y + STRIP // 2]
-            assert np.array_equal(got, downsample2(above[2 * y : 2 * y + STRIP])), f"level {k}"
+            assert np.array_equal(got, mean_2x2(above[2 * y : 2 * y + STRIP])), f"level {k}"
 
 
 def test_positive_and_negative_differ_only_inside_tumor_outlines(slides):
@@ -312,6 +314,16 @@ def test_sample_slide_path_builds_once_and_reuses(cache_root, tmp_path, monkeypa
     stamp = path.stat().st_mtime_ns
     assert sample_slide_path(size=SIZE, label="positive", seed=3) == path
     assert path.with_suffix(".geojson").is_file() and path.stat().st_mtime_ns != stamp
+
+
+def test_reading_slides_does_not_load_the_sample_factory_or_torch():
+    """``slide`` reads; ``samples`` (generator, pyramid writer, fetcher) sits beside it."""
+    code = (
+        "import sys, napari_zoomin.slide\n"
+        "print(sorted(m for m in ('napari_zoomin.samples', 'torch') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
 
 
 @pytest.mark.slow

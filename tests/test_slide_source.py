@@ -59,7 +59,7 @@ def test_view_not_aligned_to_level_grid_is_resampled(pyramid, real_crop):
 
 
 def test_tissue_detection_on_sample_slide(tmp_path):
-    from napari_zoomin.slide.synthetic import write_sample_slide
+    from napari_zoomin.samples import write_sample_slide
 
     info = write_sample_slide(tmp_path / "s.tif", size=8192, label="negative", seed=3)
     with open_slide(info.path) as slide:
@@ -115,7 +115,7 @@ def test_tissue_mask_at_any_scale_marks_views_pixels_over_any_tissue(scale):
     """``at_scale`` equals the definition: area resampling of the mask, then > 0."""
     import torch.nn.functional as F
 
-    from napari_zoomin.models.source import scaled_size
+    from napari_zoomin.geometry import scaled_size
 
     mask = np.random.default_rng(0).random((157, 123)) > 0.97
     tissue = TissueMask(mask, (10_000, 7_833), "test")
@@ -166,7 +166,7 @@ def test_black_border_is_never_tissue_and_tissue_still_is(cmu_pixels, noise):
 
 def test_black_border_at_the_detection_level_of_a_jpeg_pyramid(tmp_path, cmu_pixels):
     """Real JPEG artefacts at black/tissue edges, detected at a downsample of 64."""
-    from napari_zoomin.slide.tiff_writer import write_array_pyramid
+    from napari_zoomin.samples import write_array_pyramid
 
     width = 512  # black on top, left and right: the tissue still runs off the bottom
     padded = np.pad(cmu_pixels, ((width, 0), (width, width), (0, 0)))

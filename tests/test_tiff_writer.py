@@ -9,13 +9,14 @@ import tifffile
 import zarr
 
 from fixtures_data import fetch_cmu_into, session_cache_root
-from napari_zoomin.slide.tiff_writer import (
-    downsample2,
+from napari_zoomin.geometry import mean_2x2
+from napari_zoomin.samples.pyramid import (
     encode_tile,
     pyramid_shapes,
     reference_levels,
     write_array_pyramid,
     write_pyramid,
+    write_tiff_pyramid,
 )
 
 SHAPE = (1500, 2100)  # not a multiple of the tile: partial edge tiles on every level
@@ -116,11 +117,11 @@ def test_jpeg_levels_are_close_to_the_exact_averages(real_rgb, tmp_path):
         assert err.mean() < 4.0, f"level {k}: mean error {err.mean():.2f}"
 
 
-def test_downsample2_rounds_half_up_and_floors_odd_shapes():
+def test_mean_2x2_rounds_half_up_and_floors_odd_shapes():
     a = np.array([[[0], [1], [9]], [[1], [0], [9]], [[5], [5], [5]]], np.uint8)  # 3×3
-    assert downsample2(a).tolist() == [[[1]]]  # (0+1+1+0+2)//4 = 1 (0.5 rounds up)
+    assert mean_2x2(a).tolist() == [[[1]]]  # (0+1+1+0+2)//4 = 1 (0.5 rounds up)
     b = np.full((2, 2, 3), 255, np.uint8)
-    assert downsample2(b).tolist() == [[[255, 255, 255]]]  # no uint8 overflow
+    assert mean_2x2(b).tolist() == [[[255, 255, 255]]]  # no uint8 overflow
 
 
 def test_keyed_tiles_are_encoded_once_and_repeated(tmp_path):
@@ -220,3 +221,45 @@ def test_a_failing_source_leaves_no_file(tmp_path):
     with pytest.raises(RuntimeError, match="boom"):
         write_pyramid(tmp_path / "x.tif", source, (2048, 2048), tile=256)
     assert not list(tmp_path.iterdir())
+
+
+def _rgb_levels(n: int = 3) -> list[tuple[np.ndarray, dict]]:
+    rng = np.random.default_rng(0)
+    levels = reference_levels(rng.integers(0, 256, (600, 520, 3), dtype=np.uint8), n)
+    return [(a, {}) for a in levels]
+
+
+@pytest.mark.parametrize("layout", ["generic-tiff", "ome-tiff"])
+def test_write_tiff_pyramid_layouts(tmp_path, layout):
+    """The one layout switch: top-level pages (OpenSlide) or OME-XML with SubIFDs (QuPath)."""
+    levels = _rgb_levels()
+    path = write_tiff_pyramid(
+        tmp_path / "p.tif",
+        iter(levels),
+        layout=layout,
+        n_levels=3,
+        tile=(128, 128),
+        photometric="rgb",
+        compression="zlib",
+        metadata=None,
+    )
+    with tifffile.TiffFile(path) as tif:
+        assert tif.is_bigtiff and tif.is_ome == (layout == "ome-tiff")
+        top = 3 if layout == "generic-tiff" else 1
+        assert len(tif.pages) == top
+        assert [lv.keyframe.subfiletype for lv in tif.series[0].levels] == [0, 1, 1]
+        got = [lv.asarray() for lv in tif.series[0].levels]
+    for (want, _), a in zip(levels, got, strict=True):
+        assert np.array_equal(a, want)
+    if layout == "generic-tiff":
+        assert openslide.OpenSlide(path).level_count == 3
+
+
+def test_write_tiff_pyramid_refuses_a_wrong_level_count_or_layout(tmp_path):
+    with pytest.raises(ValueError, match="expected 4 levels"):
+        write_tiff_pyramid(
+            tmp_path / "p.tif", iter(_rgb_levels()), layout="generic-tiff", n_levels=4
+        )
+    with pytest.raises(ValueError, match="layout"):
+        write_tiff_pyramid(tmp_path / "p.tif", iter(_rgb_levels()), layout="subifd", n_levels=3)
+    assert not list(tmp_path.iterdir())  # atomic: nothing left behind

@@ -13,7 +13,7 @@ napari = pytest.importorskip("napari")
 
 from napari.utils.notifications import NotificationSeverity, notification_manager  # noqa: E402
 
-from napari_zoomin.engine.annotations import Annotation, read_annotations  # noqa: E402
+from napari_zoomin.annotations import Annotation, read_annotations  # noqa: E402
 from napari_zoomin.engine.checkpoints import load_checkpoint, load_model  # noqa: E402
 from napari_zoomin.napari import model_choices  # noqa: E402
 from napari_zoomin.napari.roi_widget import RoiWidget  # noqa: E402
@@ -51,7 +51,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def slides(tmp_path_factory):
     """Three 4096² sample slides (2 positive, 1 negative) and their labels CSV."""
-    from napari_zoomin.slide.synthetic import write_sample_slide
+    from napari_zoomin.samples import write_sample_slide
 
     folder = tmp_path_factory.mktemp("train-widget-slides")
     for name, label, seed in [
@@ -232,6 +232,69 @@ def test_cancel_keeps_the_checkpoint_and_train_resumes(make_napari_viewer, qtbot
     assert [r["epoch"] for r in widget.result.history] == list(range(1, done + 2))
     assert len(widget.plot.losses) == done + 1  # the earlier epochs came from the checkpoint
     assert widget.progress.value == widget.progress.max
+    assert f"holds a finished run ({done + 1} epochs)" in widget.resume_note.value
+
+    # another run's settings: refused before anything runs (training.resume_plan), and how
+    # to start over is said
+    widget.epochs.value = done + 3
+    widget.lr.value = "2e-3"
+    assert widget.start() is False and widget.worker is None
+    refusal = messages(NotificationSeverity.ERROR)[-1]
+    assert "other settings or data (lr: 0.001 → 0.002)" in refusal
+    assert "untick 'Resume an interrupted run'" in refusal
+    assert widget.status.value.startswith("Stopped:")
+
+    # a finished run is started over, and the widget says so
+    widget.lr.value = "1e-3"
+    widget.epochs.value = 1
+    widget.train_button.native.click()
+    assert widget.resumed_from is None
+    assert widget.status.value == f"The run in {out.name} had finished; training from the start."
+    wait_done(qtbot, widget)
+    assert [r["epoch"] for r in widget.result.history] == [1]
+
+
+def test_form_settings_for_other_kinds_and_devices(make_napari_viewer, tmp_path):
+    """The Sub-tile box sizes the kind's feature-network input; devices as everywhere."""
+    from napari_zoomin.engine.runtime import available_devices
+
+    viewer = make_napari_viewer()
+    widget = tiny_widget(viewer, tmp_path / "m.safetensors")
+    assert widget.config().subtile_size == 16
+    widget.kind.value = "ats"
+    config = widget.config()
+    assert (config.kind, config.patch_size, config.subtile_size) == ("ats", 16, 50)
+    assert list(widget.device.choices) == available_devices()
+
+
+def test_progress_events_drive_the_status_bar_and_plot(make_napari_viewer, tmp_path):
+    """The engine's typed events (napari_zoomin.training.events), as the worker relays them."""
+    from napari_zoomin.training import (
+        EpochStep,
+        Pretrained,
+        Pretraining,
+        Resolution,
+        Validated,
+        Validating,
+    )
+
+    viewer = make_napari_viewer()
+    widget = tiny_widget(viewer, tmp_path / "m.safetensors")
+    widget._on_progress(Pretraining(0, 4, 0, 5, 2))
+    assert widget.status.value == "pre-training on ROI patches (0/5 epochs)…"
+    widget._on_progress(Pretrained(0, 4, 5, 5, 0.5, {"feature": 0.5}))
+    assert widget.status.value == "pre-training on ROI patches (5/5 epochs)…"
+    widget._on_progress(EpochStep(2, 4, 1, 2, 0.25, 1.0))
+    assert widget.status.value == "epoch 2/4, step 1/2, loss 0.25"
+    assert widget.progress.value == round(widget.progress.max * 1.5 / 4)
+    widget._on_progress(Validating(2, 4, 1, 3))
+    assert widget.status.value == "epoch 2/4: validating (1/3)…"
+    widget._on_progress(Validated(2, 4, 2, 2, 0.5, 0.75, 0.625, 0.6, True, 2, False))
+    assert widget.status.value == "epoch 2/4: loss 0.5, validation accuracy 0.625 (best so far)"
+    assert widget.progress.value == widget.progress.max // 2
+    assert (widget.plot.losses, widget.plot.accuracies) == ([0.5], [0.625])
+    widget._on_progress(Resolution(0, 4, None, "training in pixels, not micrometres: …"))
+    assert "Train classifier: training in pixels" in messages(NotificationSeverity.WARNING)[-1]
 
 
 def test_bad_input_is_a_notification_and_the_widget_stays_usable(

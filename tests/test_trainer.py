@@ -2,24 +2,35 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from napari_zoomin.engine import trainer as trainer_module
 from napari_zoomin.engine.checkpoints import DEMO_MODEL, load_checkpoint
 from napari_zoomin.engine.dataset import SlideDataset, SlideRecord
-from napari_zoomin.engine.trainer import (
+from napari_zoomin.errors import CheckpointError, TrainingError
+from napari_zoomin.models import ZoomIn
+from napari_zoomin.training import (
+    EpochStep,
+    Pretrained,
+    Pretraining,
     TrainConfig,
+    Trainer,
+    Validated,
     last_checkpoint_path,
+    model_settings,
+    read_saved_run,
+    resume_plan,
     roi_attention_loss,
     stratified_batches,
     train,
 )
-from napari_zoomin.errors import CheckpointError, TrainingError
-from napari_zoomin.models import ZoomIn
 
 CLASSES = ["negative", "positive"]
 
@@ -37,7 +48,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def records(tmp_path_factory) -> list[SlideRecord]:
     """Four 8192² sample slides (2 + 2) for training and two for validation, annotated."""
-    from napari_zoomin.slide.synthetic import write_sample_slide
+    from napari_zoomin.samples import write_sample_slide
 
     folder = tmp_path_factory.mktemp("train-slides")
     out = []
@@ -69,6 +80,8 @@ def tiny(**overrides) -> TrainConfig:
         "early_stopping_patience": 0,
     }
     settings.update(overrides)
+    if settings.get("kind", "zoomin") != "zoomin":  # one-stage kinds read patches
+        settings.setdefault("patch_size", settings.pop("subtile_size"))
     return TrainConfig(**settings)
 
 
@@ -143,19 +156,50 @@ def test_one_epoch_writes_both_checkpoints(records, tmp_path):
         "feature",
     }
     assert best.model.config.subtile_size == (16, 16)
-    # progress: pre-training, every step, validation
-    stages = [e["stage"] for e in events]
+    # progress: pre-training, every step, validation (typed events)
+    stages = [e.stage for e in events]
     assert stages[:2] == ["pretrain", "pretrain"]
-    steps = [e for e in events if e["stage"] == "train"]
-    assert [(e["step"], e["steps"], e["epoch"], e["epochs"]) for e in steps] == [
+    assert [type(e) for e in events[:2]] == [Pretraining, Pretrained]
+    assert events[0].slides == 4 and set(events[1].losses) == {
+        "stage1_attention",
+        "stage2_attention",
+        "feature",
+    }
+    steps = [e for e in events if e.stage == "train"]
+    assert all(isinstance(e, EpochStep) for e in steps)
+    assert [(e.step, e.steps, e.epoch, e.epochs) for e in steps] == [
         (1, 2, 1, 1),
         (2, 2, 1, 1),
     ]
-    assert all(isinstance(e["loss"], float) for e in steps)
+    assert all(isinstance(e.loss, float) for e in steps)
     final = events[-1]
-    assert final["stage"] == "validate" and final["best"] is True
-    assert final["val_accuracy"] == result.best_val_accuracy
-    assert final["val_loss"] == pytest.approx(result.history[0]["val_loss"])
+    assert isinstance(final, Validated) and final.stage == "validate" and final.best is True
+    assert final.val_accuracy == result.best_val_accuracy
+    assert final.val_loss == pytest.approx(result.history[0]["val_loss"])
+    # the plain form, for logs
+    assert final.to_dict() == {
+        "stage": "validate",
+        "epoch": 1,
+        "epochs": 1,
+        "step": 2,
+        "steps": 2,
+        "loss": final.loss,
+        "accuracy": final.accuracy,
+        "val_accuracy": final.val_accuracy,
+        "val_loss": final.val_loss,
+        "best": True,
+        "best_epoch": 1,
+        "stopped_early": False,
+    }
+    assert steps[0].to_dict().keys() == {
+        "stage",
+        "epoch",
+        "epochs",
+        "step",
+        "steps",
+        "loss",
+        "accuracy",
+    }
 
 
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(records, straight, tmp_path):
@@ -179,7 +223,7 @@ def test_cancel_mid_epoch_keeps_the_checkpoint_and_resumes_exactly(records, stra
     steps = []
 
     def count(event):
-        if event["stage"] == "train":
+        if isinstance(event, EpochStep):
             steps.append(event)
 
     result = train(
@@ -237,8 +281,81 @@ def test_out_of_memory_suggests_smaller_settings(records, tmp_path, monkeypatch)
     assert "N = 4" in str(e.value) and "--batch-size" in str(e.value)
 
 
+def test_cpu_out_of_memory_is_a_training_error(records, tmp_path, monkeypatch):
+    """The CPU allocator's message (not "out of memory") is recognised too (injected)."""
+
+    def oom(self, *args, **kwargs):
+        raise RuntimeError(
+            "DefaultCPUAllocator: can't allocate memory: you tried to allocate 68719476736 "
+            "bytes. Error code 12 (Cannot allocate memory)"
+        )
+
+    monkeypatch.setattr(ZoomIn, "loss", oom)
+    with pytest.raises(TrainingError, match=r"ran out of memory on cpu at epoch 1, step 1") as e:
+        train(dataset(records), tiny(), tmp_path / "m.safetensors")
+    assert "N = 4, --n" in str(e.value) and "(128/16 px, --tile/--subtile)" in str(e.value)
+    assert isinstance(e.value.__cause__, RuntimeError)
+
+
+#: LeNet's first layers as usual (36 channels), a small fully connected layer
+SMALL_F = {"feature_dim": 8, "feature_hidden": 16}
+#: ``zoomin train`` as ``main`` runs it, in a process that may map 3 GiB more than it has
+#: mapped after the imports; prints the cause of the error too
+_LIMITED_TRAIN = """
+import resource, sys
+import torch
+from napari_zoomin.cli import build_parser
+from napari_zoomin.errors import ZoominError
+
+torch.set_num_threads(1)
+with open("/proc/self/status") as status:
+    size = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmSize:"))
+limit = size + 3 * 2**30
+resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+args = build_parser().parse_args(sys.argv[1:])
+try:
+    sys.exit(args.func(args))
+except ZoominError as err:
+    print(f"zoomin: error: {err}", file=sys.stderr)
+    print(f"cause: {err.__cause__!r}", file=sys.stderr)
+    sys.exit(1)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_AS and /proc: Linux")
+def test_a_real_cpu_allocation_failure_is_a_clear_error(records, tmp_path):
+    """``zoomin train`` in a process limited to 3 GiB more address space than it has mapped,
+    with a step that needs more (ATS: 2 × 64 patches of 512² px, 36 channels after the
+    first convolution: about 5 GB): torch's CPU allocator fails for real
+    ("DefaultCPUAllocator: can't allocate memory", which is not "out of memory"), and
+    training stops with a TrainingError: one line, exit status 1, no traceback."""
+    csv = tmp_path / "labels.csv"
+    csv.write_text(
+        "slide,label,split\n" + "".join(f"{r.path.name},{r.label},train\n" for r in records[:4])
+    )
+    out = tmp_path / "big.safetensors"
+    args = ["train", "--slides", str(records[0].path.parent), "--labels", str(csv)]
+    args += ["--out", str(out), "--kind", "ats", "--subtile", "512", "--n", "64"]
+    args += ["--batch-size", "2", "--epochs", "1", "--s1", str(1 / 64), "--device", "cpu"]
+    args += ["--set", json.dumps({"num_workers": 1, "pretrain_epochs": 0, **SMALL_F})]
+    run = subprocess.run(
+        [sys.executable, "-c", _LIMITED_TRAIN, *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 1, run.stderr[-3000:]
+    assert "Traceback" not in run.stderr
+    (line,) = [x for x in run.stderr.splitlines() if x.startswith("zoomin: error:")]
+    assert "ran out of memory on cpu at epoch 1, step 1" in line
+    assert "N = 64, --n" in line and "smaller patches (512 px, --subtile)" in line
+    (cause,) = [x for x in run.stderr.splitlines() if x.startswith("cause:")]
+    assert "can't allocate memory" in cause or "MemoryError" in cause
+    assert not out.exists()
+
+
 def test_early_stopping(records, tmp_path, monkeypatch):
-    monkeypatch.setattr(trainer_module, "_validate", lambda *args, **kwargs: (0.5, 0.7))
+    monkeypatch.setattr(Trainer, "validate", lambda self, epoch: (0.5, 0.7))
     result = train(
         dataset(records), tiny(epochs=5, early_stopping_patience=1), tmp_path / "m.safetensors"
     )
@@ -300,11 +417,127 @@ def test_invalid_settings(records, tmp_path):
 
 def test_records_and_other_kinds(records, tmp_path):
     """Records work as data; a one-stage model trains through the same path."""
-    config = tiny(kind="ats", epochs=1, subtile_size=64, view_scale=1 / 32)
+    config = tiny(kind="ats", epochs=1, patch_size=64, view_scale=1 / 32)
     result = train(records[:4], config, tmp_path / "ats.safetensors")  # no validation slides
     checkpoint = load_checkpoint(result.checkpoint_path)
     assert checkpoint.kind == "ats" and checkpoint.model.config.patch_size == (64, 64)
     assert result.best_epoch == 1 and result.best_val_accuracy is None
+
+
+def rewrite_description(path, change) -> None:
+    """Edit a checkpoint's JSON description in place (the weights' checksum stays valid)."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(path)
+    with open(path, "rb") as fh:
+        header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+    document = json.loads(header["__metadata__"]["napari_zoomin"])
+    change(document)
+    save_file(tensors, path, metadata={"napari_zoomin": json.dumps(document)})
+
+
+def test_resume_plan_decides_fresh_resume_finished_or_refuse(records, straight, tmp_path):
+    """The one rule of the trainer and the widget, on the two-epoch reference run."""
+    out = tmp_path / "m.safetensors"
+    assert resume_plan(out, tiny()).action == "fresh"  # nothing there
+    shutil.copy(straight, out)
+    shutil.copy(last_checkpoint_path(straight), last_checkpoint_path(out))
+    data = dataset(records)
+
+    finished = resume_plan(out, tiny(epochs=2), data)
+    assert finished.action == "finished" and finished.continues
+    assert [h["epoch"] for h in finished.history] == [1, 2]
+    assert finished.checkpoint is None  # no device: the description only
+    assert resume_plan(out, tiny(epochs=2), resume=False).action == "fresh"
+    restarted = resume_plan(out, tiny(epochs=2), restart_finished=True)
+    assert restarted.action == "fresh" and restarted.restarted and restarted.history == []
+
+    more = resume_plan(out, tiny(epochs=3), data, device="cpu")
+    assert more.action == "resume" and more.run.state.epoch == 2
+    assert more.checkpoint is not None and more.checkpoint.optimizer_state is not None
+    assert resume_plan(out, tiny(epochs=3), restart_finished=True).action == "resume"
+    # settings that only say when to stop, or where to run, may change
+    changed = tiny(epochs=3, early_stopping_patience=5, val_draws=1, num_workers=2)
+    assert resume_plan(out, changed, data).action == "resume"
+
+    other = resume_plan(out, tiny(epochs=3, lr=1e-2), data)
+    assert other.action == "refuse" and other.reasons == ("lr: 0.001 → 0.01",)
+    assert "other settings or data (lr: 0.001 → 0.01)" in str(other.error())
+    assert other.error().path == last_checkpoint_path(out)
+    # other data: seen with the dataset only (the widget decides before reading slides)
+    fewer = dataset(records[:5])
+    assert resume_plan(out, tiny(epochs=3), fewer).reasons == (
+        "training data (slides, labels, splits or annotations)",
+    )
+    assert resume_plan(out, tiny(epochs=3)).action == "resume"
+
+    last_checkpoint_path(out).write_bytes(out.read_bytes())  # a model, not a training state
+    refused = resume_plan(out, tiny(epochs=3))
+    assert refused.action == "refuse" and refused.run is None
+    assert "not a training checkpoint" in str(refused.error())
+    assert read_saved_run(out) is None
+
+
+def test_older_training_checkpoints_resume_with_todays_names(records, tmp_path):
+    """Before ``patch_size``, a one-stage run kept its patch side in ``subtile_size``."""
+    out = tmp_path / "ats.safetensors"
+    config = tiny(kind="ats", epochs=1, patch_size=64, view_scale=1 / 32)
+    train(records[:4], config, out)
+
+    def older(document):
+        saved = document["info"]["trainer"]["config"]
+        del saved["patch_size"]
+        saved["subtile_size"] = 64
+
+    rewrite_description(last_checkpoint_path(out), older)
+    run = read_saved_run(out)
+    assert run.config["patch_size"] == 64 and run.config["subtile_size"] == 50
+    again = tiny(kind="ats", epochs=2, patch_size=64, view_scale=1 / 32)
+    assert resume_plan(out, again).action == "resume"
+    result = train(records[:4], again, out)
+    assert [h["epoch"] for h in result.history] == [1, 2]
+
+
+def test_model_settings_have_the_model_configs_names():
+    """Every setting passed to a model config is the TrainConfig field of that name."""
+    from napari_zoomin.engine.checkpoints import MODEL_KINDS
+
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    for kind in MODEL_KINDS:
+        config = TrainConfig(kind=kind, tile_size=96, subtile_size=24, patch_size=40)
+        if kind != "zoomin":
+            config = TrainConfig(kind=kind, patch_size=40)
+        settings = model_settings(config, 3)
+        assert settings.pop("num_classes") == 3
+        for name, value in settings.items():
+            assert name in names, (kind, name)
+            mine = getattr(config, name)
+            assert value == ((mine, mine) if name.endswith("_size") else mine), (kind, name)
+        if kind == "zoomin":
+            assert settings["subtile_size"] == (24, 24) and "patch_size" not in settings
+        else:
+            assert settings["patch_size"] == (40, 40)
+            assert not {"subtile_size", "tile_size", "stage2_scale"} & set(settings)
+    config = TrainConfig(kind="ats", model_options={"uniform_mix": 0.1})
+    assert model_settings(config, 2)["uniform_mix"] == 0.1
+    with pytest.raises(TrainingError, match=r"ats models have no subtile_size \(got 64\)"):
+        TrainConfig(kind="ats", subtile_size=64).validate()
+    with pytest.raises(TrainingError, match="zoomin models have no patch_size"):
+        TrainConfig(patch_size=64).validate()
+
+
+def test_cli_subtile_sets_the_kinds_input_side():
+    """``--subtile`` keeps its meaning: Zoom-In's sub-tile, the one-stage kinds' patch."""
+    from napari_zoomin.cli import _train_config, build_parser
+
+    base = ["train", "--slides", "s", "--labels", "l.csv", "--out", "m.safetensors"]
+    zoomin = _train_config(build_parser().parse_args([*base, "--subtile", "24"]))
+    assert (zoomin.subtile_size, zoomin.patch_size) == (24, 50)
+    ats = _train_config(build_parser().parse_args([*base, "--kind", "ats", "--subtile", "24"]))
+    assert (ats.kind, ats.subtile_size, ats.patch_size) == ("ats", 50, 24)
+    via_set = ["--subtile", "24", "--set", '{"kind": "uniform"}']
+    assert _train_config(build_parser().parse_args([*base, *via_set])).patch_size == 24
+    assert build_parser().parse_args([*base, "--no-resume"]).fresh is True
 
 
 def test_stratified_batches_are_balanced_and_seeded():
@@ -334,7 +567,7 @@ def test_train_config_round_trip():
 @pytest.fixture(scope="module")
 def fresh_pair(tmp_path_factory):
     """A positive and a negative 8192² sample slide that the demo never saw (seed 99)."""
-    from napari_zoomin.slide.synthetic import write_sample_slide
+    from napari_zoomin.samples import write_sample_slide
 
     folder = tmp_path_factory.mktemp("fresh")
     return [
@@ -382,7 +615,7 @@ def test_demo_model_classifies_fresh_sample_slides(fresh_pair):
     ]
     with SlideDataset(records, CLASSES, workers=1) as data:
         predictions = checkpoint.model.predict(
-            data.sources([0, 1]), n_draws=8, generator=torch.Generator().manual_seed(0)
+            data.sources([0, 1]), draws=8, generator=torch.Generator().manual_seed(0)
         )
     assert [p.label for p in predictions] == [0, 1]
 
@@ -421,7 +654,17 @@ def test_cli_train_passes_its_options_and_records_the_csv(records, tmp_path, cap
     assert config["roi_labels"] == ["Tumor", "Other"] and config["n_samples"] == 4
     assert config["pretrain_pooling"] == "max"
     assert info["data"]["labels_csv"] == str(csv)
-    assert "best model (epoch 1" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "best model (epoch 1" in captured.out
+    # progress on stderr (not a terminal: no line per step): the epoch's validation
+    lines = captured.err.splitlines()
+    assert not any(line.startswith("train epoch") for line in lines)
+    (validated,) = [line for line in lines if line.startswith("validate epoch 1/1, step 2/2,")]
+    assert re.fullmatch(
+        r"validate epoch 1/1, step 2/2, loss \d\.\d{3}, val_loss \d\.\d{3}, "
+        r"val_accuracy \d\.\d{3}",
+        validated,
+    )
 
     assert main([*args[:9], "--set", '{"pretrain_pooling": "median"}']) == 1
     assert "pretrain_pooling must be 'mean' or 'max', got 'median'" in capsys.readouterr().err

@@ -3,6 +3,9 @@
 The core (``slide``, ``sampling``, ``models``, ``engine``) imports neither napari
 nor Qt.  Heavy submodules are imported lazily so that ``import napari_zoomin``
 stays cheap for the napari reader.
+
+Docstrings cite the papers by short codes (000: Zoom-In, 001: ATS, 002: MagNets,
+003: the lymphoma REINFORCE study), defined in ``docs/methods.md``.
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
-    from .slide.synthetic import write_sample_slide
+    from .samples import write_sample_slide
 
     start = time.perf_counter()
     try:
@@ -115,8 +115,21 @@ EXAMPLE_SET = "Example: --set '{\"lr\": 1e-3}'"
 
 
 def _train_config(args: argparse.Namespace):
-    """The :class:`TrainConfig` of ``zoomin train``'s options (``--set`` applied last)."""
-    from .engine.trainer import TrainConfig
+    """The :class:`TrainConfig` of ``zoomin train``'s options (``--set`` applied last).
+
+    The short flags are the settings of the same meaning (``--s1``: ``view_scale``,
+    ``--n``: ``n_samples``, ...); ``--subtile`` sets the feature network's input side,
+    ``subtile_size`` for Zoom-In and ``patch_size`` for the one-stage kinds.
+    """
+    from .training import TrainConfig, input_side_name
+
+    try:
+        extra = json.loads(args.set)
+    except json.JSONDecodeError as exc:
+        raise TrainingError(None, f"--set is not JSON ({exc}).", EXAMPLE_SET) from None
+    if not isinstance(extra, dict):
+        raise TrainingError(None, "--set must be a JSON object.", EXAMPLE_SET)
+    kind = extra.get("kind", args.kind)
 
     given = {
         "kind": args.kind,
@@ -130,7 +143,7 @@ def _train_config(args: argparse.Namespace):
         "view_scale": args.s1,
         "stage2_scale": args.s2,
         "tile_size": args.tile,
-        "subtile_size": args.subtile,
+        input_side_name(kind if isinstance(kind, str) else args.kind): args.subtile,
         "n_samples": args.n,
         "feature_dim": args.feature_dim,
         "entropy_weight": args.entropy,
@@ -147,12 +160,6 @@ def _train_config(args: argparse.Namespace):
     }
     values = {k: v for k, v in given.items() if v is not None}
     try:
-        extra = json.loads(args.set)
-    except json.JSONDecodeError as exc:
-        raise TrainingError(None, f"--set is not JSON ({exc}).", EXAMPLE_SET) from None
-    if not isinstance(extra, dict):
-        raise TrainingError(None, "--set must be a JSON object.", EXAMPLE_SET)
-    try:
         return TrainConfig.from_dict({**values, **extra})
     except (TypeError, ValueError) as exc:
         raise TrainingError(
@@ -162,7 +169,7 @@ def _train_config(args: argparse.Namespace):
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from .engine.dataset import SlideDataset
-    from .engine.trainer import train
+    from .training import EpochStep, Resolution, TrainEvent, train
 
     config = _train_config(args)
     dataset = SlideDataset.from_csv(
@@ -176,24 +183,23 @@ def _cmd_train(args: argparse.Namespace) -> int:
     )
     records, classes = dataset.records, dataset.classes
 
-    def progress(event: dict) -> None:
-        if event.get("message"):  # said once (e.g. training in pixels, not micrometres)
-            print(f"zoomin: warning: {event['message']}", file=sys.stderr, flush=True)
+    def progress(event: TrainEvent) -> None:
+        if isinstance(event, Resolution):  # said once: training in pixels, not micrometres
+            print(f"zoomin: warning: {event.message}", file=sys.stderr, flush=True)
             return
-        if not sys.stderr.isatty() and event.get("stage") == "train":
+        step = isinstance(event, EpochStep)
+        if step and not sys.stderr.isatty():
             return
-        parts = [
-            f"{event.get('stage', '')} epoch {event.get('epoch', '?')}/{event.get('epochs', '?')}"
-        ]
-        if "step" in event:
-            parts.append(f"step {event['step']}/{event.get('steps', '?')}")
+        parts = [f"{event.stage} epoch {event.epoch}/{event.epochs}"]
+        if hasattr(event, "step"):
+            parts.append(f"step {event.step}/{event.steps}")
         for key in ("loss", "val_loss", "val_accuracy"):
-            if event.get(key) is not None:
-                parts.append(f"{key} {event[key]:.3f}")
+            value = getattr(event, key, None)
+            if value is not None:
+                parts.append(f"{key} {value:.3f}")
         line = ", ".join(parts)
         if sys.stderr.isatty():
-            end = "\n" if event.get("stage") != "train" else ""
-            print(f"\r{line:<78}", end=end, file=sys.stderr, flush=True)
+            print(f"\r{line:<78}", end="" if step else "\n", file=sys.stderr, flush=True)
         else:
             print(line, file=sys.stderr, flush=True)
 
@@ -213,8 +219,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .engine.checkpoints import DEMO_MODEL
+    from .samples import sample_slide_path
     from .slide import open_slide
-    from .slide.synthetic import sample_slide_path
 
     start = time.perf_counter()
     path = sample_slide_path()
@@ -327,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("--s1", float, "stage-1 view scale (default 1/16)"),
         ("--s2", float, "stage-2 view scale of a tile (default 1/8)"),
         ("--tile", int, "tile side in level-0 pixels (default 256)"),
-        ("--subtile", int, "sub-tile side in level-0 pixels (default 50)"),
+        ("--subtile", int, "sub-tile side (Zoom-In), patch side (others), level-0 px (default 50)"),
         ("--n", int, "draws N per slide (default 100)"),
         ("--feature-dim", int, "features of f (default 512)"),
         ("--entropy", float, "entropy regulariser λ (default 1e-5)"),
@@ -351,7 +357,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--val-fraction", type=float, default=0.2)
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    tr.add_argument("--fresh", action="store_true", help="ignore a previous training state")
+    tr.add_argument(
+        "--fresh", "--no-resume", action="store_true", help="ignore a previous training state"
+    )
     tr.set_defaults(func=_cmd_train)
 
     demo = sub.add_parser("demo", help="build the sample slide and classify it with the demo model")

@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 import torch
 
+from napari_zoomin.geometry import scaled_size
 from napari_zoomin.models.coordinates import CellGrid
 from napari_zoomin.models.networks import AttentionNetwork
-from napari_zoomin.models.source import TensorSource, scaled_size
+from napari_zoomin.models.source import TensorSource
 
 H, W = 37, 53  # deliberately non-square, odd
 

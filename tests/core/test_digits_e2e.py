@@ -104,9 +104,7 @@ def test_zoomin_learns_the_tiny_objects(digits_problem, record_property):
         )
     )
     _train(model, digits_problem, epochs=16, lr=5e-3)
-    sampled = _accuracy(
-        model, digits_problem, n_draws=4, generator=torch.Generator().manual_seed(1)
-    )
+    sampled = _accuracy(model, digits_problem, draws=4, generator=torch.Generator().manual_seed(1))
     top_k = _accuracy(model, digits_problem, mode="topk")
     record_property("zoomin_accuracy_sampled", sampled)
     record_property("zoomin_accuracy_topk", top_k)
@@ -123,9 +121,7 @@ def test_ats_learns_the_tiny_objects(digits_problem, record_property):
         )
     )
     _train(model, digits_problem, epochs=16, lr=3e-3)
-    sampled = _accuracy(
-        model, digits_problem, n_draws=4, generator=torch.Generator().manual_seed(1)
-    )
+    sampled = _accuracy(model, digits_problem, draws=4, generator=torch.Generator().manual_seed(1))
     top_k = _accuracy(model, digits_problem, mode="topk")
     record_property("ats_accuracy_sampled", sampled)
     record_property("ats_accuracy_topk", top_k)

@@ -160,7 +160,7 @@ def test_nothing_outside_the_image_for_every_model_and_100_seeds(size):
                     _assert_fits(run.table_regions, (h, w), f"{name} patch (seed {seed})")
         # inference, both modes, and one training step (contrastive draws included)
         for mode in ("sample", "topk"):
-            (pred,) = model.predict([src], mode=mode, n_draws=3, generator=gen)
+            (pred,) = model.predict([src], mode=mode, draws=3, generator=gen)
             _assert_inside(pred.tiles.regions, (h, w), f"{name} {mode} tile")
             _assert_fits(pred.patches.regions, (h, w), f"{name} {mode} sub-tile")
         model.train()

@@ -286,7 +286,7 @@ def test_zoomin_prediction_reports_what_a_viewer_needs():
     h, w = 24, 20
     src = TensorSource(_image(h, w, 19), tissue=_tissue(h, w))
     m = _zoomin_tiny()
-    (p,) = m.predict([src], mode="sample", n_draws=5, generator=torch.Generator().manual_seed(5))
+    (p,) = m.predict([src], mode="sample", draws=5, generator=torch.Generator().manual_seed(5))
     assert p.draw_probabilities.shape == (5, 2)
     torch.testing.assert_close(p.probabilities.sum(), torch.tensor(1.0))
     torch.testing.assert_close(p.spread, p.draw_probabilities.std(0, correction=0))
@@ -325,7 +325,7 @@ def test_one_stage_predictions(model):
         "uniform": lambda: Uniform(ATSConfig(**cfg)),
         "reinforce": lambda: ReinforceATS(ReinforceConfig(**cfg)),
     }[model]()
-    (p,) = m.predict([src], n_draws=3, generator=torch.Generator().manual_seed(0))
+    (p,) = m.predict([src], draws=3, generator=torch.Generator().manual_seed(0))
     assert p.draw_probabilities.shape[0] == 3
     assert int(p.tiles.counts.sum()) == 12
     torch.testing.assert_close(p.patches.weights, p.tiles.attention)
@@ -350,7 +350,7 @@ def test_multiclass_valid_padding_non_square_batch():
     lt = m.loss(srcs, [2, 1], generator=torch.Generator().manual_seed(0))
     assert lt.logits.shape == (2, 3)
     lt.total.backward()
-    preds = m.predict(srcs, n_draws=2, generator=torch.Generator().manual_seed(1))
+    preds = m.predict(srcs, draws=2, generator=torch.Generator().manual_seed(1))
     assert [p.attention.shape for p in preds] == [(4, 2), (3, 6)]
     assert preds[0].attention_grid.offset == (3.0, 3.0)
 
@@ -485,7 +485,7 @@ def test_zoomin_runs_on_cuda_with_amp():
     src = TensorSource(_image(24, 20, 29))
     lt = m.loss([src, src], [1, 0], generator=torch.Generator().manual_seed(0))
     lt.total.backward()
-    (p,) = m.predict([src], n_draws=2)
+    (p,) = m.predict([src], draws=2)
     assert p.probabilities.device.type == "cpu"
 
 

@@ -150,20 +150,24 @@ def classify_task(
 
     ``model`` is ``{"path", "sha256", "kind"}``; ``options`` the keyword arguments
     of :func:`~napari_zoomin.engine.inference.classify` (``draws``, ``seed``,
-    ``device``, ``mode``, ``tissue``).  With ``outputs``, the slide's files
-    (:func:`~napari_zoomin.engine.results.write_outputs`) go to
-    ``outputs/<file name with dots as underscores>``.
+    ``device``, ``mode``, ``tissue``; ``device`` is resolved on the worker, ``"auto"``
+    included, and the worker's model cache is keyed by the resolved device).  With
+    ``outputs``, the slide's files (:func:`~napari_zoomin.engine.results.write_outputs`)
+    go to ``outputs/<file name with dots as underscores>``.
     """
     worker = _worker_name()
     try:
         from .checkpoints import load_model
         from .inference import classify
         from .results import write_outputs
+        from .runtime import resolve_device
 
-        key = (model["path"], model["sha256"], str(options.get("device", "cpu")))
+        # resolved here, on the worker ("auto" is this worker's CUDA, else its CPU)
+        device = resolve_device(options.get("device", "cpu"))
+        key = (model["path"], model["sha256"], str(device))
         ckpt = _MODELS.get(key)
         if ckpt is None:
-            ckpt = load_model(model["path"], options.get("device", "cpu"))
+            ckpt = load_model(model["path"], device)
             if ckpt.sha256 != model["sha256"]:
                 raise CheckpointError(
                     model["path"],
@@ -172,7 +176,7 @@ def classify_task(
                 )
             _MODELS.clear()  # one model per worker process at a time
             _MODELS[key] = ckpt
-        result = classify(slide, ckpt, **options)
+        result = classify(slide, ckpt, **{**options, "device": device})
         if outputs is not None:
             write_outputs(result, Path(outputs) / Path(slide).name.replace(".", "_"))
         row = dict.fromkeys(csv_columns(classes), "")

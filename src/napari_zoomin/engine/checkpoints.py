@@ -38,6 +38,7 @@ from ..models import (
     ZoomIn,
     ZoomInConfig,
 )
+from .runtime import resolve_device
 
 #: model kind -> (class, config class); the names users type
 MODEL_KINDS: dict[str, tuple[type[AttentionSamplingModel], type]] = {
@@ -246,7 +247,12 @@ def _header_metadata(data: bytes) -> dict[str, str]:
 
 
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> Checkpoint:
-    """Load and verify a checkpoint; raise :class:`CheckpointError` for anything wrong."""
+    """Load and verify a checkpoint; raise :class:`CheckpointError` for anything wrong.
+
+    ``device`` is resolved as everywhere (:func:`~napari_zoomin.engine.runtime.resolve_device`):
+    ``"auto"`` is CUDA when available, else the CPU; a device that cannot be used raises
+    :class:`~napari_zoomin.errors.ClassificationError`.
+    """
     path = Path(path)
     tensors, document, data = _read(path)
     kind = document.get("kind")
@@ -266,7 +272,7 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
             f"its weights do not fit a {kind} model with its settings ({first}).",
             "The file was written for another architecture.",
         ) from exc
-    model.to(device).eval()
+    model.to(resolve_device(device)).eval()
     optimizer_state = None
     if "optimizer" in document:
         optimizer_state = _unflatten_optimizer(document["optimizer"], tensors)
@@ -304,7 +310,7 @@ def training_mpp(ckpt: Checkpoint) -> float | None:
 
 
 def load_model(name_or_path: str | os.PathLike, device: str | torch.device = "cpu") -> Checkpoint:
-    """``"demo"`` (the packaged model) or a checkpoint path."""
+    """``"demo"`` (the packaged model) or a checkpoint path, on ``device`` (``"auto"`` too)."""
     if str(name_or_path) == "demo":
         if not DEMO_MODEL.is_file():
             raise CheckpointError(

@@ -22,12 +22,14 @@ lines are skipped.  Every problem raises :class:`~napari_zoomin.errors.LabelsErr
 naming the CSV, the line and the fix.
 
 ROI annotations (000 §2.5) are looked up per slide with
-:func:`~.annotations.find_annotations` (``<stem>.geojson|.json|.xml`` in the
-annotations folder, then beside the slide).  :class:`SlideDataset` turns a record
-into the models' :class:`~.slide_source.SlideSource`, with its tissue mask and, for
-an annotated slide, an ROI callable rasterising the annotations whose label is in
-``roi_labels`` (default ``{"Tumor"}``; the sample slides' ``"Distractor"`` regions
-are deliberately *not* ROI).  An annotated slide without any ROI polygon is an
+:func:`~napari_zoomin.annotations.find_annotations`, the one rule ``zoomin train``,
+the train widget and the ROI widget share (``<stem>.geojson|.json|.xml`` in the
+annotations folder, then the ROI widget's per-user fallback copy, then beside the
+slide).  :class:`SlideDataset` turns a record into the models'
+:class:`~.slide_source.SlideSource`, with its tissue mask and, for an annotated
+slide, an ROI callable rasterising the annotations whose label is in ``roi_labels``
+(default ``{"Tumor"}``; the sample slides' ``"Distractor"`` regions are
+deliberately *not* ROI).  An annotated slide without any ROI polygon is an
 annotated negative: its ROI masks are all zero.
 """
 
@@ -46,9 +48,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..annotations import AnnotationIndex, find_annotations, rasterize_region, read_annotations
 from ..errors import LabelsError
 from ..slide import SLIDE_EXTENSIONS, Slide, open_slide
-from .annotations import AnnotationIndex, find_annotations, rasterize_region, read_annotations
 from .slide_source import SlideSource
 from .tissue import TissueMask, detect_tissue
 
@@ -171,8 +173,9 @@ def read_labels(
     Args:
         csv_path: ``slide,label[,split]`` (see the module docstring).
         slides_dir: where relative slide names are looked up.
-        annotations_dir: where ROI annotation files are looked up first (then beside
-            each slide); ``None`` looks beside the slides only.
+        annotations_dir: where ROI annotation files are looked up first (then as
+            :func:`~napari_zoomin.annotations.find_annotations` says: the ROI widget's
+            fallback copy, beside each slide); ``None`` skips this first place.
         classes: fix the class list (e.g. a model's); labels outside it are an error.
         val_fraction, seed: the stratified validation split when the CSV has no
             ``split`` column.

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import math
 import os
-import platform
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -36,12 +35,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from .._version import __version__
 from ..errors import AnnotationError, ClassificationError, ZoominError
-from ..models.zoomin import topk_tiles
 from ..slide import Slide, open_slide
 from .checkpoints import Checkpoint, load_model, training_mpp
-from .results import Result, grid_placement
+from .results import Result, SubtileRecord, TileRecord, grid_placement
+from .runtime import is_oom, resolve_device, versions
 from .slide_source import SlideSource
 from .tissue import TissueMask, detect_tissue, load_tissue_mask
 from .trust import (
@@ -55,7 +53,7 @@ from .trust import (
     training_profile_of,
 )
 
-__all__ = ["Cancelled", "classify", "needed_file_tiles", "versions"]
+__all__ = ["Cancelled", "classify", "needed_file_tiles"]
 
 Progress = Callable[[float, str], None]
 
@@ -72,27 +70,6 @@ _STEPS = {
 
 class Cancelled(Exception):
     """The caller's ``cancel()`` returned True; the classification stopped between steps."""
-
-
-def versions() -> dict[str, str]:
-    """Versions of what produced a result (provenance)."""
-    import tifffile
-
-    out = {
-        "napari_zoomin": __version__,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "tifffile": tifffile.__version__,
-    }
-    try:
-        import openslide
-
-        out["openslide_python"] = openslide.__version__
-        out["openslide"] = openslide.__library_version__
-    except Exception:  # OpenSlide is optional at run time
-        pass
-    return out
 
 
 # --------------------------------------------------------------------------- decode cost
@@ -188,18 +165,6 @@ class _ObservedSource:
         return None
 
 
-def _is_oom(exc: BaseException) -> bool:
-    if isinstance(exc, MemoryError):
-        return True
-    oom = getattr(torch.cuda, "OutOfMemoryError", None)
-    if oom is not None and isinstance(exc, oom):
-        return True
-    text = str(exc).lower()
-    return isinstance(exc, RuntimeError) and (
-        "out of memory" in text or "can't allocate memory" in text
-    )
-
-
 def _resolve_tissue(slide: Slide, tissue) -> TissueMask | None:
     if tissue is None or (isinstance(tissue, str) and tissue.lower() == "none"):
         return None
@@ -242,7 +207,7 @@ def _check_size(slide: Slide, ckpt: Checkpoint) -> list[str]:
             f"{model_mpp:.3g} µm/pixel"
         )
     ph, pw = (int(v) for v in ckpt.model.patch_size)
-    what = "sub-tile" if hasattr(ckpt.model, "stage2_attention") else "patch"
+    what = "sub-tile" if "stage 2" in ckpt.model.read_steps else "patch"
     if h < ph or w < pw:
         raise ClassificationError(
             slide.path,
@@ -259,7 +224,7 @@ def _check_size(slide: Slide, ckpt: Checkpoint) -> list[str]:
             "its edge, which the model never saw in training (nothing was drawn there). "
             "Classify the whole slide, not a crop, for a result you can rely on."
         )
-    from ..models.source import scaled_size
+    from ..geometry import scaled_size
 
     s1 = ckpt.model.config.view_scale
     view = (scaled_size(h, s1), scaled_size(w, s1))
@@ -366,14 +331,7 @@ def classify(
         if cancel is not None and cancel():
             raise Cancelled("classification cancelled")
 
-    from ..models.device import select_device
-
-    try:
-        dev = select_device(device)
-    except (RuntimeError, ValueError) as exc:
-        raise ClassificationError(
-            None, f"cannot use device {device!r}: {exc}.", "Use --device cpu or auto."
-        ) from exc
+    dev = resolve_device(device)
     if isinstance(model, Checkpoint):
         ckpt = model
         ckpt.model.to(dev).eval()
@@ -438,8 +396,8 @@ def _classify(slide, ckpt, dev, draws, seed, mode, tissue, report, check, t0, wo
     check()
 
     # -- model ----------------------------------------------------------------------
-    two_stage = hasattr(model, "stage2_attention")
-    steps = ["stage 1", "stage 2", "sub-tiles"] if two_stage else ["stage 1", "sub-tiles"]
+    steps = list(model.read_steps)  # the reads the model makes, in order
+    two_stage = "stage 2" in steps
     source = SlideSource(slide, tissue=mask, workers=workers, model_mpp=training_mpp(ckpt))
     warnings.extend(
         resolution_warnings(source.slide_mpp, source.model_mpp, source.factor, slide.mpp_warning)
@@ -448,13 +406,13 @@ def _classify(slide, ckpt, dev, draws, seed, mode, tissue, report, check, t0, wo
     generator = torch.Generator().manual_seed(int(seed))
     t = time.perf_counter()
     try:
-        (pred,) = model.predict([observed], mode=mode, n_draws=draws, generator=generator)
+        (pred,) = model.predict([observed], mode=mode, draws=draws, generator=generator)
     except Cancelled:
         raise
     except ZoominError:
         raise
     except Exception as exc:
-        if not _is_oom(exc):
+        if not is_oom(exc):
             raise
         if dev.type == "cuda":
             torch.cuda.empty_cache()
@@ -490,7 +448,7 @@ def _classify(slide, ckpt, dev, draws, seed, mode, tissue, report, check, t0, wo
     if two_stage:
         s2 = float(cfg.stage2_scale)
         level2 = source.level_for(s2)
-        regions2 = source.to_level0(_stage2_regions(pred, cfg, mode)).numpy()
+        regions2 = source.to_level0(_stage2_regions(pred)).numpy()
         parts["stage2"] = needed_file_tiles(slide, level2, regions2)
         levels["stage2"] = level2
     subtile_regions = source.to_level0(pred.patches.regions).numpy()
@@ -594,21 +552,13 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def _stage2_regions(pred, cfg, mode: str) -> np.ndarray:
-    """Regions of every tile whose stage-2 view was read.
-
-    Sampling reads the views of the drawn tiles (all in ``pred.tiles``); top-k reads
-    the views of the N most attended tiles, including those none of whose sub-tiles
-    made the final cut (not in ``pred.tiles``).
-    """
-    if mode != "topk":
-        return pred.tiles.regions.numpy()
-    cells = topk_tiles(pred.attention.reshape(-1).float(), pred.attention_grid, cfg)
-    regions = pred.attention_grid.regions(cells, tuple(cfg.tile_size)).numpy()
-    return np.concatenate([regions, pred.tiles.regions.numpy()])
+def _stage2_regions(pred) -> np.ndarray:
+    """Regions of every tile whose stage-2 view was read (the model reports them)."""
+    views = pred.tiles.regions if pred.stage2_views is None else pred.stage2_views
+    return views.numpy()
 
 
-def _tiles_and_subtiles(pred, source: SlideSource) -> tuple[list[dict], list[dict]]:
+def _tiles_and_subtiles(pred, source: SlideSource) -> tuple[list[TileRecord], list[SubtileRecord]]:
     """Plain-Python tiles (most attended first) and sub-tiles (largest weight first).
 
     Regions and placements are mapped from the model's pixels to the slide's level 0.
@@ -620,7 +570,7 @@ def _tiles_and_subtiles(pred, source: SlideSource) -> tuple[list[dict], list[dic
     grid = ts.stage2_grid
     tiles = []
     for old in order:
-        t: dict[str, Any] = {
+        t: TileRecord = {
             "region": [int(v) for v in source.to_level0(ts.regions[old])[0].tolist()],
             "cell": int(ts.cells[old]),
             "count": int(ts.counts[old]),
@@ -636,7 +586,7 @@ def _tiles_and_subtiles(pred, source: SlideSource) -> tuple[list[dict], list[dic
     ps = pred.patches
     weights = ps.weights.double().numpy()
     regions = source.to_level0(ps.regions).tolist()
-    subs = [
+    subs: list[SubtileRecord] = [
         {
             "region": [int(v) for v in regions[k]],
             "weight": float(weights[k]),

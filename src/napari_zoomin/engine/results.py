@@ -35,11 +35,12 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 
-from ..atomic import atomic_path, write_bytes_atomic
+from ..atomic import write_bytes_atomic
+from ..geometry import max_2x2
 
 __all__ = [
     "FORMAT",
@@ -47,6 +48,8 @@ __all__ = [
     "JSON_MAX_CELLS",
     "PIXEL_DEFINITIONS",
     "Result",
+    "SubtileRecord",
+    "TileRecord",
     "grid_placement",
     "stage2_canvas",
     "write_attention_tiff",
@@ -117,6 +120,38 @@ def grid_placement(grid, index: int = 0) -> tuple[tuple[float, float], tuple[flo
 
 
 # --------------------------------------------------------------------------- result
+
+
+class TileRecord(TypedDict, total=False):
+    """One drawn tile in :attr:`Result.tiles` (plain JSON-able keys, typed here once).
+
+    ``region`` [top, left, h, w] level-0 pixels; ``cell`` flat index into ``α``;
+    ``count`` draws over all K estimates; ``alpha`` ``α_c``; two-stage models add
+    ``stage2_attention`` ((u, v) float32 ``β^c``) and its placement
+    ``stage2_origin`` / ``stage2_cell_size`` (module docstring).
+    """
+
+    region: list[int]
+    cell: int
+    count: int
+    alpha: float
+    stage2_attention: np.ndarray
+    stage2_origin: tuple[float, float]
+    stage2_cell_size: tuple[float, float]
+
+
+class SubtileRecord(TypedDict):
+    """One full-resolution region the feature network read, in :attr:`Result.subtiles`.
+
+    ``region`` level-0 pixels; ``weight`` its attention relative to the whole slide
+    (``α_c·β^c_c'``, or ``α_c`` for one-stage models); ``tile`` index into
+    :attr:`Result.tiles`; ``cell`` flat index into that tile's ``β^c`` (or ``α``).
+    """
+
+    region: list[int]
+    weight: float
+    tile: int
+    cell: int
 
 
 def _floats(values: Sequence[float]) -> list[float]:
@@ -190,8 +225,8 @@ class Result:
     stage1_attention: np.ndarray
     stage1_origin: tuple[float, float]
     stage1_cell_size: tuple[float, float]
-    tiles: list[dict[str, Any]]
-    subtiles: list[dict[str, Any]]
+    tiles: list[TileRecord]
+    subtiles: list[SubtileRecord]
     pixels_decoded: int
     pixels_needed: int
     pixels_read: int
@@ -345,13 +380,6 @@ class Result:
 # --------------------------------------------------------------------------- TIFFs
 
 
-def _max_pool2(a: np.ndarray) -> np.ndarray:
-    """2×2 max of a 2-D map; odd edges keep their last row/column (ceil shapes)."""
-    h, w = a.shape
-    p = np.pad(a, ((0, h % 2), (0, w % 2)), constant_values=-np.inf)
-    return p.reshape((h + 1) // 2, 2, (w + 1) // 2, 2).max(axis=(1, 3))
-
-
 @dataclass
 class SparseMap:
     """A mostly-empty 2-D float32 map: ``values`` at ``(rows, cols)``, zero elsewhere."""
@@ -446,17 +474,17 @@ def write_attention_tiff(
     mpp`` (OME ``PhysicalSizeX/Y`` in µm, and TIFF X/YResolution in pixels per cm)
     and the OME ``Plane`` position is ``origin × mpp``, so the map overlays the slide.
     Without ``mpp`` the resolution tags have no unit and count map pixels per
-    level-0 pixel.
+    level-0 pixel.  Stored in the ``"ome-tiff"`` layout of
+    :func:`napari_zoomin.samples.pyramid.write_tiff_pyramid` (which says why).
     """
-    import tifffile
+    from ..samples.pyramid import write_tiff_pyramid
 
-    path = Path(path)
     levels: list[np.ndarray | SparseMap] = [
         data if isinstance(data, SparseMap) else np.asarray(data, np.float32)
     ]
     while max(levels[-1].shape) > TIFF_TILE:
         lv = levels[-1]
-        levels.append(lv.pooled() if isinstance(lv, SparseMap) else _max_pool2(lv))
+        levels.append(lv.pooled() if isinstance(lv, SparseMap) else max_2x2(lv))
 
     def resolution(k: int):
         sy, sx = cell_size[0] * 2**k, cell_size[1] * 2**k
@@ -478,33 +506,37 @@ def write_attention_tiff(
                 "PositionYUnit": ["µm"],
             },
         )
-    with atomic_path(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=True, ome=True) as tw:
+
+    def pages():
         for k, lv in enumerate(levels):
             res, unit = resolution(k)
-            kwargs: dict[str, Any] = {
-                "tile": (TIFF_TILE, TIFF_TILE),
-                "compression": "zlib",
-                "predictor": True,
-                "photometric": "minisblack",
+            options: dict[str, Any] = {
                 "resolution": res,
                 "resolutionunit": unit,
+                "metadata": meta if k == 0 else None,
             }
-            if k == 0:
-                kwargs.update(subifds=len(levels) - 1, metadata=meta)
-            else:
-                kwargs.update(subfiletype=1, metadata=None)
             if isinstance(lv, SparseMap):
-                tw.write(lv.tiles(TIFF_TILE), shape=lv.shape, dtype=np.float32, **kwargs)
+                yield lv.tiles(TIFF_TILE), {**options, "shape": lv.shape, "dtype": np.float32}
             else:
-                tw.write(lv, **kwargs)
-    return path
+                yield lv, options
+
+    return write_tiff_pyramid(
+        path,
+        pages(),
+        layout="ome-tiff",
+        n_levels=len(levels),
+        tile=(TIFF_TILE, TIFF_TILE),
+        compression="zlib",
+        predictor=True,
+        photometric="minisblack",
+    )
 
 
 # --------------------------------------------------------------------------- outputs
 
 
 def _geojson_annotations(result: Result):
-    from .annotations import Annotation
+    from ..annotations import Annotation
 
     anns, props = [], []
     for i, t in enumerate(result.tiles):
@@ -534,7 +566,7 @@ def write_outputs(result: Result, out_dir: str | os.PathLike) -> dict[str, Path]
       :data:`JSON_MAX_CELLS` cells; ``result.json`` then references it.
     - ``json`` → ``result.json``, written last.
     """
-    from .annotations import write_geojson
+    from ..annotations import write_geojson
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

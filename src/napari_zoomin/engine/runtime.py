@@ -14,9 +14,20 @@ import numpy as np
 import torch
 
 from .._version import __version__
+from ..errors import ClassificationError
 from ..models.device import select_device
 
-__all__ = ["available_devices", "is_oom", "select_device", "versions"]
+__all__ = [
+    "DEVICE_FIX",
+    "available_devices",
+    "is_oom",
+    "resolve_device",
+    "select_device",
+    "versions",
+]
+
+#: what a command-line user can do about a device that cannot be used
+DEVICE_FIX = "Use --device cpu or auto."
 
 
 def available_devices() -> list[str]:
@@ -31,6 +42,20 @@ def available_devices() -> list[str]:
     if mps is not None and mps.is_available():
         devices.append("mps")
     return devices
+
+
+def resolve_device(device: str | torch.device | None, fix: str = DEVICE_FIX) -> torch.device:
+    """:func:`select_device`, with a device that cannot be used as the project's clear error.
+
+    ``"auto"`` (or ``None``) is CUDA when available, else the CPU.  An unknown name
+    (``"gpu"``) or an accelerator this machine lacks (``"cuda"`` without CUDA) raises
+    :class:`~napari_zoomin.errors.ClassificationError` "cannot use device …" with
+    ``fix`` (the widget says "Choose cpu or auto.").
+    """
+    try:
+        return select_device(device)
+    except (RuntimeError, ValueError, TypeError) as exc:
+        raise ClassificationError(None, f"cannot use device {device!r}: {exc}.", fix) from exc
 
 
 def is_oom(exc: BaseException) -> bool:

@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..models.source import ReadCounter, as_regions, scaled_size
+from ..geometry import scaled_size
+from ..models.source import ReadCounter, as_regions
 from ..slide import Slide
 from .tissue import TissueMask
 

@@ -28,13 +28,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from ..errors import AnnotationError
-from ..models.source import scaled_size
+from ..geometry import scaled_size
 from ..slide import Slide
+
+if TYPE_CHECKING:
+    import torch
 
 #: the level used for detection is the one nearest this downsample
 DETECTION_DOWNSAMPLE = 64.0
@@ -80,6 +83,8 @@ class TissueMask:
         h, w = self.level0_shape
         fy, fx = (1.0, 1.0) if extent is None else (extent[0] / h, extent[1] / w)
         m = _any_in_ranges(self.mask, int(size[0]), axis=0, fraction=fy)
+        import torch  # here, so that detecting tissue never loads torch
+
         return torch.from_numpy(_any_in_ranges(m, int(size[1]), axis=1, fraction=fx))
 
 

@@ -193,64 +193,38 @@ class ATS(AttentionSamplingModel):
 
     # -- inference -------------------------------------------------------------------
 
-    @torch.no_grad()
-    def predict(
-        self,
-        sources: Sequence[ImageSource],
-        mode: str = "sample",
-        n_draws: int = 16,
-        generator: torch.Generator | None = None,
-    ) -> list[Prediction]:
-        """Classify images and report the attention and the patches seen.
-
-        ``"sample"``: ``n_draws`` independent estimates per image (mean probability,
-        standard deviation as ``spread``; patches = union over draws, counts summed).
-        ``"topk"``: deterministic, the ``N`` most attended patches that do not overlap a
-        better one by more than ``config.topk_max_overlap`` of their area
-        (:func:`~.topk.distinct_top_k`), their features weighed by
-        ``config.topk_weights`` (renormalised attention by default).
-        """
-        if mode not in ("sample", "topk"):
-            raise ValueError(f"mode must be 'sample' or 'topk', got {mode!r}")
-        was_training = self.training
-        self.eval()
-        try:
-            with autocast(self.device):
-                stage1 = self.stage1(sources)
-                if mode == "topk":
-                    return [self._predict_topk(sources, stage1, b) for b in range(len(sources))]
-                rows = [b for b in range(len(sources)) for _ in range(n_draws)]
-                run = self.one_stage(sources, stage1, rows, generator)
-                probs = class_probabilities(self.classifier(run.z)).cpu()
-            out = []
-            for b, st in enumerate(stage1):
-                draws = probs[run.rows == b]
-                patches = torch.nonzero(run.table_images == b)[:, 0]
-                counts = torch.zeros(int(run.table_images.shape[0]), dtype=torch.int64)
-                valid = run.valid.cpu()
-                counts.index_add_(0, run.patch_ids[valid], torch.ones_like(run.patch_ids[valid]))
-                out.append(
-                    self._prediction(
-                        st,
-                        draws,
-                        "sample",
-                        run.table_cells[patches],
-                        run.table_regions[patches],
-                        counts[patches],
-                    )
+    def _predict_sampled(self, sources, stage1, draws, generator) -> list[Prediction]:
+        """K estimates per image; patches = union over the draws, counts summed."""
+        rows = [b for b in range(len(sources)) for _ in range(draws)]
+        run = self.one_stage(sources, stage1, rows, generator)
+        probs = class_probabilities(self.classifier(run.z)).cpu()
+        out = []
+        for b, st in enumerate(stage1):
+            per_draw = probs[run.rows == b]
+            patches = torch.nonzero(run.table_images == b)[:, 0]
+            counts = torch.zeros(int(run.table_images.shape[0]), dtype=torch.int64)
+            valid = run.valid.cpu()
+            counts.index_add_(0, run.patch_ids[valid], torch.ones_like(run.patch_ids[valid]))
+            out.append(
+                self._prediction(
+                    st,
+                    per_draw,
+                    "sample",
+                    run.table_cells[patches],
+                    run.table_regions[patches],
+                    counts[patches],
                 )
-            return out
-        finally:
-            self.train(was_training)
+            )
+        return out
 
-    def _prediction(self, st: Stage1, draws, mode, cells, regions, counts) -> Prediction:
+    def _prediction(self, st: Stage1, per_draw, mode, cells, regions, counts) -> Prediction:
         alpha = st.attention.detach().float().cpu()
         a = alpha[cells]
         n = int(cells.shape[0])
         return Prediction(
-            probabilities=draws.mean(0),
-            spread=draws.std(0, correction=0),
-            draw_probabilities=draws,
+            probabilities=per_draw.mean(0),
+            spread=per_draw.std(0, correction=0),
+            draw_probabilities=per_draw,
             mode=mode,
             attention=alpha.reshape(st.grid.map_shape),
             attention_grid=st.grid,
@@ -259,6 +233,9 @@ class ATS(AttentionSamplingModel):
         )
 
     def _predict_topk(self, sources, stage1: Sequence[Stage1], b: int) -> Prediction:
+        """The ``N`` most attended patches that do not overlap a better one by more than
+        ``config.topk_max_overlap`` of their area (:func:`~.topk.distinct_top_k`), their
+        features weighed by ``config.topk_weights`` (renormalised attention by default)."""
         st = stage1[b]
         alpha = st.attention.detach().float()
         cells = distinct_top_k(

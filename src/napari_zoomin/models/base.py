@@ -22,6 +22,7 @@ from .coordinates import CellGrid, outside_image
 from .device import autocast
 from .distributions import attention_distribution
 from .networks import AttentionNetwork, Classifier, FeatureNetwork, class_probabilities
+from .outputs import Prediction
 from .source import ImageSource, read_view, tissue_mask
 
 __all__ = ["AttentionSamplingModel", "SamplingConfig", "Stage1"]
@@ -324,4 +325,54 @@ class AttentionSamplingModel(nn.Module):
     def sampled_logits(
         self, sources: Sequence[ImageSource], generator: torch.Generator | None = None
     ) -> Tensor:
+        raise NotImplementedError
+
+    #: the reads one classification makes, in order (progress messages name them)
+    read_steps: tuple[str, ...] = ("stage 1", "sub-tiles")
+
+    @torch.no_grad()
+    def predict(
+        self,
+        sources: Sequence[ImageSource],
+        mode: str = "sample",
+        draws: int = 16,
+        generator: torch.Generator | None = None,
+    ) -> list[Prediction]:
+        """Classify images and report where the model looked (one template for all models).
+
+        Args:
+            mode: ``"sample"``: ``draws`` (K) independent sampled estimates per image;
+                the prediction is their mean probability and ``spread`` their standard
+                deviation; the regions read are the union over the draws.  ``"topk"``:
+                deterministic, the model's most attended distinct regions
+                (:meth:`_predict_topk` of each model says which).
+            draws: K for ``"sample"``.
+        """
+        if mode not in ("sample", "topk"):
+            raise ValueError(f"mode must be 'sample' or 'topk', got {mode!r}")
+        if int(draws) < 1:
+            raise ValueError(f"draws must be at least 1, got {draws}")
+        was_training = self.training
+        self.eval()
+        try:
+            with autocast(self.device):
+                stage1 = self.stage1(sources)
+                if mode == "topk":
+                    return [self._predict_topk(sources, stage1, b) for b in range(len(sources))]
+                return self._predict_sampled(sources, stage1, int(draws), generator)
+        finally:
+            self.train(was_training)
+
+    def _predict_sampled(
+        self,
+        sources: Sequence[ImageSource],
+        stage1: Sequence[Stage1],
+        draws: int,
+        generator: torch.Generator | None,
+    ) -> list[Prediction]:
+        raise NotImplementedError
+
+    def _predict_topk(
+        self, sources: Sequence[ImageSource], stage1: Sequence[Stage1], b: int
+    ) -> Prediction:
         raise NotImplementedError

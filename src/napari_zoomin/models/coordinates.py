@@ -8,7 +8,7 @@ that map is centred, in view pixels, on its receptive field::
 
 (``offset = 0, stride = 1`` for 'same' convolutions; for three 3×3 'valid'
 convolutions the map is 6 pixels smaller than the view and ``offset = 3``: ignoring
-this offset is a defect of public code, METHODS.md).  The view pixel ``v`` maps to
+this offset is a defect of public code, docs/methods.md).  The view pixel ``v`` maps to
 the level-0 centre of 000 §2.1, written 0-based:
 
     centre = top + round(v · (h − 1) / (h_v − 1))

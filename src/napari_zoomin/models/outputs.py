@@ -93,6 +93,9 @@ class Prediction:
         attention_grid: where the cells of ``α`` lie in level-0 pixels.
         tiles: the drawn stage-1 cells.
         patches: what the feature network saw, with their weights.
+        stage2_views: (V, 4) level-0 regions whose stage-2 views were read, when they
+            are more than ``tiles.regions`` (top-k reads the views of N tiles and keeps
+            those with a chosen sub-tile); ``None``: exactly the tiles'.
     """
 
     probabilities: Tensor
@@ -103,6 +106,7 @@ class Prediction:
     attention_grid: CellGrid
     tiles: TileSet
     patches: PatchSet
+    stage2_views: Tensor | None = None
 
     @property
     def label(self) -> int:
@@ -110,5 +114,6 @@ class Prediction:
         return int(self.probabilities.argmax())
 
     @property
-    def n_draws(self) -> int:
+    def draws(self) -> int:
+        """K, the number of sampled estimates (1 for top-k)."""
         return int(self.draw_probabilities.shape[0])

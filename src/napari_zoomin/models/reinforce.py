@@ -1,6 +1,6 @@
 """ATS with the attention trained by REINFORCE, as in the lymphoma study (003).
 
-Differences from :class:`~napari_zoomin.models.ats.ATS` (METHODS.md §REINFORCE):
+Differences from :class:`~napari_zoomin.models.ats.ATS` (docs/methods.md, "Losses"):
 
 - patches are drawn with replacement and aggregated with the attention-renormalised
   weights ``sg(a_p) / Σ sg(a_p)`` (003 eq. 1): no gradient reaches the attention

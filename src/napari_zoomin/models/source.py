@@ -32,7 +32,6 @@ Optional capabilities, looked up with ``getattr`` (a source may lack them):
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
@@ -41,6 +40,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from ..geometry import scaled_size
 
 __all__ = [
     "ImageSource",
@@ -53,7 +54,6 @@ __all__ = [
     "read_hard_negatives",
     "read_roi",
     "read_view",
-    "scaled_size",
     "tissue_mask",
 ]
 
@@ -70,14 +70,6 @@ class ImageSource(Protocol):
     def read(self, regions: Tensor, scale: float) -> Tensor:
         """(n, 3, scaled_size(h, scale), scaled_size(w, scale)) float32 in [0, 1]."""
         ...
-
-
-def scaled_size(length: int, scale: float) -> int:
-    """Output length of a level-0 length read at ``scale``: rounded half up, at least 1.
-
-    Every source must use this rule, so that views, masks and attention maps agree.
-    """
-    return max(1, math.floor(length * scale + 0.5))
 
 
 def as_regions(regions: Tensor | np.ndarray | list) -> Tensor:

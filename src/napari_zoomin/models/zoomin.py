@@ -118,7 +118,7 @@ def _draw_tiles(
         ``cells`` (R, T) with ``counts`` (R, T) (0 = padding), and ``α`` (R, T) at
         those cells, differentiable.
     """
-    draws = torch.zeros((len(rows), n), dtype=torch.int64)
+    picked = torch.zeros((len(rows), n), dtype=torch.int64)  # stage-1 cells, N per row
     distinct = torch.zeros((len(rows), n), dtype=torch.int64)  # counts without replacement
     for b in torch.unique(rows).tolist():
         sel = torch.nonzero(rows == b)[:, 0]
@@ -126,14 +126,14 @@ def _draw_tiles(
         nonzero = torch.nonzero(a > 0)[:, 0]
         if replace:
             picks = sample(a[nonzero][None], n * len(sel), replace=True, generator=generator)
-            draws[sel] = nonzero[picks[0]].cpu().reshape(len(sel), n)
+            picked[sel] = nonzero[picks[0]].cpu().reshape(len(sel), n)
             continue
         k = min(n, int(nonzero.shape[0]))
         for r in sel.tolist():  # one row at a time: no K copies of a slide's α
             picks = sample(a[nonzero][None], k, replace=False, generator=generator)
-            draws[r, :k] = nonzero[picks[0]].cpu()
+            picked[r, :k] = nonzero[picks[0]].cpu()
             distinct[r, :k] = 1
-    cells, counts = draws_to_counts(draws) if replace else (draws, distinct)
+    cells, counts = draws_to_counts(picked) if replace else (picked, distinct)
     gathered = torch.stack(
         [alphas[b][cells[r].to(alphas[b].device)] for r, b in enumerate(rows.tolist())]
     )
@@ -412,50 +412,21 @@ class ZoomIn(AttentionSamplingModel):
 
     # -- inference -------------------------------------------------------------------
 
-    @torch.no_grad()
-    def predict(
-        self,
-        sources: Sequence[ImageSource],
-        mode: str = "sample",
-        n_draws: int = 16,
-        generator: torch.Generator | None = None,
-    ) -> list[Prediction]:
-        """Classify images and report where the model looked.
+    read_steps = ("stage 1", "stage 2", "sub-tiles")
 
-        Args:
-            mode: ``"sample"``: ``n_draws`` independent two-stage estimates per image;
-                the prediction is their mean probability and ``spread`` their standard
-                deviation; tiles and sub-tiles are the union over draws (tile counts
-                summed).  ``"topk"``: deterministic — the ``N`` most attended tiles,
-                then the ``N`` sub-tiles with the largest ``α_c β^c_c'`` among them,
-                their features weighed by ``config.topk_weights`` (by default as the
-                training estimator weighs a draw sequence that took them in that
-                order; biased, but converges to the full model as ``N`` grows); at both
-                stages a region that overlaps a better-ranked chosen one by more than
-                ``config.topk_max_overlap`` of its area is skipped (:func:`topk_tiles`).
-            n_draws: K for ``"sample"``.
-        """
-        if mode not in ("sample", "topk"):
-            raise ValueError(f"mode must be 'sample' or 'topk', got {mode!r}")
-        was_training = self.training
-        self.eval()
-        try:
-            with autocast(self.device):
-                stage1 = self.stage1(sources)
-                if mode == "topk":
-                    return [self._predict_topk(sources, stage1, b) for b in range(len(sources))]
-                rows = [b for b in range(len(sources)) for _ in range(n_draws)]
-                run = self.two_stage(sources, stage1, rows, False, generator)
-                probs = class_probabilities(self.classifier(run.z)).cpu()
-            return [self._prediction_from_pass(stage1, run, probs, b) for b in range(len(sources))]
-        finally:
-            self.train(was_training)
+    def _predict_sampled(self, sources, stage1, draws, generator) -> list[Prediction]:
+        """K two-stage estimates per image; tiles and sub-tiles are the union over the
+        draws (tile counts summed)."""
+        rows = [b for b in range(len(sources)) for _ in range(draws)]
+        run = self.two_stage(sources, stage1, rows, False, generator)
+        probs = class_probabilities(self.classifier(run.z)).cpu()
+        return [self._prediction_from_pass(stage1, run, probs, b) for b in range(len(sources))]
 
     def _prediction_from_pass(
         self, stage1: Sequence[Stage1], run: TwoStagePass, probs: Tensor, b: int
     ) -> Prediction:
         st = stage1[b]
-        draws = probs[run.rows == b]
+        per_draw = probs[run.rows == b]
         tiles = torch.nonzero(run.table_images == b)[:, 0]
         local = torch.full((int(run.table_images.shape[0]),), -1, dtype=torch.int64)
         local[tiles] = torch.arange(int(tiles.shape[0]))
@@ -469,9 +440,9 @@ class ZoomIn(AttentionSamplingModel):
         sub_tile = run.sub_tiles[subs]
         weights = alpha[run.table_cells[sub_tile]] * beta[sub_tile, run.sub_cells[subs]]
         return Prediction(
-            probabilities=draws.mean(0),
-            spread=draws.std(0, correction=0),
-            draw_probabilities=draws,
+            probabilities=per_draw.mean(0),
+            spread=per_draw.std(0, correction=0),
+            draw_probabilities=per_draw,
             mode="sample",
             attention=alpha.reshape(st.grid.map_shape),
             attention_grid=st.grid,
@@ -492,6 +463,14 @@ class ZoomIn(AttentionSamplingModel):
         )
 
     def _predict_topk(self, sources, stage1: Sequence[Stage1], b: int) -> Prediction:
+        """Deterministic: the ``N`` most attended tiles, then the ``N`` sub-tiles with the
+        largest ``α_c β^c_c'`` among them, their features weighed by
+        ``config.topk_weights`` (by default as the training estimator weighs a draw
+        sequence that took them in that order; biased, but converges to the full model
+        as ``N`` grows); at both stages a region that overlaps a better-ranked chosen one
+        by more than ``config.topk_max_overlap`` of its area is skipped
+        (:func:`topk_tiles`).  The stage-2 views of all ``N`` tiles are read, including
+        those none of whose sub-tiles made the cut (``Prediction.stage2_views``)."""
         c = self.config
         st = stage1[b]
         alpha = st.attention.detach().float()
@@ -552,4 +531,5 @@ class ZoomIn(AttentionSamplingModel):
                 regions=sub_regions,
                 weights=w.cpu(),
             ),
+            stage2_views=regions,
         )

@@ -52,29 +52,13 @@ if TYPE_CHECKING:
     from ..engine.checkpoints import Checkpoint
     from ..engine.results import Result
 
-__all__ = ["ClassifyWidget", "available_devices"]
+__all__ = ["ClassifyWidget"]
 
 log = logging.getLogger(__name__)
 
 #: rows of the "most attended sub-tiles" table
 TOP_SUBTILES = 20
 ROI_EXPORT_NAME = "roi_annotations.geojson"
-#: metadata key by which the ROI annotations widget ties a shapes layer to its slide
-#: (the slide's resolved path, or ``layer:<name>``); see ``roi_widget.ROI_METADATA``
-ROI_METADATA = "napari_zoomin_roi"
-
-
-def available_devices() -> list[str]:
-    """``auto``, ``cpu`` and the accelerators torch reports here (nothing that would fail)."""
-    import torch
-
-    devices = ["auto", "cpu"]
-    if torch.cuda.is_available():
-        devices += ["cuda"] + [f"cuda:{i}" for i in range(1, torch.cuda.device_count())]
-    mps = getattr(torch.backends, "mps", None)
-    if mps is not None and mps.is_available():
-        devices.append("mps")
-    return devices
 
 
 def _model_label(model: str) -> str:
@@ -140,6 +124,8 @@ class ClassifyWidget(Container):
     """Dock widget: inputs, Classify/Cancel, progress, result summary, top sub-tiles."""
 
     def __init__(self, viewer: napari.viewer.Viewer):
+        from ..engine.runtime import available_devices  # torch, once the widget is made
+
         super().__init__(labels=False)
         self.viewer = viewer
         self.result: Result | None = None
@@ -292,15 +278,9 @@ class ClassifyWidget(Container):
     def _checkpoint(self, model: str, device: str) -> Checkpoint:
         """The loaded checkpoint, cached per (model, file version, device)."""
         from ..engine.checkpoints import DEMO_MODEL, load_model
-        from ..errors import ClassificationError
-        from ..models.device import select_device
+        from ..engine.runtime import resolve_device
 
-        try:
-            dev = select_device(device)
-        except (RuntimeError, ValueError) as exc:
-            raise ClassificationError(
-                None, f"cannot use device {device!r}: {exc}.", "Choose cpu or auto."
-            ) from exc
+        dev = resolve_device(device, fix="Choose cpu or auto.")
         file = DEMO_MODEL if model == DEMO else Path(model)
         try:
             stat = file.stat()
@@ -548,6 +528,7 @@ class ClassifyWidget(Container):
         from napari.layers import Shapes
 
         from .roi_shapes import ROI_LAYER_NAME
+        from .roi_widget import ROI_METADATA
 
         slide = self._result_slide
         path = slide.metadata.get("path") or getattr(slide.source, "path", None)
@@ -587,7 +568,7 @@ class ClassifyWidget(Container):
     def export(self, folder: str | Path) -> dict[str, Path]:
         """Write result.json, the attention maps (pyramidal OME-TIFF), sampled.geojson and,
         when there is an ``ROI annotations`` layer, roi_annotations.geojson into ``folder``."""
-        from ..engine.annotations import write_geojson
+        from ..annotations import write_geojson
         from ..engine.results import write_outputs
 
         if self.result is None:

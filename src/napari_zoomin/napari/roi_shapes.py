@@ -2,7 +2,7 @@
 
 Two conventions meet here.  napari puts the *centre* of data pixel ``k`` at ``k``
 (pixel ``k`` covers ``[k − ½, k + ½)``); annotations and ROI masks
-(:mod:`napari_zoomin.engine.annotations`) say level-0 pixel ``c`` covers ``[c, c + 1)``.
+(:mod:`napari_zoomin.annotations`) say level-0 pixel ``c`` covers ``[c, c + 1)``.
 A slide layer with level-0 frame ``(s, t)`` (:func:`~.slide_layers.level0_frame`)
 therefore shows the level-0 point ``x`` (annotation convention) at world
 ``t + s·(x − ½)``, and a world point ``w`` is the level-0 point ``(w − t)/s + ½``.
@@ -12,7 +12,7 @@ The ``ROI annotations`` shapes layer is placed with scale ``s`` and translate
 annotation convention: what a user draws is saved without arithmetic.  The ``ROI
 labels`` layer paints one pyramid level of downsample ``d``: its pixel ``j`` covers
 level-0 ``[j·d, (j+1)·d)``, exactly the output pixel of
-:func:`~napari_zoomin.engine.annotations.rasterize_region` at scale ``1/d``, so it is
+:func:`~napari_zoomin.annotations.rasterize_region` at scale ``1/d``, so it is
 placed with scale ``s·d`` and translate ``t + s·(d − 1)/2``
 (:func:`roi_labels_placement`).
 
@@ -24,22 +24,13 @@ painted mask, at the painted level and at level 0.
 
 from __future__ import annotations
 
-import hashlib
-import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 import numpy as np
-import platformdirs
 from skimage.measure import label as connected_components
 
-from ..engine.annotations import (
-    DEFAULT_LABEL,
-    Annotation,
-    Annotations,
-    annotations_path_for,
-    find_annotations,
-)
+from ..annotations import DEFAULT_LABEL, Annotation, Annotations
+from ..geometry import ring_area
 
 __all__ = [
     "ELLIPSE_VERTICES",
@@ -48,8 +39,6 @@ __all__ = [
     "ROI_LABELS_LAYER_NAME",
     "ROI_LAYER_NAME",
     "annotations_to_shapes",
-    "fallback_annotations_dir",
-    "find_sidecar",
     "keyhole_ring",
     "labels_to_annotations",
     "level0_to_world",
@@ -58,7 +47,6 @@ __all__ = [
     "roi_labels_placement",
     "roi_shapes_placement",
     "shapes_to_annotations",
-    "sidecar_for_saving",
     "world_to_level0",
 ]
 
@@ -276,12 +264,6 @@ _EDGES = (
 )
 
 
-def _ring_area(ring_rc: np.ndarray) -> float:
-    """Signed shoelace area in (x, y) = (col, row): exteriors > 0, holes < 0 here."""
-    y, x = ring_rc[:, 0], ring_rc[:, 1]
-    return 0.5 * float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1)))
-
-
 def mask_outlines(mask: np.ndarray) -> list[tuple[np.ndarray, list[np.ndarray]]]:
     """Exact outlines of a boolean mask: ``(exterior, holes)`` per 4-connected component.
 
@@ -344,7 +326,8 @@ def mask_outlines(mask: np.ndarray) -> list[tuple[np.ndarray, list[np.ndarray]]]
         keys = start[ring_edges[turns]]
         ring = np.stack([keys // width, keys % width], axis=1).astype(np.float64)
         exteriors, holes = per_component.setdefault(int(owner[e0]), ([], []))
-        (exteriors if _ring_area(ring) > 0 else holes).append(ring)
+        # signed area in (x, y) = (col, row): the walk above makes exteriors > 0, holes < 0
+        (exteriors if ring_area(ring[:, ::-1], signed=True) > 0 else holes).append(ring)
     out = []
     for k in sorted(per_component):
         exteriors, holes = per_component[k]
@@ -388,51 +371,3 @@ def labels_to_annotations(
                 )
             )
     return out
-
-
-# --------------------------------------------------------------------------- sidecars
-
-
-def fallback_annotations_dir() -> Path:
-    """Where ROI files go when a slide's folder is not writable (per-user data folder)."""
-    return Path(platformdirs.user_data_dir("napari-zoomin")) / "annotations"
-
-
-def _fallback_sidecar(slide_path: Path) -> Path:
-    """``<data>/annotations/<hash of the slide's path>/<stem>.geojson``: unique per slide."""
-    digest = hashlib.sha256(str(slide_path.resolve()).encode()).hexdigest()[:16]
-    return fallback_annotations_dir() / digest / annotations_path_for(slide_path).name
-
-
-def _is_writable(path: Path) -> bool:
-    """True when ``path`` can be created or replaced (its folder is writable)."""
-    folder = path.parent
-    return folder.is_dir() and os.access(folder, os.W_OK | os.X_OK)
-
-
-def sidecar_for_saving(slide_path: str | os.PathLike) -> tuple[Path, bool]:
-    """The ROI file to save a slide's annotations to, and whether it is the fallback.
-
-    ``<stem>.geojson`` beside the slide (what :func:`find_annotations` and training find),
-    unless that folder is not writable, then the per-user fallback.
-    """
-    slide_path = Path(slide_path)
-    beside = annotations_path_for(slide_path)
-    if _is_writable(beside):
-        return beside, False
-    return _fallback_sidecar(slide_path), True
-
-
-def find_sidecar(
-    slide_path: str | os.PathLike, annotations_dir: str | os.PathLike | None = None
-) -> Path | None:
-    """A slide's ROI file: the engine's lookup (:func:`find_annotations`), then the fallback.
-
-    A fallback file exists only when the slide's folder was not writable, so that is
-    where the ROI widget keeps its edits; it is returned first.
-    """
-    slide_path = Path(slide_path)
-    fallback = _fallback_sidecar(slide_path)
-    if fallback.is_file():
-        return fallback
-    return find_annotations(slide_path, annotations_dir)

@@ -6,9 +6,11 @@ request, a labels layer ``ROI labels`` painting one low pyramid level.  Both are
 placed so that their data map exactly onto the slide's level-0 pixels (see
 :mod:`.roi_shapes`).  Every change is saved, one second after the last one and when
 the widget or the viewer closes, to the slide's ROI file ``<stem>.geojson`` beside the
-slide (atomically, QuPath-compatible), which is the file training reads its ROI masks
-from.  A ROI file that exists when a slide is first annotated is loaded first, so it
-is extended, never replaced unseen.
+slide (atomically, QuPath-compatible; a per-user copy when that folder is not
+writable, :func:`~napari_zoomin.annotations.sidecar_for_saving`), which is the file
+training reads its ROI masks from (:func:`~napari_zoomin.annotations.find_annotations`).
+A ROI file that exists when a slide is first annotated is loaded first, so it is
+extended, never replaced unseen.
 """
 
 from __future__ import annotations
@@ -28,13 +30,16 @@ from napari.utils.colormaps import DirectLabelColormap
 from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import QEvent, QObject, QTimer
 
-from ..engine.annotations import (
+from ..annotations import (
     DEFAULT_LABEL,
     EXCLUSION_LABEL,
     Annotation,
-    _label_colour,
     annotations_path_for,
+    fallback_annotations_dir,
+    find_annotations,
+    label_colour,
     read_annotations,
+    sidecar_for_saving,
     write_geojson,
 )
 from ..errors import ZoominError
@@ -44,14 +49,11 @@ from .roi_shapes import (
     ROI_LABELS_LAYER_NAME,
     ROI_LAYER_NAME,
     annotations_to_shapes,
-    fallback_annotations_dir,
-    find_sidecar,
     labels_to_annotations,
     nearest_level,
     roi_labels_placement,
     roi_shapes_placement,
     shapes_to_annotations,
-    sidecar_for_saving,
 )
 from .slide_layers import _layer_path, level0_frame, slide_layers
 
@@ -64,7 +66,8 @@ __all__ = ["AUTOSAVE_DELAY_MS", "MAX_PAINT_PIXELS", "RoiWidget", "flush_pending_
 AUTOSAVE_DELAY_MS = 1000
 #: the largest level that can be painted (napari paints in memory: 200 MB of uint8)
 MAX_PAINT_PIXELS = 200_000_000
-#: layer metadata key tying an ROI layer to its slide
+#: layer metadata key tying an ROI layer to its slide (the slide's resolved path, or
+#: ``layer:<name>``); the Classify widget finds the slide's ROI shapes by it
 ROI_METADATA = "napari_zoomin_roi"
 _TRANSPARENT = (0.0, 0.0, 0.0, 0.0)
 
@@ -81,7 +84,7 @@ def flush_pending_saves() -> None:
 
 
 def _rgba(label: str) -> tuple[float, float, float, float]:
-    r, g, b = _label_colour(label)
+    r, g, b = label_colour(label)
     return np.array([r / 255.0, g / 255.0, b / 255.0, 1.0])
 
 
@@ -348,7 +351,7 @@ class RoiWidget(Container):
         """The annotations of the slide's existing ROI file, read before anything is saved."""
         found = sidecar if sidecar.is_file() else None
         if found is None and slide_path is not None:
-            found = find_sidecar(slide_path)
+            found = find_annotations(slide_path)
         if found is None:
             return [], None
         try:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from ..samples import sample_slide_path
 from ..slide import open_slide
-from ..slide.synthetic import sample_slide_path
 from .layers import slide_layer_data
 
 

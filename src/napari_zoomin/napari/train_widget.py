@@ -1,7 +1,7 @@
 """``Train classifier``: train an attention-sampling model from napari, off the GUI thread.
 
 The widget collects data and settings and calls the engine
-(:func:`napari_zoomin.engine.trainer.train`); it holds no training logic.  Data come
+(:func:`napari_zoomin.training.train`); it holds no training logic.  Data come
 from a slides folder and a labels CSV (as ``zoomin train``) or from the slides open in
 the viewer with a label typed per slide, written to ``<model>.labels.csv`` beside the
 checkpoint so the run is reproducible and recorded in it.  ROI masks come from each
@@ -24,7 +24,6 @@ from fractions import Fraction
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import platformdirs
 from magicgui.widgets import (
     CheckBox,
     ComboBox,
@@ -44,18 +43,33 @@ from qtpy.QtGui import QColor, QPainter, QPen, QPolygonF
 from qtpy.QtWidgets import QSizePolicy, QWidget
 
 from ..atomic import atomic_open
-from ..engine.checkpoints import read_checkpoint_info
 from ..engine.dataset import SlideDataset, order_classes, read_labels, stratified_split
-from ..engine.trainer import TrainConfig, TrainResult, last_checkpoint_path, train
+from ..engine.runtime import available_devices
 from ..errors import CheckpointError, TrainingError, ZoominError
+from ..paths import user_data_dir
+from ..training import (
+    EpochStep,
+    Pretrained,
+    Pretraining,
+    Resolution,
+    ResumePlan,
+    TrainConfig,
+    TrainEvent,
+    TrainResult,
+    Validated,
+    Validating,
+    input_side_name,
+    read_saved_run,
+    resume_plan,
+    train,
+)
 from .model_choices import register_model
-from .roi_shapes import find_sidecar
 from .slide_layers import _layer_path, slide_layers
 
 if TYPE_CHECKING:
     import napari
 
-__all__ = ["MODEL_KINDS", "LossAccuracyPlot", "TrainWidget", "available_devices"]
+__all__ = ["MODEL_KINDS", "LossAccuracyPlot", "TrainWidget"]
 
 #: display name → ``TrainConfig.kind``
 MODEL_KINDS = {
@@ -71,20 +85,6 @@ SPLIT_CHOICES = ("auto", "train", "val", "test")
 VAL_FRACTION = 0.2
 _PROGRESS_STEPS = 1000
 _DEFAULTS = TrainConfig()
-
-
-def available_devices() -> list[str]:
-    """``auto`` and ``cpu``, then the accelerators torch reports available."""
-    import torch
-
-    devices = ["auto", "cpu"]
-    if torch.cuda.is_available():
-        n = torch.cuda.device_count()
-        devices += ["cuda"] + ([f"cuda:{i}" for i in range(n)] if n > 1 else [])
-    mps = getattr(torch.backends, "mps", None)
-    if mps is not None and mps.is_available():
-        devices.append("mps")
-    return devices
 
 
 def _fraction_text(value: float) -> str:
@@ -241,6 +241,10 @@ class TrainWidget(Container):
         )
         self.tile_size = SpinBox(label="Tile (px)", min=2, max=65_536, value=d.tile_size)
         self.subtile_size = SpinBox(label="Sub-tile (px)", min=2, max=65_536, value=d.subtile_size)
+        self.subtile_size.tooltip = (
+            "the feature network's input: Zoom-In's sub-tile, the patch of ATS, Uniform and "
+            "REINFORCE-ATS (subtile_size or patch_size)"
+        )
         self.entropy_weight = LineEdit(label="λ (entropy)", value=f"{d.entropy_weight:g}")
         self.contrastive = CheckBox(text="Contrastive loss", value=d.contrastive)
         self.warmup = SpinBox(
@@ -255,7 +259,7 @@ class TrainWidget(Container):
         self.other_settings.native.setPlaceholderText('e.g. {"val_draws": 4, "seed": 1}')
         self.device = ComboBox(label="Device", choices=available_devices(), value="auto")
         # -- output and run
-        default_out = Path(platformdirs.user_data_dir("napari-zoomin")) / "models" / "model"
+        default_out = user_data_dir("models", "model")
         self.out_path = FileEdit(
             label="Checkpoint",
             mode="w",
@@ -421,7 +425,7 @@ class TrainWidget(Container):
             "view_scale": _parse_number(self.view_scale.value, "s1"),
             "stage2_scale": _parse_number(self.stage2_scale.value, "s2"),
             "tile_size": int(self.tile_size.value),
-            "subtile_size": int(self.subtile_size.value),
+            input_side_name(self.kind.value): int(self.subtile_size.value),
             "entropy_weight": _parse_number(self.entropy_weight.value, "λ (entropy)"),
             "contrastive": bool(self.contrastive.value),
             "contrastive_warmup_epochs": int(self.warmup.value),
@@ -502,54 +506,49 @@ class TrainWidget(Container):
 
     # ------------------------------------------------------------------ resume
 
-    def _interrupted_run(self, out_path: Path) -> dict | None:
-        """The trainer state of ``<out>.last.safetensors``, or ``None``."""
-        last = last_checkpoint_path(out_path)
-        if not last.is_file():
-            return None
-        try:
-            trainer = read_checkpoint_info(last)["info"]["trainer"]
-            return {"state": trainer["state"], "config": trainer["config"]}
-        except (CheckpointError, KeyError, TypeError):
-            return None
-
     def _update_resume_note(self, *_args) -> None:
+        """Say what the training checkpoint beside the chosen model holds."""
         try:
             out = self._output()
         except ValueError:
             self.resume_note.value = ""
             return
-        run = self._interrupted_run(out)
+        run = read_saved_run(out)
         if run is None:
             self.resume_note.value = ""
             return
-        state, epochs = run["state"], run["config"].get("epochs", "?")
-        if state.get("stopped_early") or (isinstance(epochs, int) and state["epoch"] >= epochs):
+        done = run.state.epoch
+        if run.finished:
             self.resume_note.value = (
-                f"{out.name} holds a finished run ({state['epoch']} epochs): Train starts over "
+                f"{out.name} holds a finished run ({done} epochs): Train starts over "
                 "(raise Epochs to continue it)."
             )
         else:
+            epochs = "?" if run.epochs is None else run.epochs
             self.resume_note.value = (
-                f"An interrupted run ({state['epoch']} of {epochs} epochs done) is in "
-                f"{last_checkpoint_path(out).name}: Train resumes it with the same settings "
+                f"An interrupted run ({done} of {epochs} epochs done) is in "
+                f"{run.path.name}: Train resumes it with the same settings "
                 "(untick Resume to start over)."
             )
 
-    def _resume_plan(self, out_path: Path, config: TrainConfig) -> tuple[bool, str, list[dict]]:
-        """Whether to resume, what to say, and the history so far (for the plot)."""
-        if not self.resume.value:
-            return False, "", []
-        run = self._interrupted_run(out_path)
-        if run is None:
-            # a damaged training state: let the engine say so (resume=True)
-            return last_checkpoint_path(out_path).is_file(), "", []
-        state = run["state"]
-        done = int(state["epoch"])
-        if state.get("stopped_early") or done >= config.epochs:
-            return False, f"The run in {out_path.name} had finished; training from the start.", []
-        where = f"epoch {done + 1}" + (f", step {state['step'] + 1}" if state.get("step") else "")
-        return True, f"Resumed the interrupted run at {where}.", list(state.get("history", []))
+    def _resume_plan(self, out_path: Path, config: TrainConfig) -> ResumePlan:
+        """The engine's :func:`~napari_zoomin.training.resume_plan` for this form (its
+        settings; the slides are compared when the run starts), a finished run starting
+        over; raises :class:`ZoominError` when the run cannot be resumed."""
+        plan = resume_plan(out_path, config, resume=self.resume.value, restart_finished=True)
+        if plan.action == "refuse":
+            raise plan.error()
+        return plan
+
+    @staticmethod
+    def _resume_text(plan: ResumePlan, out_path: Path) -> str:
+        if plan.restarted:
+            return f"The run in {out_path.name} had finished; training from the start."
+        if not plan.continues or plan.run is None:
+            return ""
+        state = plan.run.state
+        where = f"epoch {state.epoch + 1}" + (f", step {state.step + 1}" if state.step else "")
+        return f"Resumed the interrupted run at {where}."
 
     # ------------------------------------------------------------------ running
 
@@ -575,7 +574,12 @@ class TrainWidget(Container):
             show_error(f"napari-zoomin: {exc}")
             self.status.value = f"Not started: {exc}"
             return False
-        resume, note, history = self._resume_plan(out_path, config)
+        try:
+            plan = self._resume_plan(out_path, config)
+        except ZoominError as exc:  # a damaged training state, another run's settings
+            self._report_error(exc)
+            return False
+        resume, note, history = plan.continues, self._resume_text(plan, out_path), plan.history
         self.resumed_from = len(history) if resume else None
         job = _Job(labels_csv, slides_dir, rois, config, out_path, resume)
 
@@ -612,35 +616,39 @@ class TrainWidget(Container):
         self.train_button.enabled = not running
         self.cancel_button.enabled = running
 
-    def _on_progress(self, event: dict) -> None:
-        stage = event.get("stage")
-        epoch, epochs = int(event.get("epoch", 0)), max(int(event.get("epochs", 1)), 1)
-        step, steps = int(event.get("step", 0)), max(int(event.get("steps", 1)), 1)
+    def _on_progress(self, event: TrainEvent) -> None:
         prefix = "Resumed; " if self.resumed_from is not None else ""
-        if stage == "resolution":  # the slides are read in pixels: say so, and keep going
-            show_warning(f"Train classifier: {event.get('message', '')}")
+        if isinstance(event, Resolution):  # the slides are read in pixels: say so, and go on
+            show_warning(f"Train classifier: {event.message}")
             return
-        if stage == "pretrain":
-            self.status.value = f"{prefix}pre-training on ROI patches ({step}/{steps} epochs)…"
-            return
-        if stage == "train":
-            fraction = (epoch - 1 + step / steps) / epochs
-            loss = event.get("loss")
-            loss_text = f", loss {loss:.4g}" if loss is not None else ""
-            self.status.value = f"{prefix}epoch {epoch}/{epochs}, step {step}/{steps}{loss_text}"
-        elif stage == "validate" and "val_accuracy" in event:
-            fraction = epoch / epochs
-            self.plot.add_epoch(event.get("loss"), event.get("val_accuracy"))
-            acc = event.get("val_accuracy")
-            acc_text = "n/a (no validation slides)" if acc is None else f"{acc:.3f}"
-            best = " (best so far)" if event.get("best") else ""
+        if isinstance(event, Pretraining | Pretrained):
             self.status.value = (
-                f"{prefix}epoch {epoch}/{epochs}: loss {event.get('loss', float('nan')):.4g}, "
+                f"{prefix}pre-training on ROI patches ({event.step}/{event.steps} epochs)…"
+            )
+            return
+        epoch, epochs = event.epoch, max(event.epochs, 1)
+        if isinstance(event, EpochStep):
+            step, steps = event.step, max(event.steps, 1)
+            fraction = (epoch - 1 + step / steps) / epochs
+            self.status.value = (
+                f"{prefix}epoch {epoch}/{epochs}, step {step}/{steps}, loss {event.loss:.4g}"
+            )
+        elif isinstance(event, Validated):
+            fraction = epoch / epochs
+            self.plot.add_epoch(event.loss, event.val_accuracy)
+            acc = event.val_accuracy
+            acc_text = "n/a (no validation slides)" if acc is None else f"{acc:.3f}"
+            best = " (best so far)" if event.best else ""
+            self.status.value = (
+                f"{prefix}epoch {epoch}/{epochs}: loss {event.loss:.4g}, "
                 f"validation accuracy {acc_text}{best}"
             )
-        elif stage == "validate":
+        elif isinstance(event, Validating):
             fraction = (epoch - 1 + 0.999) / epochs
-            self.status.value = f"{prefix}epoch {epoch}/{epochs}: validating ({step}/{steps})…"
+            steps = max(event.steps, 1)
+            self.status.value = (
+                f"{prefix}epoch {epoch}/{epochs}: validating ({event.step}/{steps})…"
+            )
         else:
             return
         self.progress.value = round(_PROGRESS_STEPS * min(max(fraction, 0.0), 1.0))
@@ -710,13 +718,6 @@ def _run_job(job: _Job, relay: _ProgressRelay, should_stop: Callable[[], bool]):
             val_fraction=VAL_FRACTION,
             seed=job.config.seed,
         )
-        # slides whose folder was not writable keep their ROI file in the user data folder
-        records = [
-            r
-            if r.annotations is not None
-            else dataclasses.replace(r, annotations=find_sidecar(r.path, job.annotations_dir))
-            for r in records
-        ]
         dataset = SlideDataset(
             records,
             classes,

@@ -16,7 +16,7 @@ whose value and derivative are chosen with ``stopgrad`` (``.detach()``):
   term as ``(1 − sg(S_{n−1})) · (a_{I_n} / sg(a_{I_n})) · f_{I_n}``: conditioned on the
   earlier draws its gradient averages to ``Σ_{i not drawn} ∇(a_i f_i)``, so every
   ``T_n`` has expected gradient ``∇ Σ_i a_i f_i``.  The reference ATS backward pass
-  is biased here and the main PyTorch port also uses an inclusive sum (METHODS.md);
+  is biased here and the main PyTorch port also uses an inclusive sum (docs/methods.md);
   ``tests/core/test_estimators.py`` proves ours by exact enumeration.
 - two stages (Zoom-In): ``(1/N) Σ_c m_c · (α_c / sg(α_c)) · mean_{n ≤ n_c} T^c_n`` with
   ``m_c`` the with-replacement counts of tile ``c`` among ``N`` draws and

@@ -10,7 +10,7 @@ copy):
 - without replacement: Gumbel-top-k on the *log*-probabilities (Kool et al. 2019,
   ref. [14] of 000), which yields a draw of ATS eq. (13) in sequential draw order.
   The official Zoom-In code adds the noise to the probabilities instead, which
-  makes stage-2 sampling almost uniform (METHODS.md); we do not.
+  makes stage-2 sampling almost uniform (docs/methods.md); we do not.
 
 Cells with probability zero (masked background) are never drawn, in either mode.
 """

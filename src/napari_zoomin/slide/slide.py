@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..errors import SlideError
+from ..geometry import mean_2x2
 
 if TYPE_CHECKING:
     import dask.array as da
@@ -429,9 +430,7 @@ class Slide:
 
     def _read_derived(self, level: int, y: int, x: int, height: int, width: int) -> np.ndarray:
         """A derived level's region: 2×2 mean of the level above (rounded half up)."""
-        above = self.read(level - 1, 2 * y, 2 * x, 2 * height, 2 * width).astype(np.uint16)
-        blocks = above.reshape(height, 2, width, 2, 3).sum(axis=(1, 3))
-        return ((blocks + 2) // 4).astype(np.uint8)
+        return mean_2x2(self.read(level - 1, 2 * y, 2 * x, 2 * height, 2 * width))
 
     def pyramid(self) -> list[da.Array]:
         """The pyramid as dask arrays (rows, cols, 3) uint8, chunked on the file's tiles.

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..atomic import write_bytes_atomic
-from ..cache import cache_dir
 from ..errors import DataError
+from ..paths import cache_dir
 
 
 @dataclass(frozen=True)

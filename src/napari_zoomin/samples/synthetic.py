@@ -3,7 +3,7 @@
 The recipe (documented with measurements in ``docs/sample-slides.md``):
 
 * **Tissue**: a 2048×1024 crop ``R`` of the CC0 Aperio slide CMU-1-Small-Region
-  (fetched by :func:`napari_zoomin.data.fetch_cmu_small_region`), mirror-tiled
+  (fetched by :func:`napari_zoomin.samples.fetch_cmu_small_region`), mirror-tiled
   with the seamless motif ``[[R, fliplr R], [flipud R, rot180 R]]`` (period
   4096×2048 px).  Tissue fills a few smooth random blobs (a seeded field on a
   64-px grid, bilinearly interpolated, thresholded at 0); the rest is glass.
@@ -21,8 +21,8 @@ The recipe (documented with measurements in ``docs/sample-slides.md``):
   Tumor plus distractor area stays below 1e-4 of the slide (checked).
 
 Everything at level 0 is defined on an unbounded plane, tiles are produced by a
-:data:`~napari_zoomin.slide.tiff_writer.TileSource` with keys for the repeating
-glass and motif tiles, and :func:`~napari_zoomin.slide.tiff_writer.write_pyramid`
+:data:`~napari_zoomin.samples.pyramid.TileSource` with keys for the repeating
+glass and motif tiles, and :func:`~napari_zoomin.samples.pyramid.write_pyramid`
 encodes each distinct tile once.  Coordinates are level-0 pixels; arrays are
 indexed ``[y, x]``; GeoJSON polygons are ``(x, y)`` with pixel ``(x, y)`` covering
 ``[x, x+1) × [y, y+1)``.
@@ -44,8 +44,9 @@ import numpy as np
 
 from .._version import __version__
 from ..atomic import atomic_path, write_text_atomic
-from ..cache import cache_dir
-from .tiff_writer import (
+from ..paths import cache_dir
+from .fetch import fetch_cmu_small_region
+from .pyramid import (
     DEFAULT_QUALITY,
     Compression,
     PyramidInfo,
@@ -137,8 +138,6 @@ def load_motif_source(path: str | os.PathLike | None = None) -> np.ndarray:
     import tifffile
 
     if path is None:
-        from ..data import fetch_cmu_small_region
-
         path = fetch_cmu_small_region()
     with tifffile.TiffFile(path) as tif:
         page = tif.pages[0]

@@ -1,14 +1,18 @@
-"""Write pyramidal, tiled TIFF slides that encode each distinct tile only once.
+"""Write pyramidal, tiled TIFFs: slides that encode each distinct tile only once.
 
-Layout (what OpenSlide's ``generic-tiff`` reader and tifffile's ``series[0].levels``
-both understand):
+Every pyramid napari-zoomin writes goes through :func:`write_tiff_pyramid`, the one
+place that decides how reduced levels are stored (``"generic-tiff"`` for slides,
+``"ome-tiff"`` for the attention maps; its docstring says why both are needed).
+
+Slide layout (:func:`write_pyramid`; what OpenSlide's ``generic-tiff`` reader and
+tifffile's ``series[0].levels`` both understand):
 
 * BigTIFF; level 0 is the first page, each reduced level is its own top-level page
   with ``NewSubfileType = 1`` (reduced resolution), all tiled ``tile × tile``.
 * Level ``k`` has shape ``floor(shape[k-1] / 2)`` and is the exact 2×2 area average
   of level ``k-1`` on the *un-encoded* pixels, rounded half up:
-  ``(a + b + c + d + 2) // 4`` (see :func:`downsample2`).  Each level is computed
-  from the level above, never from level 0 directly.
+  ``(a + b + c + d + 2) // 4`` (:func:`napari_zoomin.geometry.mean_2x2`).  Each level
+  is computed from the level above, never from level 0 directly.
 * ``compression="jpeg"``: baseline JPEG, YCbCr **without chroma subsampling**
   (4:4:4), quality 90 by default, ``Photometric = YCbCr``.  OpenSlide and tifffile
   (also through zarr) decode these tiles to bit-identical RGB; chroma subsampling
@@ -35,11 +39,11 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import imagecodecs
 import numpy as np
@@ -47,8 +51,12 @@ import tifffile
 
 from .._version import __version__
 from ..atomic import atomic_path
+from ..geometry import mean_2x2
 
 Compression = Literal["jpeg", "zlib"]
+#: How a pyramid's reduced levels are stored; see :func:`write_tiff_pyramid`.
+TiffLayout = Literal["generic-tiff", "ome-tiff"]
+TIFF_LAYOUTS: tuple[str, ...] = ("generic-tiff", "ome-tiff")
 TileContent = np.ndarray | Callable[[], np.ndarray]
 TileSource = Callable[[int, int], tuple[Hashable | None, TileContent]]
 
@@ -106,23 +114,6 @@ def pyramid_shapes(
             raise ValueError(f"{n_levels} levels are too many for an image of shape {shape}")
         shapes.append((nh, nw))
     return shapes
-
-
-def downsample2(a: np.ndarray) -> np.ndarray:
-    """2×2 area average of an ``(2h, 2w, c)`` uint8 array, rounded half up.
-
-    ``out = (a[0::2, 0::2] + a[1::2, 0::2] + a[0::2, 1::2] + a[1::2, 1::2] + 2) // 4``
-    computed in uint16: the exact rule every reduced pyramid level follows.
-    Odd trailing rows/columns are dropped (level shapes are floored).
-    """
-    h, w = a.shape[0] // 2 * 2, a.shape[1] // 2 * 2
-    a = a[:h, :w]
-    rows = a[0::2].astype(np.uint16)
-    rows += a[1::2]
-    s = rows[:, 0::2] + rows[:, 1::2]
-    s += 2
-    s >>= 2
-    return s.astype(np.uint8)
 
 
 def encode_tile(tile: np.ndarray, compression: str, quality: int = DEFAULT_QUALITY) -> bytes:
@@ -258,7 +249,7 @@ class _Builder:
         out = np.empty((self.tile, self.tile, 3), np.uint8)
         for i, rec in enumerate(children):
             y, x = divmod(i, 2)
-            out[y * h : (y + 1) * h, x * h : (x + 1) * h] = downsample2(self._pixels(rec))
+            out[y * h : (y + 1) * h, x * h : (x + 1) * h] = mean_2x2(self._pixels(rec))
         return out, encode_tile(out, self.compression, self.quality)
 
     def _push(self, k: int, r: int, records: list[_Record]) -> None:
@@ -326,6 +317,62 @@ class _Builder:
         self._push(k + 1, pr, records_up)
 
 
+def write_tiff_pyramid(
+    path: str | os.PathLike,
+    levels: Iterable[tuple[Any, dict[str, Any]]],
+    *,
+    layout: TiffLayout,
+    n_levels: int,
+    **common: Any,
+) -> Path:
+    """Write a pyramid's levels, finest first, into a BigTIFF at ``path`` (atomically).
+
+    ``levels`` yields ``(data, options)`` per level: what
+    :meth:`tifffile.TiffWriter.write` takes (an array, or an iterator of tiles with
+    ``shape`` and ``dtype`` in the options); ``common`` options go to every level.
+    It is consumed lazily, one level after the other, so a level may be produced
+    while the level above is written.  ``n_levels`` is how many it yields.  Every
+    reduced level gets ``NewSubfileType = 1``.  The file is written to a partial
+    sibling and moved into place (:func:`napari_zoomin.atomic.atomic_path`).
+
+    This is the one place that decides where reduced levels go.  Two layouts, because
+    no single one serves both kinds of file napari-zoomin writes:
+
+    * ``"generic-tiff"`` (the slides, :func:`write_pyramid`): every reduced level is a
+      top-level page after level 0, and no OME-XML.  OpenSlide's ``generic-tiff``
+      reader finds levels only among top-level pages: it reads a SubIFD pyramid as
+      one level (checked with OpenSlide 4.0.1), so a slide would have no pyramid in
+      OpenSlide (nor in QuPath when it opens the slide with OpenSlide).
+    * ``"ome-tiff"`` (the attention maps,
+      :func:`napari_zoomin.engine.results.write_attention_tiff`): OME-XML in page 0
+      and the reduced levels in its SubIFDs.  The OME-XML carries what makes a map
+      overlay its slide in QuPath (physical pixel size and the plane's position,
+      which no plain TIFF tag holds), and the OME-TIFF specification stores
+      sub-resolutions only as SubIFDs (Bio-Formats, which QuPath uses for OME-TIFF,
+      reads its pyramids there); extra top-level pages would be unreferenced IFDs.
+      OpenSlide cannot read these float32 maps in any layout.
+
+    The project's reader (tifffile's ``series[0].levels``) reads both.
+    """
+    if layout not in TIFF_LAYOUTS:
+        raise ValueError(f"layout must be one of {TIFF_LAYOUTS}, got {layout!r}")
+    path = Path(path)
+    subifds = layout == "ome-tiff"
+    written = 0
+    with atomic_path(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=True, ome=subifds) as tw:
+        for k, (data, options) in enumerate(levels):
+            kwargs = {**common, **options}
+            if k:
+                kwargs["subfiletype"] = 1  # reduced resolution
+            elif subifds:
+                kwargs["subifds"] = n_levels - 1
+            tw.write(data, **kwargs)
+            written += 1
+        if written != n_levels:
+            raise ValueError(f"expected {n_levels} levels, got {written}")
+    return path
+
+
 def write_pyramid(
     path: str | os.PathLike,
     source: TileSource,
@@ -349,8 +396,10 @@ def write_pyramid(
     ``key`` must hold identical pixels; they are rendered and encoded once.  Edge
     tiles are full size; pixels beyond ``shape`` are stored but never shown.
 
-    Reduced levels are 2×2 area averages of the level above (:func:`downsample2`),
-    down to a long side ``<= min_size`` unless ``n_levels`` is given.  ``mpp`` is
+    Reduced levels are 2×2 area averages of the level above
+    (:func:`napari_zoomin.geometry.mean_2x2`), down to a long side ``<= min_size``
+    unless ``n_levels`` is given, stored as top-level pages (the ``"generic-tiff"``
+    layout of :func:`write_tiff_pyramid`, which OpenSlide needs).  ``mpp`` is
     the level-0 pixel size in micrometres.  The file is written atomically
     (:func:`napari_zoomin.atomic.atomic_path`), so ``path`` never holds a partial file.
     ``workers`` threads encode tiles (default: up to 4, one per core).
@@ -373,7 +422,24 @@ def write_pyramid(
     pool = ThreadPoolExecutor(workers) if workers > 1 else None
     try:
         builder = _Builder(source, shapes, tile, compression, quality, pool)
-        common = dict(
+
+        def levels() -> Iterator[tuple[Iterator[bytes], dict[str, Any]]]:
+            for k, (h, w) in enumerate(shapes):
+                # level 0 streams; writing it derives (and encodes) every reduced level
+                data = builder.level0_bytes() if k == 0 else iter(builder.out[k])
+                res = 1e4 / (mpp * 2**k)
+                options = {"shape": (h, w, 3), "resolution": (res, res), "description": None}
+                if k == 0:
+                    options.update(description=description, subfiletype=0)  # an explicit tag
+                yield data, options
+                if k:
+                    builder.out[k] = []  # free the encoded level
+
+        write_tiff_pyramid(
+            path,
+            levels(),
+            layout="generic-tiff",
+            n_levels=len(shapes),
             dtype=np.uint8,
             tile=(tile, tile),
             resolutionunit="CENTIMETER",
@@ -381,20 +447,6 @@ def write_pyramid(
             software=f"napari-zoomin {__version__}",
             **_tiff_kwargs(compression),
         )
-        with atomic_path(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=True) as tw:
-            for k, (h, w) in enumerate(shapes):
-                data = builder.level0_bytes() if k == 0 else iter(builder.out[k])
-                res = 1e4 / (mpp * 2**k)
-                tw.write(
-                    data,
-                    shape=(h, w, 3),
-                    subfiletype=0 if k == 0 else 1,
-                    resolution=(res, res),
-                    description=description if k == 0 else None,
-                    **common,
-                )
-                if k:
-                    builder.out[k] = []  # free the encoded level
     finally:
         if pool is not None:
             pool.shutdown()
@@ -458,11 +510,10 @@ def write_array_pyramid(
 def reference_levels(array: np.ndarray, n_levels: int) -> list[np.ndarray]:
     """The un-encoded levels :func:`write_array_pyramid` stores for ``array``.
 
-    Level ``k`` is ``downsample2`` of level ``k-1`` cropped to the floored shape:
-    useful to check a written pyramid against exact expectations.
+    Level ``k`` is :func:`~napari_zoomin.geometry.mean_2x2` of level ``k-1`` (floored
+    shapes): useful to check a written pyramid against exact expectations.
     """
     levels = [np.asarray(array)]
     for _ in range(n_levels - 1):
-        prev = levels[-1]
-        levels.append(downsample2(prev[: prev.shape[0] // 2 * 2, : prev.shape[1] // 2 * 2]))
+        levels.append(mean_2x2(levels[-1]))
     return levels

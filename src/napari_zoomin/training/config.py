@@ -1,0 +1,287 @@
+"""How to train: :class:`TrainConfig`, and the model config it gives (:func:`model_settings`).
+
+One name per setting: a field of :class:`TrainConfig` that configures the model has
+the name of the model config's field (:class:`~napari_zoomin.models.ZoomInConfig`,
+:class:`~napari_zoomin.models.ATSConfig`, ...), and :func:`model_settings` passes
+every such field that the kind's config has, unchanged, except that the region
+sizes (``tile_size``, ``subtile_size``, ``patch_size``) are one side here and a
+square ``(side, side)`` there.  Everything else of the kind's config goes through
+``model_options``.  The command line keeps its short flags (``--s1``, ``--subtile``,
+``--n``, ...); ``zoomin train --help`` and docs/training.md map them to these names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from ..engine.checkpoints import MODEL_KINDS
+from ..engine.dataset import DEFAULT_ROI_LABELS
+from ..errors import TrainingError
+from ..models.pretrain import POOLINGS
+
+__all__ = [
+    "MODEL_SETTINGS",
+    "POOLINGS",
+    "TrainConfig",
+    "input_side_name",
+    "model_config_dict",
+    "model_settings",
+    "saved_config",
+]
+
+#: the :class:`TrainConfig` fields that are model config fields of the same name (passed
+#: to every kind whose config has the field)
+MODEL_SETTINGS = (
+    "view_scale",
+    "stage2_scale",
+    "tile_size",
+    "subtile_size",
+    "patch_size",
+    "n_samples",
+    "feature_dim",
+    "feature_hidden",
+    "feature_channels",
+    "entropy_weight",
+    "contrastive",
+    "contrastive_warmup_epochs",
+    "pixel_weight",
+)
+#: sides here, ``(side, side)`` in the model config
+_SQUARE = ("tile_size", "subtile_size", "patch_size")
+#: the feature network's input: Zoom-In's sub-tile, the one-stage kinds' patch
+_INPUT_SIDE = {"zoomin": "subtile_size"}
+
+
+@dataclass
+class TrainConfig:
+    """How to train (defaults: 000's Camelyon16 set-up, A.5 and §4, for whole slides).
+
+    Optimisation:
+        kind: model architecture (``"zoomin"``, ``"ats"``, ``"uniform"``, ``"reinforce-ats"``).
+        epochs: maximum epochs (000 Camelyon16: 200).
+        batch_size: slides per step (000: 5).
+        lr: Adam learning rate (000: 1e-4 for NeedleCamelyon and Camelyon16, 1e-3 for the
+            small colon-cancer images); β = (0.9, 0.999) as in 000.
+        attention_lr: learning rate of the attention network(s) ``a`` (and ``b``);
+            ``None`` = ``lr``.  Attention logits must move by about ``log(cells)`` (≈ 10
+            on a slide) to concentrate, which takes many steps at a rate that suits
+            ``f`` and ``g``.
+        weight_decay: Adam L2 penalty (000: none).
+        seed: initial weights, batch order, sampling (see :mod:`.trainer`).
+        device: ``"auto"`` (CUDA if available), ``"cpu"``, ``"cuda:1"``, ...
+        early_stopping_patience: stop after this many epochs without a better
+            validation result (0 = never; 000 trains a fixed number of epochs).
+        val_draws: sampled estimates per validation slide (mean probability).
+        balanced_batches: spread the classes evenly over the batches of an epoch (a
+            stratified shuffle).  With one informative sub-tile among N, unbalanced
+            batches let a label-prior term dominate the gradient early on.
+
+    Model (the model config's fields of the same names; see
+    :class:`~napari_zoomin.models.ZoomInConfig` and
+    :class:`~napari_zoomin.models.ATSConfig`):
+        view_scale: ``s1`` (000 Camelyon16: 0.0625 = 1/16).
+        stage2_scale: ``s2``, relative to the full-resolution tile (000: 0.125; Zoom-In).
+        tile_size: level-0 side of a stage-1 tile (000 does not give it for Camelyon16;
+            256 > 1/s1 covers the slide and gives a 32×32 stage-2 view at s2 = 1/8;
+            Zoom-In).
+        subtile_size: level-0 side of a sub-tile, Zoom-In's feature-network input
+            (000: 50).
+        patch_size: level-0 side of a patch, the feature-network input of the one-stage
+            kinds (ATS, Uniform, REINFORCE-ATS).  The command line's ``--subtile`` sets
+            whichever of the two the kind has.
+        n_samples: ``N`` (000 Camelyon16: 100; use 10-30 on a CPU).
+        feature_dim, feature_hidden, feature_channels: the LeNet ``f`` (Ilse et al. sizes).
+        entropy_weight: ``λ`` (000: 1e-5).
+        contrastive, contrastive_warmup_epochs: in-sample contrastive loss after a
+            warm-up (000: on, after 10 epochs; Zoom-In).
+        pixel_weight: weight of the attention-map MSE on annotated slides (eq. 11).
+        model_options: any other setting of the kind's config (``uniform_mix``,
+            ``attention_norm``, ...), applied last.
+
+    Losses the trainer adds:
+        roi_attention_weight: weight of an extra stage-1 term on slides with ROI
+            pixels: ``KL(M̃ ‖ α)``, the cross-entropy of ``α`` against the ROI mask at the
+            view normalised to a distribution (:func:`~napari_zoomin.models.losses.mask_target`),
+            minus the target's entropy.  0 (off) by default, as in 000.  Eq. (11)'s MSE
+            has a gradient proportional to ``α`` itself, which vanishes on slide-sized
+            attention maps (tens of thousands of tissue cells: ``α ≈ 2·10⁻⁵``); the
+            cross-entropy's gradient on the logits is ``α − M̃``, so the attention finds
+            small annotated regions in tens of steps (measured on the sample slides).
+
+    Pixel-level annotations (000 §2.5):
+        pretrain_epochs: epochs of tile-classifier pre-training of ``a``, ``b`` and ``f``
+            when training slides carry ROI annotations (0 = off).
+        pretrain_patches: patches per annotated slide and network for pre-training.
+        pretrain_pooling: how a pre-trained attention map becomes one patch logit:
+            ``"mean"`` (000's global average pooling) or ``"max"``, for ROIs that fill a
+            small part of a patch (a few tumour cells in a 16-cell view patch).
+        roi_labels: annotation labels that are ROI (e.g. ``("Tumor",)``).
+
+    Starting point:
+        init_from: start from the weights of this checkpoint (a path or ``"demo"``)
+            instead of a random initialisation: fine-tuning a model on new slides, or
+            a second training phase with other settings. Its kind and architecture
+            must be those of these settings.
+
+    Data:
+        num_workers: threads decoding the regions of one read.
+    """
+
+    kind: str = "zoomin"
+    epochs: int = 200
+    batch_size: int = 5
+    lr: float = 1e-4
+    attention_lr: float | None = None
+    weight_decay: float = 0.0
+    seed: int = 0
+    device: str = "auto"
+    early_stopping_patience: int = 20
+    val_draws: int = 8
+    balanced_batches: bool = True
+    view_scale: float = 0.0625
+    stage2_scale: float = 0.125
+    tile_size: int = 256
+    subtile_size: int = 50
+    patch_size: int = 50
+    n_samples: int = 100
+    feature_dim: int = 512
+    feature_hidden: int = 512
+    feature_channels: tuple[int, int] = (36, 48)
+    entropy_weight: float = 1e-5
+    contrastive: bool = True
+    contrastive_warmup_epochs: int = 10
+    pixel_weight: float = 1.0
+    roi_attention_weight: float = 0.0
+    model_options: dict[str, Any] = field(default_factory=dict)
+    pretrain_epochs: int = 5
+    pretrain_patches: int = 32
+    pretrain_pooling: str = "mean"
+    roi_labels: tuple[str, ...] = DEFAULT_ROI_LABELS
+    init_from: str | None = None
+    num_workers: int = 4
+
+    def __post_init__(self) -> None:
+        self.feature_channels = tuple(int(c) for c in self.feature_channels)  # type: ignore[assignment]
+        self.roi_labels = tuple(self.roi_labels)
+        self.model_options = dict(self.model_options)
+
+    @property
+    def input_side_name(self) -> str:
+        """The field that sizes the feature network's input: ``subtile_size`` or ``patch_size``."""
+        return input_side_name(self.kind)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-Python form (stored in checkpoints)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        """The inverse of :meth:`to_dict` (unknown keys are an error)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ValueError(f"unknown training settings: {', '.join(unknown)}")
+        return cls(**values)
+
+    def validate(self) -> None:
+        """Raise :class:`TrainingError` for settings that cannot train."""
+        problems = []
+        if self.kind not in MODEL_KINDS:
+            problems.append(f"unknown model kind {self.kind!r} (choose {', '.join(MODEL_KINDS)})")
+        for name in ("epochs", "batch_size", "val_draws", "n_samples", "tile_size"):
+            if int(getattr(self, name)) < 1:
+                problems.append(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("lr", "attention_lr"):
+            value = getattr(self, name)
+            if value is not None and not (value > 0 and math.isfinite(value)):
+                problems.append(f"{name} must be a positive number, got {value}")
+        for name in ("view_scale", "stage2_scale"):
+            if not 0 < getattr(self, name) <= 1:
+                problems.append(f"{name} must be in (0, 1], got {getattr(self, name)}")
+        for name in (
+            "early_stopping_patience",
+            "pretrain_epochs",
+            "weight_decay",
+            "roi_attention_weight",
+        ):
+            if getattr(self, name) < 0:
+                problems.append(f"{name} must not be negative, got {getattr(self, name)}")
+        if self.seed < 0:
+            problems.append(f"seed must not be negative, got {self.seed}")
+        if self.pretrain_pooling not in POOLINGS:
+            problems.append(
+                f"pretrain_pooling must be 'mean' or 'max', got {self.pretrain_pooling!r}"
+            )
+        if self.kind in MODEL_KINDS:  # a size the kind does not have would be ignored
+            unused = "patch_size" if self.input_side_name == "subtile_size" else "subtile_size"
+            if getattr(self, unused) != getattr(_DEFAULTS, unused):
+                problems.append(
+                    f"{self.kind} models have no {unused} (got {getattr(self, unused)}); their "
+                    f"feature network reads {self.input_side_name} "
+                    f"(now {getattr(self, self.input_side_name)})"
+                )
+        if problems:
+            raise TrainingError(None, "invalid training settings: " + "; ".join(problems) + ".")
+
+
+_DEFAULTS = TrainConfig()
+
+
+def input_side_name(kind: str) -> str:
+    """The :class:`TrainConfig` field that sizes a ``kind`` model's feature-network input:
+    ``"subtile_size"`` (Zoom-In) or ``"patch_size"`` (ATS, Uniform, REINFORCE-ATS)."""
+    return _INPUT_SIDE.get(kind, "patch_size")
+
+
+def saved_config(values: dict[str, Any]) -> dict[str, Any]:
+    """A trainer config read from a training checkpoint, in today's names.
+
+    Checkpoints written before ``patch_size`` existed kept the one-stage kinds' patch
+    side in ``subtile_size``; it moves to ``patch_size`` (and ``subtile_size`` to its
+    default), so such a run resumes with today's equivalent settings.
+    """
+    values = dict(values)
+    if "patch_size" not in values:
+        values["patch_size"] = _DEFAULTS.patch_size
+        if input_side_name(values.get("kind", _DEFAULTS.kind)) == "patch_size":
+            values["patch_size"] = values.get("subtile_size", _DEFAULTS.subtile_size)
+            values["subtile_size"] = _DEFAULTS.subtile_size
+    return values
+
+
+def model_settings(config: TrainConfig, num_classes: int) -> dict[str, Any]:
+    """The model config dict of ``config.kind`` for ``num_classes`` classes.
+
+    Every :data:`MODEL_SETTINGS` field the kind's config has, under its own name
+    (sizes squared), then ``model_options``.
+    """
+    fields = {f.name for f in dataclasses.fields(MODEL_KINDS[config.kind][1])}
+    settings: dict[str, Any] = {"num_classes": num_classes}
+    for name in MODEL_SETTINGS:
+        if name not in fields:
+            continue
+        value = getattr(config, name)
+        if name in _SQUARE:
+            value = (value, value)
+        elif name == "feature_channels":
+            value = tuple(value)
+        settings[name] = value
+    settings.update(config.model_options)
+    return settings
+
+
+def model_config_dict(kind: str, settings: dict[str, Any]) -> dict[str, Any]:
+    """The full model config (defaults filled in) that ``settings`` give, in plain JSON form."""
+    try:
+        return plain(MODEL_KINDS[kind][1](**settings).to_dict())
+    except TypeError as exc:
+        raise TrainingError(None, f"invalid {kind} model settings: {exc}.") from None
+
+
+def plain(value: Any) -> Any:
+    """JSON round trip: tuples become lists, as in a checkpoint's description."""
+    return json.loads(json.dumps(value))

@@ -1,0 +1,160 @@
+"""What :func:`~napari_zoomin.training.train` reports while it runs: typed progress events.
+
+``progress(event)`` receives one of these small, frozen dataclasses; consumers tell
+them apart by type (``isinstance(event, EpochStep)``) and read their attributes.
+Every event has ``epoch`` (1-based; 0 before the first) and ``epochs`` (the run's
+maximum), and ``stage``, the name of its kind of work (``"resolution"``,
+``"pretrain"``, ``"train"``, ``"validate"``).  :meth:`TrainEvent.to_dict` gives
+the plain dict (with ``stage``) for logs and JSON.
+
+In the order a run emits them:
+
+* :class:`Resolution`: once, when the slides are not all read at one physical pixel
+  size (training in pixels, or some slides in their own pixels); ``message`` says so.
+* :class:`Pretraining`, :class:`Pretrained`: before and after the tile-classifier
+  pre-training on annotated slides (000 §2.5).
+* :class:`EpochStep`: after every optimisation step.
+* :class:`Validating`: after every chunk of validation slides.
+* :class:`Validated`: once per finished epoch, with the epoch's means, the validation
+  result and whether it is the best so far.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar
+
+__all__ = [
+    "EpochStep",
+    "Pretrained",
+    "Pretraining",
+    "ProgressCallback",
+    "Resolution",
+    "TrainEvent",
+    "Validated",
+    "Validating",
+]
+
+
+@dataclass(frozen=True)
+class TrainEvent:
+    """What every progress event has.
+
+    Attributes:
+        epoch: the epoch it belongs to (1-based; 0 before the first epoch).
+        epochs: the run's maximum number of epochs.
+    """
+
+    stage: ClassVar[str] = ""
+    epoch: int
+    epochs: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{"stage": ..., **fields}``: the event as plain data (for logs, JSON)."""
+        return {"stage": self.stage, **asdict(self)}
+
+
+@dataclass(frozen=True)
+class Resolution(TrainEvent):
+    """The training inputs are not all read at one physical pixel size (said once).
+
+    Attributes:
+        mpp: the training pixel size (µm/pixel), ``None`` when training in pixels.
+        message: what happens and why, for the user.
+    """
+
+    stage: ClassVar[str] = "resolution"
+    mpp: float | None
+    message: str
+
+
+@dataclass(frozen=True)
+class Pretraining(TrainEvent):
+    """Tile-classifier pre-training starts.
+
+    Attributes:
+        step, steps: 0 and the pre-training epochs.
+        slides: the annotated training slides it uses.
+    """
+
+    stage: ClassVar[str] = "pretrain"
+    step: int
+    steps: int
+    slides: int
+
+
+@dataclass(frozen=True)
+class Pretrained(TrainEvent):
+    """Tile-classifier pre-training finished.
+
+    Attributes:
+        step, steps: both the pre-training epochs.
+        loss: mean of the networks' final losses (``None`` when none was recorded).
+        losses: each pre-trained network's final loss.
+    """
+
+    stage: ClassVar[str] = "pretrain"
+    step: int
+    steps: int
+    loss: float | None
+    losses: dict[str, float]
+
+
+@dataclass(frozen=True)
+class EpochStep(TrainEvent):
+    """One optimisation step done.
+
+    Attributes:
+        step, steps: this step (1-based) and the steps of the epoch.
+        loss: the step's total loss.
+        accuracy: the share of the step's slides classified right.
+    """
+
+    stage: ClassVar[str] = "train"
+    step: int
+    steps: int
+    loss: float
+    accuracy: float
+
+
+@dataclass(frozen=True)
+class Validating(TrainEvent):
+    """A chunk of validation slides predicted.
+
+    Attributes:
+        step, steps: chunks done (1-based) and in all.
+    """
+
+    stage: ClassVar[str] = "validate"
+    step: int
+    steps: int
+
+
+@dataclass(frozen=True)
+class Validated(TrainEvent):
+    """An epoch finished and was validated (its checkpoints are written).
+
+    Attributes:
+        step, steps: both the epoch's steps.
+        loss, accuracy: the epoch's mean training loss and accuracy.
+        val_accuracy, val_loss: the validation result (``None`` without validation
+            slides).
+        best: this epoch is the best so far (it is in the model checkpoint).
+        best_epoch: the best epoch so far.
+        stopped_early: early stopping ends the run here.
+    """
+
+    stage: ClassVar[str] = "validate"
+    step: int
+    steps: int
+    loss: float
+    accuracy: float
+    val_accuracy: float | None
+    val_loss: float | None
+    best: bool
+    best_epoch: int | None
+    stopped_early: bool
+
+
+ProgressCallback = Callable[[TrainEvent], None]

@@ -1,0 +1,86 @@
+"""engine.runtime: the one home of the device list, device resolution, out-of-memory test
+and provenance versions (the engine, batch runs, the CLI and the widgets use it)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fixtures_data import TINY_ZOOMIN
+from napari_zoomin.engine import inference, runtime
+from napari_zoomin.engine.checkpoints import (
+    build_model,
+    load_checkpoint,
+    load_model,
+    save_checkpoint,
+)
+from napari_zoomin.engine.runtime import (
+    available_devices,
+    is_oom,
+    resolve_device,
+    select_device,
+    versions,
+)
+from napari_zoomin.errors import ClassificationError
+from napari_zoomin.models.device import select_device as device_select_device
+
+
+def test_is_oom_on_every_device():
+    cpu = "DefaultCPUAllocator: can't allocate memory: you tried to allocate 123 bytes."
+    assert is_oom(RuntimeError(cpu))
+    assert is_oom(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert is_oom(MemoryError())
+    oom = getattr(torch.cuda, "OutOfMemoryError", None)
+    if oom is not None:
+        assert is_oom(oom("CUDA out of memory."))
+    assert not is_oom(RuntimeError("mat1 and mat2 shapes cannot be multiplied (2x3 and 4x5)"))
+    assert not is_oom(ValueError("out of memory"))  # only a RuntimeError's message counts
+
+
+def test_available_devices_all_work():
+    devices = available_devices()
+    assert devices[:2] == ["auto", "cpu"]
+    assert len(set(devices)) == len(devices)
+    for name in devices:
+        assert isinstance(select_device(name), torch.device)
+        assert resolve_device(name) == select_device(name)
+    if torch.cuda.is_available():
+        assert "cuda:0" in devices
+
+
+def test_resolve_device():
+    assert runtime.select_device is device_select_device  # re-exported, not copied
+    assert resolve_device("auto") == resolve_device(None) == select_device()
+    assert resolve_device("cpu") == resolve_device(torch.device("cpu")) == torch.device("cpu")
+    with pytest.raises(ClassificationError, match="cannot use device 'gpu'") as err:
+        resolve_device("gpu")
+    assert err.value.fix == "Use --device cpu or auto."
+    with pytest.raises(ClassificationError, match="Choose cpu or auto"):
+        resolve_device("gpu", fix="Choose cpu or auto.")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+def test_resolve_device_without_cuda():
+    with pytest.raises(ClassificationError, match=r"cannot use device 'cuda:0'.*not available"):
+        resolve_device("cuda:0")
+
+
+def test_checkpoints_resolve_their_device(tmp_path):
+    config = TINY_ZOOMIN
+    path = save_checkpoint(tmp_path / "m.safetensors", build_model("zoomin", config), ["a", "b"])
+    expected = select_device("auto")
+    for ckpt in (load_model(path, "auto"), load_checkpoint(path, "auto")):
+        assert next(ckpt.model.parameters()).device.type == expected.type
+    assert next(load_model(path).model.parameters()).device.type == "cpu"  # the default
+    with pytest.raises(ClassificationError, match="cannot use device 'gpu'"):
+        load_model(path, "gpu")
+
+
+def test_versions_and_one_home():
+    found = versions()
+    assert {"napari_zoomin", "torch", "python", "numpy", "tifffile"} <= set(found)
+    assert found["torch"] == torch.__version__
+    # the engine uses runtime's rules, it keeps no copies of its own
+    assert not hasattr(inference, "_is_oom")
+    assert inference.versions is versions and inference.is_oom is is_oom
+    assert "versions" not in inference.__all__
