@@ -94,7 +94,7 @@ def run_ats(path: Path, model_name: str, n: int, device: str) -> dict:
         "ats",
         {
             "view_scale": c.view_scale,
-            "patch_size": tuple(c.subtile_size),
+            "subtile_size": tuple(c.subtile_size),
             "n_samples": n,
             "replace": False,
             "feature_dim": c.feature_dim,

@@ -67,7 +67,7 @@ def attention_report(model, data, seed: int, mode: str = "sample") -> dict:
         digits = image.boxes()[:5]  # the first five objects are the digits
         on = torch.from_numpy(_inside(centres.numpy(), digits).any(1))
         mass.append(float(alpha[on].sum()))
-        regions = p.patches.regions.numpy()
+        regions = p.subtiles.regions.numpy()
         hit = _inside(regions[:, :2] + regions[:, 2:] // 2, digits, margin=8)
         on_digits.append(float(hit.any(1).mean()))
         reached.append(int(hit.any(0).sum()))

@@ -76,7 +76,7 @@ from napari_zoomin.models import (
 )
 
 VIEW_SCALE = 0.12
-PATCH = (50, 50)
+SUBTILE = (50, 50)
 FEATURE_DIM = 64
 SHARED = {
     "num_classes": 10,
@@ -175,7 +175,7 @@ def _networks(half_resolution: bool = False) -> dict[str, nn.Module]:
 def _ats(replace: bool, cls=ATS, half_resolution: bool = False):
     def build(args: argparse.Namespace):
         config = ATSConfig(
-            view_scale=VIEW_SCALE, patch_size=PATCH, n_samples=args.n, replace=replace, **SHARED
+            view_scale=VIEW_SCALE, subtile_size=SUBTILE, n_samples=args.n, replace=replace, **SHARED
         )
         return cls(config, **_networks(half_resolution))
 
@@ -183,7 +183,9 @@ def _ats(replace: bool, cls=ATS, half_resolution: bool = False):
 
 
 def _reinforce(args: argparse.Namespace):
-    config = ReinforceConfig(view_scale=VIEW_SCALE, patch_size=PATCH, n_samples=args.n, **SHARED)
+    config = ReinforceConfig(
+        view_scale=VIEW_SCALE, subtile_size=SUBTILE, n_samples=args.n, **SHARED
+    )
     return ReinforceATS(config, **_networks())
 
 
@@ -202,7 +204,7 @@ def _zoomin(
             stage2_scale=stage2_scale,
             subtile_baseline=subtile_baseline,
             tile_size=(tile, tile),
-            subtile_size=PATCH,
+            subtile_size=SUBTILE,
             n_samples=args.n,
             contrastive=False,
             **SHARED,

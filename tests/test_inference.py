@@ -12,7 +12,13 @@ import pytest
 import tifffile
 import torch
 
-from napari_zoomin.engine.checkpoints import build_model, load_model, save_checkpoint
+from fixtures_data import rewrite_description
+from napari_zoomin.engine.checkpoints import (
+    build_model,
+    load_model,
+    read_checkpoint_info,
+    save_checkpoint,
+)
 from napari_zoomin.engine.inference import Cancelled, classify, needed_file_tiles
 from napari_zoomin.engine.results import Result, stage2_canvas, write_outputs
 from napari_zoomin.engine.tissue import TissueMask
@@ -302,7 +308,7 @@ def test_one_stage_model(slide, tmp_path):
         "ats",
         {
             "view_scale": 1 / 16,
-            "patch_size": [32, 32],
+            "subtile_size": [32, 32],
             "n_samples": 4,
             "feature_dim": 16,
             "feature_hidden": 16,
@@ -315,6 +321,31 @@ def test_one_stage_model(slide, tmp_path):
     files = write_outputs(r, tmp_path / "ats")
     assert "stage2_attention" not in files
     assert Result.load(files["json"]).to_json() == r.to_json()
+
+
+def test_older_one_stage_checkpoints_load(slide, tmp_path):
+    """ATS, Uniform and REINFORCE-ATS checkpoints written while the sub-tile had two
+    names say ``patch_size`` in their model config: they load in today's names."""
+    settings = {"num_classes": 2, "view_scale": 1 / 16, "subtile_size": [32, 32]}
+    settings.update(n_samples=4, feature_dim=16, feature_hidden=16)
+    for kind in ("ats", "uniform", "reinforce-ats"):
+        model = build_model(kind, settings)
+        path = save_checkpoint(tmp_path / f"{kind}.safetensors", model, ["a", "b"])
+        today = load_model(path)
+
+        def older(document):
+            document["config"]["patch_size"] = document["config"].pop("subtile_size")
+
+        rewrite_description(path, older)
+        old = load_model(path)
+        assert "patch_size" in read_checkpoint_info(path)["config"]
+        assert old.kind == kind and old.model.subtile_size == (32, 32)
+        assert old.config == today.config and "patch_size" not in old.config
+        for name, value in today.model.state_dict().items():
+            torch.testing.assert_close(old.model.state_dict()[name], value)
+    r = classify(slide, old, mode="topk", tissue=None, device="cpu")
+    assert r.subtiles == classify(slide, today, mode="topk", tissue=None, device="cpu").subtiles
+    assert r.model_config["subtile_size"] == [32, 32] and "patch_size" not in r.model_config
 
 
 def test_user_mask(slide, ckpt, tmp_path):
@@ -347,7 +378,7 @@ def test_image_smaller_than_a_tile_runs_with_a_warning(ckpt, cmu_pixels):
 
 
 def test_image_smaller_than_a_subtile(ckpt):
-    ph, pw = ckpt.model.patch_size
+    ph, pw = ckpt.model.subtile_size
     small = open_slide(np.full((ph - 1, 300, 3), 200, np.uint8))
     with pytest.raises(
         ClassificationError, match=rf"{ph - 1} x 300 pixels, smaller than one {ph} x {pw} sub-tile"

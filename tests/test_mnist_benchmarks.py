@@ -160,10 +160,10 @@ def test_pixels_read_are_the_regions_areas(mnist):
     assert data.pixels_read() == {"full_resolution": 5837, "low_resolution": 180 * 180 + 625}
 
 
-def test_ats_reads_its_view_and_n_distinct_patches_per_image(mnist):
+def test_ats_reads_its_view_and_n_distinct_subtiles_per_image(mnist):
     """The table's pixel counts: ATS-10 without replacement, one batch-1 training pass."""
     data = megapixel_mnist(mnist, "test", 2, seed=1, ink_mask=True)
-    model = ATS(ATSConfig(num_classes=10, view_scale=0.12, patch_size=(50, 50), n_samples=10))
+    model = ATS(ATSConfig(num_classes=10, view_scale=0.12, subtile_size=(50, 50), n_samples=10))
     cost = measure_cost(model, data, steps=2, seed=0)
     assert cost["train_pixels_per_image"] == {
         "full_resolution": 10 * 50 * 50,
@@ -210,7 +210,7 @@ def test_short_training_on_a_small_haystack_lowers_the_loss(mnist):
         ATSConfig(
             num_classes=10,
             view_scale=0.12,
-            patch_size=(50, 50),
+            subtile_size=(50, 50),
             n_samples=10,
             feature_dim=32,
             feature_channels=(8, 16),
@@ -228,7 +228,7 @@ def test_cosine_schedule_decays_the_learning_rate_to_zero_over_the_run(mnist):
     """``--lr-schedule cosine``: step t of T trains at lr·(1 + cos(πt/T))/2, from lr to ~0."""
     data = megapixel_mnist(mnist, "train", 8, seed=0, shape=(200, 200), n_noise=2, ink_mask=True)
     torch.manual_seed(0)
-    model = ATS(ATSConfig(num_classes=10, view_scale=0.12, patch_size=(50, 50), n_samples=4))
+    model = ATS(ATSConfig(num_classes=10, view_scale=0.12, subtile_size=(50, 50), n_samples=4))
     history = train_model(model, data, 3, 4, 1e-2, 0, lr_schedule="cosine")
     t = np.arange(6)
     expected = 1e-2 * (1 + np.cos(np.pi * t / 6)) / 2

@@ -255,7 +255,7 @@ def test_cancel_keeps_the_checkpoint_and_train_resumes(make_napari_viewer, qtbot
 
 
 def test_form_settings_for_other_kinds_and_devices(make_napari_viewer, tmp_path):
-    """The Sub-tile box sizes the kind's feature-network input; devices as everywhere."""
+    """The Sub-tile box sizes every kind's feature-network input; devices as everywhere."""
     from napari_zoomin.engine.runtime import available_devices
 
     viewer = make_napari_viewer()
@@ -263,7 +263,7 @@ def test_form_settings_for_other_kinds_and_devices(make_napari_viewer, tmp_path)
     assert widget.config().subtile_size == 16
     widget.kind.value = "ats"
     config = widget.config()
-    assert (config.kind, config.patch_size, config.subtile_size) == ("ats", 16, 50)
+    assert (config.kind, config.subtile_size) == ("ats", 16)
     assert list(widget.device.choices) == available_devices()
 
 

@@ -12,6 +12,7 @@ import sys
 import pytest
 import torch
 
+from fixtures_data import rewrite_description
 from napari_zoomin.engine.checkpoints import DEMO_MODEL, load_checkpoint
 from napari_zoomin.engine.dataset import SlideDataset, SlideRecord
 from napari_zoomin.errors import CheckpointError, TrainingError
@@ -31,6 +32,7 @@ from napari_zoomin.training import (
     stratified_batches,
     train,
 )
+from napari_zoomin.training.config import saved_config
 
 CLASSES = ["negative", "positive"]
 
@@ -80,8 +82,6 @@ def tiny(**overrides) -> TrainConfig:
         "early_stopping_patience": 0,
     }
     settings.update(overrides)
-    if settings.get("kind", "zoomin") != "zoomin":  # one-stage kinds read patches
-        settings.setdefault("patch_size", settings.pop("subtile_size"))
     return TrainConfig(**settings)
 
 
@@ -325,7 +325,7 @@ except ZoominError as err:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_AS and /proc: Linux")
 def test_a_real_cpu_allocation_failure_is_a_clear_error(records, tmp_path):
     """``zoomin train`` in a process limited to 3 GiB more address space than it has mapped,
-    with a step that needs more (ATS: 2 × 64 patches of 512² px, 36 channels after the
+    with a step that needs more (ATS: 2 × 64 sub-tiles of 512² px, 36 channels after the
     first convolution: about 5 GB): torch's CPU allocator fails for real
     ("DefaultCPUAllocator: can't allocate memory", which is not "out of memory"), and
     training stops with a TrainingError: one line, exit status 1, no traceback."""
@@ -348,7 +348,7 @@ def test_a_real_cpu_allocation_failure_is_a_clear_error(records, tmp_path):
     assert "Traceback" not in run.stderr
     (line,) = [x for x in run.stderr.splitlines() if x.startswith("zoomin: error:")]
     assert "ran out of memory on cpu at epoch 1, step 1" in line
-    assert "N = 64, --n" in line and "smaller patches (512 px, --subtile)" in line
+    assert "N = 64, --n" in line and "smaller sub-tiles (512 px, --subtile)" in line
     (cause,) = [x for x in run.stderr.splitlines() if x.startswith("cause:")]
     assert "can't allocate memory" in cause or "MemoryError" in cause
     assert not out.exists()
@@ -417,23 +417,11 @@ def test_invalid_settings(records, tmp_path):
 
 def test_records_and_other_kinds(records, tmp_path):
     """Records work as data; a one-stage model trains through the same path."""
-    config = tiny(kind="ats", epochs=1, patch_size=64, view_scale=1 / 32)
+    config = tiny(kind="ats", epochs=1, subtile_size=64, view_scale=1 / 32)
     result = train(records[:4], config, tmp_path / "ats.safetensors")  # no validation slides
     checkpoint = load_checkpoint(result.checkpoint_path)
-    assert checkpoint.kind == "ats" and checkpoint.model.config.patch_size == (64, 64)
+    assert checkpoint.kind == "ats" and checkpoint.model.config.subtile_size == (64, 64)
     assert result.best_epoch == 1 and result.best_val_accuracy is None
-
-
-def rewrite_description(path, change) -> None:
-    """Edit a checkpoint's JSON description in place (the weights' checksum stays valid)."""
-    from safetensors.torch import load_file, save_file
-
-    tensors = load_file(path)
-    with open(path, "rb") as fh:
-        header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
-    document = json.loads(header["__metadata__"]["napari_zoomin"])
-    change(document)
-    save_file(tensors, path, metadata={"napari_zoomin": json.dumps(document)})
 
 
 def test_resume_plan_decides_fresh_resume_finished_or_refuse(records, straight, tmp_path):
@@ -479,23 +467,33 @@ def test_resume_plan_decides_fresh_resume_finished_or_refuse(records, straight, 
 
 
 def test_older_training_checkpoints_resume_with_todays_names(records, tmp_path):
-    """Before ``patch_size``, a one-stage run kept its patch side in ``subtile_size``."""
+    """While the sub-tile had two names, a one-stage training checkpoint said
+    ``patch_size`` in its model config, and in its trainer config beside a default
+    ``subtile_size``: both read in today's names, and the run resumes."""
     out = tmp_path / "ats.safetensors"
-    config = tiny(kind="ats", epochs=1, patch_size=64, view_scale=1 / 32)
+    config = tiny(kind="ats", epochs=1, subtile_size=64, view_scale=1 / 32)
     train(records[:4], config, out)
 
     def older(document):
+        model = document["config"]
+        model["patch_size"] = model.pop("subtile_size")
         saved = document["info"]["trainer"]["config"]
-        del saved["patch_size"]
-        saved["subtile_size"] = 64
+        saved["patch_size"], saved["subtile_size"] = saved["subtile_size"], 50
 
     rewrite_description(last_checkpoint_path(out), older)
     run = read_saved_run(out)
-    assert run.config["patch_size"] == 64 and run.config["subtile_size"] == 50
-    again = tiny(kind="ats", epochs=2, patch_size=64, view_scale=1 / 32)
+    assert run.config["subtile_size"] == 64 and "patch_size" not in run.config
+    assert run.model_config["subtile_size"] == [64, 64] and "patch_size" not in run.model_config
+    again = tiny(kind="ats", epochs=2, subtile_size=64, view_scale=1 / 32)
     assert resume_plan(out, again).action == "resume"
     result = train(records[:4], again, out)
     assert [h["epoch"] for h in result.history] == [1, 2]
+    # Zoom-In's patch_size was unused; checkpoints from before it existed are today's
+    assert saved_config({"kind": "zoomin", "subtile_size": 16, "patch_size": 50}) == {
+        "kind": "zoomin",
+        "subtile_size": 16,
+    }
+    assert saved_config({"kind": "ats", "subtile_size": 64}) == {"kind": "ats", "subtile_size": 64}
 
 
 def test_model_settings_have_the_model_configs_names():
@@ -504,39 +502,31 @@ def test_model_settings_have_the_model_configs_names():
 
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     for kind in MODEL_KINDS:
-        config = TrainConfig(kind=kind, tile_size=96, subtile_size=24, patch_size=40)
-        if kind != "zoomin":
-            config = TrainConfig(kind=kind, patch_size=40)
+        config = TrainConfig(kind=kind, tile_size=96, subtile_size=24)
         settings = model_settings(config, 3)
         assert settings.pop("num_classes") == 3
         for name, value in settings.items():
             assert name in names, (kind, name)
             mine = getattr(config, name)
             assert value == ((mine, mine) if name.endswith("_size") else mine), (kind, name)
-        if kind == "zoomin":
-            assert settings["subtile_size"] == (24, 24) and "patch_size" not in settings
-        else:
-            assert settings["patch_size"] == (40, 40)
-            assert not {"subtile_size", "tile_size", "stage2_scale"} & set(settings)
+        assert settings["subtile_size"] == (24, 24)  # every kind's feature-network input
+        if kind != "zoomin":
+            assert not {"tile_size", "stage2_scale"} & set(settings)
     config = TrainConfig(kind="ats", model_options={"uniform_mix": 0.1})
     assert model_settings(config, 2)["uniform_mix"] == 0.1
-    with pytest.raises(TrainingError, match=r"ats models have no subtile_size \(got 64\)"):
-        TrainConfig(kind="ats", subtile_size=64).validate()
-    with pytest.raises(TrainingError, match="zoomin models have no patch_size"):
-        TrainConfig(patch_size=64).validate()
 
 
-def test_cli_subtile_sets_the_kinds_input_side():
-    """``--subtile`` keeps its meaning: Zoom-In's sub-tile, the one-stage kinds' patch."""
+def test_cli_subtile_sets_every_kinds_subtile_size():
+    """``--subtile`` sets ``subtile_size``, the feature network's input, for every kind."""
     from napari_zoomin.cli import _train_config, build_parser
 
     base = ["train", "--slides", "s", "--labels", "l.csv", "--out", "m.safetensors"]
     zoomin = _train_config(build_parser().parse_args([*base, "--subtile", "24"]))
-    assert (zoomin.subtile_size, zoomin.patch_size) == (24, 50)
+    assert zoomin.subtile_size == 24
     ats = _train_config(build_parser().parse_args([*base, "--kind", "ats", "--subtile", "24"]))
-    assert (ats.kind, ats.subtile_size, ats.patch_size) == ("ats", 50, 24)
+    assert (ats.kind, ats.subtile_size) == ("ats", 24)
     via_set = ["--subtile", "24", "--set", '{"kind": "uniform"}']
-    assert _train_config(build_parser().parse_args([*base, *via_set])).patch_size == 24
+    assert _train_config(build_parser().parse_args([*base, *via_set])).subtile_size == 24
     assert build_parser().parse_args([*base, "--no-resume"]).fresh is True
 
 
@@ -680,7 +670,7 @@ def test_roi_attention_term_is_the_kl_from_the_roi_to_alpha():
     from napari_zoomin.models import ATS, ATSConfig, TensorSource
 
     torch.manual_seed(0)
-    model = ATS(ATSConfig(view_scale=1.0, patch_size=(8, 8), feature_dim=8, feature_hidden=16))
+    model = ATS(ATSConfig(view_scale=1.0, subtile_size=(8, 8), feature_dim=8, feature_hidden=16))
     roi = torch.zeros(12, 10, dtype=torch.bool)
     roi[2:4, 5:8] = True  # 6 cells
     image = torch.rand(3, 12, 10, generator=torch.Generator().manual_seed(1))

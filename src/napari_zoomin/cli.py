@@ -118,10 +118,10 @@ def _train_config(args: argparse.Namespace):
     """The :class:`TrainConfig` of ``zoomin train``'s options (``--set`` applied last).
 
     The short flags are the settings of the same meaning (``--s1``: ``view_scale``,
-    ``--n``: ``n_samples``, ...); ``--subtile`` sets the feature network's input side,
-    ``subtile_size`` for Zoom-In and ``patch_size`` for the one-stage kinds.
+    ``--n``: ``n_samples``, ...; ``--subtile``: ``subtile_size``, the feature network's
+    input side, for every kind).
     """
-    from .training import TrainConfig, input_side_name
+    from .training import TrainConfig
 
     try:
         extra = json.loads(args.set)
@@ -129,7 +129,6 @@ def _train_config(args: argparse.Namespace):
         raise TrainingError(None, f"--set is not JSON ({exc}).", EXAMPLE_SET) from None
     if not isinstance(extra, dict):
         raise TrainingError(None, "--set must be a JSON object.", EXAMPLE_SET)
-    kind = extra.get("kind", args.kind)
 
     given = {
         "kind": args.kind,
@@ -143,7 +142,7 @@ def _train_config(args: argparse.Namespace):
         "view_scale": args.s1,
         "stage2_scale": args.s2,
         "tile_size": args.tile,
-        input_side_name(kind if isinstance(kind, str) else args.kind): args.subtile,
+        "subtile_size": args.subtile,
         "n_samples": args.n,
         "feature_dim": args.feature_dim,
         "entropy_weight": args.entropy,
@@ -333,7 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("--s1", float, "stage-1 view scale (default 1/16)"),
         ("--s2", float, "stage-2 view scale of a tile (default 1/8)"),
         ("--tile", int, "tile side in level-0 pixels (default 256)"),
-        ("--subtile", int, "sub-tile side (Zoom-In), patch side (others), level-0 px (default 50)"),
+        ("--subtile", int, "sub-tile side in level-0 pixels (default 50)"),
         ("--n", int, "draws N per slide (default 100)"),
         ("--feature-dim", int, "features of f (default 512)"),
         ("--entropy", float, "entropy regulariser λ (default 1e-5)"),

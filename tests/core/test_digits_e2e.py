@@ -117,7 +117,7 @@ def test_ats_learns_the_tiny_objects(digits_problem, record_property):
     torch.manual_seed(0)
     model = ATS(
         ATSConfig(
-            view_scale=1 / 8, patch_size=(24, 24), n_samples=12, entropy_weight=1e-4, **FEATURES
+            view_scale=1 / 8, subtile_size=(24, 24), n_samples=12, entropy_weight=1e-4, **FEATURES
         )
     )
     _train(model, digits_problem, epochs=16, lr=3e-3)

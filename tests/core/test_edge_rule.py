@@ -80,11 +80,11 @@ def _models(view_scale: float):
         stage2_attention=BorderAttention(),
     )
     ats = ATS(
-        ATSConfig(view_scale=view_scale, patch_size=(64, 64), **TINY), attention=BorderAttention()
+        ATSConfig(view_scale=view_scale, subtile_size=(64, 64), **TINY), attention=BorderAttention()
     )
-    uniform = Uniform(ATSConfig(view_scale=view_scale, patch_size=(64, 64), **TINY))
+    uniform = Uniform(ATSConfig(view_scale=view_scale, subtile_size=(64, 64), **TINY))
     reinforce = ReinforceATS(
-        ReinforceConfig(view_scale=view_scale, patch_size=(64, 64), num_classes=2, **TINY),
+        ReinforceConfig(view_scale=view_scale, subtile_size=(64, 64), num_classes=2, **TINY),
         attention=BorderAttention(),
     )
     return {
@@ -157,12 +157,12 @@ def test_nothing_outside_the_image_for_every_model_and_100_seeds(size):
                     assert bool(((centres >= 0) & (centres < torch.tensor([h, w]))).all())
                 else:
                     run = model.one_stage([src], stage1, [0, 0], gen)
-                    _assert_fits(run.table_regions, (h, w), f"{name} patch (seed {seed})")
+                    _assert_fits(run.table_regions, (h, w), f"{name} sub-tile (seed {seed})")
         # inference, both modes, and one training step (contrastive draws included)
         for mode in ("sample", "topk"):
             (pred,) = model.predict([src], mode=mode, draws=3, generator=gen)
             _assert_inside(pred.tiles.regions, (h, w), f"{name} {mode} tile")
-            _assert_fits(pred.patches.regions, (h, w), f"{name} {mode} sub-tile")
+            _assert_fits(pred.subtiles.regions, (h, w), f"{name} {mode} sub-tile")
         model.train()
         terms = model.loss([src], [1], epoch=5, generator=torch.Generator().manual_seed(1))
         assert torch.isfinite(terms.total)
@@ -222,7 +222,7 @@ def test_masks_never_clamp_an_outside_point_onto_the_edge():
 
 def test_a_read_that_breaks_the_edge_rule_is_refused():
     src = _image(200, 300)
-    model = ATS(ATSConfig(view_scale=1 / 8, patch_size=(32, 32), **TINY))
+    model = ATS(ATSConfig(view_scale=1 / 8, subtile_size=(32, 32), **TINY))
     bad = torch.tensor([[190, 10, 32, 32]])
     with pytest.raises(RuntimeError, match="edge rule"):
         model.featurise([src], torch.zeros(1, dtype=torch.int64), bad)

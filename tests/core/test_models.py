@@ -150,7 +150,7 @@ def test_ats_sampled_aggregate_is_unbiased_for_its_full_model(replace):
     h, w = 20, 28
     src = TensorSource(_image(h, w, 5), tissue=_tissue(h, w))
     torch.manual_seed(0)
-    cfg = ATSConfig(view_scale=0.25, patch_size=(4, 4), n_samples=3, replace=replace, **SMALL)
+    cfg = ATSConfig(view_scale=0.25, subtile_size=(4, 4), n_samples=3, replace=replace, **SMALL)
     m = ATS(cfg, feature=PixelFeatures((4, 4)))
     _randomise_logits(m.attention, 6)
     m.eval()
@@ -256,7 +256,7 @@ def test_reinforce_attention_learns_only_from_the_policy_gradient():
     srcs = [TensorSource(_image(24, 28, s)) for s in (16, 17)]
     torch.manual_seed(0)
     m = ReinforceATS(
-        ReinforceConfig(view_scale=0.25, patch_size=(8, 8), n_samples=4, repeats=3, **SMALL)
+        ReinforceConfig(view_scale=0.25, subtile_size=(8, 8), n_samples=4, repeats=3, **SMALL)
     )
     _randomise_logits(m.attention, 3)
     lt = m.loss(srcs, [2, 0], generator=torch.Generator().manual_seed(3))
@@ -272,7 +272,7 @@ def test_reinforce_attention_learns_only_from_the_policy_gradient():
 
 def test_uniform_baseline_has_no_attention_parameters_and_masks():
     h, w = 20, 28
-    m = Uniform(ATSConfig(view_scale=0.25, patch_size=(8, 8), n_samples=4, **SMALL))
+    m = Uniform(ATSConfig(view_scale=0.25, subtile_size=(8, 8), n_samples=4, **SMALL))
     assert list(m.attention.parameters()) == []
     st = m.stage1([TensorSource(_image(h, w, 18), tissue=_tissue(h, w))])[0]
     alpha = st.attention[st.attention > 0]
@@ -297,7 +297,7 @@ def test_zoomin_prediction_reports_what_a_viewer_needs():
     torch.testing.assert_close(t.regions, p.attention_grid.regions(t.cells, m.config.tile_size))
     assert torch.all(t.attention > 0)  # background tiles are never drawn
     assert t.stage2_attention.shape[0] == len(t.cells)
-    s = p.patches
+    s = p.subtiles
     beta = t.stage2_attention.reshape(len(t.cells), -1)
     torch.testing.assert_close(s.weights, t.attention[s.tile] * beta[s.tile, s.cells])
     expected = t.stage2_grid.select(s.tile).regions(s.cells[:, None], m.config.subtile_size)[:, 0]
@@ -311,7 +311,7 @@ def test_topk_inference_is_deterministic():
     a, b = m.predict([src], mode="topk"), m.predict([src], mode="topk")
     assert torch.equal(a[0].probabilities, b[0].probabilities)
     assert torch.all(a[0].spread == 0) and a[0].mode == "topk"
-    assert len(a[0].patches.weights) == m.config.n_samples
+    assert len(a[0].subtiles.weights) == m.config.n_samples
     with pytest.raises(ValueError, match="mode"):
         m.predict([src], mode="argmax")
 
@@ -319,7 +319,7 @@ def test_topk_inference_is_deterministic():
 @pytest.mark.parametrize("model", ["ats", "uniform", "reinforce"])
 def test_one_stage_predictions(model):
     src = TensorSource(_image(20, 28, 21))
-    cfg = {"view_scale": 0.25, "patch_size": (8, 8), "n_samples": 4, **SMALL}
+    cfg = {"view_scale": 0.25, "subtile_size": (8, 8), "n_samples": 4, **SMALL}
     m = {
         "ats": lambda: ATS(ATSConfig(**cfg)),
         "uniform": lambda: Uniform(ATSConfig(**cfg)),
@@ -328,7 +328,7 @@ def test_one_stage_predictions(model):
     (p,) = m.predict([src], draws=3, generator=torch.Generator().manual_seed(0))
     assert p.draw_probabilities.shape[0] == 3
     assert int(p.tiles.counts.sum()) == 12
-    torch.testing.assert_close(p.patches.weights, p.tiles.attention)
+    torch.testing.assert_close(p.subtiles.weights, p.tiles.attention)
     (q,) = m.predict([src], mode="topk")
     assert len(q.tiles.cells) == 4
 
@@ -412,7 +412,7 @@ def test_max_pooled_pretraining_learns_an_roi_much_smaller_than_its_patch():
     bce = {}
     for pooling in ("max", "mean"):
         torch.manual_seed(0)
-        m = ATS(ATSConfig(view_scale=0.5, patch_size=(8, 8), **SMALL))
+        m = ATS(ATSConfig(view_scale=0.5, subtile_size=(8, 8), **SMALL))
         before = {k: v.clone() for k, v in m.state_dict().items()}
         history = pretrain_tile_classifiers(
             m, srcs, epochs=30, patches_per_image=32, lr=1e-2, pooling=pooling,

@@ -126,28 +126,32 @@ def test_zoomin_topk_reads_distinct_tiles_and_sub_tiles():
     assert sorted(read.tolist()) == sorted(torch.topk(alpha, 4).indices.tolist())
     assert _max_pairwise_overlap(grid.regions(read, (16, 16))) > 0.5
     assert plain.tiles.cells.tolist() == [int(torch.argmax(alpha))]
-    assert _max_pairwise_overlap(plain.patches.regions) > 0.5
+    assert _max_pairwise_overlap(plain.subtiles.regions) > 0.5
     # the distinct rule starts at the peak, then keeps every pair within a quarter
     read = topk_tiles(alpha, grid, distinct_model.config)
     assert int(read[0]) == int(torch.argmax(alpha)) and len(read) == 4
     assert _max_pairwise_overlap(grid.regions(read, (16, 16))) <= 0.25
     assert set(distinct.tiles.cells.tolist()) <= set(read.tolist())
-    assert int(torch.argmax(distinct.patches.weights)) == 0
-    assert len(distinct.patches.regions) == 4
-    assert _max_pairwise_overlap(distinct.patches.regions) <= 0.25
+    assert int(torch.argmax(distinct.subtiles.weights)) == 0
+    assert len(distinct.subtiles.regions) == 4
+    assert _max_pairwise_overlap(distinct.subtiles.regions) <= 0.25
     # the weights are α_c β^c_c' of the chosen sub-tiles, best first
     beta = distinct.tiles.stage2_attention.reshape(len(distinct.tiles.cells), -1)
-    p = distinct.patches
+    p = distinct.subtiles
     torch.testing.assert_close(p.weights, distinct.tiles.attention[p.tile] * beta[p.tile, p.cells])
     assert torch.all(p.weights[:-1] >= p.weights[1:])
 
 
-def test_ats_topk_reads_distinct_patches():
+def test_ats_topk_reads_distinct_subtiles():
     src = TensorSource(torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(1)))
 
     def ats(max_overlap: float) -> ATS:
         cfg = ATSConfig(
-            view_scale=0.25, patch_size=(16, 16), n_samples=4, topk_max_overlap=max_overlap, **SMALL
+            view_scale=0.25,
+            subtile_size=(16, 16),
+            n_samples=4,
+            topk_max_overlap=max_overlap,
+            **SMALL,
         )
         torch.manual_seed(0)
         return ATS(cfg, attention=FixedLogits(_bump(16, 16, 8, 8)))
@@ -155,12 +159,12 @@ def test_ats_topk_reads_distinct_patches():
     (plain,) = ats(1.0).predict([src], mode="topk")
     (distinct,) = ats(0.25).predict([src], mode="topk")
     alpha = plain.attention.reshape(-1)
-    assert plain.patches.cells.tolist() == torch.topk(alpha, 4).indices.tolist()
-    assert distinct.patches.cells[0] == torch.argmax(alpha)
-    assert len(distinct.patches.cells) == 4
-    assert _max_pairwise_overlap(plain.patches.regions) > 0.5
-    assert _max_pairwise_overlap(distinct.patches.regions) <= 0.25
-    torch.testing.assert_close(distinct.patches.weights, alpha[distinct.patches.cells])
+    assert plain.subtiles.cells.tolist() == torch.topk(alpha, 4).indices.tolist()
+    assert distinct.subtiles.cells[0] == torch.argmax(alpha)
+    assert len(distinct.subtiles.cells) == 4
+    assert _max_pairwise_overlap(plain.subtiles.regions) > 0.5
+    assert _max_pairwise_overlap(distinct.subtiles.regions) <= 0.25
+    torch.testing.assert_close(distinct.subtiles.weights, alpha[distinct.subtiles.cells])
 
 
 def test_topk_weights_are_the_training_estimators():
@@ -184,7 +188,7 @@ def test_ats_and_zoomin_topk_aggregate_with_the_configured_weights(rule):
     src = TensorSource(torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(2)))
     torch.manual_seed(0)
     ats = ATS(
-        ATSConfig(view_scale=0.25, patch_size=(16, 16), n_samples=4, topk_weights=rule, **SMALL),
+        ATSConfig(view_scale=0.25, subtile_size=(16, 16), n_samples=4, topk_weights=rule, **SMALL),
         attention=FixedLogits(_bump(16, 16, 8, 8)),
     )
     zoomin = _zoomin(0.25)
@@ -192,13 +196,15 @@ def test_ats_and_zoomin_topk_aggregate_with_the_configured_weights(rule):
     zoomin.config.topk_weights = rule
     for model, replace in ((ats, False), (zoomin, False)):
         (p,) = model.predict([src], mode="topk")
-        w = topk_weights(p.patches.weights, replace, rule)
+        w = topk_weights(p.subtiles.weights, replace, rule)
         images = torch.zeros(len(w), dtype=torch.int64)
         with torch.no_grad():
-            feats = model.featurise([src], images, p.patches.regions)
+            feats = model.featurise([src], images, p.subtiles.regions)
             expected = class_probabilities(model.classifier((w[:, None] * feats).sum(0)[None]))
         torch.testing.assert_close(p.probabilities, expected[0])
-    assert rule == "attention" or not torch.allclose(w, p.patches.weights / p.patches.weights.sum())
+    assert rule == "attention" or not torch.allclose(
+        w, p.subtiles.weights / p.subtiles.weights.sum()
+    )
 
 
 def test_config_refuses_an_overlap_outside_zero_one():

@@ -62,8 +62,20 @@ def kind_of(model: AttentionSamplingModel) -> str:
     raise ValueError(f"{type(model).__name__} is not a registered model kind")
 
 
+def todays_names(config: dict[str, Any]) -> dict[str, Any]:
+    """A saved model config in today's names.
+
+    ATS, Uniform and REINFORCE-ATS checkpoints written before the sub-tile had one name
+    call their ``subtile_size`` ``patch_size``.
+    """
+    if "patch_size" in config and "subtile_size" not in config:
+        return {("subtile_size" if k == "patch_size" else k): v for k, v in config.items()}
+    return config
+
+
 def build_model(kind: str, config: dict[str, Any]) -> AttentionSamplingModel:
     """A fresh model of ``kind`` from a config dict (unknown keys are an error)."""
+    config = todays_names(config)  # older one-stage checkpoints say patch_size
     if kind not in MODEL_KINDS:
         raise ValueError(f"unknown model kind {kind!r}; choose one of {sorted(MODEL_KINDS)}")
     cls, config_cls = MODEL_KINDS[kind]
@@ -83,7 +95,8 @@ class Checkpoint:
         model: the network, in eval mode, on the requested device.
         kind: registry name ("zoomin", "ats", "uniform", "reinforce-ats").
         classes: class names, index = class id (class 0 is the negative class).
-        config: the model's hyper-parameters as saved.
+        config: the model's hyper-parameters as saved, in today's names
+            (:func:`todays_names`).
         info: everything else in the JSON document (training summary, metrics, history,
             versions, ...).
         sha256: SHA-256 of the checkpoint file (provenance in results).
@@ -281,7 +294,7 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
         model=model,
         kind=kind,
         classes=list(document.get("classes", [])),
-        config=document.get("config", {}),
+        config=todays_names(document.get("config", {})),
         info=document,
         sha256=hashlib.sha256(data).hexdigest(),
         path=path,

@@ -186,13 +186,13 @@ def _resolve_tissue(slide: Slide, tissue) -> TissueMask | None:
 
 
 def _tile_size(ckpt: Checkpoint) -> tuple[int, int]:
-    cfg = ckpt.model.config
-    size = getattr(cfg, "tile_size", None) or getattr(cfg, "patch_size", None)
-    return (int(size[0]), int(size[1])) if size is not None else tuple(ckpt.model.patch_size)
+    """A stage-1 tile of the model: Zoom-In's tile, a one-stage model's sub-tile."""
+    size = getattr(ckpt.model.config, "tile_size", None) or ckpt.model.subtile_size
+    return (int(size[0]), int(size[1]))
 
 
 def _check_size(slide: Slide, ckpt: Checkpoint) -> list[str]:
-    """Refuse a slide smaller than one sub-tile (patch), or too small for the stage-1
+    """Refuse a slide smaller than one sub-tile, or too small for the stage-1
     attention network; warn about one smaller than a tile (the edge rule centres the
     tiles on it, ``models/coordinates.py``).  Returns the warnings.
 
@@ -206,12 +206,11 @@ def _check_size(slide: Slide, ckpt: Checkpoint) -> list[str]:
             f"{slide.shape[0]} x {slide.shape[1]} pixels, {h} x {w} at the model's "
             f"{model_mpp:.3g} µm/pixel"
         )
-    ph, pw = (int(v) for v in ckpt.model.patch_size)
-    what = "sub-tile" if "stage 2" in ckpt.model.read_steps else "patch"
-    if h < ph or w < pw:
+    sh, sw = (int(v) for v in ckpt.model.subtile_size)
+    if h < sh or w < sw:
         raise ClassificationError(
             slide.path,
-            f"the image is {size}, smaller than one {ph} x {pw} {what} of the {ckpt.kind} "
+            f"the image is {size}, smaller than one {sh} x {sw} sub-tile of the {ckpt.kind} "
             "model, the smallest region its feature network reads.",
             "Classify the whole slide at full resolution (not a thumbnail or a crop).",
         )
@@ -451,7 +450,7 @@ def _classify(slide, ckpt, dev, draws, seed, mode, tissue, report, check, t0, wo
         regions2 = source.to_level0(_stage2_regions(pred)).numpy()
         parts["stage2"] = needed_file_tiles(slide, level2, regions2)
         levels["stage2"] = level2
-    subtile_regions = source.to_level0(pred.patches.regions).numpy()
+    subtile_regions = source.to_level0(pred.subtiles.regions).numpy()
     parts["subtiles"] = needed_file_tiles(slide, level_sub, subtile_regions)
     union = set().union(*parts.values())
     pixels_needed = _tile_pixels(slide, union)
@@ -583,15 +582,15 @@ def _tiles_and_subtiles(pred, source: SlideSource) -> tuple[list[TileRecord], li
             t["stage2_origin"] = source.to_level0_yx(origin)
             t["stage2_cell_size"] = source.to_level0_yx(cell)
         tiles.append(t)
-    ps = pred.patches
-    weights = ps.weights.double().numpy()
-    regions = source.to_level0(ps.regions).tolist()
+    subtiles = pred.subtiles
+    weights = subtiles.weights.double().numpy()
+    regions = source.to_level0(subtiles.regions).tolist()
     subs: list[SubtileRecord] = [
         {
             "region": [int(v) for v in regions[k]],
             "weight": float(weights[k]),
-            "tile": new_index.get(int(ps.tile[k]), -1),
-            "cell": int(ps.cells[k]),
+            "tile": new_index.get(int(subtiles.tile[k]), -1),
+            "cell": int(subtiles.cells[k]),
         }
         for k in range(len(weights))
     ]

@@ -19,7 +19,7 @@ from .base import AttentionSamplingModel, SamplingConfig
 from .baselines import LowResolutionCNN
 from .coordinates import CellGrid
 from .device import autocast, grad_scaler, select_device
-from .outputs import LossTerms, PatchSet, Prediction, TileSet
+from .outputs import LossTerms, Prediction, SubtileSet, TileSet
 from .pretrain import pretrain_tile_classifiers
 from .reinforce import ReinforceATS, ReinforceConfig
 from .source import ImageSource, TensorSource
@@ -33,11 +33,11 @@ __all__ = [
     "ImageSource",
     "LossTerms",
     "LowResolutionCNN",
-    "PatchSet",
     "Prediction",
     "ReinforceATS",
     "ReinforceConfig",
     "SamplingConfig",
+    "SubtileSet",
     "TensorSource",
     "TileSet",
     "Uniform",

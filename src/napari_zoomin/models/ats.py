@@ -1,11 +1,12 @@
 """One-stage attention sampling (ATS, 001) and its uniform-attention baseline (U-N).
 
-``α = a(V(x, s))`` over the cells of a low-resolution view; ``N`` patches are drawn
-with or without replacement (capped at the number of non-zero cells) and read at
-full resolution around their cell's centre; their features are aggregated by
-:func:`~napari_zoomin.sampling.expected_features`, unbiased in value and gradient
-for ``g(Σ_c α_c f(P(x, c)))`` (ATS eq. 19).  :class:`Uniform` replaces ``a`` by a
-constant: the U-N baseline of ATS §4.1.1 (same networks, uniform attention).
+``α = a(V(x, s))`` over the cells of a low-resolution view; ``N`` sub-tiles (the
+ATS paper's patches) are drawn with or without replacement (capped at the number of
+non-zero cells) and read at full resolution around their cell's centre; their
+features are aggregated by :func:`~napari_zoomin.sampling.expected_features`,
+unbiased in value and gradient for ``g(Σ_c α_c f(P(x, c)))`` (ATS eq. 19).
+:class:`Uniform` replaces ``a`` by a constant: the U-N baseline of ATS §4.1.1 (same
+networks, uniform attention).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from .base import AttentionSamplingModel, SamplingConfig, Stage1, stack_rows, un
 from .device import autocast
 from .losses import attention_mse, classification_loss, entropy_regulariser
 from .networks import UniformAttention, class_probabilities
-from .outputs import LossTerms, PatchSet, Prediction, TileSet
+from .outputs import LossTerms, Prediction, SubtileSet, TileSet
 from .source import ImageSource, full_region, read_roi
 from .topk import distinct_top_k, topk_weights
 
@@ -34,13 +35,13 @@ class ATSConfig(SamplingConfig):
     """ATS settings (defaults: ATS's colon-cancer experiment, §4.3).
 
     Attributes:
-        patch_size: ``(h, w)`` level-0 size of a patch (the feature network's input);
+        subtile_size: ``(h, w)`` level-0 size of a sub-tile (the feature network's input);
             must exceed ``1/view_scale`` for coverage.
         replace: draw with replacement (ATS eq. 12) or without (§3.2.3, the default).
     """
 
     view_scale: float = 0.2
-    patch_size: tuple[int, int] = (27, 27)
+    subtile_size: tuple[int, int] = (27, 27)
     replace: bool = False
 
 
@@ -53,8 +54,8 @@ class OneStagePass:
         attention: (R, K) the sampled distribution (differentiable).
         indices: (R, N) draws (sequential order without replacement; 0 where invalid).
         valid: (R, N) bool: fewer than N non-zero cells cap a row without replacement.
-        patch_ids: (R, N) index into the patch table.
-        table_images, table_cells, table_regions: (S,), (S,), (S, 4) distinct patches.
+        subtile_ids: (R, N) index into the sub-tile table.
+        table_images, table_cells, table_regions: (S,), (S,), (S, 4) distinct sub-tiles.
         features: (R, N, D) features of the draws.
         z: (R, D) aggregated features.
     """
@@ -63,7 +64,7 @@ class OneStagePass:
     attention: Tensor
     indices: Tensor
     valid: Tensor
-    patch_ids: Tensor
+    subtile_ids: Tensor
     table_images: Tensor
     table_cells: Tensor
     table_regions: Tensor
@@ -82,8 +83,8 @@ class ATS(AttentionSamplingModel):
         super().__init__(config or ATSConfig(), **networks)
 
     @property
-    def patch_size(self) -> tuple[int, int]:
-        return tuple(self.config.patch_size)  # type: ignore[return-value]
+    def subtile_size(self) -> tuple[int, int]:
+        return tuple(self.config.subtile_size)  # type: ignore[return-value]
 
     @property
     def replace(self) -> bool:
@@ -133,7 +134,7 @@ class ATS(AttentionSamplingModel):
         rows: Sequence[int],
         generator: torch.Generator | None = None,
     ) -> OneStagePass:
-        """Draw patches for every row, read each distinct one once, aggregate."""
+        """Draw sub-tiles for every row, read each distinct one once, aggregate."""
         rows_t = torch.as_tensor(list(rows), dtype=torch.int64)
         p = stack_rows([s.attention for s in stage1], rows_t.tolist())  # (R, K)
         idx, valid = self._draw(p, generator)
@@ -142,7 +143,7 @@ class ATS(AttentionSamplingModel):
         regions = torch.empty(int(t_images.shape[0]), 4, dtype=torch.int64)
         for b in torch.unique(t_images).tolist():
             sel = t_images == b
-            regions[sel] = stage1[b].grid.regions(t_cells[sel], self.patch_size)
+            regions[sel] = stage1[b].grid.regions(t_cells[sel], self.subtile_size)
         feats = self.featurise(sources, t_images, regions)  # (S, D)
         feat_rows = feats[ids.to(feats.device)]  # (R, N, D)
         z = self.aggregate(p, idx, valid, feat_rows)
@@ -194,25 +195,25 @@ class ATS(AttentionSamplingModel):
     # -- inference -------------------------------------------------------------------
 
     def _predict_sampled(self, sources, stage1, draws, generator) -> list[Prediction]:
-        """K estimates per image; patches = union over the draws, counts summed."""
+        """K estimates per image; sub-tiles = union over the draws, counts summed."""
         rows = [b for b in range(len(sources)) for _ in range(draws)]
         run = self.one_stage(sources, stage1, rows, generator)
         probs = class_probabilities(self.classifier(run.z)).cpu()
         out = []
         for b, st in enumerate(stage1):
             per_draw = probs[run.rows == b]
-            patches = torch.nonzero(run.table_images == b)[:, 0]
+            subtiles = torch.nonzero(run.table_images == b)[:, 0]
             counts = torch.zeros(int(run.table_images.shape[0]), dtype=torch.int64)
             valid = run.valid.cpu()
-            counts.index_add_(0, run.patch_ids[valid], torch.ones_like(run.patch_ids[valid]))
+            counts.index_add_(0, run.subtile_ids[valid], torch.ones_like(run.subtile_ids[valid]))
             out.append(
                 self._prediction(
                     st,
                     per_draw,
                     "sample",
-                    run.table_cells[patches],
-                    run.table_regions[patches],
-                    counts[patches],
+                    run.table_cells[subtiles],
+                    run.table_regions[subtiles],
+                    counts[subtiles],
                 )
             )
         return out
@@ -229,11 +230,11 @@ class ATS(AttentionSamplingModel):
             attention=alpha.reshape(st.grid.map_shape),
             attention_grid=st.grid,
             tiles=TileSet(cells=cells, regions=regions, counts=counts, attention=a),
-            patches=PatchSet(tile=torch.arange(n), cells=cells, regions=regions, weights=a),
+            subtiles=SubtileSet(tile=torch.arange(n), cells=cells, regions=regions, weights=a),
         )
 
     def _predict_topk(self, sources, stage1: Sequence[Stage1], b: int) -> Prediction:
-        """The ``N`` most attended patches that do not overlap a better one by more than
+        """The ``N`` most attended sub-tiles that do not overlap a better one by more than
         ``config.topk_max_overlap`` of their area (:func:`~.topk.distinct_top_k`), their
         features weighed by ``config.topk_weights`` (renormalised attention by default)."""
         st = stage1[b]
@@ -241,13 +242,13 @@ class ATS(AttentionSamplingModel):
         cells = distinct_top_k(
             alpha,
             self.config.n_samples,
-            lambda c: st.grid.region_centres(c, self.patch_size),  # regions read (edge rule)
-            self.patch_size,
+            lambda c: st.grid.region_centres(c, self.subtile_size),  # regions read (edge rule)
+            self.subtile_size,
             self.config.topk_max_overlap,
         )
         k = int(cells.shape[0])
         w = topk_weights(alpha[cells.to(alpha.device)], self.replace, self.config.topk_weights)
-        regions = st.grid.regions(cells, self.patch_size)
+        regions = st.grid.regions(cells, self.subtile_size)
         feats = self.featurise(sources, torch.full((k,), b, dtype=torch.int64), regions)
         z = (w[:, None].to(feats.dtype) * feats).sum(0, keepdim=True)
         probs = class_probabilities(self.classifier(z)).cpu()

@@ -45,7 +45,7 @@ class SamplingConfig:
         pixel_weight: weight of the attention-map MSE of 000 eq. (11), applied to images
             whose source has ROI annotations.
         negative_class: the reference class of the contrastive loss (000 §2.3).
-        topk_max_overlap: top-k inference skips a region (patch, tile, sub-tile) that
+        topk_max_overlap: top-k inference skips a region (tile or sub-tile) that
             overlaps a better-ranked chosen one by more than this fraction of its area
             (:func:`~.topk.distinct_top_k`); 1 = the plain N largest attention values.
         topk_weights: how top-k inference weighs the features of the regions it read
@@ -162,7 +162,7 @@ class AttentionSamplingModel(nn.Module):
 
         A replacement attention network must offer ``offset``, ``stride`` and
         ``map_shape(view_shape)`` like :class:`AttentionNetwork`; a feature network
-        must map (S, 3, h, w) patches of :attr:`patch_size` to (S, feature_dim).
+        must map (S, 3, h, w) sub-tiles of :attr:`subtile_size` to (S, feature_dim).
         """
         super().__init__()
         if not 0 < config.view_scale <= 1:
@@ -183,7 +183,7 @@ class AttentionSamplingModel(nn.Module):
             feature
             if feature is not None
             else FeatureNetwork(
-                self.patch_size,
+                self.subtile_size,
                 channels=tuple(config.feature_channels),
                 kernel_sizes=tuple(config.feature_kernels),
                 hidden=config.feature_hidden,
@@ -200,7 +200,7 @@ class AttentionSamplingModel(nn.Module):
     # -- construction ------------------------------------------------------------------
 
     @property
-    def patch_size(self) -> tuple[int, int]:
+    def subtile_size(self) -> tuple[int, int]:
         """Size (h, w) of the full-resolution regions the feature network sees."""
         raise NotImplementedError
 

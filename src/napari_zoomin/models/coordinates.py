@@ -33,7 +33,7 @@ classifies zero fill.  Here:
    stage 1 every cell is (000's mapping puts the view's first and last pixels on
    the image's first and last rows); at stage 2 every cell of a tile placed inside
    the image is.
-2. Every region read around a cell (tile, sub-tile, patch) is *shifted* by the
+2. Every region read around a cell (tile or sub-tile) is *shifted* by the
    least amount that puts it wholly inside the image, never clipped, never
    zero-filled: a border cell reads the real pixels nearest to it, at the size the
    networks expect.  A region longer than the image along an axis cannot fit; it

@@ -112,11 +112,11 @@ def policy_gradient_loss(log_attention: Tensor, rewards: Tensor) -> Tensor:
     """REINFORCE with a mean baseline (003 §IV): ``−Σ_p log a_p (r_p − mean_p r)``.
 
     Args:
-        log_attention: (R, N) ``log a_p`` of the sampled patches (differentiable).
-        rewards: (R, N) ``r_p`` (no gradient), e.g. P(true class | patch p alone).
+        log_attention: (R, N) ``log a_p`` of the sampled sub-tiles (differentiable).
+        rewards: (R, N) ``r_p`` (no gradient), e.g. P(true class | sub-tile p alone).
 
     Returns:
-        Scalar: the sum over patches, averaged over rows.
+        Scalar: the sum over sub-tiles, averaged over rows.
     """
     r = rewards.detach().to(log_attention.dtype)
     advantage = r - r.mean(dim=-1, keepdim=True)

@@ -195,7 +195,7 @@ class UniformAttention(nn.Module):
 
 
 class FeatureNetwork(nn.Module):
-    """``f``: a full-resolution (sub-)tile (B, 3, h, w) → L2-normalised feature (B, D).
+    """``f``: a full-resolution sub-tile (B, 3, h, w) → L2-normalised feature (B, D).
 
     LeNet as in Ilse et al. 2018 (ref. [18] of 000): conv(36, 4×4)–ReLU–max-pool 2,
     conv(48, 3×3)–ReLU–max-pool 2, fully connected ``hidden`` with ReLU, fully
@@ -204,7 +204,7 @@ class FeatureNetwork(nn.Module):
 
     def __init__(
         self,
-        patch_size: tuple[int, int],
+        subtile_size: tuple[int, int],
         in_channels: int = 3,
         channels: tuple[int, int] = (36, 48),
         kernel_sizes: tuple[int, int] = (4, 3),
@@ -213,7 +213,7 @@ class FeatureNetwork(nn.Module):
         dropout: float = 0.0,
     ):
         super().__init__()
-        self.patch_size = (int(patch_size[0]), int(patch_size[1]))
+        self.subtile_size = (int(subtile_size[0]), int(subtile_size[1]))
         self.out_features = out_features
         self.conv = nn.Sequential(
             nn.Conv2d(in_channels, channels[0], kernel_sizes[0]),
@@ -224,13 +224,13 @@ class FeatureNetwork(nn.Module):
             nn.MaxPool2d(2, 2, ceil_mode=True),
         )
         smallest = kernel_sizes[0] + 2 * kernel_sizes[1] - 2
-        if min(self.patch_size) < smallest:
+        if min(self.subtile_size) < smallest:
             raise ValueError(
-                f"patches of {self.patch_size} are too small for the LeNet feature network "
+                f"sub-tiles of {self.subtile_size} are too small for the LeNet feature network "
                 f"(at least {smallest} pixels a side); pass a feature network of your own"
             )
         with torch.no_grad():
-            flat = self.conv(torch.zeros(1, in_channels, *self.patch_size)).numel()
+            flat = self.conv(torch.zeros(1, in_channels, *self.subtile_size)).numel()
         self.fc = nn.Sequential(
             nn.Flatten(),
             nn.Linear(flat, hidden),
@@ -239,11 +239,11 @@ class FeatureNetwork(nn.Module):
             nn.Linear(hidden, out_features),
         )
 
-    def forward(self, patches: Tensor) -> Tensor:
-        if tuple(patches.shape[-2:]) != self.patch_size:
-            got = tuple(patches.shape[-2:])
-            raise ValueError(f"feature network built for {self.patch_size} patches, got {got}")
-        z = self.fc(self.conv(patches))
+    def forward(self, subtiles: Tensor) -> Tensor:
+        if tuple(subtiles.shape[-2:]) != self.subtile_size:
+            got = tuple(subtiles.shape[-2:])
+            raise ValueError(f"feature network built for {self.subtile_size} sub-tiles, got {got}")
+        z = self.fc(self.conv(subtiles))
         return F.normalize(z.float(), dim=-1, eps=1e-12)
 
 

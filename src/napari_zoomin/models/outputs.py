@@ -14,7 +14,7 @@ from torch import Tensor
 
 from .coordinates import CellGrid
 
-__all__ = ["LossTerms", "PatchSet", "Prediction", "TileSet"]
+__all__ = ["LossTerms", "Prediction", "SubtileSet", "TileSet"]
 
 
 @dataclass
@@ -42,13 +42,13 @@ class LossTerms:
 
 @dataclass
 class TileSet:
-    """The stage-1 cells that were drawn (Zoom-In tiles; ATS patches).
+    """The stage-1 cells that were drawn (Zoom-In's tiles; a one-stage model's sub-tiles).
 
     Attributes:
         cells: (T,) flat indices into the stage-1 attention map.
         regions: (T, 4) level-0 regions of the tiles.
         counts: (T,) how often each was drawn, summed over all draws (top-k: the number
-            of selected sub-tiles / 1 per patch).
+            of selected sub-tiles of a tile; 1 for a one-stage model).
         attention: (T,) ``α_c``.
         stage2_attention: (T, u_a, v_a) ``β^c`` per tile (Zoom-In), else ``None``.
         stage2_grid: the cells of every ``β^c`` in level-0 pixels (one origin per tile).
@@ -63,8 +63,8 @@ class TileSet:
 
 
 @dataclass
-class PatchSet:
-    """The full-resolution regions the feature network saw (Zoom-In sub-tiles; ATS patches).
+class SubtileSet:
+    """The sub-tiles: the full-resolution regions the feature network saw.
 
     Attributes:
         tile: (S,) index into :attr:`Prediction.tiles` of the tile each came from.
@@ -92,7 +92,7 @@ class Prediction:
         attention: (h_a, w_a) the stage-1 attention ``α``.
         attention_grid: where the cells of ``α`` lie in level-0 pixels.
         tiles: the drawn stage-1 cells.
-        patches: what the feature network saw, with their weights.
+        subtiles: what the feature network saw, with their weights.
         stage2_views: (V, 4) level-0 regions whose stage-2 views were read, when they
             are more than ``tiles.regions`` (top-k reads the views of N tiles and keeps
             those with a chosen sub-tile); ``None``: exactly the tiles'.
@@ -105,7 +105,7 @@ class Prediction:
     attention: Tensor
     attention_grid: CellGrid
     tiles: TileSet
-    patches: PatchSet
+    subtiles: SubtileSet
     stage2_views: Tensor | None = None
 
     @property

@@ -181,7 +181,7 @@ def pretrain_tile_classifiers(
         return history
 
     head = nn.Linear(c.feature_dim, 1).to(device)
-    x, y = _patches(sources, model.patch_size, 1.0, patches_per_image, c.view_scale, generator)
+    x, y = _patches(sources, model.subtile_size, 1.0, patches_per_image, c.view_scale, generator)
     params = list(model.feature.parameters()) + list(head.parameters())
     history["feature"] = _fit(
         model.feature,

@@ -2,17 +2,17 @@
 
 Differences from :class:`~napari_zoomin.models.ats.ATS` (docs/methods.md, "Losses"):
 
-- patches are drawn with replacement and aggregated with the attention-renormalised
-  weights ``sg(a_p) / Σ sg(a_p)`` (003 eq. 1): no gradient reaches the attention
-  through the sampling or the aggregation;
+- sub-tiles (003's patches) are drawn with replacement and aggregated with the
+  attention-renormalised weights ``sg(a_p) / Σ sg(a_p)`` (003 eq. 1): no gradient
+  reaches the attention through the sampling or the aggregation;
 - ``f`` and ``g`` train by back-propagation of the cross-entropy;
 - ``a`` trains by policy gradient with a mean baseline, ``−Σ_p log a_p (r_p − mean r)``
-  (003 §IV), with reward ``r_p = P(true class | patch p alone)``, plus the entropy
+  (003 §IV), with reward ``r_p = P(true class | sub-tile p alone)``, plus the entropy
   bonus ``λ Σ a log a`` (003 §V);
 - each image is sampled ``repeats`` times per step (003 §VII: batches ×4).
 
 003's classifier is a parameter-free softmax over the L2-normalised ``C``-dimensional
-patch features, which caps the confidence (at most ``e/(e + (C−1)/e)``); we keep the
+sub-tile features, which caps the confidence (at most ``e/(e + (C−1)/e)``); we keep the
 shared linear ``g`` of the other models.
 """
 
@@ -36,7 +36,7 @@ __all__ = ["ReinforceATS", "ReinforceConfig"]
 
 @dataclass
 class ReinforceConfig(ATSConfig):
-    """REINFORCE-ATS settings (defaults: 003's best model, 20 patches of 50×50, 3 classes).
+    """REINFORCE-ATS settings (defaults: 003's best model, 20 sub-tiles of 50×50, 3 classes).
 
     Attributes:
         repeats: independent samples of each image per training step (003: 4).
@@ -46,7 +46,7 @@ class ReinforceConfig(ATSConfig):
     num_classes: int = 3
     view_scale: float = 0.2
     n_samples: int = 20
-    patch_size: tuple[int, int] = (50, 50)
+    subtile_size: tuple[int, int] = (50, 50)
     replace: bool = True
     attention_norm: str | None = "batch"
     attention_activation: str = "leaky_relu"
@@ -67,7 +67,7 @@ class ReinforceATS(ATS):
         super().__init__(config, **networks)
 
     def aggregate(self, p: Tensor, idx: Tensor, valid: Tensor, features: Tensor) -> Tensor:
-        """003 eq. (1): ``Σ_p sg(a_p) f_p / Σ_p sg(a_p)`` over the drawn patches."""
+        """003 eq. (1): ``Σ_p sg(a_p) f_p / Σ_p sg(a_p)`` over the drawn sub-tiles."""
         w = p.detach().gather(1, idx) * valid.to(p.dtype)
         return (w[..., None] * features).sum(1) / w.sum(1, keepdim=True)
 
@@ -89,12 +89,12 @@ class ReinforceATS(ATS):
             run = self.one_stage(sources, stage1, rows, generator)
             logits = self.classifier(run.z)
             with torch.no_grad():  # rewards are constants of the policy gradient
-                patch_logits = self.classifier(run.features)  # (R, N, L)
+                subtile_logits = self.classifier(run.features)  # (R, N, L)
         ce = classification_loss(logits, row_labels)
         r, n = run.indices.shape
-        patch_probs = class_probabilities(patch_logits.reshape(r * n, -1)).reshape(r, n, -1)
-        rewards = patch_probs.gather(
-            2, row_labels.to(patch_probs.device)[:, None, None].expand(r, n, 1)
+        subtile_probs = class_probabilities(subtile_logits.reshape(r * n, -1)).reshape(r, n, -1)
+        rewards = subtile_probs.gather(
+            2, row_labels.to(subtile_probs.device)[:, None, None].expand(r, n, 1)
         )[..., 0]
         log_a = torch.log(run.attention.gather(1, run.indices))
         policy = policy_gradient_loss(log_a, rewards)

@@ -193,7 +193,7 @@ class ReadCounter:
 
     @property
     def full_resolution_pixels(self) -> int:
-        """Level-0 pixels read at scale 1 (sub-tiles / patches)."""
+        """Level-0 pixels read at scale 1 (sub-tiles)."""
         return self.level0_pixels.get(1.0, 0)
 
 

@@ -1,6 +1,6 @@
 """Deterministic top-k of distinct regions, for top-k inference.
 
-Tiles and patches are centred on attention cells spaced much closer than their size
+Tiles and sub-tiles are centred on attention cells spaced much closer than their size
 (a 100² tile every 8 level-0 pixels on Megapixel MNIST, a 50² tile every 5 pixels in
 000's colon set-up), so the N largest attention values are usually neighbours: N
 near-copies of one region, which waste the read budget and show the user one spot N

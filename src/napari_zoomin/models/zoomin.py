@@ -37,7 +37,7 @@ from .losses import (
     entropy_regulariser,
 )
 from .networks import class_probabilities
-from .outputs import LossTerms, PatchSet, Prediction, TileSet
+from .outputs import LossTerms, Prediction, SubtileSet, TileSet
 from .source import ImageSource, full_region, read_roi
 from .topk import distinct_top_k, topk_weights
 
@@ -211,7 +211,7 @@ class ZoomIn(AttentionSamplingModel):
         )
 
     @property
-    def patch_size(self) -> tuple[int, int]:
+    def subtile_size(self) -> tuple[int, int]:
         return tuple(self.config.subtile_size)  # type: ignore[return-value]
 
     # -- sampling --------------------------------------------------------------------
@@ -454,7 +454,7 @@ class ZoomIn(AttentionSamplingModel):
                 stage2_attention=beta[tiles].reshape(-1, *run.stage2_grid.map_shape),
                 stage2_grid=run.stage2_grid.select(tiles),
             ),
-            patches=PatchSet(
+            subtiles=SubtileSet(
                 tile=local[sub_tile],
                 cells=run.sub_cells[subs],
                 regions=run.sub_regions[subs],
@@ -525,7 +525,7 @@ class ZoomIn(AttentionSamplingModel):
                 stage2_attention=beta.cpu()[used].reshape(-1, *grid2.map_shape),
                 stage2_grid=grid2.select(used),
             ),
-            patches=PatchSet(
+            subtiles=SubtileSet(
                 tile=local[sub_tile],
                 cells=sub_cell,
                 regions=sub_regions,

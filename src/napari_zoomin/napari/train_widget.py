@@ -58,7 +58,6 @@ from ..training import (
     TrainResult,
     Validated,
     Validating,
-    input_side_name,
     read_saved_run,
     resume_plan,
     train,
@@ -242,8 +241,7 @@ class TrainWidget(Container):
         self.tile_size = SpinBox(label="Tile (px)", min=2, max=65_536, value=d.tile_size)
         self.subtile_size = SpinBox(label="Sub-tile (px)", min=2, max=65_536, value=d.subtile_size)
         self.subtile_size.tooltip = (
-            "the feature network's input: Zoom-In's sub-tile, the patch of ATS, Uniform and "
-            "REINFORCE-ATS (subtile_size or patch_size)"
+            "level-0 side of a sub-tile, what the feature network reads (every kind)"
         )
         self.entropy_weight = LineEdit(label="λ (entropy)", value=f"{d.entropy_weight:g}")
         self.contrastive = CheckBox(text="Contrastive loss", value=d.contrastive)
@@ -425,7 +423,7 @@ class TrainWidget(Container):
             "view_scale": _parse_number(self.view_scale.value, "s1"),
             "stage2_scale": _parse_number(self.stage2_scale.value, "s2"),
             "tile_size": int(self.tile_size.value),
-            input_side_name(self.kind.value): int(self.subtile_size.value),
+            "subtile_size": int(self.subtile_size.value),
             "entropy_weight": _parse_number(self.entropy_weight.value, "λ (entropy)"),
             "contrastive": bool(self.contrastive.value),
             "contrastive_warmup_epochs": int(self.warmup.value),

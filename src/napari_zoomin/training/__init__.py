@@ -15,7 +15,7 @@
     result = train(dataset, TrainConfig(epochs=50, n_samples=20), "model.safetensors")
 """
 
-from .config import POOLINGS, TrainConfig, input_side_name, model_settings
+from .config import POOLINGS, TrainConfig, model_settings
 from .events import (
     EpochStep,
     Pretrained,
@@ -53,7 +53,6 @@ __all__ = [
     "TrainingState",
     "Validated",
     "Validating",
-    "input_side_name",
     "last_checkpoint_path",
     "model_settings",
     "read_saved_run",

@@ -4,7 +4,7 @@ One name per setting: a field of :class:`TrainConfig` that configures the model 
 the name of the model config's field (:class:`~napari_zoomin.models.ZoomInConfig`,
 :class:`~napari_zoomin.models.ATSConfig`, ...), and :func:`model_settings` passes
 every such field that the kind's config has, unchanged, except that the region
-sizes (``tile_size``, ``subtile_size``, ``patch_size``) are one side here and a
+sizes (``tile_size``, ``subtile_size``) are one side here and a
 square ``(side, side)`` there.  Everything else of the kind's config goes through
 ``model_options``.  The command line keeps its short flags (``--s1``, ``--subtile``,
 ``--n``, ...); ``zoomin train --help`` and docs/training.md map them to these names.
@@ -27,7 +27,6 @@ __all__ = [
     "MODEL_SETTINGS",
     "POOLINGS",
     "TrainConfig",
-    "input_side_name",
     "model_config_dict",
     "model_settings",
     "saved_config",
@@ -40,7 +39,6 @@ MODEL_SETTINGS = (
     "stage2_scale",
     "tile_size",
     "subtile_size",
-    "patch_size",
     "n_samples",
     "feature_dim",
     "feature_hidden",
@@ -51,9 +49,7 @@ MODEL_SETTINGS = (
     "pixel_weight",
 )
 #: sides here, ``(side, side)`` in the model config
-_SQUARE = ("tile_size", "subtile_size", "patch_size")
-#: the feature network's input: Zoom-In's sub-tile, the one-stage kinds' patch
-_INPUT_SIDE = {"zoomin": "subtile_size"}
+_SQUARE = ("tile_size", "subtile_size")
 
 
 @dataclass
@@ -88,11 +84,8 @@ class TrainConfig:
         tile_size: level-0 side of a stage-1 tile (000 does not give it for Camelyon16;
             256 > 1/s1 covers the slide and gives a 32×32 stage-2 view at s2 = 1/8;
             Zoom-In).
-        subtile_size: level-0 side of a sub-tile, Zoom-In's feature-network input
-            (000: 50).
-        patch_size: level-0 side of a patch, the feature-network input of the one-stage
-            kinds (ATS, Uniform, REINFORCE-ATS).  The command line's ``--subtile`` sets
-            whichever of the two the kind has.
+        subtile_size: level-0 side of a sub-tile, the feature network's input, for every
+            kind (000: 50).
         n_samples: ``N`` (000 Camelyon16: 100; use 10-30 on a CPU).
         feature_dim, feature_hidden, feature_channels: the LeNet ``f`` (Ilse et al. sizes).
         entropy_weight: ``λ`` (000: 1e-5).
@@ -146,7 +139,6 @@ class TrainConfig:
     stage2_scale: float = 0.125
     tile_size: int = 256
     subtile_size: int = 50
-    patch_size: int = 50
     n_samples: int = 100
     feature_dim: int = 512
     feature_hidden: int = 512
@@ -168,11 +160,6 @@ class TrainConfig:
         self.feature_channels = tuple(int(c) for c in self.feature_channels)  # type: ignore[assignment]
         self.roi_labels = tuple(self.roi_labels)
         self.model_options = dict(self.model_options)
-
-    @property
-    def input_side_name(self) -> str:
-        """The field that sizes the feature network's input: ``subtile_size`` or ``patch_size``."""
-        return input_side_name(self.kind)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-Python form (stored in checkpoints)."""
@@ -216,14 +203,6 @@ class TrainConfig:
             problems.append(
                 f"pretrain_pooling must be 'mean' or 'max', got {self.pretrain_pooling!r}"
             )
-        if self.kind in MODEL_KINDS:  # a size the kind does not have would be ignored
-            unused = "patch_size" if self.input_side_name == "subtile_size" else "subtile_size"
-            if getattr(self, unused) != getattr(_DEFAULTS, unused):
-                problems.append(
-                    f"{self.kind} models have no {unused} (got {getattr(self, unused)}); their "
-                    f"feature network reads {self.input_side_name} "
-                    f"(now {getattr(self, self.input_side_name)})"
-                )
         if problems:
             raise TrainingError(None, "invalid training settings: " + "; ".join(problems) + ".")
 
@@ -231,25 +210,20 @@ class TrainConfig:
 _DEFAULTS = TrainConfig()
 
 
-def input_side_name(kind: str) -> str:
-    """The :class:`TrainConfig` field that sizes a ``kind`` model's feature-network input:
-    ``"subtile_size"`` (Zoom-In) or ``"patch_size"`` (ATS, Uniform, REINFORCE-ATS)."""
-    return _INPUT_SIDE.get(kind, "patch_size")
-
-
 def saved_config(values: dict[str, Any]) -> dict[str, Any]:
     """A trainer config read from a training checkpoint, in today's names.
 
-    Checkpoints written before ``patch_size`` existed kept the one-stage kinds' patch
-    side in ``subtile_size``; it moves to ``patch_size`` (and ``subtile_size`` to its
-    default), so such a run resumes with today's equivalent settings.
+    For a while the one-stage kinds (ATS, Uniform, REINFORCE-ATS) had their sub-tile
+    side in a setting of its own, ``patch_size`` (``subtile_size`` then kept its
+    default): checkpoints of that time have both.  ``patch_size`` goes, its value
+    becoming the one-stage kinds' ``subtile_size``, so such a run resumes with today's
+    equivalent settings.
     """
     values = dict(values)
-    if "patch_size" not in values:
-        values["patch_size"] = _DEFAULTS.patch_size
-        if input_side_name(values.get("kind", _DEFAULTS.kind)) == "patch_size":
-            values["patch_size"] = values.get("subtile_size", _DEFAULTS.subtile_size)
-            values["subtile_size"] = _DEFAULTS.subtile_size
+    if "patch_size" in values:
+        side = values.pop("patch_size")
+        if values.get("kind", _DEFAULTS.kind) != "zoomin":
+            values["subtile_size"] = side
     return values
 
 

@@ -28,7 +28,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from ..engine.checkpoints import Checkpoint, load_checkpoint, read_checkpoint_info
+from ..engine.checkpoints import (
+    Checkpoint,
+    load_checkpoint,
+    read_checkpoint_info,
+    todays_names,
+)
 from ..errors import TrainingError
 from .config import TrainConfig, model_config_dict, model_settings, plain, saved_config
 
@@ -133,7 +138,7 @@ def _saved_run(path: Path, document: dict[str, Any]) -> SavedRun | None:
         data=dict(trainer.get("data") or {}),
         state=state,
         kind=str(document.get("kind")),
-        model_config=dict(document.get("config") or {}),
+        model_config=dict(todays_names(document.get("config") or {})),
         classes=list(document.get("classes") or []),
     )
 

@@ -557,13 +557,13 @@ class Trainer:
 
     def _oom(self, where: str) -> TrainingError:
         config = self.config
-        if config.input_side_name == "subtile_size":
+        if config.kind == "zoomin":
             sizes = (
                 f"smaller tiles or sub-tiles ({config.tile_size}/{config.subtile_size} px, "
                 "--tile/--subtile)"
             )
         else:
-            sizes = f"smaller patches ({config.patch_size} px, --subtile)"
+            sizes = f"smaller sub-tiles ({config.subtile_size} px, --subtile)"
         return TrainingError(
             self.out_path,
             f"ran out of memory on {self.device} {where}.",
