@@ -25,7 +25,13 @@ from napari_zoomin.slide import open_slide  # noqa: E402
 
 pytestmark = pytest.mark.viewer
 
-NAMES = ("stage-1 attention", "stage-2 attention", "sampled tiles", "sampled sub-tiles")
+NAMES = (
+    "stage-1 attention",
+    "stage-2 attention",
+    "sampled tiles",
+    "sampled sub-tiles",
+    "attention places",
+)
 
 
 @pytest.fixture(scope="module")
@@ -114,10 +120,24 @@ def test_classify_from_the_manifest_widget(make_napari_viewer, qtbot, sample, tm
     result = widget.result
     assert [layer.name for layer in viewer.layers] == [slide.name, *NAMES]
     assert widget.summary.value.splitlines()[0].startswith(f"Prediction: {result.label} (p = ")
-    table = widget.subtile_table
-    assert table.shape == (20, 5)
-    assert table.data[0][:2] == [1, f"{result.subtiles[0]['weight']:.4g}"]
-    assert table.data[0][2:4] == [result.subtiles[0]["region"][1], result.subtiles[0]["region"][0]]
+    # one row per place the evidence came from: far fewer than the sub-tiles
+    from napari_zoomin.engine.places import places
+
+    found = places(result)
+    table = widget.place_table
+    assert table.shape == (min(20, len(found)), 6)
+    assert 1 < len(found) == result.evidence["places"] < len(result.subtiles)
+    assert list(table.column_headers) == [
+        "rank",
+        "share",
+        "sub-tiles",
+        "x (µm)",
+        "y (µm)",
+        "size (µm)",
+    ]
+    assert table.data[0][:3] == [1, f"{found[0].share:.1f} %", found[0].n_subtiles]
+    assert table.data[0][3:5] == [f"{found[0].centre[1]:.1f}", f"{found[0].centre[0]:.1f}"]
+    print("places", len(found), "sub-tiles", len(result.subtiles), table.data[:3])
 
     # the ROI widget's layer of this slide is exported with the result; another's is not
     frame = level0_frame(slide)
@@ -139,6 +159,7 @@ def test_classify_from_the_manifest_widget(make_napari_viewer, qtbot, sample, tm
         "stage1_attention.ome.tif",
         "stage2_attention.ome.tif",
         "sampled.geojson",
+        "places.geojson",
         "roi_annotations.geojson",
     }
     assert list(read_geojson(written["rois"])) == [Annotation.rectangle(4000, 3000, 300, 400)]
@@ -167,9 +188,11 @@ def test_classify_from_the_manifest_widget(make_napari_viewer, qtbot, sample, tm
         beta.data_to_world([10, 20]), world_of_level0(slide, [10.5 * cy, 20.5 * cx]), atol=1e-6
     )
 
-    # the overlay shows over the slide; the glass stays exactly as it was
+    # the overlay shows over the slide; the glass stays exactly as it was (the place
+    # outlines, convex hulls, may cross glass between sub-tiles: hidden for this check)
     for layer in [lay for lay in viewer.layers if lay.name.startswith("ROI annotations")]:
         viewer.layers.remove(layer)
+    viewer.layers["attention places"].visible = False
     viewer.reset_view()
     on = viewer.screenshot(canvas_only=True, flash=False)[..., :3].astype(int)
     for name in NAMES:
@@ -208,15 +231,24 @@ def test_classify_from_the_manifest_widget(make_napari_viewer, qtbot, sample, tm
     )
     assert changed[int(r0) : int(np.ceil(r1)) + 1, int(c0) : int(np.ceil(c1)) + 1].any()
 
-    # selecting a sub-tile in the table centres it at full resolution
-    widget.subtile_table.native.selectRow(3)
-    top, left, h, w = result.subtiles[3]["region"]
-    np.testing.assert_allclose(
-        viewer.scene.camera.center[-2:], world_of_level0(slide, [top + h / 2, left + w / 2])
-    )
-    shot = viewer.screenshot(canvas_only=True, flash=False)
-    assert slide.data_level == 0
-    assert h * slide.scale[0] * viewer.scene.camera.zoom >= 0.25 * min(shot.shape[:2])
+    # selecting a place in the table centres it, filling the canvas up to full resolution
+    viewer.layers["attention places"].visible = True
+    for row in (1, 0):
+        widget.place_table.native.selectRow(row)
+        top, left, h, w = found[row].box
+        np.testing.assert_allclose(
+            viewer.scene.camera.center[-2:], world_of_level0(slide, [top + h / 2, left + w / 2])
+        )
+        shot = viewer.screenshot(canvas_only=True, flash=False)
+        zoom = viewer.scene.camera.zoom
+        assert zoom * max(slide.scale[-2:]) <= 1 + 1e-9  # never past full resolution
+        # the place fills most of the canvas, unless that would magnify past level 0
+        assert zoom * max(slide.scale[-2:]) == pytest.approx(1) or max(
+            h * slide.scale[0], w * slide.scale[1]
+        ) * zoom >= 0.7 * min(shot.shape[:2])
+        assert slide.data_level == 0
+        widths = viewer.layers["attention places"].edge_width
+        assert widths[row] == 3 * min(widths) and sorted(widths)[-2] == min(widths)
 
     # re-run: the layers are replaced, never stacked
     before = [viewer.layers[name] for name in NAMES]
@@ -324,7 +356,7 @@ def test_bad_input_gives_messages_and_the_widget_stays_usable(
     # and the demo model still classifies
     widget.model_choice.value = "demo"
     run(qtbot, widget)
-    assert [layer.name for layer in viewer.layers][-4:] == list(NAMES)
+    assert [layer.name for layer in viewer.layers][-len(NAMES) :] == list(NAMES)
     assert widget.result.model_kind == "zoomin"
 
 

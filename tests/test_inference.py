@@ -6,6 +6,7 @@ import hashlib
 import json
 import math
 import re
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ import tifffile
 import torch
 
 from fixtures_data import rewrite_description
+from napari_zoomin.annotations import read_annotations
 from napari_zoomin.engine.checkpoints import (
     build_model,
     load_model,
@@ -20,6 +22,7 @@ from napari_zoomin.engine.checkpoints import (
     save_checkpoint,
 )
 from napari_zoomin.engine.inference import Cancelled, classify, needed_file_tiles
+from napari_zoomin.engine.places import link_of, places
 from napari_zoomin.engine.results import Result, stage2_canvas, write_outputs
 from napari_zoomin.engine.tissue import TissueMask
 from napari_zoomin.errors import AnnotationError, ClassificationError
@@ -221,7 +224,7 @@ def test_reads_come_from_the_right_levels(result, slide):
 
 def test_outputs_written_and_readable(result, tmp_path):
     files = write_outputs(result, tmp_path / "out")
-    assert set(files) == {"stage1_attention", "stage2_attention", "geojson", "json"}
+    assert set(files) == {"stage1_attention", "stage2_attention", "geojson", "places", "json"}
     assert not list((tmp_path / "out").glob(".*"))  # no temporary files left
     back = Result.load(files["json"])
     assert back.to_json() == result.to_json()
@@ -260,6 +263,63 @@ def test_outputs_written_and_readable(result, tmp_path):
         assert (min(xs), min(ys), max(xs), max(ys)) == (left, top, left + w, top + h)
         assert f["properties"]["weight"] == s["weight"] and f["properties"]["tile"] == s["tile"]
     assert tiles[0]["properties"]["count"] == result.tiles[0]["count"]
+
+
+def test_places_group_the_subtiles_by_the_evidence_rule(result):
+    found = places(result)
+    assert result.evidence["link"] == 128.0  # the model's tile side, read at 1:1
+    assert link_of(result) == result.evidence["link"]
+    assert 1 <= len(found) < len(result.subtiles)
+    assert len(found) == result.evidence["places"]
+    shares = [p.share for p in found]
+    assert sum(shares) == pytest.approx(100.0, abs=1e-6)
+    assert shares == sorted(shares, reverse=True)
+    assert [p.rank for p in found] == list(range(1, len(found) + 1))
+    # every sub-tile is in exactly one place
+    assert sorted(i for p in found for i in p.subtiles) == list(range(len(result.subtiles)))
+    total = sum(s["weight"] for s in result.subtiles)
+    mpp = result.slide["mpp"]
+    for p in found:
+        top, left, h, w = p.box
+        regions = np.array([result.subtiles[i]["region"] for i in p.subtiles], float)
+        assert (regions[:, 0] >= top).all() and (regions[:, 1] >= left).all()
+        assert (regions[:, 0] + regions[:, 2] <= top + h).all()
+        assert (regions[:, 1] + regions[:, 3] <= left + w).all()
+        # the box is tight: each side touches a sub-tile
+        assert regions[:, 0].min() == top and (regions[:, 1] + regions[:, 3]).max() == left + w
+        assert p.share == pytest.approx(
+            100 * sum(result.subtiles[i]["weight"] for i in p.subtiles) / total
+        )
+        assert p.unit == "µm"
+        assert p.centre == pytest.approx(((top + h / 2) * mpp[0], (left + w / 2) * mpp[1]))
+        assert p.size == pytest.approx((h * mpp[0], w * mpp[1]))
+        # the outline is inside the box and holds every sub-tile corner
+        ys, xs = p.outline[:, 0], p.outline[:, 1]
+        assert ys.min() == top and xs.min() == left
+        assert ys.max() == top + h and xs.max() == left + w
+    # without a pixel size the place is in level-0 pixels, and says so
+    (first, *_) = places(replace(result, slide={**result.slide, "mpp": None}))
+    top, left, h, w = first.box
+    assert first.unit == "px" and first.size == (h, w)
+    assert first.centre == (top + h / 2, left + w / 2)
+    # results saved before the link was recorded group the same way
+    older = replace(result, evidence={k: v for k, v in result.evidence.items() if k != "link"})
+    assert [p.subtiles for p in places(older)] == [p.subtiles for p in found]
+
+
+def test_places_geojson_round_trips(result, tmp_path):
+    files = write_outputs(result, tmp_path / "out")
+    assert files["places"].name == "places.geojson"
+    found = places(result)
+    back = read_annotations(files["places"])
+    assert len(back) == len(found) and {a.label for a in back} == {"Attention place"}
+    for a, p in zip(back, found, strict=True):
+        np.testing.assert_array_equal(a.rows_cols(), p.outline)
+    feats = json.loads(files["places"].read_text())["features"]
+    measured = [f["properties"]["measurements"] for f in feats]
+    assert [m["rank"] for m in measured] == [p.rank for p in found]
+    assert [m["subtiles"] for m in measured] == [p.n_subtiles for p in found]
+    assert sum(m["share"] for m in measured) == pytest.approx(100.0, abs=1e-4)
 
 
 def test_large_maps_go_to_an_npz(result, tmp_path, monkeypatch):

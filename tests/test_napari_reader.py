@@ -97,3 +97,42 @@ def test_sample_data_menu_entry(make_napari_viewer):
     rows, cols, _ = layer.data[0].shape
     assert 39_000 <= rows <= 41_000 and 39_000 <= cols <= 41_000
     assert layer.metadata["mpp"] is not None
+
+
+def _scale_bar(viewer):
+    return viewer.canvas.overlays.scale_bar
+
+
+def _scale_bar_texts(viewer) -> list[str]:
+    canvas = viewer.window._qt_viewer.canvas
+    return [v.node.text.text for v in canvas._viewer_overlay_to_visual[_scale_bar(viewer)]]
+
+
+def test_slide_in_micrometres_turns_the_scale_bar_on(make_napari_viewer, cmu_svs):
+    viewer = make_napari_viewer(show=True)
+    assert not _scale_bar(viewer).visible
+    viewer.open(cmu_svs, plugin="napari-zoomin")  # the real Aperio slide, 0.499 µm/px
+    assert _scale_bar(viewer).visible
+    assert str(viewer.layers.units[-1]) == "micrometer"
+    viewer.reset_view()
+    texts = _scale_bar_texts(viewer)
+    assert texts and all(t.endswith("µm") for t in texts), texts
+
+
+def test_images_in_pixels_leave_the_scale_bar_off(make_napari_viewer, tmp_path, real_crop, cmu_svs):
+    import tifffile
+    from PIL import Image
+
+    png = tmp_path / "no-dpi.png"
+    Image.fromarray(real_crop[:256, :256]).save(png)  # no dpi: pixels only
+    tif = tmp_path / "no-resolution.tif"
+    tifffile.imwrite(tif, real_crop[:512, :512], tile=(256, 256), photometric="rgb")
+    viewer = make_napari_viewer()
+    (layer,) = viewer.open(tif, plugin="napari-zoomin")
+    assert layer.metadata["units"] == "pixel"
+    viewer.open(png, plugin="napari")  # napari-zoomin does not claim PNGs
+    assert not _scale_bar(viewer).visible
+    # a slide in micrometres turns it on in the viewer that opened it, not in others
+    other = make_napari_viewer()
+    other.open(cmu_svs, plugin="napari-zoomin")
+    assert _scale_bar(other).visible and not _scale_bar(viewer).visible

@@ -22,6 +22,9 @@ from napari_zoomin.napari.result_layers import (
     TILES_LAYER,
     TISSUE_SOURCE,
     map_placement,
+    place_rows,
+    place_view,
+    places_layer_data,
     result_layer_data,
     stage1_layer_data,
     stage2_canvas_raw,
@@ -234,6 +237,7 @@ def test_result_layer_data_names_and_order(result):
         "stage-2 attention",
         "sampled tiles",
         "sampled sub-tiles",
+        "attention places",
     ]
     assert all(kw["metadata"][RESULT_KEY] is result for _, kw, _ in layers)
 
@@ -281,6 +285,42 @@ def test_subtile_view_centres_and_shows_full_resolution():
     # a large region still shows level 0: at least one screen pixel per level-0 pixel
     _, zoom = subtile_view([0, 0, 4096, 4096], FRAME, (600, 800))
     assert zoom == pytest.approx(1 / 0.25)
+
+
+def test_places_rows_and_layer(result):
+    from napari_zoomin.engine.places import places
+
+    found = places(result)
+    rows = place_rows(result, 20)
+    assert len(rows) == min(20, len(found)) and len(found) < len(result.subtiles)
+    assert [r["rank"] for r in rows] == list(range(1, len(rows) + 1))
+    assert [r["share"] for r in rows] == [p.share for p in found[:20]]
+    mpp = result.slide["mpp"]
+    top, left, h, w = found[0].box
+    assert rows[0]["unit"] == "µm"
+    assert (rows[0]["x"], rows[0]["y"]) == pytest.approx(
+        ((left + w / 2) * mpp[1], (top + h / 2) * mpp[0])
+    )
+    assert (rows[0]["w"], rows[0]["h"]) == pytest.approx((w * mpp[1], h * mpp[0]))
+    data, kwargs, kind = places_layer_data(result, FRAME)
+    assert kind == "shapes" and kwargs["shape_type"] == "polygon"
+    assert len(data) == len(found) == result.evidence["places"]
+    np.testing.assert_array_equal(data[0], found[0].outline)
+    assert list(kwargs["features"]["rank"]) == [p.rank for p in found]
+    # level-0 outlines placed like the sub-tile rectangles
+    sub = subtiles_layer_data(result, FRAME)[1]
+    assert (kwargs["scale"], kwargs["translate"]) == (sub["scale"], sub["translate"])
+
+
+def test_place_view_fills_the_canvas_but_not_past_full_resolution():
+    # a 1200 x 800 px place: 600 world units tall at scale 0.5, fills 80 % of 600 px
+    centre, zoom = place_view([1000, 2000, 1200, 800], FRAME, (600, 800), fill=0.8)
+    np.testing.assert_allclose(centre, world([1600, 2400]))
+    assert zoom == pytest.approx(0.8 * 600 / 600)
+    # a one-sub-tile place is not blown up: at most one screen pixel per level-0 pixel
+    _, zoom = place_view([1000, 2000, 32, 32], FRAME, (600, 800))
+    assert zoom == pytest.approx(1 / 0.5)
+    assert zoom * 0.5 <= 1 and zoom * 0.25 <= 1
 
 
 def test_tissue_layer_round_trip(slide_path):

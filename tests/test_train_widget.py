@@ -11,6 +11,7 @@ import pytest
 
 napari = pytest.importorskip("napari")
 
+from magicgui.widgets import Container, Label  # noqa: E402
 from napari.utils.notifications import NotificationSeverity, notification_manager  # noqa: E402
 
 from napari_zoomin.annotations import Annotation, read_annotations  # noqa: E402
@@ -22,6 +23,7 @@ from napari_zoomin.napari.train_widget import (  # noqa: E402
     FROM_VIEWER,
     LossAccuracyPlot,
     TrainWidget,
+    _Split,
 )
 
 pytestmark = pytest.mark.viewer
@@ -143,6 +145,7 @@ def test_train_one_epoch_from_a_labels_csv(make_napari_viewer, qtbot, slides, tm
     assert info["trainer_config"]["n_samples"] == 4 and info["trainer_config"]["tile_size"] == 128
     assert info["metrics"]["best_epoch"] == 1
     assert str(out.resolve()) in model_choices.known_models()
+    assert widget.split_note.value == "Split: 2 slides for training, 1 for validation."
     # the progress bar reached the end; the plot has one point per epoch, the run's values
     assert widget.progress.value == widget.progress.max
     (record,) = info["history"]
@@ -281,9 +284,15 @@ def test_progress_events_drive_the_status_bar_and_plot(make_napari_viewer, tmp_p
     viewer = make_napari_viewer()
     widget = tiny_widget(viewer, tmp_path / "m.safetensors")
     widget._on_progress(Pretraining(0, 4, 0, 5, 2))
-    assert widget.status.value == "pre-training on ROI patches (0/5 epochs)…"
+    # pre-training is said, and the bar moves without a percentage (its start and end are
+    # all the engine reports)
+    assert widget.status.value == (
+        "pre-training on ROI patches before epoch 1 (5 epochs, 2 annotated slide(s))…"
+    )
+    assert widget.progress.native.maximum() == 0
     widget._on_progress(Pretrained(0, 4, 5, 5, 0.5, {"feature": 0.5}))
-    assert widget.status.value == "pre-training on ROI patches (5/5 epochs)…"
+    assert widget.status.value == "pre-training done (loss 0.5); training epoch 1…"
+    assert widget.progress.native.maximum() == widget.progress.max > 0
     widget._on_progress(EpochStep(2, 4, 1, 2, 0.25, 1.0))
     assert widget.status.value == "epoch 2/4, step 1/2, loss 0.25"
     assert widget.progress.value == round(widget.progress.max * 1.5 / 4)
@@ -295,6 +304,15 @@ def test_progress_events_drive_the_status_bar_and_plot(make_napari_viewer, tmp_p
     assert (widget.plot.losses, widget.plot.accuracies) == ([0.5], [0.625])
     widget._on_progress(Resolution(0, 4, None, "training in pixels, not micrometres: …"))
     assert "Train classifier: training in pixels" in messages(NotificationSeverity.WARNING)[-1]
+
+    # the split, said before training: validation gets its share of each epoch's bar
+    widget = TrainWidget(viewer)  # a fresh bar
+    widget._on_progress(_Split(train=3, val=1, test=0))
+    assert widget.split_note.value == "Split: 3 slides for training, 1 for validation."
+    widget._on_progress(EpochStep(1, 2, 2, 2, 0.25, 1.0))
+    assert widget.progress.value == round(widget.progress.max * 0.75 / 2)
+    widget._on_progress(Validating(1, 2, 1, 1))
+    assert widget.progress.value == widget.progress.max // 2
 
 
 def test_bad_input_is_a_notification_and_the_widget_stays_usable(
@@ -326,3 +344,70 @@ def test_bad_input_is_a_notification_and_the_widget_stays_usable(
     assert widget.start() is True
     wait_done(qtbot, widget)
     assert widget.result is not None and (tmp_path / "m.safetensors").is_file()
+
+
+def test_the_dock_fits_a_laptop_screen_beside_classify(make_napari_viewer, qtbot):
+    """Issue 19: both docks open in a 1600 x 1000 window; the form scrolls, Train shows."""
+    viewer = make_napari_viewer(show=True)
+    window = viewer.window._qt_window
+    window.resize(1600, 1000)
+    qtbot.wait(50)
+    viewer.window.add_plugin_dock_widget("napari-zoomin", "Classify slide")
+    _, widget = viewer.window.add_plugin_dock_widget("napari-zoomin", "Train classifier")
+    qtbot.wait(200)
+    assert window.frameGeometry().height() <= 1000
+    button = widget.train_button.native
+    assert button.isVisible() and not button.visibleRegion().isEmpty()
+    bottom = button.mapTo(window, button.rect().bottomLeft()).y()
+    assert 0 < bottom <= window.height()
+    # the rarely changed settings are folded under Advanced, and unfold
+    assert not widget.advanced_shown
+    assert not widget.lr.native.isVisible() and widget.epochs.native.isVisible()
+    widget.advanced_button.native.click()
+    qtbot.wait(50)
+    assert widget.advanced_shown and widget.lr.native.isVisible()
+    assert window.frameGeometry().height() <= 1000  # the form scrolls instead
+    assert not button.visibleRegion().isEmpty()
+    # every setting says what it does, in words
+    settings = [w for w in widget.form if not isinstance(w, (Container, Label))]
+    assert len(settings) >= 20
+    assert all(len(w.tooltip or "") > 20 for w in settings), [
+        w.label for w in settings if len(w.tooltip or "") <= 20
+    ]
+    assert "16x smaller" in widget.view_scale.tooltip
+    assert "Entropy weight" in widget.entropy_weight.tooltip
+
+
+def test_progress_moves_and_the_split_is_said(make_napari_viewer, qtbot, slides, tmp_path):
+    """Two slides, both for training: the widget says so and warns; the bar moves per
+    step, pre-training is said."""
+    (slides / "two.csv").write_text("slide,label,split\npos1,positive,train\nneg1,negative,train\n")
+    viewer = make_napari_viewer()
+    widget = tiny_widget(viewer, tmp_path / "two.safetensors", epochs=2)
+    from_folder(widget, slides, "two.csv")
+    widget.batch_size.value = 1
+    widget.other_settings.value = json.dumps({**TINY, "pretrain_epochs": 1, "pretrain_patches": 2})
+    seen = []  # after the widget handled each event: (event, status, bar value, bar maximum)
+    widget._relay.event.connect(
+        lambda e: seen.append(
+            (type(e).__name__, widget.status.value, widget.progress.value, widget.progress.max)
+        )
+    )
+    widget.train_button.native.click()
+    wait_done(qtbot, widget)
+    assert widget.result is not None and not widget.result.cancelled
+
+    kinds = [k for k, *_ in seen]
+    assert kinds[0] == "_Split" and kinds[1] == "Pretraining"  # said before training
+    assert widget.split_note.value.startswith("Split: 2 slides for training, 0 for validation.")
+    assert "validation accuracy will not be measured" in widget.split_note.value
+    assert "early stopping is off" in widget.split_note.value
+    warnings = messages(NotificationSeverity.WARNING)
+    assert any("validation accuracy will not be measured" in m for m in warnings)
+    status, maximum = seen[1][1], seen[1][3]
+    assert status.startswith("pre-training on ROI patches before epoch 1") and maximum == 0
+    values = [v for k, _, v, m in seen if m > 0 and k not in ("_Split", "Pretrained")]
+    assert values == sorted(values)
+    top = widget.progress.max
+    assert [v for v in values if 0 < v < top] == [top // 4, top // 2, top // 2, 3 * top // 4]
+    assert widget.progress.value == top

@@ -124,6 +124,19 @@ def test_evidence_counts_places_by_single_linkage():
     assert evidence(np.zeros((0, 4)), 100) == {"subtiles": 0, "places": 0}
 
 
+def test_places_use_the_evidence_rule():
+    from napari_zoomin.engine.places import link_groups
+
+    regions = np.array(
+        [[5000, 5000, 32, 32], [0, 0, 32, 32], [90, 0, 32, 32], [5005, 5005, 16, 16]]
+    )
+    # numbered by first member; the same grouping evidence() counts
+    assert link_groups(regions, 100).tolist() == [0, 1, 1, 0]
+    assert link_groups(regions, 10).tolist() == [0, 1, 2, 0]
+    assert link_groups(np.zeros((0, 4)), 100).tolist() == []
+    assert evidence(regions, 100)["places"] == 2
+
+
 def test_evidence_warning_says_agreement_is_not_certainty():
     (w,) = evidence_warnings({"subtiles": 2, "places": 1}, "sample", 16, 0.0)
     assert "All 16 draws read 2 sub-tiles in one place" in w

@@ -482,6 +482,7 @@ def _classify(slide, ckpt, dev, draws, seed, mode, tissue, report, check, t0, wo
     th, tw = _tile_size(ckpt)
     link = max(th * source.factor[0], tw * source.factor[1])
     ev = evidence(np.array([sub["region"] for sub in subtiles]).reshape(-1, 4), link)
+    ev["link"] = float(link)  # level-0 pixels: engine.places groups by it again
     warnings.extend(
         evidence_warnings(ev, mode, draws, float(spread[label_index]), slide.shape, link)
     )

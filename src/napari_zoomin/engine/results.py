@@ -21,8 +21,9 @@ translate ``t``, ``scale=s·cell_size``, ``translate=t + s·(origin + cell_size/
 
 :func:`write_outputs` writes ``result.json``, the attention maps as pyramidal
 OME-TIFFs whose physical pixel size is the cell size × the slide's µm/pixel (so they
-overlay the slide in QuPath and napari), and ``sampled.geojson`` (drawn tiles and
-sub-tiles as QuPath annotations).  Every file is written to a hidden temporary
+overlay the slide in QuPath and napari), ``sampled.geojson`` (drawn tiles and
+sub-tiles as QuPath annotations) and ``places.geojson`` (the places the evidence came
+from).  Every file is written to a hidden temporary
 sibling and moved into place, ``result.json`` last: a folder with a ``result.json``
 is complete.
 """
@@ -207,7 +208,9 @@ class Result:
             slides', little tissue, evidence from very few places); shown beside the
             prediction by every front end.
         evidence: how concentrated the evidence is: ``places`` (distinct places the
-            sub-tiles read, over all draws), ``subtiles`` (distinct sub-tiles read).
+            sub-tiles read, over all draws), ``subtiles`` (distinct sub-tiles read),
+            ``link`` (level-0 pixels: sub-tiles whose centres are this close, chained,
+            are one place; :func:`napari_zoomin.engine.places.places` lists them).
         resolution: how the slide was read: ``slide_mpp`` and ``model_mpp`` (µm per
             pixel, or None), ``factor`` (slide pixels per model pixel, 1 when read in
             pixels) and ``units`` (``"µm"`` or ``"pixel"``).
@@ -552,6 +555,22 @@ def _geojson_annotations(result: Result):
     return anns, props
 
 
+#: QuPath classification of the outlines in ``places.geojson``
+PLACE_LABEL = "Attention place"
+
+
+def _place_annotations(result: Result):
+    from ..annotations import Annotation
+    from .places import places
+
+    anns, props = [], []
+    for p in places(result):
+        anns.append(Annotation.from_rows_cols(p.outline, label=PLACE_LABEL))
+        m = {"rank": p.rank, "share": round(p.share, 6), "subtiles": p.n_subtiles}
+        props.append({"name": f"place {p.rank}", **m, "measurements": m})
+    return anns, props
+
+
 def write_outputs(result: Result, out_dir: str | os.PathLike) -> dict[str, Path]:
     """Write a result's files into ``out_dir`` (created); returns ``{what: path}``.
 
@@ -562,6 +581,10 @@ def write_outputs(result: Result, out_dir: str | os.PathLike) -> dict[str, Path]
     - ``geojson`` → ``sampled.geojson``: QuPath annotations "Sampled tile"
       (properties ``count``, ``alpha``) and "Sampled sub-tile" (``weight``, ``tile``),
       rectangles in level-0 (x, y) pixels, also as QuPath measurements.
+    - ``places`` → ``places.geojson``: one QuPath annotation "Attention place" per
+      place the evidence came from (:func:`napari_zoomin.engine.places.places`): the
+      convex hull of its sub-tiles, properties and measurements ``rank`` (1 = largest
+      share), ``share`` (% of the sub-tiles' weight) and ``subtiles`` (how many).
     - ``maps`` → ``attention_maps.npz`` only when the maps exceed
       :data:`JSON_MAX_CELLS` cells; ``result.json`` then references it.
     - ``json`` → ``result.json``, written last.
@@ -593,6 +616,8 @@ def write_outputs(result: Result, out_dir: str | os.PathLike) -> dict[str, Path]
         )
     anns, props = _geojson_annotations(result)
     written["geojson"] = write_geojson(out / "sampled.geojson", anns, props)
+    anns, props = _place_annotations(result)
+    written["places"] = write_geojson(out / "places.geojson", anns, props)
     maps_file = None
     if max(result.stage1_attention.size, result.stage2_cells) > JSON_MAX_CELLS:
         import io

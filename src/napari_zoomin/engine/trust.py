@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from .places import link_groups
+
 __all__ = [
     "SYNTHETIC_MARKER",
     "SlideProfile",
@@ -284,37 +286,17 @@ def slide_warnings(profile: dict[str, Any] | None, slide: SlideProfile) -> list[
     return out
 
 
-def evidence(regions: np.ndarray, link: float) -> dict[str, int]:
+def evidence(regions: np.ndarray, link: float) -> dict[str, Any]:
     """Distinct places among the sub-tiles ``regions`` (n, 4) ``[top, left, h, w]``.
 
     Two sub-tiles whose centres are at most ``link`` level-0 pixels apart along both
-    axes are in the same place (chained: single linkage).  Returns ``{"subtiles":
-    n, "places": k}``.
+    axes are in the same place (chained: single linkage; :func:`napari_zoomin.engine.
+    places.link_groups`, the rule :func:`~napari_zoomin.engine.places.places` describes
+    the places by).  Returns ``{"subtiles": n, "places": k}``.
     """
-    r = np.asarray(regions, dtype=np.float64).reshape(-1, 4)
-    n = len(r)
-    if n == 0:
-        return {"subtiles": 0, "places": 0}
-    centres = r[:, :2] + r[:, 2:] / 2.0
-    parent = np.arange(n)
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    order = np.argsort(centres[:, 0], kind="stable")
-    for a_pos, a in enumerate(order):
-        for b in order[a_pos + 1 :]:
-            if centres[b, 0] - centres[a, 0] > link:
-                break
-            if abs(centres[b, 1] - centres[a, 1]) <= link:
-                ra, rb = find(int(a)), find(int(b))
-                if ra != rb:
-                    parent[rb] = ra
-    places = len({find(i) for i in range(n)})
-    return {"subtiles": n, "places": places}
+    labels = link_groups(regions, link)
+    n = len(labels)
+    return {"subtiles": n, "places": int(labels.max()) + 1 if n else 0}
 
 
 def evidence_warnings(

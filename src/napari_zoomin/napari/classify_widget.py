@@ -3,9 +3,11 @@
 The widget holds no model logic: it gathers the inputs, runs
 :func:`napari_zoomin.engine.inference.classify` in a napari worker (progress bar, Cancel),
 and renders the returned :class:`~napari_zoomin.engine.results.Result` with
-:mod:`.result_layers` (four layers on the slide), a summary and a table of the most
-attended sub-tiles.  Export writes the engine's files (:func:`~napari_zoomin.engine.
-results.write_outputs`) and the ``ROI annotations`` layer as QuPath GeoJSON.  "Edit tissue
+:mod:`.result_layers` (five layers on the slide), a summary and a table of the places
+the evidence came from (:func:`napari_zoomin.engine.places.places`): selecting one
+zooms there and thickens its outline.  Export writes the engine's files
+(:func:`~napari_zoomin.engine.results.write_outputs`) and the ``ROI annotations`` layer
+as QuPath GeoJSON.  "Edit tissue
 mask" shows the engine's tissue mask as a labels layer; while that layer exists, its
 (possibly edited) pixels are the sampling mask of the next classification.
 """
@@ -33,15 +35,19 @@ from qtpy.QtCore import QObject, Signal, Slot
 from ..errors import ZoominError
 from .model_choices import DEMO, known_models, on_models_changed
 from .result_layers import (
+    MAX_PLACES,
+    PLACE_HIGHLIGHT,
+    PLACES_LAYER,
     RESULT_KEY,
     STAGE2_LAYER,
     TISSUE_LAYER,
+    place_edge_width,
+    place_rows,
+    place_view,
     result_layer_data,
-    subtile_view,
     summary_lines,
     tissue_layer_data,
     tissue_mask_from_labels,
-    top_subtiles,
     warning_lines,
 )
 from .slide_layers import layer_slide, level0_frame, slide_layers
@@ -56,8 +62,8 @@ __all__ = ["ClassifyWidget"]
 
 log = logging.getLogger(__name__)
 
-#: rows of the "most attended sub-tiles" table
-TOP_SUBTILES = 20
+#: rows of the "where the evidence is" table: every place, up to this many
+TOP_PLACES = MAX_PLACES
 ROI_EXPORT_NAME = "roi_annotations.geojson"
 
 
@@ -121,7 +127,7 @@ class _Outcome:
 
 
 class ClassifyWidget(Container):
-    """Dock widget: inputs, Classify/Cancel, progress, result summary, top sub-tiles."""
+    """Dock widget: inputs, Classify/Cancel, progress, result summary, places table."""
 
     def __init__(self, viewer: napari.viewer.Viewer):
         from ..engine.runtime import available_devices  # torch, once the widget is made
@@ -152,8 +158,9 @@ class ClassifyWidget(Container):
         self.summary = Label(value="")  # the prediction, first
         self.warnings = Label(value="")  # reasons to doubt it, right below (Result.warnings)
         self.details = Label(value="")  # probabilities, cost, what was looked at
-        self.subtile_table = Table(
-            value={"data": [], "index": [], "columns": self._table_columns()}
+        self._places: list = []  # the table's rows' places (engine.places.Place)
+        self.place_table = Table(
+            value={"data": [], "index": [], "columns": self._table_columns("µm")}
         )
         self.export_button = PushButton(text="Export…", enabled=False)
         self.tissue_button = PushButton(text="Edit tissue mask")
@@ -176,8 +183,8 @@ class ClassifyWidget(Container):
                 self.summary,
                 self.warnings,
                 self.details,
-                Label(value="Most attended sub-tiles (select one to go there):"),
-                self.subtile_table,
+                Label(value="Where the evidence is (select one to go there):"),
+                self.place_table,
                 Container(
                     widgets=[self.export_button, self.tissue_button],
                     layout="horizontal",
@@ -478,13 +485,13 @@ class ClassifyWidget(Container):
                 self.viewer.layers.append(new)
 
     @staticmethod
-    def _table_columns() -> list[str]:
-        return ["rank", "weight", "x (px)", "y (px)", "size (px)"]
+    def _table_columns(unit: str) -> list[str]:
+        return ["rank", "share", "sub-tiles", f"x ({unit})", f"y ({unit})", f"size ({unit})"]
 
     def _setup_table(self) -> None:
         from qtpy.QtWidgets import QAbstractItemView
 
-        table = self.subtile_table.native
+        table = self.place_table.native
         table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
         table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
         table.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
@@ -492,27 +499,52 @@ class ClassifyWidget(Container):
         table.itemSelectionChanged.connect(self._on_table_selection)
 
     def _fill_table(self, result: Result) -> None:
-        rows = [
-            [r["rank"], f"{r['weight']:.4g}", r["x"], r["y"], f"{r['w']} x {r['h']}"]
-            for r in top_subtiles(result, TOP_SUBTILES)
+        rows = place_rows(result, TOP_PLACES)
+        unit = rows[0]["unit"] if rows else ("µm" if result.slide.get("mpp") else "px")
+        digits = ".0f" if unit == "px" else ".1f"
+        data = [
+            [
+                r["rank"],
+                f"{r['share']:.1f} %" if r["share"] >= 0.05 else "< 0.1 %",
+                r["subtiles"],
+                f"{r['x']:{digits}}",
+                f"{r['y']:{digits}}",
+                f"{r['w']:{digits}} x {r['h']:{digits}}",
+            ]
+            for r in rows
         ]
-        self.subtile_table.value = {"data": rows, "index": [], "columns": self._table_columns()}
-        self.subtile_table.native.resizeColumnsToContents()
+        self._places = [r["place"] for r in rows]
+        self.place_table.value = {"data": data, "index": [], "columns": self._table_columns(unit)}
+        self.place_table.native.resizeColumnsToContents()
 
     def _on_table_selection(self) -> None:
-        rows = self.subtile_table.native.selectionModel().selectedRows()
+        rows = self.place_table.native.selectionModel().selectedRows()
         if rows:
-            self.show_subtile(rows[0].row())
+            self.show_place(rows[0].row())
 
-    def show_subtile(self, index: int) -> None:
-        """Centre the camera on sub-tile ``index`` (0 = most attended), at full resolution."""
-        if self.result is None or not 0 <= index < len(self.result.subtiles):
+    def show_place(self, index: int) -> None:
+        """Zoom to place ``index`` (0 = most evidence): its box fills most of the canvas,
+        never magnified past full resolution; its outline in the places layer thickens."""
+        if self.result is None or not 0 <= index < len(self._places):
             return
-        region = self.result.subtiles[index]["region"]
-        centre, zoom = subtile_view(region, self._result_frame, self.viewer.canvas.size)
+        place = self._places[index]
+        centre, zoom = place_view(place, self._result_frame, self.viewer.canvas.size)
         camera = self.viewer.scene.camera
         camera.center = centre
         camera.zoom = zoom
+        self._highlight(place.rank)
+
+    def _highlight(self, rank: int) -> None:
+        """Thicken the outline of the place of ``rank`` in the places layer (if it is
+        this result's), the others back to normal."""
+        if PLACES_LAYER not in self.viewer.layers:
+            return
+        layer = self.viewer.layers[PLACES_LAYER]
+        if layer.metadata.get(RESULT_KEY) is not self.result or not layer.nshapes:
+            return
+        width = place_edge_width(self.result)
+        ranks = list(layer.features["rank"])
+        layer.edge_width = [width * (PLACE_HIGHLIGHT if r == rank else 1.0) for r in ranks]
 
     # ------------------------------------------------------------------ export
     def _export_dialog(self) -> None:
@@ -566,7 +598,8 @@ class ClassifyWidget(Container):
         return annotations
 
     def export(self, folder: str | Path) -> dict[str, Path]:
-        """Write result.json, the attention maps (pyramidal OME-TIFF), sampled.geojson and,
+        """Write result.json, the attention maps (pyramidal OME-TIFF), sampled.geojson,
+        places.geojson and,
         when there is an ``ROI annotations`` layer, roi_annotations.geojson into ``folder``."""
         from ..annotations import write_geojson
         from ..engine.results import write_outputs

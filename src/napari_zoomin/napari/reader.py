@@ -29,6 +29,10 @@ def read_slides(path: str | list[str]) -> list[tuple]:
             _notify_error(str(err))
             continue
         layers.append(slide_layer_data(slide))
+    if layers:
+        from .slide_layers import show_scale_bar_when_added
+
+        show_scale_bar_when_added(layers)
     # napari's sentinel for "read fine, nothing to add": no second reader is tried
     return layers or [(None,)]
 

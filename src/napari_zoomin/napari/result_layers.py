@@ -31,11 +31,14 @@ from typing import Any
 
 import numpy as np
 
+from ..engine.places import Place, places
 from ..engine.results import Result, SparseMap
 from ..engine.tissue import TissueMask
 from .roi_shapes import level0_to_world, roi_shapes_placement
 
 __all__ = [
+    "MAX_PLACES",
+    "PLACES_LAYER",
     "RESULT_KEY",
     "RESULT_LAYER_NAMES",
     "STAGE1_LAYER",
@@ -45,6 +48,9 @@ __all__ = [
     "TISSUE_LAYER",
     "TISSUE_SOURCE",
     "map_placement",
+    "place_rows",
+    "place_view",
+    "places_layer_data",
     "result_layer_data",
     "stage1_layer_data",
     "stage2_canvas_raw",
@@ -63,8 +69,11 @@ STAGE1_LAYER = "stage-1 attention"
 STAGE2_LAYER = "stage-2 attention"
 TILES_LAYER = "sampled tiles"
 SUBTILES_LAYER = "sampled sub-tiles"
+PLACES_LAYER = "attention places"
 #: bottom to top, the order the layers are added in
-RESULT_LAYER_NAMES = (STAGE1_LAYER, STAGE2_LAYER, TILES_LAYER, SUBTILES_LAYER)
+RESULT_LAYER_NAMES = (STAGE1_LAYER, STAGE2_LAYER, TILES_LAYER, SUBTILES_LAYER, PLACES_LAYER)
+#: rows of the widget's "where the evidence is" table (the places with most weight)
+MAX_PLACES = 20
 TISSUE_LAYER = "tissue mask"
 #: ``TissueMask.source`` (and ``result.tissue["source"]``) of a mask edited in napari
 TISSUE_SOURCE = "tissue mask layer"
@@ -89,6 +98,9 @@ ATTENTION_OPACITY = 0.85
 STAGE1_GAMMA = 0.5
 SUBTILE_COLORMAP = "viridis"
 TILE_EDGE_COLOR = "#00e5ff"
+PLACE_EDGE_COLOR = "#ffffff"
+#: a place's outline is this many times wider while its table row is selected
+PLACE_HIGHLIGHT = 3.0
 #: chunk side of the lazy stage-2 pyramid, and the long side at which it stops
 STAGE2_CHUNK = 256
 
@@ -309,10 +321,49 @@ def subtiles_layer_data(result: Result, frame: Frame) -> LayerData:
     return (_rectangles(s["region"] for s in result.subtiles), kwargs, "shapes")
 
 
+def place_edge_width(result: Result) -> float:
+    """Outline width of a place (level-0 pixels): a 64th of the linkage distance."""
+    from ..engine.places import link_of
+
+    return max(link_of(result), 64.0) / 64
+
+
+def places_layer_data(result: Result, frame: Frame) -> LayerData:
+    """The places the evidence came from (:func:`napari_zoomin.engine.places.places`),
+    largest share first: their outlines (convex hulls of their sub-tiles, level-0
+    pixels) with ``rank``, ``share`` (%) and ``subtiles`` features."""
+    scale, translate = roi_shapes_placement(frame)
+    found = places(result)
+    features = {
+        "rank": np.array([p.rank for p in found], np.int64),
+        "share": np.array([p.share for p in found], np.float64),
+        "subtiles": np.array([p.n_subtiles for p in found], np.int64),
+    }
+    return (
+        [np.asarray(p.outline, np.float64) for p in found],
+        {
+            "name": PLACES_LAYER,
+            "shape_type": "polygon",
+            "scale": scale,
+            "translate": translate,
+            "features": features,
+            "edge_color": PLACE_EDGE_COLOR,
+            "edge_width": place_edge_width(result),
+            "face_color": "transparent",
+            "metadata": {
+                RESULT_KEY: result,
+                "units": "level-0 pixels (convex hull of each place's sub-tiles)",
+            },
+        },
+        "shapes",
+    )
+
+
 def result_layer_data(result: Result, frame: Frame) -> list[LayerData]:
-    """The four result layers, bottom to top (no stage-2 layer for one-stage models)."""
+    """The result layers, bottom to top (no stage-2 layer for one-stage models)."""
     layers = [stage1_layer_data(result, frame), stage2_layer_data(result, frame)]
     layers += [tiles_layer_data(result, frame), subtiles_layer_data(result, frame)]
+    layers += [places_layer_data(result, frame)]
     return [layer for layer in layers if layer is not None]
 
 
@@ -365,6 +416,39 @@ def top_subtiles(result: Result, n: int = 20) -> list[dict[str, Any]]:
     return rows
 
 
+def place_rows(result: Result, n: int = MAX_PLACES) -> list[dict[str, Any]]:
+    """The ``n`` places with most evidence, as the widget's table shows them: ``rank``,
+    ``share`` (%), ``subtiles`` (how many), centre ``x``/``y`` and ``w``/``h`` in
+    ``unit`` (``"µm"``, or ``"px"`` when the slide has no pixel size), ``place``."""
+    rows = []
+    for p in places(result)[:n]:
+        (cy, cx), (h, w) = p.centre, p.size
+        rows.append(
+            {
+                "rank": p.rank,
+                "share": p.share,
+                "subtiles": p.n_subtiles,
+                "x": cx,
+                "y": cy,
+                "w": w,
+                "h": h,
+                "unit": p.unit,
+                "place": p,
+            }
+        )
+    return rows
+
+
+def _fit(region, frame: Frame, canvas_size: tuple[int, int], fill: float):
+    """World centre of a level-0 region, and the zoom at which it spans ``fill`` of the
+    canvas' short side (napari's zoom: screen pixels per world unit)."""
+    top, left, h, w = (float(v) for v in region)
+    (sy, sx), _ = frame
+    centre = level0_to_world([top + h / 2, left + w / 2], frame)
+    zoom = fill * min(canvas_size) / max(h * sy, w * sx, 1e-12)
+    return (float(centre[0]), float(centre[1])), zoom
+
+
 def subtile_view(
     region, frame: Frame, canvas_size: tuple[int, int], fill: float = 0.3
 ) -> tuple[tuple[float, float], float]:
@@ -373,11 +457,23 @@ def subtile_view(
     The region spans ``fill`` of the canvas' short side, and the zoom is never below one
     screen pixel per level-0 pixel, so napari displays level 0 (full resolution).
     """
-    top, left, h, w = (float(v) for v in region)
+    centre, zoom = _fit(region, frame, canvas_size, fill)
     (sy, sx), _ = frame
-    centre = level0_to_world([top + h / 2, left + w / 2], frame)
-    zoom = fill * min(canvas_size) / max(h * sy, w * sx)
-    return (float(centre[0]), float(centre[1])), max(zoom, 1.0 / min(sy, sx))
+    return centre, max(zoom, 1.0 / min(sy, sx))
+
+
+def place_view(
+    place: Place | Any, frame: Frame, canvas_size: tuple[int, int], fill: float = 0.8
+) -> tuple[tuple[float, float], float]:
+    """Camera ``(centre (y, x) world, zoom)`` showing a place (or a level-0
+    ``[top, left, h, w]`` box): its box spans ``fill`` of the canvas' short side, but
+    never magnified past full resolution (at most one screen pixel per level-0 pixel
+    along either axis), so a one-sub-tile place is shown at level 0 with its
+    surroundings rather than blown up."""
+    box = place.box if isinstance(place, Place) else place
+    centre, zoom = _fit(box, frame, canvas_size, fill)
+    (sy, sx), _ = frame
+    return centre, min(zoom, 1.0 / max(sy, sx))
 
 
 # --------------------------------------------------------------------------- tissue

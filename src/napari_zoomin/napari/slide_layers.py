@@ -21,6 +21,7 @@ __all__ = [
     "is_slide_layer",
     "layer_slide",
     "level0_frame",
+    "show_scale_bar_when_added",
     "slide_layers",
 ]
 
@@ -85,6 +86,44 @@ def layer_slide(layer: Image, **options) -> Slide:
     scale = tuple(float(s) for s in layer.scale[-2:])
     mpp = scale if layer.units[-1] in ("micrometer", "micron", "um", "µm") else None
     return open_slide(np.asarray(data), mpp=mpp)
+
+
+def show_scale_bar_when_added(layer_data: list[tuple]) -> None:
+    """Turn napari's scale bar on once one of these slides in micrometres is added.
+
+    Readers and sample functions return layer data without a viewer; napari adds it
+    to the viewer that asked, which for File > Open, File > Open Sample and drag and
+    drop is the active one (:func:`napari.current_viewer`).  So a one-shot handler
+    on that viewer's layer list waits for one of *these* layers (same file, from our
+    reader, in micrometres) and then shows the scale bar, whose unit napari takes from
+    the layers' units (µm).  Slides in pixels, and layers of other readers, leave the
+    scale bar as it is; so does a layer that goes to another viewer.
+    """
+    paths = {
+        meta["metadata"]["path"]
+        for _, meta, *_ in (d for d in layer_data if len(d) > 1)
+        if meta.get("metadata", {}).get("units") == "micrometer"
+        and meta["metadata"].get("path") is not None
+    }
+    if not paths:
+        return
+    from napari import current_viewer
+
+    viewer = current_viewer()
+    if viewer is None:
+        return
+
+    def on_inserted(event) -> None:
+        layer = event.value
+        if (
+            is_slide_layer(layer)
+            and layer.metadata.get("units") == "micrometer"
+            and layer.metadata.get("path") in paths
+        ):
+            viewer.layers.events.inserted.disconnect(on_inserted)
+            viewer.canvas.overlays.scale_bar.visible = True
+
+    viewer.layers.events.inserted.connect(on_inserted)
 
 
 def level0_frame(layer: Image) -> tuple[tuple[float, float], tuple[float, float]]:

@@ -10,6 +10,11 @@ with a progress bar, a live plot of loss and validation accuracy per epoch and a
 Cancel button (effective at the next step; the checkpoints stay).  A run interrupted
 with the same settings is resumed.  The trained model becomes selectable in
 ``Classify slide`` (:mod:`.model_choices`).
+
+Layout: the form scrolls (napari's dock area does not), its rarely changed settings
+folded under "Advanced settings", with Train, Cancel and the progress bar pinned below
+it, so the dock fits a 1600 x 1000 screen beside ``Classify slide``.  Before training,
+the worker reports the train/validation split (:class:`_Split`), said in the form.
 """
 
 from __future__ import annotations
@@ -38,9 +43,9 @@ from magicgui.widgets import (
 )
 from napari.qt.threading import create_worker
 from napari.utils.notifications import show_error, show_info, show_warning
-from qtpy.QtCore import QObject, QPointF, Signal
+from qtpy.QtCore import QObject, QPointF, Qt, Signal
 from qtpy.QtGui import QColor, QPainter, QPen, QPolygonF
-from qtpy.QtWidgets import QSizePolicy, QWidget
+from qtpy.QtWidgets import QFrame, QScrollArea, QSizePolicy, QWidget
 
 from ..atomic import atomic_open
 from ..engine.dataset import SlideDataset, order_classes, read_labels, stratified_split
@@ -83,6 +88,9 @@ SPLIT_CHOICES = ("auto", "train", "val", "test")
 #: the validation share of "auto" splits (as ``zoomin train``'s default)
 VAL_FRACTION = 0.2
 _PROGRESS_STEPS = 1000
+#: the least height of the scrolling part (the form): with Train and the progress bar
+#: below it, the dock fits a 1000-px-high screen beside Classify slide
+_SCROLL_MIN_HEIGHT = 220
 _DEFAULTS = TrainConfig()
 
 
@@ -192,6 +200,15 @@ class _Failure:
     error: Exception
 
 
+@dataclasses.dataclass(frozen=True)
+class _Split:
+    """The worker's first report: how many slides train, validate and are left out."""
+
+    train: int
+    val: int
+    test: int
+
+
 @dataclasses.dataclass
 class _Job:
     """Everything one training run needs, gathered in the GUI thread."""
@@ -208,7 +225,9 @@ class TrainWidget(Container):
     """Dock widget: train a Zoom-In (or ATS, Uniform, REINFORCE-ATS) model on labelled slides."""
 
     def __init__(self, viewer: napari.viewer.Viewer):
-        super().__init__(labels=True)
+        # The dock holds one scroll area (so a laptop screen fits it beside other docks:
+        # napari's dock area does not scroll) around ``form``, the labelled settings.
+        super().__init__(labels=False)
         self._viewer = viewer
         self.worker = None
         self.result: TrainResult | None = None
@@ -217,45 +236,177 @@ class TrainWidget(Container):
         self._typed: dict[str, tuple[str, str]] = {}
         self._relay = _ProgressRelay(self.native)
         self._relay.event.connect(self._on_progress)
+        #: the share of an epoch's bar for its training steps (the rest: validation)
+        self._train_share = 1.0
         d = _DEFAULTS
 
         # -- data
         self.source = RadioButtons(
-            label="Data", choices=[FROM_FOLDER, FROM_VIEWER], value=FROM_FOLDER
+            label="Data",
+            choices=[FROM_FOLDER, FROM_VIEWER],
+            value=FROM_FOLDER,
+            tooltip="Where the training slides and their labels come from: a folder of slides "
+            "with a CSV of labels (as 'zoomin train'), or the slides open in napari with a "
+            "label typed for each.",
         )
-        self.slides_dir = FileEdit(label="Slides folder", mode="d")
-        self.labels_csv = FileEdit(label="Labels CSV", mode="r", filter="*.csv")
-        self.annotations_dir = FileEdit(label="ROI folder (optional)", mode="d")
+        self.slides_dir = FileEdit(
+            label="Slides folder",
+            mode="d",
+            tooltip="The folder that holds the slides named in the labels CSV.",
+        )
+        self.labels_csv = FileEdit(
+            label="Labels CSV",
+            mode="r",
+            filter="*.csv",
+            tooltip="A CSV with the columns slide,label[,split]: one row per slide, its class "
+            "(e.g. positive / negative) and optionally train, val or test. Without a split "
+            f"column, {VAL_FRACTION:.0%} of each class is kept for validation.",
+        )
+        self.annotations_dir = FileEdit(
+            label="ROI folder (optional)",
+            mode="d",
+            tooltip="A folder with the slides' ROI outline files (GeoJSON or ASAP XML). Leave "
+            "empty to use the ROI files beside the slides (those ROI annotations saves).",
+        )
         self.viewer_slides = Container(label="Slides", labels=False)
         self.viewer_note = Label(value="")
-        # -- model and settings (defaults: TrainConfig, i.e. 000's Camelyon16 set-up)
-        self.kind = ComboBox(label="Model", choices=list(MODEL_KINDS.items()), value=d.kind)
-        self.epochs = SpinBox(label="Epochs", min=1, max=100_000, value=d.epochs)
-        self.batch_size = SpinBox(label="Batch (slides)", min=1, max=1024, value=d.batch_size)
-        self.lr = LineEdit(label="Learning rate", value=f"{d.lr:g}")
-        self.n_samples = SpinBox(label="N (samples)", min=1, max=100_000, value=d.n_samples)
-        self.view_scale = LineEdit(label="s1 (stage-1 scale)", value=_fraction_text(d.view_scale))
+        # -- the settings most runs change (defaults: TrainConfig, 000's Camelyon16 set-up)
+        self.kind = ComboBox(
+            label="Model",
+            choices=list(MODEL_KINDS.items()),
+            value=d.kind,
+            tooltip="Zoom-In: looks at a shrunk slide, then zooms into the tiles it finds "
+            "interesting (two stages; the default). ATS: one stage. Uniform: ATS that picks "
+            "tiles at random (a baseline). REINFORCE-ATS: ATS trained by policy gradient.",
+        )
+        self.epochs = SpinBox(
+            label="Epochs",
+            min=1,
+            max=100_000,
+            value=d.epochs,
+            tooltip="How many times training goes through all training slides. Typical: "
+            "50-200 for real data; 1-5 to try the set-up.",
+        )
+        self.n_samples = SpinBox(
+            label="Tiles per slide",
+            min=1,
+            max=100_000,
+            value=d.n_samples,
+            tooltip="N: how many tiles the model reads at full resolution per slide and step. "
+            "More reads more pixels and is slower: 100 in the paper on a GPU, 10-30 are "
+            "practical on a CPU.",
+        )
+        self.device = ComboBox(
+            label="Device",
+            choices=available_devices(),
+            value="auto",
+            tooltip="Where training runs: auto (a GPU when there is one, else the CPU), cpu, "
+            "or a named GPU.",
+        )
+        # -- advanced: the optimisation and the method's settings, folded by default
+        self.batch_size = SpinBox(
+            label="Batch (slides)",
+            min=1,
+            max=1024,
+            value=d.batch_size,
+            tooltip="Slides per optimisation step. Larger is steadier but needs more memory; "
+            "the paper uses 5.",
+        )
+        self.lr = LineEdit(
+            label="Learning rate",
+            value=f"{d.lr:g}",
+            tooltip="How big a step the optimiser (Adam) takes. Typical: 1e-4 (the paper) to "
+            "1e-3 for small models; lower it if the loss becomes NaN.",
+        )
+        self.view_scale = LineEdit(
+            label="Stage-1 scale (s1)",
+            value=_fraction_text(d.view_scale),
+            tooltip="Stage-1 view scale (s1): the model first looks at the whole slide "
+            "shrunk by this factor (1/16 = 16x smaller) to choose where to look. Type 1/16 or "
+            "0.0625.",
+        )
         self.stage2_scale = LineEdit(
-            label="s2 (stage-2 scale)", value=_fraction_text(d.stage2_scale)
+            label="Stage-2 scale (s2)",
+            value=_fraction_text(d.stage2_scale),
+            tooltip="Stage-2 view scale (s2; Zoom-In only): a chosen tile is looked at "
+            "shrunk by this factor, relative to full resolution, to choose its sub-tiles "
+            "(1/8 = 8x smaller).",
         )
-        self.tile_size = SpinBox(label="Tile (px)", min=2, max=65_536, value=d.tile_size)
-        self.subtile_size = SpinBox(label="Sub-tile (px)", min=2, max=65_536, value=d.subtile_size)
-        self.subtile_size.tooltip = (
-            "level-0 side of a sub-tile, what the feature network reads (every kind)"
+        self.tile_size = SpinBox(
+            label="Tile (px)",
+            min=2,
+            max=65_536,
+            value=d.tile_size,
+            tooltip="Side of a tile, the region the model picks, in full-resolution (level-0) "
+            "pixels. Typical: 256-1024.",
         )
-        self.entropy_weight = LineEdit(label="λ (entropy)", value=f"{d.entropy_weight:g}")
-        self.contrastive = CheckBox(text="Contrastive loss", value=d.contrastive)
+        self.subtile_size = SpinBox(
+            label="Sub-tile (px)",
+            min=2,
+            max=65_536,
+            value=d.subtile_size,
+            tooltip="Side of a sub-tile, what the feature network reads at full resolution, in "
+            "level-0 pixels (every model kind). Typical: 32-100.",
+        )
+        self.entropy_weight = LineEdit(
+            label="Entropy weight (λ)",
+            value=f"{d.entropy_weight:g}",
+            tooltip="Entropy weight (λ): how strongly the attention is kept spread out "
+            "rather than fixed on a few places. 0 turns it off; the paper uses 1e-5.",
+        )
+        self.contrastive = CheckBox(
+            text="Contrastive loss",
+            value=d.contrastive,
+            tooltip="Also train the model to tell the tiles it picks from random ones (the "
+            "paper's in-sample contrastive loss).",
+        )
         self.warmup = SpinBox(
             label="Contrastive warm-up (epochs)",
             min=0,
             max=100_000,
             value=d.contrastive_warmup_epochs,
+            tooltip="Epochs of training before the contrastive loss is switched on (the paper: "
+            "10).",
         )
-        self.pixel_weight = LineEdit(label="Pixel supervision weight", value=f"{d.pixel_weight:g}")
-        self.roi_labels = LineEdit(label="ROI labels", value=", ".join(d.roi_labels))
-        self.other_settings = LineEdit(label="Other settings (JSON)", value="")
+        self.pixel_weight = LineEdit(
+            label="Pixel supervision weight",
+            value=f"{d.pixel_weight:g}",
+            tooltip="How strongly the attention is pulled towards the ROI outlines on slides "
+            "that have them (0: not at all; default 1).",
+        )
+        self.roi_labels = LineEdit(
+            label="ROI labels",
+            value=", ".join(d.roi_labels),
+            tooltip="Which outline labels in the ROI files count as a region of interest, "
+            "comma-separated (default: Tumor).",
+        )
+        self.other_settings = LineEdit(
+            label="Other settings (JSON)",
+            value="",
+            tooltip='Any other training setting, as JSON, e.g. {"val_draws": 4, "seed": 1} '
+            'or {"pretrain_epochs": 0} to skip ROI pre-training; docs/training.md lists '
+            "them.",
+        )
         self.other_settings.native.setPlaceholderText('e.g. {"val_draws": 4, "seed": 1}')
-        self.device = ComboBox(label="Device", choices=available_devices(), value="auto")
+        self.advanced = [
+            self.batch_size,
+            self.lr,
+            self.view_scale,
+            self.stage2_scale,
+            self.tile_size,
+            self.subtile_size,
+            self.entropy_weight,
+            self.contrastive,
+            self.warmup,
+            self.pixel_weight,
+            self.roi_labels,
+            self.other_settings,
+        ]
+        self.advanced_button = PushButton(
+            text="",
+            tooltip="Show or hide the rarely changed settings: batch, learning rate, scales, "
+            "tile sizes, loss weights, ROI labels and any other setting.",
+        )
         # -- output and run
         default_out = user_data_dir("models", "model")
         self.out_path = FileEdit(
@@ -263,17 +414,32 @@ class TrainWidget(Container):
             mode="w",
             filter="*.safetensors",
             value=default_out.with_suffix(".safetensors"),
+            tooltip="Where the trained model is saved (the best epoch's); the training state "
+            "for resuming goes beside it as <name>.last.safetensors.",
         )
-        self.resume = CheckBox(text="Resume an interrupted run", value=True)
+        self.resume = CheckBox(
+            text="Resume an interrupted run",
+            value=True,
+            tooltip="If a run with the same settings and data was interrupted, continue it "
+            "where it stopped instead of starting over.",
+        )
         self.resume_note = Label(value="")
-        self.train_button = PushButton(text="Train")
-        self.cancel_button = PushButton(text="Cancel", enabled=False)
-        self.progress = ProgressBar(label="Progress", min=0, max=_PROGRESS_STEPS, value=0)
+        self.train_button = PushButton(text="Train", tooltip="Start training.")
+        self.cancel_button = PushButton(
+            text="Cancel",
+            enabled=False,
+            tooltip="Stop after the current step; the checkpoints written so far stay and Train "
+            "resumes the run.",
+        )
+        self.progress = ProgressBar(min=0, max=_PROGRESS_STEPS, value=0)
+        self.progress.tooltip = "How far the run is: per training step and validation."
         self.status = Label(value="")
-        for note in (self.viewer_note, self.resume_note, self.status):
+        self.split_note = Label(value="")
+        for note in (self.viewer_note, self.resume_note, self.status, self.split_note):
             note.native.setWordWrap(True)
-        self.extend(
-            [
+        self.form = Container(
+            labels=True,
+            widgets=[
                 self.source,
                 self.slides_dir,
                 self.labels_csv,
@@ -282,39 +448,74 @@ class TrainWidget(Container):
                 self.viewer_note,
                 self.kind,
                 self.epochs,
-                self.batch_size,
-                self.lr,
                 self.n_samples,
-                self.view_scale,
-                self.stage2_scale,
-                self.tile_size,
-                self.subtile_size,
-                self.entropy_weight,
-                self.contrastive,
-                self.warmup,
-                self.pixel_weight,
-                self.roi_labels,
-                self.other_settings,
                 self.device,
                 self.out_path,
                 self.resume,
                 self.resume_note,
-                Container(widgets=[self.train_button, self.cancel_button], layout="horizontal"),
-                self.progress,
+                self.advanced_button,
+                *self.advanced,
                 self.status,
-            ]
+                self.split_note,
+            ],
         )
         self.plot = LossAccuracyPlot()
-        self.native.layout().addWidget(self.plot)
+        self.form.native.layout().addWidget(self.plot)
+        self.form.native.layout().addStretch(1)
+        # what scrolls: the form, the status and the plot; what stays: Train, Cancel and
+        # the progress bar, at the bottom of the dock
+        self.scroll = QScrollArea()
+        self.scroll.setWidgetResizable(True)
+        self.scroll.setFrameShape(QFrame.Shape.NoFrame)
+        self.scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        self.scroll.setWidget(self.form.native)
+        self.scroll.setMinimumHeight(_SCROLL_MIN_HEIGHT)
+        self.append(
+            Container(
+                labels=False,
+                widgets=[
+                    Container(widgets=[self.train_button, self.cancel_button], layout="horizontal"),
+                    self.progress,
+                ],
+            )
+        )
+        self.native.layout().insertWidget(0, self.scroll)
+        self.native.layout().setContentsMargins(0, 0, 0, 0)
 
         self.source.changed.connect(self._on_source_changed)
         self.out_path.changed.connect(self._update_resume_note)
+        self.advanced_button.changed.connect(self._on_advanced_clicked)
         self.train_button.changed.connect(self._on_train_clicked)
         self.cancel_button.changed.connect(self._on_cancel_clicked)
         viewer.layers.events.inserted.connect(self._rebuild_viewer_slides)
         viewer.layers.events.removed.connect(self._rebuild_viewer_slides)
         self._on_source_changed(self.source.value)
+        self.show_advanced(False)
         self._update_resume_note()
+
+    # ------------------------------------------------------------------ layout
+
+    def _on_advanced_clicked(self, *_args) -> None:
+        self.show_advanced(not self.advanced_shown)
+
+    @property
+    def advanced_shown(self) -> bool:
+        """Whether the Advanced settings are unfolded."""
+        return self._advanced_shown
+
+    def show_advanced(self, shown: bool) -> None:
+        """Unfold (or fold) the rarely changed settings."""
+        self._advanced_shown = shown
+        for w in self.advanced:
+            w.visible = shown
+        arrow = "▾" if shown else "▸"
+        self.advanced_button.text = f"{arrow} Advanced settings ({len(self.advanced)})"
+        self._fit_width()
+
+    def _fit_width(self) -> None:
+        """The scroll area scrolls up and down only: it is as wide as the form needs."""
+        bar = self.scroll.verticalScrollBar().sizeHint().width()
+        self.scroll.setMinimumWidth(self.form.native.minimumSizeHint().width() + bar)
 
     # ------------------------------------------------------------------ data
 
@@ -420,11 +621,11 @@ class TrainWidget(Container):
             "batch_size": int(self.batch_size.value),
             "lr": _parse_number(self.lr.value, "Learning rate"),
             "n_samples": int(self.n_samples.value),
-            "view_scale": _parse_number(self.view_scale.value, "s1"),
-            "stage2_scale": _parse_number(self.stage2_scale.value, "s2"),
+            "view_scale": _parse_number(self.view_scale.value, "Stage-1 scale (s1)"),
+            "stage2_scale": _parse_number(self.stage2_scale.value, "Stage-2 scale (s2)"),
             "tile_size": int(self.tile_size.value),
             "subtile_size": int(self.subtile_size.value),
-            "entropy_weight": _parse_number(self.entropy_weight.value, "λ (entropy)"),
+            "entropy_weight": _parse_number(self.entropy_weight.value, "Entropy weight (λ)"),
             "contrastive": bool(self.contrastive.value),
             "contrastive_warmup_epochs": int(self.warmup.value),
             "pixel_weight": _parse_number(self.pixel_weight.value, "Pixel supervision weight"),
@@ -586,8 +787,12 @@ class TrainWidget(Container):
         self.plot.clear()
         for record in history:
             self.plot.add_epoch(record.get("train_loss"), record.get("val_accuracy"))
+        self._set_busy(False)
+        self._train_share = 1.0
+        self.split_note.value = ""
         self.progress.value = int(_PROGRESS_STEPS * len(history) / max(config.epochs, 1))
         self.status.value = note or "Reading the slides…"
+        self.scroll.ensureWidgetVisible(self.status.native)
         self._set_running(True)
         workers: list = []  # napari's activity dock cancels by quitting the worker
 
@@ -614,20 +819,59 @@ class TrainWidget(Container):
         self.train_button.enabled = not running
         self.cancel_button.enabled = running
 
-    def _on_progress(self, event: TrainEvent) -> None:
+    def _set_busy(self, busy: bool, text: str = "%p%") -> None:
+        """A moving bar without a percentage (work the engine does not count out), or
+        back to the percentage bar with ``text`` on it."""
+        bar = self.progress.native
+        bar.setRange(0, 0 if busy else _PROGRESS_STEPS)
+        bar.setFormat(text)
+        if not busy and bar.value() < 0:  # reset by the busy range
+            bar.setValue(0)
+
+    def _show_split(self, split: _Split) -> None:
+        """Say which slides train and which validate, and what no validation slide means."""
+        slides = "slide" if split.train == 1 else "slides"
+        text = f"Split: {split.train} {slides} for training, {split.val} for validation"
+        if split.test:
+            text += f" ({split.test} test slide(s) not used)"
+        text += "."
+        if not split.val:
+            warning = (
+                "No validation slide: validation accuracy will not be measured, early "
+                "stopping is off and the last epoch's model is kept. Mark some slides 'val' "
+                "(the split column or choice) to measure it."
+            )
+            text += " " + warning
+            show_warning(f"Train classifier: {warning}")
+        self.split_note.value = text
+        self._train_share = split.train / max(split.train + split.val, 1)
+
+    def _on_progress(self, event: TrainEvent | _Split) -> None:
         prefix = "Resumed; " if self.resumed_from is not None else ""
+        if isinstance(event, _Split):
+            self._show_split(event)
+            return
         if isinstance(event, Resolution):  # the slides are read in pixels: say so, and go on
             show_warning(f"Train classifier: {event.message}")
             return
-        if isinstance(event, Pretraining | Pretrained):
+        if isinstance(event, Pretraining):
+            # the engine reports its start and end only: the bar moves without a percentage
+            self._set_busy(True, "pre-training…")
             self.status.value = (
-                f"{prefix}pre-training on ROI patches ({event.step}/{event.steps} epochs)…"
+                f"{prefix}pre-training on ROI patches before epoch 1 ({event.steps} epochs, "
+                f"{event.slides} annotated slide(s))…"
             )
             return
+        if isinstance(event, Pretrained):
+            self._set_busy(False)
+            loss = "" if event.loss is None else f" (loss {event.loss:.4g})"
+            self.status.value = f"{prefix}pre-training done{loss}; training epoch 1…"
+            return
         epoch, epochs = event.epoch, max(event.epochs, 1)
+        share = self._train_share
         if isinstance(event, EpochStep):
             step, steps = event.step, max(event.steps, 1)
-            fraction = (epoch - 1 + step / steps) / epochs
+            fraction = (epoch - 1 + share * step / steps) / epochs
             self.status.value = (
                 f"{prefix}epoch {epoch}/{epochs}, step {step}/{steps}, loss {event.loss:.4g}"
             )
@@ -642,14 +886,17 @@ class TrainWidget(Container):
                 f"validation accuracy {acc_text}{best}"
             )
         elif isinstance(event, Validating):
-            fraction = (epoch - 1 + 0.999) / epochs
             steps = max(event.steps, 1)
+            fraction = (epoch - 1 + share + (1 - share) * event.step / steps) / epochs
             self.status.value = (
                 f"{prefix}epoch {epoch}/{epochs}: validating ({event.step}/{steps})…"
             )
         else:
             return
-        self.progress.value = round(_PROGRESS_STEPS * min(max(fraction, 0.0), 1.0))
+        self._set_busy(False, f"epoch {epoch}/{epochs}: %p%")
+        # never backwards (a resumed epoch's first event)
+        value = round(_PROGRESS_STEPS * min(max(fraction, 0.0), 1.0))
+        self.progress.value = max(value, self.progress.value)
 
     def _on_returned(self, outcome) -> None:
         if isinstance(outcome, _Failure):
@@ -699,6 +946,7 @@ class TrainWidget(Container):
         self.status.value = f"Stopped: {message}"
 
     def _on_finished(self) -> None:
+        self._set_busy(False)  # e.g. cancelled or failed while pre-training
         if self.worker is not None and self.worker.abort_requested and self.result is None:
             self.status.value = "Cancelled; Train resumes the run."
         self.worker = None
@@ -716,6 +964,8 @@ def _run_job(job: _Job, relay: _ProgressRelay, should_stop: Callable[[], bool]):
             val_fraction=VAL_FRACTION,
             seed=job.config.seed,
         )
+        splits = [r.split for r in records]
+        relay.event.emit(_Split(splits.count("train"), splits.count("val"), splits.count("test")))
         dataset = SlideDataset(
             records,
             classes,

@@ -59,6 +59,9 @@ TiffLayout = Literal["generic-tiff", "ome-tiff"]
 TIFF_LAYOUTS: tuple[str, ...] = ("generic-tiff", "ome-tiff")
 TileContent = np.ndarray | Callable[[], np.ndarray]
 TileSource = Callable[[int, int], tuple[Hashable | None, TileContent]]
+#: ``progress(fraction, message)``: how far a build is, ``fraction`` in [0, 1]; called
+#: from the thread that builds (never concurrently), so it must be cheap and thread-safe
+Progress = Callable[[float, str], None]
 
 DEFAULT_TILE = 512
 DEFAULT_QUALITY = 90
@@ -159,8 +162,10 @@ class _Builder:
         compression: str,
         quality: int,
         pool: ThreadPoolExecutor | None,
+        progress: Progress | None = None,
     ):
         self.source = source
+        self.progress = progress
         self.shapes = shapes
         self.tile = tile
         self.compression = compression
@@ -234,6 +239,8 @@ class _Builder:
             # Derive the reduced levels before yielding: the consumer stops calling
             # next() after the last tile, so code after the last yield never runs.
             self._push(0, r, records)
+            if self.progress is not None:
+                self.progress((r + 1) / rows, f"level 0 (and its reductions): row {r + 1}/{rows}")
             for b in row_bytes:
                 self.nbytes += len(b)
                 yield b
@@ -386,6 +393,7 @@ def write_pyramid(
     min_size: int = MIN_LEVEL_SIZE,
     description: str | None = None,
     workers: int | None = None,
+    progress: Progress | None = None,
 ) -> PyramidInfo:
     """Write an RGB pyramid whose level 0 is described tile by tile.
 
@@ -403,6 +411,9 @@ def write_pyramid(
     the level-0 pixel size in micrometres.  The file is written atomically
     (:func:`napari_zoomin.atomic.atomic_path`), so ``path`` never holds a partial file.
     ``workers`` threads encode tiles (default: up to 4, one per core).
+    ``progress(fraction, message)``, if given, is called after every level-0 tile row
+    (the reduced levels are derived on the way, so the fraction is of the whole build)
+    and once more when the file is in place.
     """
     path = Path(path)
     if compression not in COMPRESSIONS:
@@ -421,7 +432,7 @@ def write_pyramid(
     t0 = time.perf_counter()
     pool = ThreadPoolExecutor(workers) if workers > 1 else None
     try:
-        builder = _Builder(source, shapes, tile, compression, quality, pool)
+        builder = _Builder(source, shapes, tile, compression, quality, pool, progress)
 
         def levels() -> Iterator[tuple[Iterator[bytes], dict[str, Any]]]:
             for k, (h, w) in enumerate(shapes):
@@ -450,6 +461,8 @@ def write_pyramid(
     finally:
         if pool is not None:
             pool.shutdown()
+    if progress is not None:
+        progress(1.0, f"wrote {len(shapes)} levels")
     return PyramidInfo(
         path=path,
         level_shapes=tuple(shapes),

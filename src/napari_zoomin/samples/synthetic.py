@@ -49,6 +49,7 @@ from .fetch import fetch_cmu_small_region
 from .pyramid import (
     DEFAULT_QUALITY,
     Compression,
+    Progress,
     PyramidInfo,
     write_pyramid,
 )
@@ -528,6 +529,7 @@ def write_sample_slide(
     n_levels: int | None = None,
     cmu_path: str | os.PathLike | None = None,
     workers: int | None = None,
+    progress: Progress | None = None,
 ) -> SampleSlideInfo:
     """Write a ``size × size`` sample slide and its GeoJSON and recipe sidecars.
 
@@ -541,8 +543,15 @@ def write_sample_slide(
     an existing TIFF always has complete sidecars.  ``cmu_path`` overrides where
     CMU-1-Small-Region is read from (default: fetched into the cache).  Levels go
     down to a long side <= 1024 px unless ``n_levels`` is given.
+    ``progress(fraction, message)``, if given, hears each step and every level-0
+    tile row of the pyramid (see :func:`~napari_zoomin.samples.pyramid.write_pyramid`).
     """
     t0 = time.perf_counter()
+
+    def report(fraction: float, message: str) -> None:
+        if progress is not None:
+            progress(fraction, message)
+
     if label not in LABELS:
         raise ValueError(f"label must be one of {LABELS}, got {label!r}")
     size, seed = int(size), int(seed)
@@ -554,7 +563,11 @@ def write_sample_slide(
     path = _resolve_out(out, label, size, seed)
     path.parent.mkdir(parents=True, exist_ok=True)
 
-    layout = _Layout(size, seed, tile, mirror_motif(load_motif_source(cmu_path)))
+    report(0.0, "reading the CMU-1 tissue motif")
+    motif = mirror_motif(load_motif_source(cmu_path))
+    report(0.03, "laying out the tissue")
+    layout = _Layout(size, seed, tile, motif)
+    report(0.15, "planting the regions")
     layout.plant(n_tumor, n_distractors, label)
     planted = sum(r.area for r in layout.regions) / size**2
     if planted >= MAX_PLANTED_FRACTION:  # pragma: no cover - guarded by the budget
@@ -585,6 +598,7 @@ def write_sample_slide(
             n_levels=n_levels,
             description=description,
             workers=workers,
+            progress=None if progress is None else _scaled(progress, 0.25, 0.99),
         )
         seconds = time.perf_counter() - t0
         recipe = {
@@ -614,6 +628,7 @@ def write_sample_slide(
         recipe_path = path.with_suffix(".json")
         write_text_atomic(geojson_path, json.dumps(_geojson(layout.regions, props), indent=1))
         write_text_atomic(recipe_path, json.dumps(recipe, indent=1))
+    report(1.0, f"wrote {path.name}")
     return SampleSlideInfo(
         path=path,
         geojson_path=geojson_path,
@@ -631,6 +646,11 @@ def write_sample_slide(
     )
 
 
+def _scaled(progress: Progress, start: float, stop: float) -> Progress:
+    """``progress`` for a step that spans ``[start, stop]`` of a larger build."""
+    return lambda f, message: progress(start + (stop - start) * f, message)
+
+
 def sample_slide_path(
     size: int = 40_000,
     label: Label = "positive",
@@ -640,8 +660,12 @@ def sample_slide_path(
     compression: Compression = "jpeg",
     quality: int = DEFAULT_QUALITY,
     progress: Callable[[str], None] | None = None,
+    build_progress: Progress | None = None,
 ) -> Path:
     """Path of a cached sample slide, built into ``cache_dir("samples")`` on first use.
+
+    ``progress(message)`` hears once that a build starts; ``build_progress(fraction,
+    message)`` hears how far it is (see :func:`write_sample_slide`).
 
     The file name carries a hash of the parameters and :data:`RECIPE_VERSION`, so a
     new recipe never reuses an old file.  Building is atomic (see
@@ -654,5 +678,14 @@ def sample_slide_path(
         return path
     if progress is not None:
         progress(f"Building the {size:,}² {label} sample slide (once) in {path.parent}")
-    write_sample_slide(path, size, label, seed, tile=tile, compression=compression, quality=quality)
+    write_sample_slide(
+        path,
+        size,
+        label,
+        seed,
+        tile=tile,
+        compression=compression,
+        quality=quality,
+        progress=build_progress,
+    )
     return path
