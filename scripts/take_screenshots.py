@@ -218,18 +218,22 @@ def classify_pictures(slide_path: Path, out: Path) -> None:
         raise RuntimeError(f"classification failed: {widget.status.value}")
     print(widget.summary.value)
 
-    # the most attended sub-tile on a planted tumour (the demo model also looks at the
-    # look-alike distractors), selected in the table as a user would
+    # the place on a planted tumour (the demo model also looks at the look-alike
+    # distractors), selected in the table as a user would
     tumours = planted_tumours(slide_path)
 
     def on_tumour(region) -> bool:
         cy, cx = region[0] + region[2] / 2, region[1] + region[3] / 2
         return any(t <= cy < t + s and x <= cx < x + s for t, x, s in tumours)
 
-    subtiles = widget.result.subtiles[: widget.subtile_table.shape[0]]
-    row = next((i for i, s in enumerate(subtiles) if on_tumour(s["region"])), 0)
-    print(f"showing sub-tile rank {row + 1}: {subtiles[row]}")
-    widget.subtile_table.native.selectRow(row)
+    from napari_zoomin.engine.places import places
+
+    # the best-ranked place whose heaviest sub-tile lies on a tumour, chosen in the table
+    ranked = places(widget.result)[: widget.place_table.shape[0]]
+    subtiles = widget.result.subtiles
+    row = next((i for i, p in enumerate(ranked) if on_tumour(subtiles[p.subtiles[0]]["region"])), 0)
+    print(f"showing place rank {row + 1}: {ranked[row].share:.1f} % of the evidence")
+    widget.place_table.native.selectRow(row)
     settle(0.5)
     camera = viewer.scene.camera
     centre, zoom = tuple(camera.center), camera.zoom
@@ -241,7 +245,7 @@ def classify_pictures(slide_path: Path, out: Path) -> None:
 
     # the sub-tile at full resolution, the attention maps and tiles hidden to see the cells
     camera.center, camera.zoom = centre, zoom
-    for name in ("stage-1 attention", "stage-2 attention", "sampled tiles"):
+    for name in ("stage-1 attention", "stage-2 attention", "sampled tiles", "attention places"):
         viewer.layers[name].visible = False
     viewer.layers.selection.active = viewer.layers["sampled sub-tiles"]
     save_window(viewer, out / "classify-zoom.png")

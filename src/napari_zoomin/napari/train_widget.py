@@ -455,10 +455,14 @@ class TrainWidget(Container):
                 self.resume_note,
                 self.advanced_button,
                 *self.advanced,
-                self.status,
-                self.split_note,
             ],
         )
+        # the run's status and split use the dock's full width (not the field column)
+        self.notes = Container(labels=False, widgets=[self.status, self.split_note])
+        for note in (self.status, self.split_note):  # wrap to the dock's width, never clip
+            note.native.setAlignment(Qt.AlignmentFlag.AlignLeft | Qt.AlignmentFlag.AlignTop)
+            note.native.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Minimum)
+        self.form.native.layout().addWidget(self.notes.native)
         self.plot = LossAccuracyPlot()
         self.form.native.layout().addWidget(self.plot)
         self.form.native.layout().addStretch(1)
