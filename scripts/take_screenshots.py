@@ -43,6 +43,8 @@ OVERVIEW_ZOOM_OUT = 4
 #: where the inputs are written (removed first and at the end): a fixed name keeps the
 #: paths shown in the pictures the same from run to run
 WORK_FOLDER = Path(tempfile.gettempdir()) / "napari-zoomin-screenshots"
+# ROIs drawn for the pictures are saved here, not into the user's own annotations folder
+os.environ.setdefault("NAPARI_ZOOMIN_DATA", str(WORK_FOLDER / "user-data"))
 #: a PNG larger than this is reduced to 256 colours, which these pictures survive well
 MAX_PNG_BYTES = 400_000
 PLUGIN = "napari-zoomin"
@@ -307,8 +309,9 @@ def train_picture(slides: Path, out: Path, model_dir: Path) -> None:
 
 
 def roi_picture(slide_path: Path, out: Path) -> None:
-    """The slide's planted-region outlines loaded from its GeoJSON, and three shapes drawn
-    around its tumours (a polygon, a rectangle, an ellipse) labelled Tumor."""
+    """The sample's planted regions as the read-only answer-key layer, and three shapes
+    drawn by the user around its tumours (a polygon, a rectangle, an ellipse) labelled
+    Tumor in the user's own ROI layer."""
     from napari_zoomin.napari.roi_shapes import level0_to_world
     from napari_zoomin.napari.slide_layers import level0_frame
 

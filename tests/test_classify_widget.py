@@ -31,6 +31,7 @@ NAMES = (
     "sampled tiles",
     "sampled sub-tiles",
     "attention places",
+    "top places",
 )
 
 
@@ -193,13 +194,14 @@ def test_classify_from_the_manifest_widget(make_napari_viewer, qtbot, sample, tm
     for layer in [lay for lay in viewer.layers if lay.name.startswith("ROI annotations")]:
         viewer.layers.remove(layer)
     viewer.layers["attention places"].visible = False
+    viewer.layers["top places"].visible = False  # screen-sized markers (tested apart)
     viewer.reset_view()
     on = viewer.screenshot(canvas_only=True, flash=False)[..., :3].astype(int)
     for name in NAMES:
         viewer.layers[name].visible = False
     off = viewer.screenshot(canvas_only=True, flash=False)[..., :3].astype(int)
     for name in NAMES:
-        viewer.layers[name].visible = True
+        viewer.layers[name].visible = name != "top places"
     changed = np.abs(on - off).max(axis=-1) > 0
     rows, cols = np.indices(changed.shape)
     screen = np.stack([rows, cols], -1).reshape(-1, 2) + 0.5
@@ -335,8 +337,12 @@ def test_bad_input_gives_messages_and_the_widget_stays_usable(
 
     # a good checkpoint, chosen, then damaged on disk: the cached model is not reused
     (slide,) = viewer.open(sample.path, plugin="napari-zoomin")
-    assert widget.slide_choice.value is stack  # a chosen layer stays chosen
-    widget.slide_choice.value = slide
+    # the opened slide is the active layer, and the Slide list follows it (issue 19)
+    assert widget.slide_choice.value is slide
+    viewer.layers.selection.active = stack
+    assert widget.slide_choice.value is stack
+    viewer.layers.selection.active = slide
+    assert widget.slide_choice.value is slide
     mine = tmp_path / "mine.safetensors"
     shutil.copyfile(DEMO_MODEL, mine)
     assert widget.choose_checkpoint(mine) and widget.model_choice.value == str(mine)
@@ -404,3 +410,93 @@ def test_edited_tissue_mask_keeps_sampling_off_erased_tissue(make_napari_viewer,
         assert under.any(), t["region"]
     first_centres = {(t["region"][0], t["region"][1]) for t in first.tiles}
     assert not first_centres & {(t["region"][0], t["region"][1]) for t in second.tiles}
+
+
+def test_two_slides_keep_their_results_above_themselves(make_napari_viewer, qtbot, cmu_svs):
+    """Two slides (the CMU-1 region twice, the second beside the first): classifying B
+    leaves A's result; each set sits right above its slide, on its slide's frame; the
+    latest result has the bare names, A's carry A's name; the Slide list follows the
+    active layer; at whole-slide zoom of a 40,000-px slide the markers show the places."""
+    from napari_zoomin.napari.result_layers import LAYER_KEY, MARKER_SIZE
+
+    viewer, a, widget = viewer_with_widget(make_napari_viewer, cmu_svs, show=True)
+    viewer.window.resize(1200, 800)
+    a.name = "slide-a"
+    (b,) = viewer.open(cmu_svs, plugin="napari-zoomin")
+    b.name = "slide-b"
+    b.translate = (0.0, 2400 * b.scale[1])  # beside A
+    assert widget.slide_choice.value is b  # the new slide is active: the list follows
+
+    viewer.layers.selection.active = a
+    assert widget.slide_choice.value is a
+    run(qtbot, widget)
+    first = widget.result
+    assert [lay.name for lay in viewer.layers] == ["slide-a", *NAMES, "slide-b"]
+    viewer.layers.selection.active = b
+    assert widget.slide_choice.value is b and widget.result is None  # B: nothing yet
+    run(qtbot, widget)
+    second = widget.result
+    assert first is not None and second is not None and second is not first
+    named_a = [f"{n} [slide-a]" for n in NAMES]
+    assert [lay.name for lay in viewer.layers] == ["slide-a", *named_a, "slide-b", *NAMES]
+    for slide, names, result in [(a, named_a, first), (b, list(NAMES), second)]:
+        frame = level0_frame(slide)
+        for name in names:
+            layer = viewer.layers[name]
+            assert layer.metadata["napari_zoomin_result"] is result
+            assert layer.units == slide.units
+        shape_scale, shape_translate = roi_shapes_placement(frame)
+        for base in ("sampled tiles", "sampled sub-tiles", "attention places", "top places"):
+            layer = next(
+                lay
+                for lay in viewer.layers
+                if lay.name in names and lay.metadata[LAYER_KEY] == base
+            )
+            np.testing.assert_allclose(layer.scale, shape_scale)
+            np.testing.assert_allclose(layer.translate, shape_translate)
+        alpha = viewer.layers[names[0]]
+        (oy, ox), (dy, dx) = result.stage1_origin, result.stage1_cell_size
+        np.testing.assert_allclose(
+            alpha.data_to_world([3, 5]),
+            world_of_level0(slide, [oy + 3.5 * dy, ox + 5.5 * dx]),
+            atol=1e-6,
+        )
+    # selecting a result layer chooses its slide, and shows that slide's result
+    viewer.layers.selection.active = viewer.layers["sampled tiles [slide-a]"]
+    assert widget.slide_choice.value is a and widget.result is first
+    viewer.layers.selection.active = b
+    assert widget.slide_choice.value is b and widget.result is second
+    viewer.layers.selection.active = viewer.layers["stage-1 attention [slide-a]"]
+    assert widget.slide_choice.value is a
+    # re-classifying A replaces A's layers only, in place, and A's now have bare names
+    run(qtbot, widget)
+    named_b = [f"{n} [slide-b]" for n in NAMES]
+    assert [lay.name for lay in viewer.layers] == ["slide-a", *NAMES, "slide-b", *named_b]
+    assert viewer.layers["stage-1 attention [slide-b]"].metadata["napari_zoomin_result"] is second
+
+    # whole-slide zoom of a 40,000-px slide: a 128-px tile is ~2.5 screen pixels
+    for layer in [lay for lay in viewer.layers if lay.name in named_b]:
+        layer.visible = False
+    found = widget._places
+    top = found[0].box
+    centre = world_of_level0(a, [top[0] + top[2] / 2, top[1] + top[3] / 2])
+    camera = viewer.scene.camera
+    camera.center = tuple(world_of_level0(a, [1483, 1110]))
+    camera.zoom = 800 / 40_000 / a.scale[0]
+    on = viewer.screenshot(canvas_only=True, flash=False)[..., :3].astype(int)
+    for name in NAMES:
+        viewer.layers[name].visible = False
+    off = viewer.screenshot(canvas_only=True, flash=False)[..., :3].astype(int)
+    changed = np.abs(on - off).max(axis=-1) > 30  # visibly different
+    rows, cols = np.indices(changed.shape)
+    r, c = screen_of_world(viewer, on.shape, centre)
+    near = np.hypot(rows - r, cols - c) <= MARKER_SIZE
+    print("changed near the top place", changed[near].sum(), "in all", changed.sum())
+    assert changed[near].sum() >= 30
+    # nothing changes far out on the glass: only on or just around slide A
+    (r0, c0), (r1, c1) = screen_of_world(
+        viewer, on.shape, world_of_level0(a, [[0, 0], [2967, 2220]])
+    )
+    margin = 2 * MARKER_SIZE
+    far = (rows < r0 - margin) | (rows > r1 + margin) | (cols < c0 - margin) | (cols > c1 + margin)
+    assert not changed[far].any()

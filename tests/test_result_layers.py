@@ -22,10 +22,12 @@ from napari_zoomin.napari.result_layers import (
     TILES_LAYER,
     TISSUE_SOURCE,
     map_placement,
+    markers_layer_data,
     place_rows,
     place_view,
     places_layer_data,
     result_layer_data,
+    result_layer_name,
     stage1_layer_data,
     stage2_canvas_raw,
     stage2_layer_data,
@@ -238,8 +240,33 @@ def test_result_layer_data_names_and_order(result):
         "sampled tiles",
         "sampled sub-tiles",
         "attention places",
+        "top places",
     ]
     assert all(kw["metadata"][RESULT_KEY] is result for _, kw, _ in layers)
+    assert [kw["metadata"]["napari_zoomin_result_layer"] for _, kw, _ in layers] == [
+        kw["name"] for _, kw, _ in layers
+    ]
+    assert result_layer_name("sampled tiles") == "sampled tiles"
+    assert result_layer_name("sampled tiles", "slide-a") == "sampled tiles [slide-a]"
+
+
+def test_markers_are_numbered_places_of_fixed_screen_size(result):
+    from napari.layers import Points
+
+    from napari_zoomin.engine.places import places
+    from napari_zoomin.napari.result_layers import MARKER_SIZE
+
+    found = places(result)[:10]
+    data, kwargs, kind = markers_layer_data(result, FRAME)
+    assert kind == "points" and len(data) == len(found) > 1
+    top, left, h, w = found[0].box
+    np.testing.assert_allclose(data_to_world(kwargs, data[0]), world([top + h / 2, left + w / 2]))
+    assert list(kwargs["features"]["rank"]) == [p.rank for p in found]
+    layer = Points(data, **kwargs)
+    assert tuple(layer.canvas_size_limits) == (MARKER_SIZE, MARKER_SIZE)  # any zoom
+    assert list(layer.text.values) == [str(p.rank) for p in found]
+    # the stage-2 map lets the tissue of the top place read through
+    assert stage2_layer_data(result, FRAME)[1]["opacity"] <= 0.5
 
 
 def test_summary_and_top_subtiles(result):

@@ -21,7 +21,11 @@ from napari_zoomin.annotations import (  # noqa: E402
 )
 from napari_zoomin.engine.dataset import SlideDataset, SlideRecord  # noqa: E402
 from napari_zoomin.napari import roi_widget as roi_module  # noqa: E402
-from napari_zoomin.napari.roi_shapes import ROI_LABELS_LAYER_NAME, ROI_LAYER_NAME  # noqa: E402
+from napari_zoomin.napari.roi_shapes import (  # noqa: E402
+    ANSWER_KEY_LAYER_NAME,
+    ROI_LABELS_LAYER_NAME,
+    ROI_LAYER_NAME,
+)
 from napari_zoomin.napari.roi_widget import RoiWidget  # noqa: E402
 
 pytestmark = pytest.mark.viewer
@@ -320,3 +324,86 @@ def test_pending_saves_skip_a_widget_whose_qt_side_is_gone(make_napari_viewer, s
     flush_pending_saves()
     assert widget not in _widgets
     widget._timer = timer  # let the fixture close the viewer normally
+
+
+@pytest.fixture(scope="module")
+def sample_template(tmp_path_factory):
+    """An 8192² positive sample slide with two planted regions and its answer key (GeoJSON)."""
+    from napari_zoomin.samples import write_sample_slide
+
+    folder = tmp_path_factory.mktemp("roi-sample")
+    return write_sample_slide(
+        folder / "sample.tif",
+        size=8192,
+        label="positive",
+        seed=3,
+        tile=512,
+        n_tumor=1,
+        n_distractors=1,
+    )
+
+
+@pytest.fixture
+def cached_sample(sample_template, tmp_path, monkeypatch):
+    """The sample slide inside a fresh cache folder, as the sample menu opens it."""
+    from napari_zoomin.paths import cache_dir
+
+    monkeypatch.setenv("NAPARI_ZOOMIN_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("NAPARI_ZOOMIN_DATA", str(tmp_path / "data"))
+    folder = cache_dir("samples")
+    shutil.copy(sample_template.path, folder / "sample.tif")
+    shutil.copy(sample_template.geojson_path, folder / "sample.geojson")
+    return folder / "sample.tif"
+
+
+def test_a_samples_answer_key_is_read_only_and_the_users_rois_are_their_own(
+    make_napari_viewer, qtbot, cached_sample, sample_template, tmp_path
+):
+    slide = cached_sample
+    seen_errors = len(errors())
+    answer_key = slide.with_suffix(".geojson")
+    key_bytes = answer_key.read_bytes()
+    planted = list(read_annotations(answer_key))
+    assert [a.label for a in planted] == [r.kind for r in sample_template.regions]
+    assert find_annotations(slide) == answer_key  # before the user saved anything
+
+    viewer = make_napari_viewer()
+    slide_layer = open_slide_layer(viewer, slide)
+    widget = docked_widget(viewer)
+    # the answer key: its own layer, the planted regions, not editable
+    key_layer = widget.session.answer_key
+    assert key_layer is not None and key_layer.name == ANSWER_KEY_LAYER_NAME
+    assert viewer.layers[ANSWER_KEY_LAYER_NAME] is key_layer
+    assert len(key_layer.data) == len(planted) > 0
+    assert list(key_layer.features["label"]) == [a.label for a in planted]
+    assert not key_layer.editable and key_layer.mode == "pan_zoom"
+    key_layer.editable = True  # napari does this on a 3D → 2D switch
+    assert not key_layer.editable
+    # the user's layer: empty, editable, active, saved to the user's folder
+    shapes = widget.shapes_layer
+    assert shapes is not key_layer and shapes.name == ROI_LAYER_NAME
+    assert len(shapes.data) == 0 and shapes.editable
+    assert viewer.layers.selection.active is shapes
+    data_folder = tmp_path / "data" / "annotations"
+    assert widget.session.sidecar.is_relative_to(data_folder)
+    assert "answer key" in widget.status.value
+
+    shapes.add_rectangles(np.array([[0.0, 0.0], [64.0, 64.0]]))
+    widget.flush()
+    (saved,) = data_folder.rglob("sample.geojson")
+    assert saved == widget.session.sidecar
+    assert list(read_annotations(saved)) == [Annotation.rectangle(0, 0, 64, 64)]
+    assert answer_key.read_bytes() == key_bytes  # the answer key untouched
+    assert sorted(p.name for p in slide.parent.iterdir()) == ["sample.geojson", "sample.tif"]
+    assert find_annotations(slide) == saved  # training now uses the user's ROIs
+    assert find_annotations(slide, slide.parent) == answer_key  # unless pointed at the key
+    assert errors()[seen_errors:] == []
+
+    # next time: the user's ROIs in the editable layer, the answer key beside them
+    viewer.layers.remove(shapes)
+    viewer.layers.remove(key_layer)
+    widget.activate(slide_layer)
+    assert len(widget.shapes_layer.data) == 1
+    assert widget.session.annotations() == [Annotation.rectangle(0, 0, 64, 64)]
+    assert len(widget.session.answer_key.data) == len(planted)
+    assert answer_key.read_bytes() == key_bytes

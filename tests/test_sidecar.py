@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
 import pytest
 
 from napari_zoomin.annotations import (
+    Annotation,
     annotations_path_for,
     fallback_sidecar,
     find_annotations,
     sidecar,
     sidecar_for_saving,
+    write_geojson,
 )
+from napari_zoomin.annotations.sidecar import answer_key_for, in_cache, is_answer_key
 from napari_zoomin.engine.dataset import SlideDataset
 
 
@@ -137,3 +141,84 @@ def test_zoomin_train_and_the_train_widget_find_the_same_roi_files(tmp_path, mon
     assert train_widget._run_job(job, relay, lambda: False) == "trained"
     assert [r.annotations for r in seen["records"]] == expected
     assert seen["records"] == cli.records
+
+
+def _answer_key(path):
+    """A GeoJSON as the sample generator writes it (its top-level properties)."""
+    from napari_zoomin.samples.synthetic import _geojson
+
+    props = {"label": "positive", "recipe_version": 1, "generator": "napari-zoomin 0.0"}
+    doc = _geojson([], props)
+    doc["features"] = json.loads(
+        write_geojson(path, [Annotation.rectangle(0, 0, 9, 9)]).read_text()
+    )["features"]
+    path.write_text(json.dumps(doc))
+    return path
+
+
+def test_what_is_an_answer_key(tmp_path, monkeypatch):
+    monkeypatch.setenv("NAPARI_ZOOMIN_CACHE", str(tmp_path / "cache"))
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    drawn = write_geojson(mine / "a.geojson", [Annotation.rectangle(0, 0, 8, 8)])
+    assert not is_answer_key(drawn)  # what the ROI widget (or QuPath) writes
+    assert is_answer_key(_answer_key(mine / "b.geojson"))  # the generator's marker, anywhere
+    assert not is_answer_key(mine / "missing.geojson")
+    (mine / "bad.geojson").write_text("{not json")
+    assert not is_answer_key(mine / "bad.geojson")
+    (mine / "c.xml").write_text("<ASAP_Annotations/>")
+    assert not is_answer_key(mine / "c.xml")
+    cached = tmp_path / "cache" / "samples" / "x.geojson"
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(drawn.read_bytes())
+    assert in_cache(cached) and is_answer_key(cached)  # nothing in the cache is the user's
+    assert not in_cache(drawn)
+
+
+def test_a_real_samples_geojson_is_its_answer_key(tmp_path):
+    from napari_zoomin.samples import write_sample_slide
+
+    info = write_sample_slide(
+        tmp_path / "s.tif",
+        size=4096,
+        label="negative",
+        seed=1,
+        tile=512,
+        n_tumor=0,
+        n_distractors=0,
+    )
+    # region-free: an empty file, not protected outside the cache
+    assert not is_answer_key(info.geojson_path) and not is_answer_key(info.recipe_path)
+    doc = json.loads(info.geojson_path.read_text())
+    doc["features"] = [{"type": "Feature", "geometry": None, "properties": {}}]
+    info.geojson_path.write_text(json.dumps(doc))  # as if it had planted regions
+    assert is_answer_key(info.geojson_path)
+    assert answer_key_for(info.path) == info.geojson_path
+
+
+@pytest.mark.parametrize("where", ["cache", "copied out"])
+def test_rois_of_a_sample_are_saved_to_the_user_folder(tmp_path, monkeypatch, user_folder, where):
+    monkeypatch.setenv("NAPARI_ZOOMIN_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / ("cache/samples" if where == "cache" else "slides")
+    folder.mkdir(parents=True)
+    slide = folder / "sample.tif"
+    slide.write_bytes(b"")
+    key = _answer_key(folder / "sample.geojson")
+    saving, is_fallback = sidecar_for_saving(slide)
+    assert is_fallback and saving == fallback_sidecar(slide)
+    assert saving.is_relative_to(user_folder)  # never the cache, never the answer key
+    assert find_annotations(slide) == key  # the answer key until the user saved ROIs
+    saving.parent.mkdir(parents=True)
+    write_geojson(saving, [Annotation.rectangle(0, 0, 8, 8)])
+    assert find_annotations(slide) == saving  # then the user's ROIs
+    assert find_annotations(slide, folder) == key  # unless the answer key is asked for
+
+
+def test_a_cached_slide_without_answer_key_saves_to_the_user_folder(
+    tmp_path, monkeypatch, user_folder
+):
+    monkeypatch.setenv("NAPARI_ZOOMIN_CACHE", str(tmp_path / "cache"))
+    slide = tmp_path / "cache" / "CMU-1.svs"
+    slide.parent.mkdir(parents=True)
+    slide.write_bytes(b"")
+    assert sidecar_for_saving(slide) == (fallback_sidecar(slide), True)

@@ -7,7 +7,16 @@ and renders the returned :class:`~napari_zoomin.engine.results.Result` with
 the evidence came from (:func:`napari_zoomin.engine.places.places`): selecting one
 zooms there and thickens its outline.  Export writes the engine's files
 (:func:`~napari_zoomin.engine.results.write_outputs`) and the ``ROI annotations`` layer
-as QuPath GeoJSON.  "Edit tissue
+as QuPath GeoJSON.
+
+Several slides.  Results are kept per slide: each slide's result layers sit directly
+above it in the layer list, on its scale and translate; classifying another slide
+leaves them in place, re-classifying a slide replaces only its own.  The latest
+result's layers have the bare names (``stage-1 attention``, …), an earlier result of
+another slide has its slide's name appended (``stage-1 attention [slide-a]``,
+:func:`~.result_layers.result_layer_name`).  The Slide list follows the active layer
+(a slide, or one of its result layers), and the summary, table and Export follow the
+chosen slide.  "Edit tissue
 mask" shows the engine's tissue mask as a labels layer; while that layer exists, its
 (possibly edited) pixels are the sampling mask of the next classification.
 """
@@ -35,16 +44,17 @@ from qtpy.QtCore import QObject, Signal, Slot
 from ..errors import ZoominError
 from .model_choices import DEMO, known_models, on_models_changed
 from .result_layers import (
+    LAYER_KEY,
     MAX_PLACES,
     PLACE_HIGHLIGHT,
     PLACES_LAYER,
     RESULT_KEY,
-    STAGE2_LAYER,
     TISSUE_LAYER,
     place_edge_width,
     place_rows,
     place_view,
     result_layer_data,
+    result_layer_name,
     summary_lines,
     tissue_layer_data,
     tissue_mask_from_labels,
@@ -119,6 +129,16 @@ class _Job:
 
 
 @dataclass
+class _ResultSet:
+    """One slide's shown result: the slide layer, the Result, and its napari layers."""
+
+    slide: Any
+    result: Result
+    frame: tuple[tuple[float, float], tuple[float, float]]
+    layers: list  # bottom to top; removed layers are dropped from it
+
+
+@dataclass
 class _Outcome:
     result: Result | None = None
     layers: list | None = None  # napari layers, built in the worker (Shapes are slow to build)
@@ -137,6 +157,7 @@ class ClassifyWidget(Container):
         self.result: Result | None = None
         self._result_frame = None
         self._result_slide = None  # the slide layer the result was computed for
+        self._sets: list[_ResultSet] = []  # every slide's shown result, oldest first
         self._worker = None
         self._busy = False
         self._cancel = threading.Event()
@@ -213,6 +234,9 @@ class ClassifyWidget(Container):
             viewer.layers.events.moved,
         ):
             event.connect(self._refresh_slides)
+        viewer.layers.events.removed.connect(self._forget_removed)
+        viewer.layers.selection.events.active.connect(self._follow_active)
+        self.slide_choice.changed.connect(self._show_chosen)
         self._disconnect_models = on_models_changed(self._models_registered)
         disconnect = self._disconnect_models  # not self: the widget is going away
         self.native.destroyed.connect(lambda *_: disconnect())
@@ -236,6 +260,67 @@ class ClassifyWidget(Container):
             active = self.viewer.layers.selection.active
             self.slide_choice.value = next((lay for lay in layers if lay is active), layers[0])
         self._update_buttons()
+
+    def _set_of(self, layer) -> _ResultSet | None:
+        """The result set of a slide layer, or of one of its result layers."""
+        for rs in self._sets:
+            if rs.slide is layer or any(lay is layer for lay in rs.layers):
+                return rs
+        return None
+
+    def _follow_active(self, event=None) -> None:
+        """Choose the active layer's slide: the layer itself, or its result layers' slide."""
+        active = self.viewer.layers.selection.active
+        if active is None:
+            return
+        rs = self._set_of(active)
+        slide = rs.slide if rs is not None and rs.slide is not active else active
+        offered = any(layer is slide for _, layer in self._slide_choices())
+        if offered and self.slide_choice.value is not slide:
+            self.slide_choice.value = slide
+
+    def _forget_removed(self, event) -> None:
+        layer = event.value
+        for rs in list(self._sets):
+            rs.layers = [lay for lay in rs.layers if lay is not layer]
+            if not rs.layers or rs.slide is layer:
+                self._sets.remove(rs)
+        if self.result is not None and not any(rs.result is self.result for rs in self._sets):
+            if self._busy:
+                return
+            self._show_chosen()
+
+    def _show_chosen(self, _value=None) -> None:
+        """Show the chosen slide's result (summary, table, Export), or none."""
+        if self._busy:
+            return
+        rs = self._set_of(self.slide_choice.value) if self.slide_choice.value else None
+        if rs is not None and rs.result is self.result and rs.slide is self._result_slide:
+            return
+        self._display(rs)
+        self._update_buttons()
+
+    def _display(self, rs: _ResultSet | None) -> None:
+        if rs is None:
+            self.result, self._result_frame, self._result_slide = None, None, None
+            for label in (self.summary, self.details, self.warnings):
+                label.value = ""
+            self.warnings.visible = False
+            self._places = []
+            self.place_table.value = {
+                "data": [],
+                "index": [],
+                "columns": self._table_columns("µm"),
+            }
+            return
+        result = rs.result
+        self.result, self._result_frame, self._result_slide = result, rs.frame, rs.slide
+        lines = summary_lines(result)
+        self.summary.value = lines[0]
+        self.details.value = "\n".join(lines[1:])
+        self.warnings.value = "\n".join(warning_lines(result))
+        self.warnings.visible = bool(result.warnings)
+        self._fill_table(result)
 
     def _model_choices(self, _widget=None) -> list[tuple[str, str]]:
         models = known_models()
@@ -439,17 +524,28 @@ class ClassifyWidget(Container):
 
     # ------------------------------------------------------------------ result
     def _show_result(self, result: Result, layers: list, job: _Job) -> None:
-        self.result = result
-        self._result_frame = job.frame
-        self._result_slide = job.layer
-        if not result.has_stage2 and STAGE2_LAYER in self.viewer.layers:
-            self.viewer.layers.remove(STAGE2_LAYER)  # a stale map of an earlier model
-        lines = summary_lines(result)
-        self.summary.value = lines[0]
-        self.details.value = "\n".join(lines[1:])
-        self.warnings.value = "\n".join(warning_lines(result))
-        self.warnings.visible = bool(result.warnings)
-        self._fill_table(result)
+        """Replace the slide's earlier result layers (keeping their visibility and
+        opacity), rename other slides' bare-named layers to carry their slide's name,
+        and add these directly above the slide."""
+        old = self._set_of(job.layer)
+        kept: dict[str, tuple[bool, float]] = {}
+        if old is not None and old.slide is job.layer:
+            self._sets.remove(old)
+            for lay in old.layers:
+                kept[lay.metadata.get(LAYER_KEY, lay.name)] = (lay.visible, lay.opacity)
+                if lay in self.viewer.layers:
+                    self.viewer.layers.remove(lay)
+        for rs in self._sets:  # older results of other slides: their slide's name
+            for lay in rs.layers:
+                base = lay.metadata.get(LAYER_KEY)
+                if base is not None and lay.name == base:
+                    lay.name = result_layer_name(base, rs.slide.name)
+        for new in layers:
+            if new.metadata.get(LAYER_KEY) in kept:
+                new.visible, new.opacity = kept[new.metadata[LAYER_KEY]]
+        rs = _ResultSet(slide=job.layer, result=result, frame=job.frame, layers=[])
+        self._sets.append(rs)
+        self._display(rs)
         self.status.value = "Adding the result layers…"
 
         def shown() -> None:
@@ -457,18 +553,25 @@ class ClassifyWidget(Container):
             self.status.value = f"Classified {job.layer.name}."
             self._done()
 
-        self._add_gradually(list(layers), shown)
+        self._add_gradually(list(layers), shown, rs)
 
-    def _add_gradually(self, layers: list, then) -> None:
+    def _add_gradually(self, layers: list, then, rs: _ResultSet) -> None:
         """Add one layer per turn of the Qt event loop, then call ``then``: napari spends
-        ~0.3 s of GUI time on each new layer, and the viewer should not freeze for all."""
+        ~0.3 s of GUI time on each new layer, and the viewer should not freeze for all.
+        Each goes right above the set's previous layer (the first right above the slide)."""
         from qtpy.QtCore import QTimer
 
         if not layers:
             then()
             return
-        self._put_layers(layers[:1])
-        QTimer.singleShot(0, lambda: self._add_gradually(layers[1:], then))
+        new = layers[0]
+        below = rs.layers[-1] if rs.layers else rs.slide
+        rs.layers.append(new)  # first: inserting makes it active, and the Slide list follows
+        if below in self.viewer.layers:
+            self.viewer.layers.insert(self.viewer.layers.index(below) + 1, new)
+        else:
+            self.viewer.layers.append(new)
+        QTimer.singleShot(0, lambda: self._add_gradually(layers[1:], then, rs))
 
     def _put_layers(self, layers: list) -> None:
         """Add layers, replacing a layer of the same name in place (same position,
@@ -537,10 +640,16 @@ class ClassifyWidget(Container):
     def _highlight(self, rank: int) -> None:
         """Thicken the outline of the place of ``rank`` in the places layer (if it is
         this result's), the others back to normal."""
-        if PLACES_LAYER not in self.viewer.layers:
-            return
-        layer = self.viewer.layers[PLACES_LAYER]
-        if layer.metadata.get(RESULT_KEY) is not self.result or not layer.nshapes:
+        rs = next((r for r in self._sets if r.result is self.result), None)
+        layer = next(
+            (
+                lay
+                for lay in (rs.layers if rs else [])
+                if lay.metadata.get(LAYER_KEY) == PLACES_LAYER
+            ),
+            None,
+        )
+        if layer is None or layer.metadata.get(RESULT_KEY) is not self.result or not layer.nshapes:
             return
         width = place_edge_width(self.result)
         ranks = list(layer.features["rank"])

@@ -21,7 +21,21 @@ visible under weak attention and hot spots glow.  Background is NaN, which napar
 draws fully transparent too: cells off the tissue (``α = 0``, never sampled) and
 everywhere outside the drawn tiles leave the slide's pixels exactly as they were.
 (Additive blending would brighten every pixel and wash out on bright-field slides;
-plain inferno at a fixed opacity veils all the tissue in near-black.)
+plain inferno at a fixed opacity veils all the tissue in near-black.)  Stage-2 attention
+is drawn at :data:`STAGE2_OPACITY` (half), so the tissue of the top place reads through
+it without hiding a layer.
+
+Visible at every zoom.  Tiles (128–256 level-0 px) are below one screen pixel on a
+whole slide at whole-slide zoom, so the top places are also marked by
+:data:`MARKERS_LAYER`: a points layer whose markers keep :data:`MARKER_SIZE` screen
+pixels at any zoom (napari 0.9 has no screen-space size mode; ``canvas_size_limits``
+clamps every marker's on-screen size to exactly that), numbered by rank.
+
+Several slides.  Each slide keeps its own result layers (the ``Classify slide`` widget
+puts them directly above their slide).  The most recent classification's layers have
+the bare names above; an earlier result of *another* slide gets its slide's name
+appended (:func:`result_layer_name`, ``stage-1 attention [slide-a]``).  Every result
+layer's metadata names its bare name under :data:`LAYER_KEY`.
 """
 
 from __future__ import annotations
@@ -37,6 +51,8 @@ from ..engine.tissue import TissueMask
 from .roi_shapes import level0_to_world, roi_shapes_placement
 
 __all__ = [
+    "LAYER_KEY",
+    "MARKERS_LAYER",
     "MAX_PLACES",
     "PLACES_LAYER",
     "RESULT_KEY",
@@ -48,10 +64,12 @@ __all__ = [
     "TISSUE_LAYER",
     "TISSUE_SOURCE",
     "map_placement",
+    "markers_layer_data",
     "place_rows",
     "place_view",
     "places_layer_data",
     "result_layer_data",
+    "result_layer_name",
     "stage1_layer_data",
     "stage2_canvas_raw",
     "stage2_layer_data",
@@ -70,8 +88,22 @@ STAGE2_LAYER = "stage-2 attention"
 TILES_LAYER = "sampled tiles"
 SUBTILES_LAYER = "sampled sub-tiles"
 PLACES_LAYER = "attention places"
+MARKERS_LAYER = "top places"
 #: bottom to top, the order the layers are added in
-RESULT_LAYER_NAMES = (STAGE1_LAYER, STAGE2_LAYER, TILES_LAYER, SUBTILES_LAYER, PLACES_LAYER)
+RESULT_LAYER_NAMES = (
+    STAGE1_LAYER,
+    STAGE2_LAYER,
+    TILES_LAYER,
+    SUBTILES_LAYER,
+    PLACES_LAYER,
+    MARKERS_LAYER,
+)
+#: metadata key of every result layer: its bare name (one of RESULT_LAYER_NAMES)
+LAYER_KEY = "napari_zoomin_result_layer"
+#: markers: how many places get one, and their size on screen (pixels, any zoom)
+MAX_MARKERS = 10
+MARKER_SIZE = 18
+MARKER_COLOR = "#00ff66"
 #: rows of the widget's "where the evidence is" table (the places with most weight)
 MAX_PLACES = 20
 TISSUE_LAYER = "tissue mask"
@@ -93,6 +125,8 @@ ATTENTION_COLORMAP = {
     "controls": [0.0, 0.25, 0.5, 0.75, 1.0],
 }
 ATTENTION_OPACITY = 0.85
+#: stage-2 maps cover the top places' tissue: half opacity keeps it readable under them
+STAGE2_OPACITY = 0.5
 #: α is very peaked (one cell may hold 10 % of the slide's attention, a typical tissue
 #: cell 0.004 %): gamma 0.5 shows the secondary places the model drew from too
 STAGE1_GAMMA = 0.5
@@ -235,7 +269,7 @@ def stage2_layer_data(result: Result, frame: Frame) -> LayerData | None:
             "translate": translate,
             "colormap": ATTENTION_COLORMAP,
             "contrast_limits": _limits(level.values),
-            "opacity": ATTENTION_OPACITY,
+            "opacity": STAGE2_OPACITY,
             "blending": "translucent",
             "interpolation2d": "nearest",
             "metadata": {
@@ -359,12 +393,56 @@ def places_layer_data(result: Result, frame: Frame) -> LayerData:
     )
 
 
+def markers_layer_data(result: Result, frame: Frame, n: int = MAX_MARKERS) -> LayerData:
+    """A marker at the centre of each of the ``n`` top places, numbered by rank, of
+    :data:`MARKER_SIZE` screen pixels at every zoom (so where the model looked shows on
+    a whole slide at whole-slide zoom, where its tiles are below one screen pixel)."""
+    scale, translate = roi_shapes_placement(frame)
+    found = places(result)[:n]
+    centres = np.array(
+        [[b[0] + b[2] / 2, b[1] + b[3] / 2] for b in (p.box for p in found)], np.float64
+    ).reshape(-1, 2)
+    kwargs: dict[str, Any] = {
+        "name": MARKERS_LAYER,
+        "scale": scale,
+        "translate": translate,
+        "features": {
+            "rank": np.array([p.rank for p in found], np.int64),
+            "share": np.array([p.share for p in found], np.float64),
+        },
+        "symbol": "ring",
+        "size": 1.0,  # data units; the screen size comes from canvas_size_limits
+        "canvas_size_limits": (MARKER_SIZE, MARKER_SIZE),
+        "face_color": MARKER_COLOR,
+        "border_width": 0.0,
+        "metadata": {RESULT_KEY: result, "units": "level-0 pixels (centre of each place)"},
+    }
+    if len(found):
+        kwargs["text"] = {
+            "string": "{rank}",
+            "color": MARKER_COLOR,
+            "size": 11,
+            "anchor": "upper_left",
+            "translation": [0.0, 0.0],
+        }
+    return centres, kwargs, "points"
+
+
+def result_layer_name(name: str, slide: str | None = None) -> str:
+    """A result layer's name: the bare ``name`` (one of :data:`RESULT_LAYER_NAMES`) for
+    the most recent result, ``"name [slide]"`` for an earlier result of another slide."""
+    return name if slide is None else f"{name} [{slide}]"
+
+
 def result_layer_data(result: Result, frame: Frame) -> list[LayerData]:
     """The result layers, bottom to top (no stage-2 layer for one-stage models)."""
     layers = [stage1_layer_data(result, frame), stage2_layer_data(result, frame)]
     layers += [tiles_layer_data(result, frame), subtiles_layer_data(result, frame)]
-    layers += [places_layer_data(result, frame)]
-    return [layer for layer in layers if layer is not None]
+    layers += [places_layer_data(result, frame), markers_layer_data(result, frame)]
+    out = [layer for layer in layers if layer is not None]
+    for _, kwargs, _ in out:
+        kwargs["metadata"][LAYER_KEY] = kwargs["name"]
+    return out
 
 
 # --------------------------------------------------------------------------- text

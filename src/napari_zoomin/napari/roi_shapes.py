@@ -33,6 +33,7 @@ from ..annotations import DEFAULT_LABEL, Annotation, Annotations
 from ..geometry import ring_area
 
 __all__ = [
+    "ANSWER_KEY_LAYER_NAME",
     "ELLIPSE_VERTICES",
     "LABEL_FEATURE",
     "RINGS_FEATURE",
@@ -51,6 +52,8 @@ __all__ = [
 ]
 
 ROI_LAYER_NAME = "ROI annotations"
+#: the read-only shapes layer showing a sample slide's planted regions (its answer key)
+ANSWER_KEY_LAYER_NAME = "answer key (sample)"
 ROI_LABELS_LAYER_NAME = "ROI labels"
 #: the shapes-layer feature holding each shape's class label
 LABEL_FEATURE = "label"

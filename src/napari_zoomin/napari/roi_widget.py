@@ -11,6 +11,12 @@ writable, :func:`~napari_zoomin.annotations.sidecar_for_saving`), which is the f
 training reads its ROI masks from (:func:`~napari_zoomin.annotations.find_annotations`).
 A ROI file that exists when a slide is first annotated is loaded first, so it is
 extended, never replaced unseen.
+
+A sample slide's GeoJSON is its answer key (the planted regions,
+:func:`~napari_zoomin.annotations.sidecar.is_answer_key`), not the user's: it is shown
+as a read-only shapes layer ``answer key (sample)`` (thin outlines, not editable, never
+saved) beside an ``ROI annotations`` layer of the user's own, which is saved to the
+per-user folder, never into the cache folder nor over the answer key.
 """
 
 from __future__ import annotations
@@ -34,7 +40,6 @@ from ..annotations import (
     DEFAULT_LABEL,
     EXCLUSION_LABEL,
     Annotation,
-    annotations_path_for,
     fallback_annotations_dir,
     find_annotations,
     label_colour,
@@ -42,8 +47,10 @@ from ..annotations import (
     sidecar_for_saving,
     write_geojson,
 )
+from ..annotations.sidecar import answer_key_for, in_cache, is_answer_key
 from ..errors import ZoominError
 from .roi_shapes import (
+    ANSWER_KEY_LAYER_NAME,
     LABEL_FEATURE,
     RINGS_FEATURE,
     ROI_LABELS_LAYER_NAME,
@@ -69,6 +76,8 @@ MAX_PAINT_PIXELS = 200_000_000
 #: layer metadata key tying an ROI layer to its slide (the slide's resolved path, or
 #: ``layer:<name>``); the Classify widget finds the slide's ROI shapes by it
 ROI_METADATA = "napari_zoomin_roi"
+#: layer metadata key of a sample's read-only answer-key layer (the slide's key, as above)
+ANSWER_KEY_METADATA = "napari_zoomin_answer_key"
 _TRANSPARENT = (0.0, 0.0, 0.0, 0.0)
 
 _widgets: weakref.WeakSet[RoiWidget] = weakref.WeakSet()
@@ -111,6 +120,8 @@ class _Session:
     sidecar: Path
     shapes: Shapes
     labels: Labels | None = None
+    #: the read-only layer of a sample slide's answer key (its planted regions)
+    answer_key: Shapes | None = None
     labels_downsample: tuple[float, float] = (1.0, 1.0)
     autosave: bool = True
     dirty: bool = False
@@ -323,9 +334,22 @@ class RoiWidget(Container):
             session.label_names = {
                 int(k): v for k, v in session.labels.metadata.get("label_names", {}).items()
             }
+        answer_key = answer_key_for(path) if path is not None else None
+        if answer_key is not None:
+            session.answer_key = self._existing_layer(key, Shapes, ANSWER_KEY_METADATA)
+            if session.answer_key is None:
+                session.answer_key = self._answer_key_layer(layer, answer_key)
         message = f"Annotations are saved to {sidecar}"
         if fallback and path is not None:
-            message += f" (the slide's folder {path.parent} is not writable)"
+            if answer_key is not None:
+                message += (
+                    f" (the slide's {answer_key.name} is its answer key, shown read-only as "
+                    f"'{ANSWER_KEY_LAYER_NAME}')"
+                )
+            elif in_cache(path):
+                message += " (the slide is in the napari-zoomin cache folder)"
+            else:
+                message += f" (the slide's folder {path.parent} is not writable)"
         if session.shapes is None:
             loaded, note = self._read_existing(path, sidecar, session)
             session.shapes = self._new_shapes_layer(layer, loaded)
@@ -339,11 +363,47 @@ class RoiWidget(Container):
             show_info(f"napari-zoomin: ROI annotations of {layer.name} are saved to {sidecar}.")
         return session
 
-    def _existing_layer(self, key: str, kind: type):
+    def _existing_layer(self, key: str, kind: type, metadata_key: str = ROI_METADATA):
         for lay in self._viewer.layers:
-            if isinstance(lay, kind) and lay.metadata.get(ROI_METADATA) == key:
+            if isinstance(lay, kind) and lay.metadata.get(metadata_key) == key:
                 return _real(lay)
         return None
+
+    def _answer_key_layer(self, slide_layer, path: Path) -> Shapes | None:
+        """A read-only shapes layer of a sample's answer key: thin outlines, never saved."""
+        try:
+            annotations = list(read_annotations(path))
+        except ZoominError as exc:
+            show_warning(f"napari-zoomin: {exc} The sample's answer key was not shown.")
+            return None
+        scale, translate = roi_shapes_placement(level0_frame(slide_layer))
+        data, types, labels, _ = annotations_to_shapes(annotations)
+        h0, w0 = _level_shapes(slide_layer)[0]
+        layer = Shapes(
+            data,
+            shape_type=types,
+            name=ANSWER_KEY_LAYER_NAME,
+            scale=scale,
+            translate=translate,
+            units=tuple(str(u) for u in slide_layer.units[-2:]),
+            features=pd.DataFrame({LABEL_FEATURE: pd.Series(labels, dtype=object)}),
+            edge_color=[_rgba(lab) for lab in labels] if labels else "white",
+            face_color="transparent",
+            edge_width=max(1.0, max(h0, w0) / 8000.0),  # half the ROI layer's outline
+            opacity=0.6,
+            metadata={ANSWER_KEY_METADATA: self._key(slide_layer), "path": str(path)},
+        )
+        layer.editable = False
+        layer.mode = "pan_zoom"
+
+        def keep_read_only(_event=None) -> None:  # napari re-enables editing on 3D → 2D
+            if layer.editable:
+                layer.editable = False
+                layer.mode = "pan_zoom"
+
+        layer.events.editable.connect(keep_read_only)
+        self._viewer.add_layer(layer)
+        return layer
 
     def _read_existing(
         self, slide_path: Path | None, sidecar: Path, session: _Session
@@ -352,6 +412,8 @@ class RoiWidget(Container):
         found = sidecar if sidecar.is_file() else None
         if found is None and slide_path is not None:
             found = find_annotations(slide_path)
+            if found is not None and is_answer_key(found):  # shown read-only, not the user's
+                found = None
         if found is None:
             return [], None
         try:
@@ -670,7 +732,7 @@ class RoiWidget(Container):
         if session is not None:
             return session.sidecar
         path = _layer_path(layer)
-        return annotations_path_for(path) if path is not None else Path()
+        return sidecar_for_saving(path)[0] if path is not None else Path()
 
 
 def _flush_sessions(sessions: dict[str, _Session]) -> None:
