@@ -29,6 +29,16 @@ def zoomin_cache(tmp_path_factory) -> Path:
         yield root
 
 
+@pytest.fixture(scope="session", autouse=True)
+def zoomin_user_data(tmp_path_factory) -> Path:
+    """The session's user-data folder (saved ROIs, models): a temp folder, so that tests
+    never write into the user's own napari-zoomin folders."""
+    root = tmp_path_factory.mktemp("user-data")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("NAPARI_ZOOMIN_DATA", str(root))
+        yield root
+
+
 @pytest.fixture(scope="session")
 def cmu_svs(zoomin_cache) -> Path:
     """The real CC0 Aperio slide CMU-1-Small-Region.svs, fetched and checksummed by the project."""
