@@ -207,9 +207,9 @@ def open_slide_picture(slide_path: Path, out: Path) -> None:
     viewer.close()
 
 
-def classify_pictures(slide_path: Path, out: Path) -> None:
-    """Classify with the demo model; the overview and the full-resolution sub-tile."""
-    viewer = new_viewer("napari-zoomin: classify a slide")
+def classified(title: str, slide_path: Path, *size):
+    """A viewer with ``slide_path`` classified by the demo model in the Classify slide dock."""
+    viewer = new_viewer(title, *size)
     viewer.open(slide_path, plugin=PLUGIN)
     widget = dock(viewer, "Classify slide")
     if widget.model_choice.value != "demo":
@@ -219,6 +219,12 @@ def classify_pictures(slide_path: Path, out: Path) -> None:
     if widget.result is None:
         raise RuntimeError(f"classification failed: {widget.status.value}")
     print(widget.summary.value)
+    return viewer, widget
+
+
+def classify_pictures(slide_path: Path, out: Path) -> None:
+    """Classify with the demo model; the overview and the full-resolution sub-tile."""
+    viewer, widget = classified("napari-zoomin: classify a slide", slide_path)
 
     # the place on a planted tumour (the demo model also looks at the look-alike
     # distractors), selected in the table as a user would
@@ -257,18 +263,10 @@ def classify_pictures(slide_path: Path, out: Path) -> None:
 def classify_warnings_picture(slide_path: Path, out: Path) -> None:
     """The real CMU-1-Small-Region slide classified with the demo model: the prediction
     and, right below it in amber, the warnings (the demo model's "not for diagnosis")."""
-    viewer = new_viewer("napari-zoomin: when not to trust a result", WARNINGS_WINDOW_SIZE)
-    viewer.open(slide_path, plugin=PLUGIN)
-    widget = dock(viewer, "Classify slide")
-    if widget.model_choice.value != "demo":
-        raise RuntimeError(f"the model chosen is {widget.model_choice.value!r}, not the demo")
-    widget.classify_button.native.click()
-    wait_until(lambda: not widget.running, 300, "the classification")
-    if widget.result is None:
-        raise RuntimeError(f"classification failed: {widget.status.value}")
+    title = "napari-zoomin: when not to trust a result"
+    viewer, widget = classified(title, slide_path, WARNINGS_WINDOW_SIZE)
     if not widget.warnings.visible:
         raise RuntimeError("the result shows no warning")
-    print(widget.summary.value)
     print(widget.warnings.value)
     viewer.layers.selection.active = viewer.layers["stage-1 attention"]
     viewer.reset_view()
