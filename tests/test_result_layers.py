@@ -31,13 +31,11 @@ from napari_zoomin.napari.result_layers import (
     stage1_layer_data,
     stage2_canvas_raw,
     stage2_layer_data,
-    subtile_view,
     subtiles_layer_data,
     summary_lines,
     tiles_layer_data,
     tissue_layer_data,
     tissue_mask_from_labels,
-    top_subtiles,
     warning_lines,
 )
 from napari_zoomin.samples import write_sample_slide
@@ -269,7 +267,7 @@ def test_markers_are_numbered_places_of_fixed_screen_size(result):
     assert stage2_layer_data(result, FRAME)[1]["opacity"] <= 0.5
 
 
-def test_summary_and_top_subtiles(result):
+def test_summary_lines(result):
     lines = summary_lines(result)
     p = result.probabilities[result.label]
     sd = result.spread[result.label]
@@ -279,14 +277,6 @@ def test_summary_and_top_subtiles(result):
     assert f"{result.pixels_decoded / 1e6:.1f} Mpx" in lines[3]
     assert f"{result.pixels_needed / 1e6:.1f} Mpx needed" in lines[3]
     assert f"{len(result.subtiles)} sub-tiles" in lines[4]
-
-    rows = top_subtiles(result, 20)
-    assert [r["rank"] for r in rows] == list(range(1, 21))
-    weights = [r["weight"] for r in rows]
-    assert weights == sorted(weights, reverse=True) == [s["weight"] for s in result.subtiles[:20]]
-    assert [[r["y"], r["x"], r["h"], r["w"]] for r in rows] == [
-        s["region"] for s in result.subtiles[:20]
-    ]
 
 
 def test_warning_lines_and_places_in_the_summary(result):
@@ -302,16 +292,6 @@ def test_warning_lines_and_places_in_the_summary(result):
     none = replace(result, warnings=[], evidence={})
     assert warning_lines(none) == []
     assert " place" not in summary_lines(none)[4]
-
-
-def test_subtile_view_centres_and_shows_full_resolution():
-    centre, zoom = subtile_view([1000, 2000, 32, 32], FRAME, (600, 800), fill=0.3)
-    np.testing.assert_allclose(centre, world([1016, 2016]))
-    # the 32-px region (16 world units tall at scale 0.5) spans 30 % of the 600-px side
-    assert zoom == pytest.approx(0.3 * 600 / 16)
-    # a large region still shows level 0: at least one screen pixel per level-0 pixel
-    _, zoom = subtile_view([0, 0, 4096, 4096], FRAME, (600, 800))
-    assert zoom == pytest.approx(1 / 0.25)
 
 
 def test_places_rows_and_layer(result):

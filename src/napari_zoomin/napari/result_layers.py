@@ -73,13 +73,11 @@ __all__ = [
     "stage1_layer_data",
     "stage2_canvas_raw",
     "stage2_layer_data",
-    "subtile_view",
     "subtiles_layer_data",
     "summary_lines",
     "tiles_layer_data",
     "tissue_layer_data",
     "tissue_mask_from_labels",
-    "top_subtiles",
     "warning_lines",
 ]
 
@@ -483,17 +481,6 @@ def warning_lines(result: Result) -> list[str]:
     return [f"⚠ {w}" for w in result.warnings]
 
 
-def top_subtiles(result: Result, n: int = 20) -> list[dict[str, Any]]:
-    """The ``n`` most attended sub-tiles: rank (1 = most), weight, level-0 region."""
-    rows = []
-    for rank, s in enumerate(result.subtiles[:n], start=1):
-        top, left, h, w = (int(v) for v in s["region"])
-        rows.append(
-            {"rank": rank, "weight": float(s["weight"]), "y": top, "x": left, "h": h, "w": w}
-        )
-    return rows
-
-
 def place_rows(result: Result, n: int = MAX_PLACES) -> list[dict[str, Any]]:
     """The ``n`` places with most evidence, as the widget's table shows them: ``rank``,
     ``share`` (%), ``subtiles`` (how many), centre ``x``/``y`` and ``w``/``h`` in
@@ -525,19 +512,6 @@ def _fit(region, frame: Frame, canvas_size: tuple[int, int], fill: float):
     centre = level0_to_world([top + h / 2, left + w / 2], frame)
     zoom = fill * min(canvas_size) / max(h * sy, w * sx, 1e-12)
     return (float(centre[0]), float(centre[1])), zoom
-
-
-def subtile_view(
-    region, frame: Frame, canvas_size: tuple[int, int], fill: float = 0.3
-) -> tuple[tuple[float, float], float]:
-    """Camera ``(centre (y, x) world, zoom)`` showing a level-0 region.
-
-    The region spans ``fill`` of the canvas' short side, and the zoom is never below one
-    screen pixel per level-0 pixel, so napari displays level 0 (full resolution).
-    """
-    centre, zoom = _fit(region, frame, canvas_size, fill)
-    (sy, sx), _ = frame
-    return centre, max(zoom, 1.0 / min(sy, sx))
 
 
 def place_view(
