@@ -53,23 +53,20 @@ def _valid_mpp(value) -> float | None:
     return v if math.isfinite(v) and v > 0 else None
 
 
-def resolution_factor(slide_mpp, model_mpp) -> tuple[float, float]:
+def resolution_factor(
+    slide_mpp: tuple[float, float] | None, model_mpp: float | None
+) -> tuple[float, float]:
     """Slide pixels per model pixel ``(r_y, r_x) = model_mpp / slide_mpp``.
 
     ``(1, 1)`` when either pixel size is unknown; an axis within
-    :data:`MPP_TOLERANCE` of 1 is 1.
+    :data:`MPP_TOLERANCE` of 1 is 1.  Both are positive when given (``Slide.mpp`` is
+    checked when the slide opens, ``model_mpp`` by :class:`SlideSource`).
     """
-    m = _valid_mpp(model_mpp)
-    if m is None or slide_mpp is None:
+    if model_mpp is None or slide_mpp is None:
         return (1.0, 1.0)
-    axes = [_valid_mpp(v) for v in slide_mpp]
-    if len(axes) != 2 or None in axes:
-        return (1.0, 1.0)
-    out = []
-    for s in axes:
-        r = m / s
-        out.append(1.0 if abs(r - 1.0) <= MPP_TOLERANCE else r)
-    return (out[0], out[1])
+    ry, rx = (model_mpp / s for s in slide_mpp)
+    ry, rx = (1.0 if abs(r - 1.0) <= MPP_TOLERANCE else r for r in (ry, rx))
+    return (ry, rx)
 
 
 def _snap(x: float) -> float:
@@ -133,11 +130,8 @@ class SlideSource:
         self.workers = max(1, int(workers))
         self.counter = ReadCounter()
         self.model_mpp = _valid_mpp(model_mpp)
-        mpp = slide.mpp
-        axes = None if mpp is None else tuple(_valid_mpp(v) for v in mpp)
-        self.slide_mpp: tuple[float, float] | None = (
-            None if axes is None or None in axes else (axes[0], axes[1])
-        )
+        # None, or a plausible (y, x) pair: the slide checked its pixel size when it opened
+        self.slide_mpp: tuple[float, float] | None = slide.mpp
         self.factor: tuple[float, float] = resolution_factor(self.slide_mpp, self.model_mpp)
         self.units = "µm" if self.model_mpp is not None and self.slide_mpp is not None else "pixel"
         self.upsampled_reads = 0
