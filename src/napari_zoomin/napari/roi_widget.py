@@ -102,6 +102,20 @@ def _real(obj):
     return getattr(obj, "__wrapped__", obj)
 
 
+def _on_slide(slide_layer) -> dict:
+    """Shapes-layer placement on a slide layer: scale, translate and units (level-0 px)."""
+    scale, translate = roi_shapes_placement(level0_frame(slide_layer))
+    units = tuple(str(u) for u in slide_layer.units[-2:])
+    return {"scale": scale, "translate": translate, "units": units}
+
+
+def _roi_edge_width(slide_layer) -> float:
+    """ROI outline width in data units (level-0 px): thin enough not to hide a 50-px
+    region when zoomed in, still a line at whole-slide view."""
+    h0, w0 = _level_shapes(slide_layer)[0]
+    return max(2.0, max(h0, w0) / 4000.0)
+
+
 def _level_shapes(layer) -> list[tuple[int, int]]:
     levels = layer.data if layer.multiscale else [layer.data]
     return [(int(d.shape[0]), int(d.shape[1])) for d in levels]
@@ -376,20 +390,16 @@ class RoiWidget(Container):
         except ZoominError as exc:
             show_warning(f"napari-zoomin: {exc} The sample's answer key was not shown.")
             return None
-        scale, translate = roi_shapes_placement(level0_frame(slide_layer))
         data, types, labels, _ = annotations_to_shapes(annotations)
-        h0, w0 = _level_shapes(slide_layer)[0]
         layer = Shapes(
             data,
             shape_type=types,
             name=ANSWER_KEY_LAYER_NAME,
-            scale=scale,
-            translate=translate,
-            units=tuple(str(u) for u in slide_layer.units[-2:]),
+            **_on_slide(slide_layer),
             features=pd.DataFrame({LABEL_FEATURE: pd.Series(labels, dtype=object)}),
             edge_color=[_rgba(lab) for lab in labels] if labels else "white",
             face_color="transparent",
-            edge_width=max(1.0, max(h0, w0) / 8000.0),  # half the ROI layer's outline
+            edge_width=_roi_edge_width(slide_layer) / 2,  # thinner than the user's ROIs
             opacity=0.6,
             metadata={ANSWER_KEY_METADATA: self._key(slide_layer), "path": str(path)},
         )
@@ -434,17 +444,12 @@ class RoiWidget(Container):
         return annotations, note
 
     def _new_shapes_layer(self, slide_layer, annotations: list[Annotation]) -> Shapes:
-        frame = level0_frame(slide_layer)
-        scale, translate = roi_shapes_placement(frame)
         data, types, labels, rings = annotations_to_shapes(annotations)
-        h0, w0 = _level_shapes(slide_layer)[0]
         layer = Shapes(
             data,
             shape_type=types,
             name=ROI_LAYER_NAME,
-            scale=scale,
-            translate=translate,
-            units=tuple(str(u) for u in slide_layer.units[-2:]),
+            **_on_slide(slide_layer),
             features=pd.DataFrame(
                 {
                     LABEL_FEATURE: pd.Series(labels, dtype=object),
@@ -454,9 +459,7 @@ class RoiWidget(Container):
             feature_defaults={LABEL_FEATURE: self.label.value, RINGS_FEATURE: ""},
             edge_color=[_rgba(lab) for lab in labels] if labels else "red",
             face_color="transparent",
-            # data units (level-0 px): thin enough not to hide a 50-px region when
-            # zoomed in, still a line at whole-slide view
-            edge_width=max(2.0, max(h0, w0) / 4000.0),
+            edge_width=_roi_edge_width(slide_layer),
             metadata={ROI_METADATA: self._key(slide_layer)},
         )
         layer.current_edge_color = _rgba(self.label.value)
