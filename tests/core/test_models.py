@@ -479,6 +479,7 @@ def test_device_selection_never_assumes_a_gpu():
             select_device("cuda")
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_zoomin_runs_on_cuda_with_amp():
     m = _zoomin_tiny().to("cuda")

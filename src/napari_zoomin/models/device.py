@@ -12,7 +12,10 @@ from collections.abc import Iterator
 
 import torch
 
-__all__ = ["autocast", "grad_scaler", "select_device"]
+__all__ = ["autocast", "grad_scaler", "mixed_precision", "select_device"]
+
+#: mixed precision on CUDA: on unless a :func:`mixed_precision` block turns it off
+_MIXED_PRECISION = [True]
 
 
 def select_device(preferred: str | torch.device | None = None) -> torch.device:
@@ -32,13 +35,25 @@ def select_device(preferred: str | torch.device | None = None) -> torch.device:
 
 
 @contextlib.contextmanager
+def mixed_precision(enabled: bool) -> Iterator[None]:
+    """Turn CUDA mixed precision on or off inside the block (e.g. to time both, or to
+    rule it out when a run on a GPU diverges); CPU runs are float32 either way."""
+    previous = _MIXED_PRECISION[0]
+    _MIXED_PRECISION[0] = bool(enabled)
+    try:
+        yield
+    finally:
+        _MIXED_PRECISION[0] = previous
+
+
+@contextlib.contextmanager
 def autocast(device: torch.device, enabled: bool = True) -> Iterator[None]:
     """Mixed-precision context: float16 autocast on CUDA, a no-op elsewhere.
 
     Attention distributions and estimators cast to float32 themselves, so sampling
     probabilities are never half precision.
     """
-    if enabled and device.type == "cuda":
+    if enabled and _MIXED_PRECISION[0] and device.type == "cuda":
         with torch.autocast(device_type="cuda", dtype=torch.float16):
             yield
     else:
@@ -47,4 +62,5 @@ def autocast(device: torch.device, enabled: bool = True) -> Iterator[None]:
 
 def grad_scaler(device: torch.device, enabled: bool = True) -> torch.amp.GradScaler:
     """A gradient scaler that is active on CUDA only (a pass-through on CPU)."""
-    return torch.amp.GradScaler(device.type, enabled=enabled and device.type == "cuda")
+    on = enabled and _MIXED_PRECISION[0] and device.type == "cuda"
+    return torch.amp.GradScaler(device.type, enabled=on)
