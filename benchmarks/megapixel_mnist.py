@@ -43,7 +43,9 @@ with 100² tiles from views at ``s1`` 0.06 / 0.08 / 0.1 (``zoomin``, ``zoomin_s0
 (``zoomin_half``), N distinct 100² tiles (``zoomin_half_distinct``), the same seen
 at 0.5 by stage 2 (``zoomin_half_s2``), or with the sub-tile baseline
 (``zoomin_half_cv``, ``zoomin_half_t75_cv``); ATS-10 with the half-resolution ``a``
-(``ats_half``, the control) and with ``f`` from scratch (``ats_scratch``).
+(``ats_half``, the control) and with ``f`` from scratch (``ats_scratch``).  The
+``magnet`` row is a MagNet (002, issue 20) at the same budget of N full-resolution
+50² patches (:func:`_magnet`).
 """
 
 from __future__ import annotations
@@ -68,6 +70,8 @@ from napari_zoomin.models import (
     ATS,
     ATSConfig,
     LowResolutionCNN,
+    MagNet,
+    MagNetConfig,
     ReinforceATS,
     ReinforceConfig,
     Uniform,
@@ -217,6 +221,29 @@ def _zoomin(
     return build
 
 
+def _magnet(args: argparse.Namespace):
+    """A 2-layer MagNet (002) with ``N`` = 2·(N/2) classification patches of 50², the
+    sub-tile side of the other rows, so every model reads the same full-resolution
+    budget.  Its encoders start from scratch (002 has no MNIST-pretrained ``f``); no
+    grey filter (it would blank grey digits) and no flips or rotations (a turned 6 is
+    a 9)."""
+    if args.n % 2:
+        raise ValueError(f"the MagNet row needs an even --n (2 boxes, then n/2 each), got {args.n}")
+    config = MagNetConfig(
+        num_classes=10,
+        patches=(2, args.n // 2),
+        classifier_size=SUBTILE[0],
+        encoder_channels=(16, 32, 64),
+        feature_dim=FEATURE_DIM,
+        gru_hidden=FEATURE_DIM,
+        head_hidden=(128, 64),
+        aux_layers=(1, 2),
+        grey_filter=False,
+        augment=False,
+    )
+    return MagNet(config)
+
+
 def _cnn(args: argparse.Namespace):
     return LowResolutionCNN(num_classes=10, view_scale=VIEW_SCALE, channels=(8, 8, 16))
 
@@ -265,6 +292,7 @@ def _models() -> dict[str, ModelSpec]:
             _pretrain,
         ),
         "ats_scratch": ModelSpec("ATS-{n}, without replacement, f from scratch", _ats(False)),
+        "magnet": ModelSpec("MagNet (002), 2 layers, N = {n} patches, from scratch", _magnet),
     }
 
 

@@ -51,12 +51,15 @@ PLUGIN = "napari-zoomin"
 #: the pictures, by file name without ``.png`` (``--only``)
 PICTURES = (
     "open-slide",
+    "classify-slide",
     "classify-result",
     "classify-zoom",
     "classify-warnings",
     "train-widget",
     "roi-drawing",
 )
+#: the pictures of one classification
+CLASSIFY_PICTURES = ("classify-slide", "classify-result", "classify-zoom")
 #: the training picture's model: small, so that six epochs take seconds
 SMALL_MODEL = {"feature_dim": 32, "feature_hidden": 64, "feature_channels": [16, 32]}
 
@@ -223,8 +226,14 @@ def classified(title: str, slide_path: Path, *size):
 
 
 def classify_pictures(slide_path: Path, out: Path) -> None:
-    """Classify with the demo model; the overview and the full-resolution sub-tile."""
+    """Classify with the demo model: the whole slide, around a place, and the place at
+    full resolution."""
     viewer, widget = classified("napari-zoomin: classify a slide", slide_path)
+
+    # the whole slide as the result arrives: the overview and the numbered markers
+    viewer.reset_view()
+    settle(0.5)
+    save_window(viewer, out / "classify-slide.png")
 
     # the place on a planted tumour (the demo model also looks at the look-alike
     # distractors), selected in the table as a user would
@@ -251,10 +260,9 @@ def classify_pictures(slide_path: Path, out: Path) -> None:
     camera.zoom = zoom / OVERVIEW_ZOOM_OUT
     save_window(viewer, out / "classify-result.png")
 
-    # the sub-tile at full resolution, the attention maps and tiles hidden to see the cells
+    # the place at full resolution with every layer as it comes (nothing hidden by hand):
+    # thin outlines, half-opaque stage-2 attention, the overview hidden by the zoom
     camera.center, camera.zoom = centre, zoom
-    for name in ("stage-1 attention", "stage-2 attention", "sampled tiles", "attention places"):
-        viewer.layers[name].visible = False
     viewer.layers.selection.active = viewer.layers["sampled sub-tiles"]
     save_window(viewer, out / "classify-zoom.png")
     viewer.close()
@@ -369,11 +377,11 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     shutil.rmtree(WORK_FOLDER, ignore_errors=True)
     try:
-        if wanted & {"open-slide", "classify-result", "classify-zoom", "roi-drawing"}:
+        if wanted & {"open-slide", *CLASSIFY_PICTURES, "roi-drawing"}:
             sample = linked_sample(WORK_FOLDER / "sample")
         if "open-slide" in wanted:
             open_slide_picture(sample, args.out)
-        if wanted & {"classify-result", "classify-zoom"}:
+        if wanted & set(CLASSIFY_PICTURES):
             classify_pictures(sample, args.out)
         if "classify-warnings" in wanted:
             classify_warnings_picture(args.cmu or cmu_slide(), args.out)

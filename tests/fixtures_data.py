@@ -41,6 +41,8 @@ def rewrite_description(path: Path, change) -> None:
     with open(path, "rb") as fh:
         header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
     document = json.loads(header["__metadata__"]["napari_zoomin"])
+    document.pop("description_sha256", None)  # an older file: format 1, no description checksum
+    document["format_version"] = 1
     change(document)
     save_file(tensors, path, metadata={"napari_zoomin": json.dumps(document)})
 

@@ -44,7 +44,7 @@ def bad_files(tmp_path, pyramids, cmu_svs):
         "missing": (tmp_path / "missing.svs", "no such file"),
         "directory": (folder, "is a directory"),
         "non-image": (text, "not a readable slide"),
-        "corrupt": (garbage, "not a readable slide"),
+        "corrupt": (garbage, "the file is damaged"),  # its first directory is noise
         "truncated": (truncated, "truncated"),
         "truncated-svs": (truncated_svs, "truncated"),
         "empty": (empty, "empty"),

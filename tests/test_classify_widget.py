@@ -26,6 +26,7 @@ from napari_zoomin.slide import open_slide  # noqa: E402
 pytestmark = pytest.mark.viewer
 
 NAMES = (
+    "attention overview",
     "stage-1 attention",
     "stage-2 attention",
     "sampled tiles",
@@ -138,6 +139,10 @@ def test_classify_from_the_manifest_widget(make_napari_viewer, qtbot, sample, tm
     ]
     assert table.data[0][:3] == [1, f"{found[0].share:.1f} %", found[0].n_subtiles]
     assert table.data[0][3:5] == [f"{found[0].centre[1]:.1f}", f"{found[0].centre[0]:.1f}"]
+    # and on screen the cells read as written (not re-formatted to "3058.9000")
+    native = table.native
+    shown = native.itemDelegate().displayText(native.item(0, 3).data(0), native.locale())
+    assert shown == f"{found[0].centre[1]:.1f}"
     print("places", len(found), "sub-tiles", len(result.subtiles), table.data[:3])
 
     # the ROI widget's layer of this slide is exported with the result; another's is not
@@ -210,7 +215,7 @@ def test_classify_from_the_manifest_widget(make_napari_viewer, qtbot, sample, tm
     level0 = (world_px - frame[1]) / frame[0] + 0.5
     cell = np.floor((level0 - [oy, ox]) / [dy, dx]).astype(int)
     looked = np.zeros(np.add(saved.stage1_attention.shape, 2), bool)  # α > 0 or under a tile
-    looked[1:-1, 1:-1] = saved.stage1_attention > 0
+    looked[1:-1, 1:-1] = result.stage1_attention > 0  # shown exact (files: export precision)
     for t in saved.tiles:
         top, left, h, w = t["region"]
         r0, c0 = int((top - oy) // dy), int((left - ox) // dx)
@@ -232,6 +237,27 @@ def test_classify_from_the_manifest_widget(make_napari_viewer, qtbot, sample, tm
         viewer, on.shape, world_of_level0(slide, [[top, left], [top + h, left + w]])
     )
     assert changed[int(r0) : int(np.ceil(r1)) + 1, int(c0) : int(np.ceil(c1)) + 1].any()
+    # the overview makes the top place visible at whole-slide zoom: around it (a 41 x 41
+    # screen-pixel window) more pixels differ from the slide alone than with the raw
+    # attention layers only
+    top, left, h, w = found[0].box  # level-0 pixels
+    cy, cx = top + h / 2, left + w / 2
+    row, col = screen_of_world(viewer, on.shape, world_of_level0(slide, [cy, cx]))
+    window = np.s_[max(int(row) - 20, 0) : int(row) + 21, max(int(col) - 20, 0) : int(col) + 21]
+    overview = viewer.layers["attention overview"]
+    assert overview.visible  # whole-slide zoom: shown
+    overview.visible = False
+    raw = viewer.screenshot(canvas_only=True, flash=False)[..., :3].astype(int)
+    overview.visible = True
+    without = int((np.abs(raw - off).max(axis=-1) > 0)[window].sum())
+    with_overview = int(changed[window].sum())
+    print(
+        "changed pixels around the top place: raw layers", without, "with overview", with_overview
+    )
+    assert with_overview > without
+    # the raw map is exactly alpha; the overview is display only
+    stage1 = viewer.layers["stage-1 attention"].data
+    np.testing.assert_array_equal(np.nan_to_num(stage1), result.stage1_attention)
 
     # selecting a place in the table centres it, filling the canvas up to full resolution
     viewer.layers["attention places"].visible = True
@@ -249,8 +275,13 @@ def test_classify_from_the_manifest_widget(make_napari_viewer, qtbot, sample, tm
             h * slide.scale[0], w * slide.scale[1]
         ) * zoom >= 0.7 * min(shot.shape[:2])
         assert slide.data_level == 0
-        widths = viewer.layers["attention places"].edge_width
-        assert widths[row] == 3 * min(widths) and sorted(widths)[-2] == min(widths)
+        places_layer = viewer.layers["attention places"]
+        # outlines in screen pixels: 1.5 px, the selected place 3x as wide
+        on_screen = np.asarray(places_layer.edge_width) * zoom * places_layer.scale[-1]
+        expected = np.where(np.asarray(places_layer.features["rank"]) == found[row].rank, 4.5, 1.5)
+        np.testing.assert_allclose(on_screen, expected, rtol=0.05)
+        # zoomed in to read the raw map: the overview no longer veils the tissue
+        assert not viewer.layers["attention overview"].visible
 
     # re-run: the layers are replaced, never stacked
     before = [viewer.layers[name] for name in NAMES]
@@ -493,6 +524,13 @@ def test_two_slides_keep_their_results_above_themselves(make_napari_viewer, qtbo
     near = np.hypot(rows - r, cols - c) <= MARKER_SIZE
     print("changed near the top place", changed[near].sum(), "in all", changed.sum())
     assert changed[near].sum() >= 30
+    # the overview is what makes it visible: without it, far fewer pixels change there
+    for name in NAMES:
+        viewer.layers[name].visible = name != "attention overview"
+    raw = viewer.screenshot(canvas_only=True, flash=False)[..., :3].astype(int)
+    without = (np.abs(raw - off).max(axis=-1) > 30)[near].sum()
+    print("changed near the top place without the overview", without)
+    assert changed[near].sum() > without
     # nothing changes far out on the glass: only on or just around slide A
     (r0, c0), (r1, c1) = screen_of_world(
         viewer, on.shape, world_of_level0(a, [[0, 0], [2967, 2220]])

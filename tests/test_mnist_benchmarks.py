@@ -320,3 +320,22 @@ def test_attention_report_scores_the_held_out_images_it_is_told(mnist, tmp_path,
         f"{expected['digits_reached']:.2f}",
         f"{expected['accuracy']:.1%}",
     ]
+
+
+def test_the_magnet_row_reads_n_patches_of_the_subtile_side(mnist):
+    """Issue 20's row: a MagNet at the others' budget, N classification patches of 50²
+    (2 boxes, then N/2 in each), one deterministic pass per image."""
+    import argparse
+
+    from benchmarks import megapixel_mnist as bench
+
+    spec = bench.BENCH.models["magnet"]
+    torch.manual_seed(0)
+    model = spec.build(argparse.Namespace(n=10))
+    assert model.config.patches == (2, 5) and model.config.classifier_size == 50
+    data = megapixel_mnist(mnist, "test", 1, seed=0, ink_mask=True)
+    (pred,) = model.predict(data.images, mode="sample", draws=1)
+    assert pred.mode == "magnify" and pred.subtiles.regions.shape == (10, 4)
+    assert pred.magnified.trace.shape == (10, 10)
+    with pytest.raises(ValueError, match="even --n"):
+        spec.build(argparse.Namespace(n=5))

@@ -233,6 +233,7 @@ def test_rectangles_are_level0_regions_on_the_slide(result):
 def test_result_layer_data_names_and_order(result):
     layers = result_layer_data(result, FRAME)
     assert [kw["name"] for _, kw, _ in layers] == [
+        "attention overview",
         "stage-1 attention",
         "stage-2 attention",
         "sampled tiles",
@@ -349,3 +350,33 @@ def test_tissue_layer_round_trip(slide_path):
     assert isinstance(back, TissueMask) and back.source == TISSUE_SOURCE
     assert back.level0_shape == (8192, 8192)
     assert np.array_equal(back.mask, edited != 0)
+
+
+def test_the_overview_is_alpha_blurred_on_the_tissue_for_display_only(result):
+    """Blurred by a gaussian of 1/300 of the slide's long side, NaN off the tissue, its
+    top colour at the 99th percentile; the stored alpha is untouched."""
+    from scipy.ndimage import gaussian_filter
+
+    from napari_zoomin.napari.result_layers import (
+        OVERVIEW_SHOWN_BELOW_PX,
+        overview_layer_data,
+        stage1_layer_data,
+    )
+    from napari_zoomin.napari.zoom_follow import SHOWN_BELOW_KEY
+
+    alpha = np.array(result.stage1_attention, copy=True)
+    data, kwargs, kind = overview_layer_data(result, FRAME)
+    assert kind == "image" and kwargs["name"] == "attention overview"
+    tissue = alpha > 0
+    assert np.isnan(data[~tissue]).all() and np.isfinite(data[tissue]).all()
+    sigma = max(result.slide["shape"]) / 300
+    (dy, dx) = result.stage1_cell_size
+    expected = gaussian_filter(alpha.astype(np.float64), (sigma / dy, sigma / dx), mode="constant")
+    np.testing.assert_allclose(data[tissue], expected[tissue], rtol=1e-5)
+    assert kwargs["contrast_limits"] == (0.0, pytest.approx(np.percentile(expected[tissue], 99)))
+    assert kwargs["metadata"][SHOWN_BELOW_KEY] == OVERVIEW_SHOWN_BELOW_PX
+    # same placement as the raw map, whose values stay alpha
+    raw, raw_kwargs, _ = stage1_layer_data(result, FRAME)
+    assert (kwargs["scale"], kwargs["translate"]) == (raw_kwargs["scale"], raw_kwargs["translate"])
+    np.testing.assert_array_equal(np.nan_to_num(raw), alpha)
+    np.testing.assert_array_equal(result.stage1_attention, alpha)

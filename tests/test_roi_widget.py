@@ -20,7 +20,7 @@ from napari_zoomin.annotations import (  # noqa: E402
     write_geojson,
 )
 from napari_zoomin.engine.dataset import SlideDataset, SlideRecord  # noqa: E402
-from napari_zoomin.napari import roi_widget as roi_module  # noqa: E402
+from napari_zoomin.napari import roi_controller  # noqa: E402
 from napari_zoomin.napari.roi_shapes import (  # noqa: E402
     ANSWER_KEY_LAYER_NAME,
     ROI_LABELS_LAYER_NAME,
@@ -295,7 +295,7 @@ def test_fallback_folder_when_the_slide_folder_is_not_writable(
     from napari_zoomin.annotations import sidecar
 
     monkeypatch.setattr(sidecar, "_is_writable", lambda path: False)
-    monkeypatch.setattr(roi_module, "fallback_annotations_dir", lambda: tmp_path / "user")
+    monkeypatch.setattr(roi_controller, "fallback_annotations_dir", lambda: tmp_path / "user")
     monkeypatch.setattr(sidecar, "fallback_annotations_dir", lambda: tmp_path / "user")
     viewer = make_napari_viewer()
     open_slide_layer(viewer, slide)
@@ -407,3 +407,32 @@ def test_a_samples_answer_key_is_read_only_and_the_users_rois_are_their_own(
     assert widget.session.annotations() == [Annotation.rectangle(0, 0, 64, 64)]
     assert len(widget.session.answer_key.data) == len(planted)
     assert answer_key.read_bytes() == key_bytes
+
+
+def test_a_plugins_proxied_viewer_works_without_napari_internals(make_napari_viewer, qtbot, slide):
+    """napari gives a plugin widget a public-only proxy of the viewer (its layers are new
+    proxies at every access): edits are still saved, the ROI outlines still follow the
+    zoom, and no private attribute is touched (napari warns on each)."""
+    import warnings
+
+    from napari.utils._proxies import PublicOnlyProxy
+
+    viewer = make_napari_viewer()
+    open_slide_layer(viewer, slide)
+    sidecar = slide.with_suffix(".geojson")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # napari's private-access warning
+        widget = RoiWidget(PublicOnlyProxy(viewer))
+        viewer.window.add_dock_widget(widget)
+        shapes = widget.shapes_layer
+        assert shapes.unique_id == viewer.layers["ROI annotations"].unique_id
+        widget._on_layers_changed()  # new proxies of the same layers: same session
+        assert widget.session is not None and len(widget._sessions) == 1
+        viewer.layers["ROI annotations"].add_rectangles(np.array([[0.0, 0.0], [64.0, 64.0]]))
+        qtbot.waitUntil(sidecar.exists, timeout=5000)  # the edit was seen and saved
+        assert list(read_annotations(sidecar)) == [Annotation.rectangle(0, 0, 64, 64)]
+        for zoom in (0.01, 1.0):  # 2 screen pixels wide at both zooms
+            viewer.scene.camera.zoom = zoom
+            layer = viewer.layers["ROI annotations"]
+            width = np.asarray(layer.edge_width) * zoom * layer.scale[-1]
+            np.testing.assert_allclose(width, 2.0, rtol=0.05)

@@ -118,9 +118,8 @@ def test_zoomin_train_and_the_train_widget_find_the_same_roi_files(tmp_path, mon
     cli = SlideDataset.from_csv(slides / "labels.csv", slides, None, roi_labels=("Tumor",))
     assert [r.annotations for r in cli.records] == expected
 
-    # as the train widget builds its data (train_widget._run_job), training stubbed out
-    pytest.importorskip("napari")
-    from napari_zoomin.napari import train_widget
+    # as the train widget builds its data (train_controller.run_job), training stubbed out
+    from napari_zoomin.napari import train_controller
 
     seen = {}
 
@@ -128,8 +127,8 @@ def test_zoomin_train_and_the_train_widget_find_the_same_roi_files(tmp_path, mon
         seen["records"] = list(dataset.records)
         return "trained"
 
-    monkeypatch.setattr(train_widget, "train", fake_train)
-    job = train_widget._Job(
+    monkeypatch.setattr(train_controller, "train", fake_train)
+    job = train_controller.Job(
         labels_csv=slides / "labels.csv",
         slides_dir=slides,
         annotations_dir=None,
@@ -137,8 +136,7 @@ def test_zoomin_train_and_the_train_widget_find_the_same_roi_files(tmp_path, mon
         out_path=tmp_path / "model.safetensors",
         resume=False,
     )
-    relay = SimpleNamespace(event=SimpleNamespace(emit=lambda event: None))
-    assert train_widget._run_job(job, relay, lambda: False) == "trained"
+    assert train_controller.run_job(job, lambda event: None, lambda: False) == "trained"
     assert [r.annotations for r in seen["records"]] == expected
     assert seen["records"] == cli.records
 

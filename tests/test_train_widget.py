@@ -197,7 +197,8 @@ def test_train_the_slides_open_in_the_viewer(make_napari_viewer, qtbot, slides, 
         ("pos1.tif", "positive"),
         ("pos2.tif", "positive"),
     ]
-    assert all(p.startswith("/") for p, _, _ in rows)
+    # named relative to the folder that holds them all, the slides folder of the run
+    assert all((slides / p).is_file() and not p.startswith("/") for p, _, _ in rows)
     assert [s for _, lab, s in rows if lab == "negative"] == ["train"]
     assert sorted(s for _, lab, s in rows if lab == "positive") == ["train", "val"]
     info = load_model(out).info["info"]
@@ -276,6 +277,7 @@ def test_progress_events_drive_the_status_bar_and_plot(make_napari_viewer, tmp_p
         EpochStep,
         Pretrained,
         Pretraining,
+        PretrainProgress,
         Resolution,
         Validated,
         Validating,
@@ -290,7 +292,16 @@ def test_progress_events_drive_the_status_bar_and_plot(make_napari_viewer, tmp_p
         "pre-training on ROI patches before epoch 1 (5 epochs, 2 annotated slide(s))…"
     )
     assert widget.progress.native.maximum() == 0
+    # each pre-training epoch: a determinate bar over all of pre-training, and a message
+    widget._on_progress(PretrainProgress(0, 4, 4, 10, "feature", 2, 5, 0.75))
+    assert widget.status.value == (
+        "pre-training the feature network on ROI patches: epoch 2/5 (step 4/10), loss 0.75"
+    )
+    assert widget.progress.native.maximum() == widget.progress.max > 0
+    assert widget.progress.value == round(widget.progress.max * 4 / 10)
+    assert widget.progress.native.format() == "pre-training: %p%"
     widget._on_progress(Pretrained(0, 4, 5, 5, 0.5, {"feature": 0.5}))
+    assert widget.progress.value == 0  # the bar now counts the training
     assert widget.status.value == "pre-training done (loss 0.5); training epoch 1…"
     assert widget.progress.native.maximum() == widget.progress.max > 0
     widget._on_progress(EpochStep(2, 4, 1, 2, 0.25, 1.0))
@@ -398,16 +409,22 @@ def test_progress_moves_and_the_split_is_said(make_napari_viewer, qtbot, slides,
     assert widget.result is not None and not widget.result.cancelled
 
     kinds = [k for k, *_ in seen]
-    assert kinds[0] == "_Split" and kinds[1] == "Pretraining"  # said before training
+    assert kinds[0] == "Split" and kinds[1] == "Pretraining"  # said before training
     assert widget.split_note.value.startswith("Split: 2 slides for training, 0 for validation.")
     assert "validation accuracy will not be measured" in widget.split_note.value
     assert "early stopping is off" in widget.split_note.value
     warnings = messages(NotificationSeverity.WARNING)
     assert any("validation accuracy will not be measured" in m for m in warnings)
+    top = widget.progress.max
     status, maximum = seen[1][1], seen[1][3]
     assert status.startswith("pre-training on ROI patches before epoch 1") and maximum == 0
-    values = [v for k, _, v, m in seen if m > 0 and k not in ("_Split", "Pretrained")]
+    # pre-training: one event per network epoch (ZoomIn pre-trains three networks),
+    # the bar filling up to the end of pre-training
+    pretraining = [(v, st) for k, st, v, m in seen if k == "PretrainProgress"]
+    assert [v for v, _ in pretraining] == [top // 3, round(2 * top / 3), top]
+    assert "feature network on ROI patches: epoch 1/1 (step 3/3)" in pretraining[-1][1]
+    skipped = ("Split", "Pretrained", "PretrainProgress")
+    values = [v for k, _, v, m in seen if m > 0 and k not in skipped]
     assert values == sorted(values)
-    top = widget.progress.max
     assert [v for v in values if 0 < v < top] == [top // 4, top // 2, top // 2, 3 * top // 4]
     assert widget.progress.value == top

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import shutil
 import subprocess
@@ -21,6 +22,7 @@ from napari_zoomin.training import (
     EpochStep,
     Pretrained,
     Pretraining,
+    PretrainProgress,
     TrainConfig,
     Trainer,
     Validated,
@@ -158,13 +160,15 @@ def test_one_epoch_writes_both_checkpoints(records, tmp_path):
     assert best.model.config.subtile_size == (16, 16)
     # progress: pre-training, every step, validation (typed events)
     stages = [e.stage for e in events]
-    assert stages[:2] == ["pretrain", "pretrain"]
-    assert [type(e) for e in events[:2]] == [Pretraining, Pretrained]
-    assert events[0].slides == 4 and set(events[1].losses) == {
-        "stage1_attention",
-        "stage2_attention",
-        "feature",
-    }
+    assert stages[:5] == ["pretrain"] * 5
+    # said when it starts, after each network's one epoch (in order), when it ends
+    assert [type(e) for e in events[:5]] == [Pretraining, *[PretrainProgress] * 3, Pretrained]
+    networks = ["stage1_attention", "stage2_attention", "feature"]
+    assert [
+        (e.network, e.step, e.steps, e.network_epoch, e.network_epochs) for e in events[1:4]
+    ] == [(name, k + 1, 3, 1, 1) for k, name in enumerate(networks)]
+    assert events[0].slides == 4 and set(events[4].losses) == set(networks)
+    assert {e.network: e.loss for e in events[1:4]} == events[4].losses
     steps = [e for e in events if e.stage == "train"]
     assert all(isinstance(e, EpochStep) for e in steps)
     assert [(e.step, e.steps, e.epoch, e.epochs) for e in steps] == [
@@ -190,7 +194,10 @@ def test_one_epoch_writes_both_checkpoints(records, tmp_path):
         "best": True,
         "best_epoch": 1,
         "stopped_early": False,
+        "terms": {k: result.history[0][f"train_{k}"] for k in final.terms},
     }
+    terms = {"classification", "contrastive", "entropy", "pixel", "policy", "roi_attention"}
+    assert set(final.terms) == terms  # a MagNet's auxiliary and paradoxical are not here
     assert steps[0].to_dict().keys() == {
         "stage",
         "epoch",
@@ -395,6 +402,10 @@ def test_checkpoint_of_another_architecture_fails_with_checkpoint_error(
         header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
     document = json.loads(header["__metadata__"]["napari_zoomin"])
     document["config"]["feature_dim"] = 16  # the weights are for 8
+    # with its checksum forged: the weights' shapes must refuse it, not the checksum
+    from napari_zoomin.engine.checkpoints import description_sha256
+
+    document["description_sha256"] = description_sha256(document)
     save_file(tensors, last, metadata={"napari_zoomin": json.dumps(document)})
     with pytest.raises(CheckpointError, match="do not fit a zoomin model"):
         train(dataset(records), tiny(epochs=3), out)
@@ -407,7 +418,7 @@ def test_checkpoint_of_another_architecture_fails_with_checkpoint_error(
 def test_invalid_settings(records, tmp_path):
     with pytest.raises(TrainingError, match="unknown model kind 'zoom'"):
         train(dataset(records), tiny(kind="zoom"), tmp_path / "m.safetensors")
-    with pytest.raises(TrainingError, match="epochs must be at least 1"):
+    with pytest.raises(TrainingError, match=r"epochs must be in \[1, "):
         train(dataset(records), tiny(epochs=0), tmp_path / "m.safetensors")
     with pytest.raises(TrainingError, match="no training slides"):
         train(dataset(records[4:]), tiny(), tmp_path / "m.safetensors")
@@ -489,11 +500,17 @@ def test_older_training_checkpoints_resume_with_todays_names(records, tmp_path):
     result = train(records[:4], again, out)
     assert [h["epoch"] for h in result.history] == [1, 2]
     # Zoom-In's patch_size was unused; checkpoints from before it existed are today's
+    # (and, from before lr_schedule, ran at a constant rate)
     assert saved_config({"kind": "zoomin", "subtile_size": 16, "patch_size": 50}) == {
         "kind": "zoomin",
         "subtile_size": 16,
+        "lr_schedule": "constant",
     }
-    assert saved_config({"kind": "ats", "subtile_size": 64}) == {"kind": "ats", "subtile_size": 64}
+    assert saved_config({"kind": "ats", "subtile_size": 64}) == {
+        "kind": "ats",
+        "subtile_size": 64,
+        "lr_schedule": "constant",
+    }
 
 
 def test_model_settings_have_the_model_configs_names():
@@ -509,6 +526,9 @@ def test_model_settings_have_the_model_configs_names():
             assert name in names, (kind, name)
             mine = getattr(config, name)
             assert value == ((mine, mine) if name.endswith("_size") else mine), (kind, name)
+        if kind == "magnet":  # its patches are classifier_size (model_options), no sub-tiles
+            assert "subtile_size" not in settings
+            continue
         assert settings["subtile_size"] == (24, 24)  # every kind's feature-network input
         if kind != "zoomin":
             assert not {"tile_size", "stage2_scale"} & set(settings)
@@ -684,3 +704,134 @@ def test_roi_attention_term_is_the_kl_from_the_roi_to_alpha():
     torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(roi_attention_loss(model, [annotated, empty], stage1), value)
     assert float(roi_attention_loss(model, [empty, empty])) == 0.0
+
+
+def test_cosine_schedule_resumes_on_the_same_learning_rates(records, tmp_path):
+    """Epoch e of E runs at lr·(1 + cos(π·e/E))/2; a run cancelled mid-epoch and resumed
+    goes through the same rates and ends with the same weights as one that was not."""
+    import math
+
+    config = tiny(epochs=3, lr_schedule="cosine")
+    straight = train(dataset(records), config, tmp_path / "a" / "m.safetensors")
+    expected = [1e-3 * (0.5 * (1.0 + math.cos(math.pi * e / 3))) for e in range(3)]
+    assert [h["lr"] for h in straight.history] == expected
+    assert expected == pytest.approx([1e-3, 7.5e-4, 2.5e-4], rel=1e-12)
+    steps = []
+
+    def count(event):
+        if isinstance(event, EpochStep):
+            steps.append(event)
+
+    out = tmp_path / "b" / "m.safetensors"
+    cancelled = train(dataset(records), config, out, progress=count, cancel=lambda: len(steps) == 3)
+    assert cancelled.cancelled and len(cancelled.history) == 1  # in epoch 2, after step 1
+    resumed = train(dataset(records), config, out)
+    assert [h["lr"] for h in resumed.history] == expected
+    assert same_weights(
+        weights(last_checkpoint_path(tmp_path / "a" / "m.safetensors")),
+        weights(last_checkpoint_path(out)),
+    )
+    # a constant rate is the default, and a run from before the setting resumes as one
+    assert tiny().lr_schedule == "constant"
+    assert saved_config({"kind": "zoomin"})["lr_schedule"] == "constant"
+    with pytest.raises(TrainingError, match="lr_schedule must be one of 'constant', 'cosine'"):
+        tiny(lr_schedule="linear")
+
+
+def test_a_magnet_trains_and_reports_its_auxiliary_and_paradoxical_losses(records, tmp_path):
+    events = []
+    config = tiny(
+        kind="magnet",
+        epochs=1,
+        model_options={
+            "patches": [2, 2],
+            "view_size": 8,
+            "sample_size": 16,
+            "classifier_size": 16,
+            "localiser_channels": 2,
+            "encoder_channels": [4, 8],
+            "gru_hidden": 8,
+            "head_hidden": [8, 8],
+            "aux_layers": [1, 2],
+        },
+    )
+    result = train(dataset(records), config, tmp_path / "m.safetensors", progress=events.append)
+    (record,) = result.history
+    assert record["train_auxiliary"] > 0 and record["train_paradoxical"] >= 0
+    assert record["lr"] == 1e-3  # constant unless asked (zoomin train --kind magnet asks)
+    final = events[-1]
+    assert isinstance(final, Validated)
+    assert final.terms["auxiliary"] == record["train_auxiliary"]
+    assert final.terms["paradoxical"] == record["train_paradoxical"]
+    assert load_checkpoint(result.checkpoint_path).kind == "magnet"
+
+
+def test_cli_magnet_defaults_are_the_papers():
+    from napari_zoomin.cli import _train_config, build_parser
+
+    base = ["train", "--slides", "s", "--labels", "l.csv", "--out", "m.safetensors"]
+    base += ["--kind", "magnet"]
+    config = _train_config(build_parser().parse_args(base))
+    assert (config.lr, config.batch_size, config.lr_schedule) == (3e-5, 16, "cosine")
+    config = _train_config(build_parser().parse_args([*base, "--lr-schedule", "constant"]))
+    assert config.lr_schedule == "constant"
+    zoomin = _train_config(build_parser().parse_args(base[:-2]))
+    assert zoomin.lr_schedule == "constant"
+
+
+def test_init_encoder_starts_a_magnets_encoders_from_the_file(records, tmp_path):
+    from safetensors.torch import save_file
+
+    from napari_zoomin.models.magnet import PatchEncoder
+
+    options = {"patches": [2, 2], "view_size": 8, "sample_size": 16, "classifier_size": 16}
+    options |= {"encoder_channels": [4, 8], "gru_hidden": 8, "head_hidden": [8, 8]}
+    state = {k: v.contiguous() for k, v in PatchEncoder((4, 8), 8).state_dict().items()}
+    path = tmp_path / "encoder.safetensors"
+    save_file(state, path)
+    config = tiny(kind="magnet", epochs=1, model_options=options, init_encoder=str(path))
+    trainer = Trainer(dataset(records), config, tmp_path / "m.safetensors")
+    trainer.start()
+    for name, value in trainer.model.encoder.state_dict().items():
+        assert torch.equal(value, state[name])
+    with pytest.raises(TrainingError, match="init_encoder starts a MagNet's encoders"):
+        tiny(init_encoder=str(path))
+    with pytest.raises(TrainingError, match=r"init_encoder must be the path of a \.safetensors"):
+        tiny(kind="magnet", model_options=options, init_encoder=" ")
+    bad = tiny(kind="magnet", model_options={**options, "feature_dim": 4}, init_encoder=str(path))
+    with pytest.raises(CheckpointError, match=r"encoder\.safetensors: its fc\.weight has shape"):
+        Trainer(dataset(records), bad, tmp_path / "n.safetensors").start()
+    assert not (tmp_path / "n.last.safetensors").exists()  # refused before anything is written
+
+
+def test_cli_trains_a_magnet_and_its_epoch_line_shows_the_extra_losses(records, tmp_path, capsys):
+    import json
+
+    from napari_zoomin.cli import main
+
+    folder = records[0].path.parent
+    csv = tmp_path / "labels.csv"
+    csv.write_text(
+        "slide,label,split\n" + "".join(f"{r.path.name},{r.label},{r.split}\n" for r in records)
+    )
+    options = {"patches": [2, 2], "view_size": 8, "sample_size": 16, "classifier_size": 16}
+    options |= {"encoder_channels": [4, 8], "gru_hidden": 8, "head_hidden": [8, 8]}
+    options |= {"aux_layers": [1, 2]}
+    settings = {"model_options": options, "feature_dim": 8, "val_draws": 1, "num_workers": 1}
+    out = tmp_path / "magnet.safetensors"
+    args = ["train", "--slides", str(folder), "--labels", str(csv), "--out", str(out)]
+    args += ["--kind", "magnet", "--epochs", "2", "--set", json.dumps(settings)]
+    assert main(args) == 0
+    config = load_checkpoint(out).info["info"]["trainer_config"]
+    assert (config["lr"], config["batch_size"], config["lr_schedule"]) == (3e-5, 16, "cosine")
+    history = load_checkpoint(out).info["info"]["history"]
+    assert [h["lr"] for h in history] == [3e-5, 3e-5 * 0.5 * (1 + math.cos(math.pi / 2))]
+    err = capsys.readouterr().err.splitlines()
+    lines = [line for line in err if line.startswith("validate epoch") and "loss" in line]
+    assert len(lines) == 2
+    for line in lines:
+        assert re.fullmatch(
+            r"validate epoch \d/2, step 1/1, loss \d\.\d{3}, val_loss \d\.\d{3}, "
+            r"val_accuracy \d\.\d{3}, auxiliary \d\.\d{3}, paradoxical \d\.\d{3}",
+            line,
+        ), line

@@ -378,14 +378,49 @@ def test_tile_classifier_pretraining_keeps_the_model_parameters():
     )
     keys = set(m.state_dict())
     before = {k: v.clone() for k, v in m.state_dict().items()}
-    history = pretrain_tile_classifiers(m, srcs, epochs=2, patches_per_image=8)
+    seen = []  # (network, step, steps, loss) after every epoch of every network
+    history = pretrain_tile_classifiers(
+        m, srcs, epochs=2, patches_per_image=8, on_epoch=lambda *a: seen.append(a)
+    )
     assert set(history) == {"stage1_attention", "stage2_attention", "feature"}
     assert all(len(v) == 2 for v in history.values())
+    # one report per network epoch, in order, with that epoch's loss
+    order = ["stage1_attention", "stage2_attention", "feature"]
+    assert seen == [
+        (name, 2 * i + k + 1, 6, history[name][k]) for i, name in enumerate(order) for k in (0, 1)
+    ]
     assert set(m.state_dict()) == keys
     for name in ("attention.logit.weight", "stage2_attention.logit.weight", "feature.fc.4.weight"):
         assert not torch.equal(before[name], m.state_dict()[name])
     with pytest.raises(ValueError, match="ROI"):
         pretrain_tile_classifiers(m, [TensorSource(_image(h, w, 28))], epochs=1)
+
+
+def test_pretraining_reports_each_epoch_and_reporting_changes_nothing():
+    """``epochs`` reports for one network, in order, each with its epoch's loss; the
+    losses are the same as without a callback (the report draws no random numbers)."""
+    h, w = 48, 40
+    roi = torch.zeros(h, w, dtype=torch.bool)
+    roi[10:20, 5:15] = True
+    srcs = [TensorSource(_image(h, w, s), roi=roi) for s in (26, 27)]
+
+    class Reports(list):
+        def append_args(self, *args):
+            self.append(args)
+
+    runs = []
+    for report in (None, Reports()):
+        torch.manual_seed(0)
+        m = ATS(ATSConfig(view_scale=0.5, subtile_size=(8, 8), **SMALL))
+        history = pretrain_tile_classifiers(
+            m, srcs, epochs=3, patches_per_image=4, networks=("feature",),
+            generator=torch.Generator().manual_seed(1),
+            on_epoch=None if report is None else report.append_args,
+        )  # fmt: skip
+        runs.append((history, report))
+    (plain, _), (reported, seen) = runs
+    assert plain == reported and len(plain["feature"]) == 3
+    assert seen == [("feature", k, 3, plain["feature"][k - 1]) for k in (1, 2, 3)]
 
 
 def test_max_pooled_pretraining_learns_an_roi_much_smaller_than_its_patch():

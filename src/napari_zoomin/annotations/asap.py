@@ -16,7 +16,16 @@ from xml.parsers import expat
 import numpy as np
 
 from ..errors import AnnotationError
-from .model import DEFAULT_LABEL, EXCLUSION_LABEL, Annotation, Annotations, checked_file
+from .model import (
+    DEFAULT_LABEL,
+    EXCLUSION_LABEL,
+    Annotation,
+    Annotations,
+    VertexBudget,
+    check_label,
+    check_ring,
+    checked_file,
+)
 
 __all__ = ["read_asap_xml"]
 
@@ -67,6 +76,7 @@ def read_asap_xml(path: str | os.PathLike) -> Annotations:
     stack: list[str] = []
     current: dict[str, Any] | None = None
     parser = expat.ParserCreate()
+    budget = VertexBudget(p, _XML_FIX)
 
     def refuse(*_args: Any) -> None:
         raise AnnotationError(p, unsafe, _XML_FIX)
@@ -83,6 +93,7 @@ def read_asap_xml(path: str | os.PathLike) -> Annotations:
             current = {"attrs": dict(attrs), "coords": [], "line": parser.CurrentLineNumber}
         elif name == "Coordinate" and parent == "Coordinates" and current is not None:
             line = parser.CurrentLineNumber
+            budget.take(1, f"line {line}")
             try:
                 order = int(attrs.get("Order", len(current["coords"])))
                 x, y = _asap_number(attrs["X"]), _asap_number(attrs["Y"])
@@ -133,5 +144,7 @@ def read_asap_xml(path: str | os.PathLike) -> Annotations:
                 "a polygon needs at least 3.",
                 _XML_FIX,
             )
-        out.append(Annotation(xy, _asap_label(attrs.get("PartOfGroup", ""))))
+        where = f"annotation {name!r:.40} (line {rec['line']})"
+        label = check_label(p, _asap_label(attrs.get("PartOfGroup", "")), where, _XML_FIX)
+        out.append(Annotation(check_ring(p, xy, where, _XML_FIX), label))
     return out

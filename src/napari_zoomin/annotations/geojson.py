@@ -20,7 +20,15 @@ import numpy as np
 
 from ..atomic import atomic_open
 from ..errors import AnnotationError
-from .model import DEFAULT_LABEL, Annotation, Annotations, checked_file
+from .model import (
+    DEFAULT_LABEL,
+    Annotation,
+    Annotations,
+    VertexBudget,
+    check_label,
+    check_ring,
+    checked_file,
+)
 
 __all__ = ["label_colour", "read_geojson", "write_geojson"]
 
@@ -51,10 +59,11 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool)
 
 
-def _json_ring(path: Path, ring: Any, where: str) -> np.ndarray:
+def _json_ring(path: Path, ring: Any, where: str, budget: VertexBudget) -> np.ndarray:
     """One GeoJSON linear ring → open (k, 2) float64 ring, or AnnotationError."""
     if not isinstance(ring, list):
         raise AnnotationError(path, f"{where} is not a list of [x, y] positions.", _GEOJSON_FIX)
+    budget.take(len(ring), where)
     for i, p in enumerate(ring):
         if not (isinstance(p, list) and len(p) >= 2 and _is_number(p[0]) and _is_number(p[1])):
             raise AnnotationError(
@@ -74,7 +83,7 @@ def _json_ring(path: Path, ring: Any, where: str) -> np.ndarray:
             f"{where} has {len(arr)} distinct points; a polygon needs at least 3.",
             _GEOJSON_FIX,
         )
-    return arr
+    return check_ring(path, arr, where, _GEOJSON_FIX)
 
 
 def _json_label(props: Any) -> str:
@@ -100,7 +109,14 @@ _AREA_FREE_GEOMETRIES = ("Point", "MultiPoint", "LineString", "MultiLineString")
 _SKIPPED_OBJECT_TYPES = ("detection", "cell", "tile")
 
 
-def _json_polygons(path: Path, geometry: Any, where: str, skipped: dict[str, int], depth: int = 0):
+def _json_polygons(
+    path: Path,
+    geometry: Any,
+    where: str,
+    skipped: dict[str, int],
+    budget: VertexBudget,
+    depth: int = 0,
+):
     """Yield (exterior, holes) of a GeoJSON geometry; count area-free geometries."""
     if not isinstance(geometry, dict):
         raise AnnotationError(path, f"{where}: geometry is not an object.", _GEOJSON_FIX)
@@ -122,7 +138,7 @@ def _json_polygons(path: Path, geometry: Any, where: str, skipped: dict[str, int
                 path, f"{where}: GeometryCollection without a list.", _GEOJSON_FIX
             )
         for k, part in enumerate(parts):
-            yield from _json_polygons(path, part, f"{where}, part {k}", skipped, depth + 1)
+            yield from _json_polygons(path, part, f"{where}, part {k}", skipped, budget, depth + 1)
         return
     else:
         raise AnnotationError(
@@ -134,7 +150,7 @@ def _json_polygons(path: Path, geometry: Any, where: str, skipped: dict[str, int
         w = where if kind == "Polygon" else f"{where}, polygon {k}"
         if not isinstance(rings, list) or not rings:
             raise AnnotationError(path, f"{w}: a polygon needs a list of rings.", _GEOJSON_FIX)
-        arrs = [_json_ring(path, r, f"{w}, ring {i}") for i, r in enumerate(rings)]
+        arrs = [_json_ring(path, r, f"{w}, ring {i}", budget) for i, r in enumerate(rings)]
         yield arrs[0], arrs[1:]
 
 
@@ -175,6 +191,7 @@ def read_geojson(path: str | os.PathLike) -> Annotations:
         )
 
     out = Annotations(path=p)
+    budget = VertexBudget(p, _GEOJSON_FIX)
     for n, feature in enumerate(features):
         where = f"feature {n}"
         if not isinstance(feature, dict) or feature.get("type", "Feature") != "Feature":
@@ -188,8 +205,8 @@ def read_geojson(path: str | os.PathLike) -> Annotations:
         if geometry is None:
             out.skipped["no geometry"] = out.skipped.get("no geometry", 0) + 1
             continue
-        label = _json_label(props)
-        for exterior, holes in _json_polygons(p, geometry, where, out.skipped):
+        label = check_label(p, _json_label(props), where, _GEOJSON_FIX)
+        for exterior, holes in _json_polygons(p, geometry, where, out.skipped, budget):
             out.append(Annotation(exterior, label, tuple(holes)))
     return out
 

@@ -9,7 +9,10 @@ Level-0 pixel (row ``r``, col ``c``) covers ``[c, c+1) × [r, r+1)`` in (x, y).
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
+import unicodedata
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +23,18 @@ import numpy as np
 from ..errors import AnnotationError
 from ..geometry import ring_area
 
-__all__ = ["DEFAULT_LABEL", "EXCLUSION_LABEL", "Annotation", "Annotations", "checked_file"]
+__all__ = [
+    "DEFAULT_LABEL",
+    "EXCLUSION_LABEL",
+    "MAX_FILE_BYTES",
+    "MAX_VERTICES",
+    "Annotation",
+    "Annotations",
+    "VertexBudget",
+    "check_label",
+    "check_ring",
+    "checked_file",
+]
 
 DEFAULT_LABEL = "Tumor"
 EXCLUSION_LABEL = "Exclusion"
@@ -155,11 +169,100 @@ class Annotations(list):
         self.skipped: dict[str, int] = dict(skipped or {})
 
 
+#: an annotation file larger than this is refused before it is parsed (QuPath exports of
+#: annotations are kB to a few MB; a file of cell detections is exported separately)
+MAX_FILE_BYTES = 100 * 2**20
+#: vertices kept from one file (all rings): a detailed outline has 10³-10⁵
+MAX_VERTICES = 1_000_000
+#: how often one ring may cross a horizontal line on average (Σ|Δy| / height): 2 for a
+#: convex outline, tens for a ragged one; thousands only for scrambled or random points,
+#: which rasterising would pay for at every scanline
+MAX_MEAN_CROSSINGS = 1_000
+#: |x| and |y| of any vertex, in level-0 pixels (a slide has at most 2²¹ per side)
+MAX_COORDINATE = 1e8
+#: characters of a label
+MAX_LABEL_CHARS = 200
+
+
 def checked_file(path: str | os.PathLike, fix: str) -> Path:
-    """``path`` as a Path, or AnnotationError if it is missing or not a file (every reader)."""
+    """``path`` as a Path, or AnnotationError if it is missing, not a regular file, or
+    larger than :data:`MAX_FILE_BYTES` (every reader)."""
     p = Path(path)
-    if not p.exists():
-        raise AnnotationError(p, "annotation file not found.", "Check the path.")
-    if not p.is_file():
+    try:
+        st = p.stat()
+    except FileNotFoundError:
+        raise AnnotationError(p, "annotation file not found.", "Check the path.") from None
+    except (OSError, ValueError) as exc:  # a name too long, a NUL byte, a symlink loop
+        why = getattr(exc, "strerror", None) or str(exc)
+        if getattr(exc, "errno", None) == errno.ENAMETOOLONG:
+            why = "the path is too long for the file system"
+        raise AnnotationError(p, f"cannot be opened ({why}).", "Check the path.") from None
+    if not stat.S_ISREG(st.st_mode):
         raise AnnotationError(p, "is not a file.", fix)
+    if st.st_size > MAX_FILE_BYTES:
+        raise AnnotationError(
+            p,
+            f"is {st.st_size / 2**20:,.0f} MB, more than the {MAX_FILE_BYTES // 2**20} MB "
+            "an annotation file may be.",
+            "Export only the annotations (not cell detections), or simplify the outlines.",
+        )
     return p
+
+
+def check_label(path: Path, label: str, where: str, fix: str) -> str:
+    """``label`` if it is plain text of at most :data:`MAX_LABEL_CHARS` characters."""
+    if len(label) > MAX_LABEL_CHARS:
+        raise AnnotationError(
+            path,
+            f"{where}: the label has {len(label):,} characters (at most {MAX_LABEL_CHARS}).",
+            fix,
+        )
+    bad = next((c for c in label if unicodedata.category(c)[0] == "C"), None)
+    if bad is not None:
+        raise AnnotationError(
+            path,
+            f"{where}: the label {label[:40]!r} holds a control or invisible character "
+            f"(U+{ord(bad):04X}).",
+            fix,
+        )
+    return label
+
+
+class VertexBudget:
+    """Counts the vertices read from one file against :data:`MAX_VERTICES`."""
+
+    def __init__(self, path: Path, fix: str):
+        self.path, self.fix, self.used = path, fix, 0
+
+    def take(self, n: int, where: str) -> None:
+        self.used += int(n)
+        if self.used > MAX_VERTICES:
+            raise AnnotationError(
+                self.path,
+                f"{where}: more than {MAX_VERTICES:,} vertices in the file.",
+                "Simplify the outlines (QuPath: Objects > Annotations > Simplify shape).",
+            )
+
+
+def check_ring(path: Path, ring: np.ndarray, where: str, fix: str) -> np.ndarray:
+    """``ring`` ((k, 2) finite float64) if its coordinates and complexity are bounded."""
+    if ring.size and float(np.abs(ring).max()) > MAX_COORDINATE:
+        raise AnnotationError(
+            path,
+            f"{where} has a coordinate of {float(np.abs(ring).max()):.3g} pixels, beyond any "
+            f"slide (at most {MAX_COORDINATE:.0e}).",
+            fix,
+        )
+    y = ring[:, 1]
+    height = float(y.max() - y.min())
+    if height > 0:
+        crossings = float(np.abs(np.diff(y, append=y[:1])).sum()) / height
+        if crossings > MAX_MEAN_CROSSINGS:
+            raise AnnotationError(
+                path,
+                f"{where} of {len(ring):,} vertices crosses a horizontal line {crossings:,.0f} "
+                f"times on average (an outline crosses it a few times; at most "
+                f"{MAX_MEAN_CROSSINGS:,}): its points look scrambled or random.",
+                "Check the export, or simplify the outline.",
+            )
+    return ring

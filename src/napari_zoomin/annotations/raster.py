@@ -25,6 +25,10 @@ __all__ = ["DEFAULT_SUPERSAMPLE", "AnnotationIndex", "rasterize", "rasterize_reg
 DEFAULT_SUPERSAMPLE = 16
 # Output pixels (rows × (width + 2)) accumulated at once: bounds temporary memory.
 _STRIP_PIXELS = 1 << 22
+# Scanline crossings handled at once (about 100 bytes of temporaries each).
+_STRIP_CROSSINGS = 1 << 21
+#: scanline crossings one call may compute (about 30 s): more means scrambled geometry
+MAX_CROSSINGS = 1 << 28
 
 
 class AnnotationIndex:
@@ -179,11 +183,27 @@ def rasterize_region(
     ey_min, ey_max = np.minimum(ey0, ey1), np.maximum(ey0, ey1)
     slope = (ex1 - ex0) / (ey1 - ey0)  # no horizontal edges in the index
 
+    # Crossings per output row (k per edge spanning it): strips hold a bounded number of
+    # them, so memory stays bounded however many edges a row meets.
+    lo = np.clip(np.floor(ey_min), 0, h_out).astype(np.int64)
+    hi = np.clip(np.ceil(ey_max), 0, h_out).astype(np.int64)
+    active = np.bincount(lo, minlength=h_out + 1) - np.bincount(hi, minlength=h_out + 1)
+    per_row = np.cumsum(active)[:h_out] * k
+    crossings = np.concatenate([[0], np.cumsum(per_row)])
+    if crossings[-1] > MAX_CROSSINGS:
+        raise ValueError(
+            f"annotations of {int(counts.sum()):,} edges between vertices cross the "
+            f"{h_out * k:,} scanlines {int(crossings[-1]):,} times (at most {MAX_CROSSINGS:,}): "
+            "the geometry is scrambled or far too detailed for this scale; simplify it"
+        )
     strip = max(1, min(h_out, _STRIP_PIXELS // (w_out + 2)))
-    for r0 in range(0, h_out, strip):
-        r1 = min(h_out, r0 + strip)
+    r0 = 0
+    while r0 < h_out:
+        by_crossings = int(np.searchsorted(crossings, crossings[r0] + _STRIP_CROSSINGS, "right"))
+        r1 = max(r0 + 1, min(h_out, r0 + strip, by_crossings - 1))
         sel = np.flatnonzero((ey_max > r0) & (ey_min < r1))
         if sel.size == 0:
+            r0 = r1
             continue
         cov = _strip_coverage(
             r0,
@@ -200,6 +220,7 @@ def rasterize_region(
             (clip_x0, clip_x1, clip_y0, clip_y1),
         )
         out[r0:r1] = cov
+        r0 = r1
     return out
 
 

@@ -29,7 +29,7 @@ from typing import Any
 from .._version import __version__
 from ..atomic import atomic_open
 from ..errors import CheckpointError, ZoominError
-from ..slide import SLIDE_EXTENSIONS
+from ..slide import SLIDE_EXTENSIONS, slide_of
 
 __all__ = ["classify_task", "csv_columns", "discover_slides", "run_batch"]
 
@@ -70,24 +70,90 @@ def csv_columns(classes: list[str]) -> list[str]:
 def discover_slides(
     folder: str | os.PathLike, pattern: str | None = None, recursive: bool = False
 ) -> list[Path]:
-    """Slide files in ``folder``, sorted: known extensions, hidden files skipped.
+    """Slides in ``folder``, sorted: known extensions, hidden files skipped.
 
     ``pattern`` is a glob relative to the folder (``"*.svs"``, ``"**/*.tif"``);
-    ``recursive`` looks in sub-folders too (when no pattern is given).
+    ``recursive`` looks in sub-folders too (when no pattern is given).  A DICOM slide
+    is its folder, listed once however many ``.dcm`` files it holds (:func:`slide_of`).
     """
     folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise ZoominError(folder, "is not a folder of slides.", "Give the folder holding them.")
     if pattern is not None:
+        _check_pattern(pattern)
         found = folder.glob(pattern)
     else:
         found = folder.rglob("*") if recursive else folder.iterdir()
-    names = tuple(e.lower() for e in SLIDE_EXTENSIONS)
-    return sorted(
-        p
-        for p in found
-        if p.is_file() and not p.name.startswith(".") and p.name.lower().endswith(names)
-    )
+    slides = {slide_of(p) for p in found if not p.name.startswith(".")}
+    return sorted(s for s in slides if s is not None)
+
+
+def _check_pattern(pattern: str) -> None:
+    """A glob relative to the slides folder: not empty, not absolute, no ``..``."""
+    problem = None
+    if not pattern.strip():
+        problem = "is empty"
+    elif Path(pattern).is_absolute() or pattern.startswith(("/", "\\")):
+        problem = "is an absolute path; it is matched inside the slides folder"
+    elif ".." in Path(pattern).parts:
+        problem = "leaves the slides folder ('..')"
+    if problem:
+        raise ZoominError(
+            None, f"--pattern {pattern!r} {problem}.", "Give a name pattern such as '*.svs'."
+        )
+
+
+def _check_scheduler(address: str, seconds: float = 5.0) -> None:
+    """A dask scheduler address that parses and answers within ``seconds`` (TCP/TLS).
+
+    Without this, ``Client(address)`` waits its 30 s connect timeout and then raises
+    from deep inside distributed.
+    """
+    import socket
+    from urllib.parse import urlsplit
+
+    fix = "Check the address (tcp://host:8786), or leave --scheduler out for a local cluster."
+    text = address.strip()
+    parsed = urlsplit(text if "://" in text else f"tcp://{text}")
+    try:
+        host, port = parsed.hostname, parsed.port
+    except ValueError:
+        host = port = None
+    if parsed.scheme not in ("tcp", "tls") or not host or port is None or " " in text:
+        raise ZoominError(None, f"--scheduler {address!r} is not a scheduler address.", fix)
+    try:
+        with socket.create_connection((host, port), timeout=seconds):
+            pass
+    except OSError as exc:
+        raise ZoominError(
+            None,
+            f"--scheduler {address}: no dask scheduler answers there "
+            f"({exc.strerror or type(exc).__name__}).",
+            fix,
+        ) from None
+
+
+def _check_options(draws, seed, workers, device, scheduler) -> None:
+    """The classification options, checked once before any slide is read or any worker
+    starts (a wrong one would otherwise fail every slide, one row at a time)."""
+    from numbers import Integral
+
+    from ..fields import MAX_DRAWS, MAX_SEED, MAX_WORKERS
+    from .runtime import resolve_device
+
+    for name, value, low, high in (
+        ("--draws", draws, 1, MAX_DRAWS),
+        ("--seed", seed, 0, MAX_SEED),
+        ("--workers", workers, 1, MAX_WORKERS),
+    ):
+        if isinstance(value, bool) or not isinstance(value, Integral) or not low <= value <= high:
+            raise ZoominError(None, f"{name} must be from {low} to {high}, got {value!r}.")
+    if scheduler is None:  # the workers run here: the device must exist here
+        resolve_device(device)
+        return
+    _check_scheduler(scheduler)
+    if not (device == "auto" or str(device).split(":")[0] in ("cpu", "cuda", "mps")):
+        raise ZoominError(None, f"--device {device!r} is not a device.", "Use cpu, cuda or auto.")
 
 
 def _resolve_model(model) -> Path:
@@ -298,8 +364,14 @@ def run_batch(
     import pandas as pd
 
     from .checkpoints import read_checkpoint_info
+    from .results import check_output_path
 
-    out_csv = Path(out_csv).expanduser().resolve()
+    _check_options(draws, seed, workers, device, scheduler)
+    given = isinstance(model, str | os.PathLike) and str(model) != "demo"
+    model_inputs = [model] if given else []
+    out_csv = check_output_path(out_csv, folder=False, inputs=model_inputs).resolve()
+    if outputs is not None:
+        check_output_path(outputs, folder=True, what="outputs", inputs=model_inputs)
     slides = discover_slides(folder, pattern, recursive)
     if not slides:
         raise ZoominError(
@@ -318,8 +390,17 @@ def run_batch(
         "kind": str(info.get("kind")),
     }
     columns = csv_columns(classes)
+    if any(out_csv == p.resolve() for p in slides):
+        raise ZoominError(out_csv, "is one of the slides; --out would overwrite it.")
 
-    header, rows = _read_rows(out_csv)
+    try:
+        header, rows = _read_rows(out_csv)
+    except (UnicodeDecodeError, csv.Error, ValueError) as exc:
+        raise ZoominError(
+            out_csv,
+            f"is not a results table ({type(exc).__name__}); --out would overwrite it.",
+            "Write this batch to another file.",
+        ) from None
     if header is not None and header != columns:
         raise ZoominError(
             out_csv,
@@ -333,7 +414,7 @@ def run_batch(
             f"holds results of another model (SHA-256 {sorted(others)[0][:12]}…).",
             "Write this batch to another file, or use that model.",
         )
-    done = {r["slide"] for r in rows if not r["error"]}
+    done = {r["slide"] for r in rows if not r.get("error")}
     todo = [str(p.resolve()) for p in slides if str(p.resolve()) not in done]
     out_csv.parent.mkdir(parents=True, exist_ok=True)
     options = {"draws": draws, "seed": seed, "device": device, "mode": mode, "tissue": tissue}
@@ -377,7 +458,7 @@ def _run(
         )
         client = Client(cluster)
     else:
-        client = Client(scheduler)
+        client = Client(scheduler, timeout="10s")
     outputs = None if outputs is None else str(Path(outputs).expanduser().resolve())
     try:
         futures = {

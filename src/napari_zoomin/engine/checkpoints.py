@@ -38,6 +38,7 @@ from ..models import (
     ZoomIn,
     ZoomInConfig,
 )
+from ..models.magnet import MagNet, MagNetConfig
 from .runtime import resolve_device
 
 #: model kind -> (class, config class); the names users type
@@ -46,9 +47,12 @@ MODEL_KINDS: dict[str, tuple[type[AttentionSamplingModel], type]] = {
     "ats": (ATS, ATSConfig),
     "uniform": (Uniform, ATSConfig),
     "reinforce-ats": (ReinforceATS, ReinforceConfig),
+    "magnet": (MagNet, MagNetConfig),  # matches AttentionSamplingModel's interface
 }
 FORMAT = "napari-zoomin-checkpoint"
-FORMAT_VERSION = 1
+#: 2: the description carries ``description_sha256`` (its own checksum, covering
+#: ``tensors_sha256``); format 1 files (without it) still load, validated as strictly
+FORMAT_VERSION = 2
 METADATA_KEY = "napari_zoomin"
 #: the model shipped with the package, selectable as ``--model demo``
 DEMO_MODEL = Path(__file__).resolve().parent.parent / "weights" / "demo.safetensors"
@@ -190,34 +194,145 @@ def save_checkpoint(
     for name, value in (rng_state or {}).items():
         tensors[f"rng.{name}"] = value.detach().cpu().contiguous()
     document["tensors_sha256"] = _tensors_sha256(tensors)
+    document["description_sha256"] = description_sha256(document)
     data = save(tensors, metadata={METADATA_KEY: json.dumps(document)})
     path.parent.mkdir(parents=True, exist_ok=True)
     return write_bytes_atomic(path, data)
 
 
+def description_sha256(document: dict[str, Any]) -> str:
+    """SHA-256 of a description's canonical JSON (sorted keys, no spaces), without the
+    ``description_sha256`` entry itself.  The description holds ``tensors_sha256``, so
+    this one digest covers the settings, the classes and the weights (format 2)."""
+    body = {k: v for k, v in document.items() if k != "description_sha256"}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
 def read_checkpoint_info(path: str | os.PathLike) -> dict[str, Any]:
-    """The JSON document of a checkpoint, without building the model."""
-    return _read(Path(path))[1]
+    """The JSON document of a checkpoint, verified as by :func:`load_checkpoint` (header,
+    description, checksums, finite weights), without building the model."""
+    return _read(Path(path)).document
 
 
-def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], bytes]:
+#: safetensors' element sizes (bytes) and torch types, by the header's dtype names
+_DTYPES: dict[str, tuple[int, torch.dtype]] = {
+    "F64": (8, torch.float64),
+    "F32": (4, torch.float32),
+    "F16": (2, torch.float16),
+    "BF16": (2, torch.bfloat16),
+    "I64": (8, torch.int64),
+    "I32": (4, torch.int32),
+    "I16": (2, torch.int16),
+    "I8": (1, torch.int8),
+    "U8": (1, torch.uint8),
+    "BOOL": (1, torch.bool),
+}
+#: the largest header (JSON) and the largest tensor data a checkpoint may declare: a
+#: default Zoom-In model with its Adam state is about 40 MB
+MAX_HEADER_BYTES = 32 * 2**20
+MAX_DATA_BYTES = 2**30
+#: the largest weight magnitude accepted: trained weights are of order 1; 10³⁸ overflows
+#: to inf in the first layer
+MAX_WEIGHT = 1e6
+#: the largest RNG state tensor (torch's CPU generator state is 5 kB)
+MAX_RNG_BYTES = 2**20
+_DAMAGED = "It was damaged or edited; use an untouched copy, or train it again."
+
+
+@dataclass
+class _Verified:
+    """What :func:`_read` returns: checked tensors and description, the file's SHA-256."""
+
+    tensors: dict[str, torch.Tensor]
+    document: dict[str, Any]
+    config: dict[str, Any]
+    sha256: str
+
+
+def _refuse(path: Path, problem: str, fix: str | None = _DAMAGED) -> CheckpointError:
+    return CheckpointError(path, problem, fix)
+
+
+def _read_header(path: Path) -> tuple[dict[str, Any], int]:
+    """The safetensors header (checked) and where the data starts; no tensor is read.
+
+    Declared sizes are checked against the file before anything is allocated: the
+    header length against the file size, every tensor's bytes against its dtype and
+    shape, the data regions for gaps and overlaps, and their end against the file's.
+    """
     if not path.is_file():
         raise CheckpointError(path, "no such checkpoint file.", "Check the path, or use 'demo'.")
-    data = path.read_bytes()
-    from safetensors import SafetensorError
-    from safetensors.torch import load
-
+    size = path.stat().st_size
+    not_safetensors = "It may be damaged or not a checkpoint; train or download it again."
+    if size < 8:
+        raise _refuse(path, f"is not a safetensors file ({size} bytes).", not_safetensors)
+    with open(path, "rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        if n > min(size - 8, MAX_HEADER_BYTES):
+            raise _refuse(
+                path,
+                f"is not a valid safetensors file (its header claims {n:,} bytes; the file "
+                f"has {size:,}).",
+                not_safetensors,
+            )
+        raw = fh.read(n)
     try:
-        tensors = load(data)
-        header = _header_metadata(data)
-    except (SafetensorError, ValueError, json.JSONDecodeError, OverflowError) as exc:
-        raise CheckpointError(
+        header = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise _refuse(
+            path, f"is not a valid safetensors file (header: {exc}).", not_safetensors
+        ) from None
+    if not isinstance(header, dict):
+        raise _refuse(path, "is not a valid safetensors file (header).", not_safetensors)
+    data_start = 8 + n
+    regions = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        ok = (
+            isinstance(entry, dict)
+            and entry.get("dtype") in _DTYPES
+            and isinstance(entry.get("shape"), list)
+            and len(entry["shape"]) <= 8
+            and all(type(d) is int and 0 <= d <= MAX_DATA_BYTES for d in entry["shape"])
+            and isinstance(entry.get("data_offsets"), list)
+            and len(entry["data_offsets"]) == 2
+            and all(type(o) is int for o in entry["data_offsets"])
+        )
+        if not ok:
+            raise _refuse(path, f"is not a valid safetensors file (tensor {name[:80]!r}).")
+        begin, end = entry["data_offsets"]
+        nbytes = math.prod(entry["shape"]) * _DTYPES[entry["dtype"]][0]
+        if not 0 <= begin <= end or end - begin != nbytes:
+            raise _refuse(path, f"tensor {name[:80]!r} does not hold the bytes its shape needs.")
+        regions.append((begin, end))
+    regions.sort()
+    position = 0
+    for begin, end in regions:
+        if begin != position:
+            raise _refuse(path, "its tensors overlap or leave gaps: not a safetensors file.")
+        position = end
+    if position > MAX_DATA_BYTES:
+        raise _refuse(
             path,
-            f"is not a valid safetensors file ({exc}).",
-            "It may be damaged or not a checkpoint; train or download it again.",
-        ) from exc
-    raw = header.get(METADATA_KEY)
-    if raw is None:
+            f"declares {position:,} bytes of weights, more than any napari-zoomin model "
+            f"({MAX_DATA_BYTES:,}).",
+        )
+    if data_start + position != size:
+        raise _refuse(
+            path,
+            f"declares {position:,} bytes of weights but holds {size - data_start:,}: the file "
+            "is truncated or has trailing data.",
+        )
+    return header, data_start
+
+
+def _description(path: Path, header: dict[str, Any]) -> dict[str, Any]:
+    """The JSON description in the header's metadata, its format and its checksum checked."""
+    meta = header.get("__metadata__")
+    raw = meta.get(METADATA_KEY) if isinstance(meta, dict) else None
+    if not isinstance(raw, str):
         raise CheckpointError(
             path,
             "is a safetensors file but not a napari-zoomin checkpoint (no model description).",
@@ -225,52 +340,244 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], bytes]:
         )
     try:
         document = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(path, f"its model description is not valid JSON ({exc}).") from exc
+    except (ValueError, RecursionError) as exc:
+        raise _refuse(path, f"its model description is not valid JSON ({exc}).") from None
     if not isinstance(document, dict) or document.get("format") != FORMAT:
-        raise CheckpointError(path, "its model description is not a napari-zoomin checkpoint's.")
-    if document.get("format_version", 0) > FORMAT_VERSION:
+        raise _refuse(path, "its model description is not a napari-zoomin checkpoint's.", None)
+    version = document.get("format_version")
+    if type(version) is not int or version < 1:
+        raise _refuse(path, f"its format_version must be a whole number from 1, got {version!r}.")
+    if version > FORMAT_VERSION:
         raise CheckpointError(
             path,
-            f"was written by a newer napari-zoomin (format {document.get('format_version')}).",
+            f"was written by a newer napari-zoomin (format {version}).",
             "Upgrade napari-zoomin.",
         )
-    if _tensors_sha256(tensors) != document.get("tensors_sha256"):
-        raise CheckpointError(
+    if version >= 2 and document.get("description_sha256") != description_sha256(document):
+        raise _refuse(
+            path,
+            "its description does not match its checksum: the file was modified or damaged.",
+            "Use an untouched copy of the checkpoint.",
+        )
+    return document
+
+
+def _classes_problem(classes: Any, num_classes: int) -> str | None:
+    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+        return f"classes must be a list of names, got {str(classes)[:40]!r}"
+    if len(classes) != max(num_classes, 2):
+        return f"{len(classes)} class names for a {num_classes}-class model"
+    if len(set(classes)) != len(classes):
+        return f"class names must differ, got {classes}"
+    for name in classes:
+        if not 1 <= len(name) <= 200 or not name.isprintable():
+            return f"class name {name[:40]!r} must be 1 to 200 printable characters"
+    return None
+
+
+def _settings(path: Path, document: dict[str, Any]) -> tuple[str, type, Any, dict[str, Any]]:
+    """Kind, config class, config (checked by its dataclass) and config dict of a description."""
+    kind = document.get("kind")
+    if not isinstance(kind, str) or kind not in MODEL_KINDS:
+        raise _refuse(
+            path,
+            f"describes an unknown model kind {str(kind)[:40]!r} (known: "
+            f"{', '.join(MODEL_KINDS)}).",
+            "It may need a newer napari-zoomin.",
+        )
+    config = document.get("config")
+    if not isinstance(config, dict):
+        raise _refuse(path, "its model settings ('config') are not a JSON object.")
+    config = todays_names(config)
+    cls, config_cls = MODEL_KINDS[kind]
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    unknown = sorted(set(config) - names)
+    if unknown:
+        raise _refuse(
+            path,
+            f"describes {kind} settings this napari-zoomin does not know: "
+            f"{', '.join(u[:40] for u in unknown[:5])}.",
+            "It may need a newer napari-zoomin.",
+        )
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
+    try:
+        model_config = config_cls(**values)
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise _refuse(path, f"its model settings are refused: {exc}.") from None
+    problem = _classes_problem(document.get("classes"), model_config.num_classes)
+    if problem:
+        raise _refuse(path, f"its {problem}.")
+    for key in ("info", "versions"):
+        if key in document and not isinstance(document[key], dict):
+            raise _refuse(path, f"its '{key}' is not a JSON object.")
+    return kind, cls, model_config, config
+
+
+def _expected_tensors(kind: str, cls: type, config: Any) -> tuple[dict, list[tuple[int, ...]]]:
+    """``{name: (shape, dtype)}`` of the model's state and its parameters' shapes, from a
+    model built on the ``meta`` device: nothing is allocated, whatever the sizes say."""
+    try:
+        with torch.device("meta"):
+            model = cls(config)
+    except (NotImplementedError, RuntimeError):  # a kind that computes while building
+        model = cls(config)
+    state = {f"model.{k}": (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
+    return state, [tuple(p.shape) for p in model.parameters()]
+
+
+def _optimizer_problem(skeleton: Any, header: dict, shapes: list[tuple[int, ...]]) -> str | None:
+    """What is wrong with a saved optimizer state (structure, references, shapes)."""
+    if not isinstance(skeleton, dict) or set(skeleton) != {"param_groups", "state"}:
+        return "is not an optimizer state"
+    groups, state = skeleton["param_groups"], skeleton["state"]
+    if not isinstance(groups, list) or not isinstance(state, dict):
+        return "has no list of parameter groups"
+    seen: list[int] = []
+    for group in groups:
+        if not isinstance(group, dict) or not isinstance(group.get("params"), list):
+            return "has a parameter group without parameters"
+        for key, value in group.items():
+            if key == "params":
+                continue
+            numbers_ = value if isinstance(value, list) else [value]
+            for v in numbers_:
+                if not (
+                    v is None
+                    or (isinstance(v, bool | str) and key not in ("lr", "weight_decay", "eps"))
+                    or (type(v) in (int, float) and math.isfinite(v))
+                ):
+                    return f"has a parameter group whose {key[:40]!r} is {str(v)[:40]!r}"
+        seen += group["params"]
+    if not all(type(i) is int and 0 <= i < len(shapes) for i in seen) or len(set(seen)) != len(
+        seen
+    ):
+        return f"names parameters that the model (of {len(shapes)}) does not have"
+    for pid, entry in state.items():
+        if not (isinstance(pid, str) and pid.isdigit() and int(pid) in seen):
+            return f"has a state for an unknown parameter {pid[:20]!r}"
+        if not isinstance(entry, dict):
+            return "has a parameter state that is not a JSON object"
+        for name, value in entry.items():
+            if isinstance(value, dict):
+                ref = value.get("tensor")
+                info = header.get(ref) if isinstance(ref, str) else None
+                if not (set(value) == {"tensor"} and ref.startswith("optimizer.") and info):
+                    return f"refers to a tensor {str(ref)[:60]!r} that the file does not hold"
+                shape = tuple(info["shape"])
+                if shape not in ((), shapes[int(pid)]):
+                    return f"holds {ref!r} of shape {shape}, not its parameter's"
+            elif not ((type(value) in (int, float) and math.isfinite(value)) or value is None):
+                return f"holds {name[:40]!r} = {str(value)[:40]!r}"
+    return None
+
+
+def _read(path: Path) -> _Verified:
+    """Read and verify a checkpoint: header, description and schema, then the tensors.
+
+    Everything the header and the description declare is checked before any tensor is
+    read: the model of the described settings is built on the ``meta`` device (no
+    memory) and its tensor names, shapes and dtypes must be those in the file, so every
+    size in the description is bounded by the tensors actually present.  The tensors
+    are then read one at a time from a memory map (never the whole file at once), the
+    checksums compared, and non-finite or absurd weights refused.
+    """
+    header, _ = _read_header(path)
+    document = _description(path, header)
+    kind, cls, model_config, config = _settings(path, document)
+    expected, param_shapes = _expected_tensors(kind, cls, model_config)
+    present = {k: v for k, v in header.items() if k != "__metadata__"}
+    for name, (shape, dtype) in expected.items():
+        entry = present.get(name)
+        if entry is None:
+            raise _refuse(
+                path,
+                f"its weights do not fit a {kind} model with its settings (no {name}).",
+                "The file was written for another architecture, or damaged.",
+            )
+        if tuple(entry["shape"]) != shape or _DTYPES[entry["dtype"]][1] != dtype:
+            raise _refuse(
+                path,
+                f"its weights do not fit a {kind} model with its settings ({name} is "
+                f"{entry['dtype']} {tuple(entry['shape'])}, the model needs {shape}).",
+                "The file was written for another architecture, or damaged.",
+            )
+    for name, entry in present.items():
+        if name in expected:
+            continue
+        if name.startswith("rng."):
+            size = math.prod(entry["shape"]) * _DTYPES[entry["dtype"]][0]
+            if entry["dtype"] != "U8" or size > MAX_RNG_BYTES:
+                raise _refuse(path, f"its generator state {name[:60]!r} is not one.")
+        elif not name.startswith("optimizer."):
+            raise _refuse(path, f"holds a tensor no {kind} model has ({name[:60]!r}).")
+    if "optimizer" in document:
+        problem = _optimizer_problem(document["optimizer"], present, param_shapes)
+        if problem:
+            raise _refuse(path, f"its optimizer state {problem}.")
+    elif any(k.startswith("optimizer.") for k in present):
+        raise _refuse(path, "holds optimizer tensors without an optimizer state.")
+    if not isinstance(document.get("tensors_sha256"), str):
+        raise _refuse(path, "its description has no checksum of its weights.")
+
+    from safetensors import SafetensorError, safe_open
+
+    tensors: dict[str, torch.Tensor] = {}
+    digest = hashlib.sha256()
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as fh:
+            for name in sorted(present):
+                t = fh.get_tensor(name)
+                digest.update(name.encode())
+                digest.update(str(t.dtype).encode() + str(tuple(t.shape)).encode())
+                digest.update(
+                    t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+                )
+                if t.is_floating_point() and t.numel():
+                    if not bool(torch.isfinite(t).all()):
+                        raise _refuse(
+                            path, f"its weights are not finite ({name} holds NaN or inf)."
+                        )
+                    if name.startswith("model.") and float(t.abs().max()) > MAX_WEIGHT:
+                        raise _refuse(
+                            path,
+                            f"its weights are absurd ({name} reaches {float(t.abs().max()):.3g}; "
+                            f"a trained model's stay far below {MAX_WEIGHT:g}).",
+                        )
+                tensors[name] = t
+    except SafetensorError as exc:
+        raise _refuse(path, f"is not a valid safetensors file ({exc}).") from None
+    if digest.hexdigest() != document["tensors_sha256"]:
+        raise _refuse(
             path,
             "its weights do not match the checksum in its description: the file was modified "
             "or damaged.",
             "Use an untouched copy of the checkpoint.",
         )
-    return tensors, document, data
-
-
-def _header_metadata(data: bytes) -> dict[str, str]:
-    """The ``__metadata__`` of a safetensors buffer (a length-prefixed JSON header)."""
-    if len(data) < 8:
-        raise ValueError("file too short")
-    n = int.from_bytes(data[:8], "little")
-    if n > len(data) - 8:
-        raise ValueError("header length exceeds the file")
-    header = json.loads(data[8 : 8 + n])
-    meta = header.get("__metadata__") or {}
-    if not isinstance(meta, dict):
-        raise ValueError("bad metadata")
-    return meta
+    file_digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            file_digest.update(block)
+    return _Verified(tensors, document, config, file_digest.hexdigest())
 
 
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> Checkpoint:
     """Load and verify a checkpoint; raise :class:`CheckpointError` for anything wrong.
+
+    The checks are :func:`_read`'s: every size and setting is validated before a tensor
+    is allocated.  Files of format 1 (without a description checksum) still load,
+    checked just as strictly.
 
     ``device`` is resolved as everywhere (:func:`~napari_zoomin.engine.runtime.resolve_device`):
     ``"auto"`` is CUDA when available, else the CPU; a device that cannot be used raises
     :class:`~napari_zoomin.errors.ClassificationError`.
     """
     path = Path(path)
-    tensors, document, data = _read(path)
-    kind = document.get("kind")
+    target = resolve_device(device)
+    checked = _read(path)
+    document, tensors = checked.document, checked.tensors
+    kind = document["kind"]
     try:
-        model = build_model(kind, document.get("config", {}))
+        model = build_model(kind, checked.config)
     except (ValueError, TypeError) as exc:
         raise CheckpointError(
             path, f"describes a model this napari-zoomin cannot build ({exc})."
@@ -285,7 +592,7 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
             f"its weights do not fit a {kind} model with its settings ({first}).",
             "The file was written for another architecture.",
         ) from exc
-    model.to(resolve_device(device)).eval()
+    model.to(target).eval()
     optimizer_state = None
     if "optimizer" in document:
         optimizer_state = _unflatten_optimizer(document["optimizer"], tensors)
@@ -293,10 +600,10 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
     return Checkpoint(
         model=model,
         kind=kind,
-        classes=list(document.get("classes", [])),
-        config=todays_names(document.get("config", {})),
+        classes=list(document["classes"]),
+        config=checked.config,
         info=document,
-        sha256=hashlib.sha256(data).hexdigest(),
+        sha256=checked.sha256,
         path=path,
         optimizer_state=optimizer_state,
         rng_state=rng,

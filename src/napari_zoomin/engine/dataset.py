@@ -7,8 +7,10 @@ A training set is a folder of slides plus a CSV with one row per slide::
     case_002.svs,normal,val
 
 - ``slide``: a file name or a path relative to the slides folder (an absolute path
-  also works).  The extension may be left out when exactly one slide file in that
-  folder has that stem (``case_001`` finds ``case_001.svs``).
+  inside it also works; a path that leads outside it, ``../x.svs`` or ``/etc/passwd``,
+  is refused; a symbolic link in the folder may point anywhere).  The extension may
+  be left out when exactly one slide file in that folder has that stem (``case_001``
+  finds ``case_001.svs``).
 - ``label``: any text; the classes are the sorted distinct labels with a
   conventional negative (``negative``, ``normal``, ``benign``, ``0``, any case) first,
   because class 0 is the reference class of the contrastive loss (000 §2.3), unless
@@ -36,9 +38,12 @@ annotated negative: its ROI masks are all zero.
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import io
 import os
+import stat
+import unicodedata
 from collections import Counter, OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -50,7 +55,7 @@ from torch import Tensor
 
 from ..annotations import AnnotationIndex, find_annotations, rasterize_region, read_annotations
 from ..errors import LabelsError
-from ..slide import SLIDE_EXTENSIONS, Slide, open_slide
+from ..slide import SLIDE_EXTENSIONS, Slide, open_slide, slide_of
 from .slide_source import SlideSource
 from .tissue import TissueMask, detect_tissue
 
@@ -72,6 +77,12 @@ NEGATIVE_NAMES = ("negative", "normal", "benign", "0")
 #: annotation labels that are ROI for pixel supervision unless configured otherwise
 DEFAULT_ROI_LABELS = ("Tumor",)
 _CSV_FIX = "Fix the labels CSV (columns: slide,label[,split])."
+#: a labels CSV larger than this is refused before it is read
+MAX_CSV_BYTES = 64 * 2**20
+#: slides one labels CSV may list
+MAX_ROWS = 100_000
+#: characters of a label (a class name shown in every result)
+MAX_LABEL_CHARS = 200
 
 
 @dataclass(frozen=True)
@@ -138,11 +149,23 @@ def _sniff_dialect(text: str) -> str:
     return ","
 
 
+def _inside(candidate: Path, folder: Path) -> bool:
+    """Whether ``candidate`` is in ``folder`` by its written path (``..`` resolved, symbolic
+    links not followed: a link in the slides folder may point to storage elsewhere)."""
+    inner = os.path.normpath(os.path.abspath(candidate))
+    outer = os.path.normpath(os.path.abspath(folder))
+    return os.path.commonpath([inner, outer]) == outer
+
+
 def _resolve_slide(name: str, slides_dir: Path) -> Path | None:
-    """The slide file a CSV cell names, or ``None``; raises on an ambiguous stem."""
+    """The slide file or DICOM folder a CSV cell names, or ``None``; raises on an ambiguous stem."""
     p = Path(name).expanduser()
     candidate = p if p.is_absolute() else slides_dir / p
+    if not _inside(candidate, slides_dir):  # ../x.svs, /etc/passwd, ~/x.svs
+        raise PermissionError(name)
     if candidate.is_file() or (candidate.is_dir() and candidate.suffix):
+        return candidate
+    if candidate.is_dir() and slide_of(candidate) == candidate:  # a DICOM slide's folder
         return candidate
     folder = candidate.parent
     if not folder.is_dir():
@@ -157,6 +180,29 @@ def _resolve_slide(name: str, slides_dir: Path) -> Path | None:
     if len(matches) > 1:
         raise ValueError(", ".join(m.name for m in matches))
     return matches[0] if matches else None
+
+
+def _check_cells(csv_path: Path, line: int, values: dict[str, str]) -> None:
+    """Refuse control or invisible characters (a NUL, an escape, a bidi override) in the
+    cells read, and labels longer than :data:`MAX_LABEL_CHARS`: they would become class
+    names or file names that look like other ones."""
+    for column in ("slide", "label", "split"):
+        text = values.get(column, "")
+        bad = next((c for c in text if unicodedata.category(c)[0] == "C"), None)
+        if bad is not None:
+            raise LabelsError(
+                csv_path,
+                f"line {line}: the {column} {text[:60]!r} holds a control or invisible "
+                f"character (U+{ord(bad):04X}).",
+                "Retype the cell as plain text.",
+            )
+    if len(values.get("label", "")) > MAX_LABEL_CHARS:
+        raise LabelsError(
+            csv_path,
+            f"line {line}: the label has {len(values['label']):,} characters "
+            f"(at most {MAX_LABEL_CHARS}).",
+            _CSV_FIX,
+        )
 
 
 def read_labels(
@@ -190,8 +236,19 @@ def read_labels(
     """
     csv_path = Path(csv_path)
     slides_dir = Path(slides_dir)
-    if not csv_path.is_file():
-        raise LabelsError(csv_path, "labels CSV not found.", "Check the path.")
+    try:
+        st = csv_path.stat()
+    except (OSError, ValueError):
+        raise LabelsError(csv_path, "labels CSV not found.", "Check the path.") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise LabelsError(csv_path, "is not a regular file.", "Give the labels CSV file.")
+    if st.st_size > MAX_CSV_BYTES:
+        raise LabelsError(
+            csv_path,
+            f"is {st.st_size / 2**20:,.0f} MB, more than the {MAX_CSV_BYTES // 2**20} MB a "
+            "labels CSV may be.",
+            _CSV_FIX,
+        )
     if not slides_dir.is_dir():
         raise LabelsError(slides_dir, "slides folder not found.", "Check the --slides path.")
     if annotations_dir is not None and not Path(annotations_dir).is_dir():
@@ -226,7 +283,14 @@ def read_labels(
             values = {
                 name: (row[i].strip() if i < len(row) else "") for i, name in enumerate(header)
             }
+            _check_cells(csv_path, reader.line_num, values)
             rows.append((reader.line_num, values))
+            if len(rows) > MAX_ROWS:
+                raise LabelsError(
+                    csv_path,
+                    f"lists more than {MAX_ROWS:,} rows (slides).",
+                    "Split the data set, or check that this is a labels CSV.",
+                )
     except csv.Error as exc:
         raise LabelsError(
             csv_path, f"line {reader.line_num}: not valid CSV ({exc}).", _CSV_FIX
@@ -252,6 +316,20 @@ def read_labels(
                 csv_path,
                 f"line {line}: {name!r} matches several slides ({exc}).",
                 "Write the slide's file name with its extension.",
+            ) from None
+        except PermissionError:
+            raise LabelsError(
+                csv_path,
+                f"line {line}: slide {name[:80]!r} is outside the slides folder {slides_dir}.",
+                "Put the slide in the slides folder (a symbolic link is fine) and name it "
+                "relative to that folder.",
+            ) from None
+        except OSError as exc:
+            why = exc.strerror or str(exc)
+            if exc.errno == errno.ENAMETOOLONG:
+                why = "the name is too long for the file system"
+            raise LabelsError(
+                csv_path, f"line {line}: slide {name[:80]!r} cannot be looked up ({why}).", _CSV_FIX
             ) from None
         if path is None:
             missing_slides.append(f"{name!r} (line {line})")

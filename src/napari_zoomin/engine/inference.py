@@ -25,6 +25,7 @@ for the method on this file (see :data:`~napari_zoomin.engine.results.PIXEL_DEFI
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import time
@@ -63,6 +64,7 @@ _STEPS = {
     "stage 1": 0.15,
     "stage 2": 0.35,
     "sub-tiles": 0.6,
+    "magnified regions": 0.35,
     "summary": 0.9,
     "done": 1.0,
 }
@@ -142,6 +144,9 @@ class _ObservedSource:
     def shape(self) -> tuple[int, int]:
         return self._source.shape
 
+    def level_for(self, scale: float) -> int:
+        return self._source.level_for(scale)
+
     def read(self, regions, scale: float):
         self._check()
         step = self._steps[min(self._n, len(self._steps) - 1)]
@@ -152,6 +157,7 @@ class _ObservedSource:
             "stage 1": f"Stage 1: reading the view at scale {scale:.4g} (level {level})",
             "stage 2": f"Stage 2: reading the views of {n} drawn tiles (level {level})",
             "sub-tiles": f"Reading {n} sub-tiles at full resolution (level {level})",
+            "magnified regions": f"Magnifying: reading a box at scale {scale:.4g} (level {level})",
         }[step]
         self._report(step, what)
         out = self._source.read(regions, scale)
@@ -225,10 +231,10 @@ def _check_size(slide: Slide, ckpt: Checkpoint) -> list[str]:
         )
     from ..geometry import scaled_size
 
-    s1 = ckpt.model.config.view_scale
-    view = (scaled_size(h, s1), scaled_size(w, s1))
-    map_shape = getattr(ckpt.model.attention, "map_shape", None)
-    if map_shape is not None:
+    s1 = getattr(ckpt.model.config, "view_scale", None)  # a MagNet has no fixed view
+    map_shape = getattr(getattr(ckpt.model, "attention", None), "map_shape", None)
+    if map_shape is not None and s1 is not None:
+        view = (scaled_size(h, s1), scaled_size(w, s1))
         try:
             map_shape(view)
         except ValueError as exc:
@@ -245,10 +251,16 @@ def _oom_error(slide: Slide, ckpt: Checkpoint, device: torch.device, draws: int,
     cfg = ckpt.model.config
     th, tw = _tile_size(ckpt)
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    fix = (
-        f"Try fewer draws (--draws, now {draws}), a model with a smaller N "
-        f"(n_samples, now {cfg.n_samples}) or tile size (now {th} x {tw})"
-    )
+    if hasattr(cfg, "patches"):  # a MagNet: one pass, its size is its tree of boxes
+        fix = (
+            f"Try a MagNet with fewer boxes per layer (patches, now {tuple(cfg.patches)}) "
+            f"or smaller patches (classifier_size, now {cfg.classifier_size})"
+        )
+    else:
+        fix = (
+            f"Try fewer draws (--draws, now {draws}), a model with a smaller N "
+            f"(n_samples, now {cfg.n_samples}) or tile size (now {th} x {tw})"
+        )
     fix += ", or --device cpu." if device.type != "cpu" else ", or close other programs."
     return ClassificationError(
         slide.path, f"ran out of memory on {device} while classifying ({first}).", fix
@@ -362,6 +374,9 @@ def _classify(slide, ckpt, dev, draws, seed, mode, tissue, report, check, t0, wo
     slide.reset_decoded()
     check()
     warnings.extend(_check_size(slide, ckpt))
+    # damage the reader worked around (Slide.warnings); the pixel size's own word
+    # comes with the resolution warnings below
+    warnings.extend(w[:1].upper() + w[1:] for w in slide.warnings if w != slide.mpp_warning)
 
     # -- tissue ---------------------------------------------------------------------
     t = time.perf_counter()
@@ -417,6 +432,8 @@ def _classify(slide, ckpt, dev, draws, seed, mode, tissue, report, check, t0, wo
             torch.cuda.empty_cache()
         raise _oom_error(slide, ckpt, dev, draws, exc) from exc
     timings["predict"] = time.perf_counter() - t
+    if pred.mode == "magnify":  # a MagNet: one deterministic pass, no draws averaged
+        mode, draws = pred.mode, pred.draws
     check()
 
     # -- summary --------------------------------------------------------------------
@@ -436,7 +453,9 @@ def _classify(slide, ckpt, dev, draws, seed, mode, tissue, report, check, t0, wo
 
     # the model read model pixels; the result is in the slide's level-0 pixels
     tiles, subtiles = _tiles_and_subtiles(pred, source)
-    s1 = float(cfg.view_scale)
+    magnified = pred.magnified  # a MagNet's boxes, read at levels of their own
+    magnified_record = None
+    s1 = float(cfg.view_scale) if magnified is None else magnified.view_scale
     level1 = source.level_for(s1)
     h, w = slide.shape
     view = source.to_level0([[0, 0, *source.shape]]).numpy()
@@ -450,8 +469,12 @@ def _classify(slide, ckpt, dev, draws, seed, mode, tissue, report, check, t0, wo
         regions2 = source.to_level0(_stage2_regions(pred)).numpy()
         parts["stage2"] = needed_file_tiles(slide, level2, regions2)
         levels["stage2"] = level2
-    subtile_regions = source.to_level0(pred.subtiles.regions).numpy()
-    parts["subtiles"] = needed_file_tiles(slide, level_sub, subtile_regions)
+    if magnified is None:
+        subtile_regions = source.to_level0(pred.subtiles.regions).numpy()
+        parts["subtiles"] = needed_file_tiles(slide, level_sub, subtile_regions)
+    else:
+        parts.update(_magnified_parts(slide, source, magnified, levels))
+        magnified_record = _magnified_record(magnified, source, classes)
     union = set().union(*parts.values())
     pixels_needed = _tile_pixels(slide, union)
     pixels_read = 0
@@ -533,6 +556,7 @@ def _classify(slide, ckpt, dev, draws, seed, mode, tissue, report, check, t0, wo
         warnings=warnings,
         evidence=ev,
         resolution=resolution,
+        magnified=magnified_record,
     )
     report("done", result.summary())
     return result
@@ -550,6 +574,66 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
+
+
+def _magnified_parts(slide: Slide, source: SlideSource, magnified, levels: dict) -> dict:
+    """File tiles a MagNet needs: each layer's boxes (the part inside the image) at the
+    level each was read from; ``levels`` gets each layer's finest level."""
+    h, w = source.shape
+    parts: dict[str, set] = {}
+    finest: dict[str, int] = {}
+    depth = magnified.depth.tolist()
+    last = max(depth)
+    for m, box in enumerate(magnified.boxes.tolist()):
+        if int(magnified.level[m]) == -2:  # wholly outside the image: nothing read
+            continue
+        top, left, side = box[0], box[1], box[2]
+        y0, x0 = max(0, math.floor(top)), max(0, math.floor(left))
+        y1, x1 = min(h, math.ceil(top + side)), min(w, math.ceil(left + side))
+        if y1 <= y0 or x1 <= x0:
+            continue
+        level = source.level_for(float(magnified.read_scale[m]))
+        name = "subtiles" if depth[m] == last else f"layer {depth[m]}"
+        region = source.to_level0([[y0, x0, y1 - y0, x1 - x0]]).numpy()
+        parts.setdefault(name, set()).update(needed_file_tiles(slide, level, region))
+        finest[name] = min(finest.get(name, level), level)
+    levels.update(finest)
+    return parts
+
+
+def _magnified_record(magnified, source: SlideSource, classes: list[str]) -> dict[str, Any]:
+    """:attr:`Result.magnified` from a MagNet's :class:`~napari_zoomin.models.outputs.
+    MagnifiedRegions`: boxes mapped from model pixels to the slide's level 0 (floats,
+    so a box keeps its exact place), the trace as ``{class: p}`` per patch."""
+    boxes = []
+    for m, (top, left, side, _) in enumerate(magnified.boxes.double().tolist()):
+        y, x = source.to_level0_yx((top, left))
+        h, w = source.to_level0_yx((side, side))
+        boxes.append(
+            {
+                "depth": int(magnified.depth[m]),
+                "parent": int(magnified.parent[m]),
+                "box": [y, x, h, w],
+                "zoom": float(magnified.zoom[m]),
+                "level": int(magnified.level[m]),
+                "read_scale": float(magnified.read_scale[m]),
+                "scale": float(magnified.scale[m]),
+                "translation": [float(v) for v in magnified.translation[m].tolist()],
+            }
+        )
+    trace = [
+        {c: float(p) for c, p in zip(classes, row, strict=True)}
+        for row in magnified.trace.double().tolist()
+    ]
+    depths = sorted({int(d) for d in magnified.depth.tolist()})
+    counts = [int((magnified.depth == d).sum()) for d in depths]  # Π_{k≤l} P_k
+    per_frame = [counts[0]] + [b // a for a, b in itertools.pairwise(counts)]
+    return {
+        "boxes": boxes,
+        "trace": trace,
+        "patches": per_frame,
+        "view_scale": float(magnified.view_scale),
+    }
 
 
 def _stage2_regions(pred) -> np.ndarray:

@@ -22,14 +22,16 @@ translate ``t``, ``scale=s·cell_size``, ``translate=t + s·(origin + cell_size/
 :func:`write_outputs` writes ``result.json``, the attention maps as pyramidal
 OME-TIFFs whose physical pixel size is the cell size × the slide's µm/pixel (so they
 overlay the slide in QuPath and napari), ``sampled.geojson`` (drawn tiles and
-sub-tiles as QuPath annotations) and ``places.geojson`` (the places the evidence came
-from).  Every file is written to a hidden temporary
+sub-tiles as QuPath annotations), ``places.geojson`` (the places the evidence came
+from) and, for a MagNet, ``magnified.geojson`` (the boxes it zoomed into).  Every file
+is written to a hidden temporary
 sibling and moved into place, ``result.json`` last: a folder with a ``result.json``
 is complete.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -48,9 +50,11 @@ __all__ = [
     "FORMAT_VERSION",
     "JSON_MAX_CELLS",
     "PIXEL_DEFINITIONS",
+    "MagnifiedBox",
     "Result",
     "SubtileRecord",
     "TileRecord",
+    "check_output_path",
     "grid_placement",
     "stage2_canvas",
     "write_attention_tiff",
@@ -155,6 +159,28 @@ class SubtileRecord(TypedDict):
     cell: int
 
 
+class MagnifiedBox(TypedDict):
+    """One box a MagNet (002) magnified, in :attr:`Result.magnified` ``["boxes"]``.
+
+    ``depth`` the 1-based magnifying layer that chose it; ``parent`` the index of the
+    box it lies in (-1: the whole image); ``box`` float ``[top, left, height, width]``
+    in level-0 pixels (it may reach beyond the slide: that part read black);
+    ``zoom`` its magnification relative to the whole image (frame side / box side);
+    ``level`` the slide level its pixels were read from (-2: wholly outside the slide,
+    nothing read); ``read_scale`` output pixels per model pixel of that read (1 = full
+    detail); ``scale`` and ``translation`` ``(t_y, t_x)`` the ``θ`` that chose it.
+    """
+
+    depth: int
+    parent: int
+    box: list[float]
+    zoom: float
+    level: int
+    read_scale: float
+    scale: float
+    translation: list[float]
+
+
 def _floats(values: Sequence[float]) -> list[float]:
     return [float(v) for v in values]
 
@@ -179,8 +205,9 @@ class Result:
         classes: class names, index = class id.
         probabilities: ``{class: p}``, mean over the draws.
         spread: ``{class: standard deviation over the draws}`` (0 for top-k).
-        draws: K, independent two-stage estimates averaged (1 for top-k).
-        mode: ``"sample"`` or ``"topk"``.
+        draws: K, independent two-stage estimates averaged (1 for top-k and MagNets).
+        mode: ``"sample"``, ``"topk"`` or ``"magnify"`` (a MagNet's one deterministic
+            pass: nothing was sampled, so there is no spread to read).
         seed: seed of the sampling generator.
         stage1_attention: (h_a, w_a) float32 ``α``.
         stage1_origin, stage1_cell_size: its placement in level-0 pixels (module doc).
@@ -214,6 +241,12 @@ class Result:
         resolution: how the slide was read: ``slide_mpp`` and ``model_mpp`` (µm per
             pixel, or None), ``factor`` (slide pixels per model pixel, 1 when read in
             pixels) and ``units`` (``"µm"`` or ``"pixel"``).
+        magnified: a MagNet's magnification (``None`` for other kinds): ``boxes``
+            (:class:`MagnifiedBox` per box, tree order: layer 1's, then each box's
+            children; the last layer's are the classification patches, in the order
+            the GRU read them), ``trace`` (one ``{class: p}`` per classification patch:
+            the prediction having read patches ``0..k``, 002 figure 5), ``patches``
+            (``P_l`` per layer) and ``view_scale`` (the scale layer 1 read the slide at).
     """
 
     slide: dict[str, Any]
@@ -246,6 +279,7 @@ class Result:
     warnings: list[str] = field(default_factory=list)
     evidence: dict[str, Any] = field(default_factory=dict)
     resolution: dict[str, Any] = field(default_factory=dict)
+    magnified: dict[str, Any] | None = None
 
     # -- derived ------------------------------------------------------------------
     @property
@@ -273,11 +307,22 @@ class Result:
     def summary(self) -> str:
         """One line: ``name: label (p=0.93 ± 0.02 over 16 draws, 3 places) in 2.1 s, …``.
 
-        Warnings are not in it: every front end shows :attr:`warnings` beside it.
+        A MagNet's says what it did instead of draws: ``p=0.93, one pass, 24 magnified
+        regions at depths 1-3 (zoom up to 12x)``.  Warnings are not in it: every front
+        end shows :attr:`warnings` beside it.
         """
         name = self.slide.get("name") or self.slide.get("path") or "image"
         p = self.probability
-        if self.mode == "topk":
+        if self.mode == "magnify" and self.magnified is not None:
+            boxes = self.magnified["boxes"]
+            depths = sorted({int(b["depth"]) for b in boxes})
+            at = f"depth {depths[0]}" if len(depths) == 1 else f"depths {depths[0]}-{depths[-1]}"
+            zoom = max(float(b["zoom"]) for b in boxes)
+            how = (
+                f"p={p:.2f}, one pass, {len(boxes)} magnified region"
+                f"{'s' if len(boxes) != 1 else ''} at {at} (zoom up to {zoom:.3g}x)"
+            )
+        elif self.mode == "topk":
             how = f"p={p:.2f}, top-k"
         else:
             sd = float(self.spread[self.label])
@@ -345,6 +390,11 @@ class Result:
         npz: dict[str, np.ndarray] = {}
 
         def amap(v) -> np.ndarray:
+            if isinstance(v, dict) and str(v.get("file", "")).endswith(".tif"):
+                import tifffile  # a map stored once, as level 0 of its OME-TIFF
+
+                with tifffile.TiffFile(Path(base_dir or ".") / v["file"]) as tif:
+                    return np.asarray(tif.series[0].levels[0].asarray(), np.float32)
             if isinstance(v, dict):
                 if not npz:
                     where = Path(base_dir or ".") / v["file"]
@@ -461,6 +511,45 @@ def stage2_canvas(result: Result) -> tuple[SparseMap, tuple[float, float]]:
     return SparseMap(shape, uniq // shape[1], uniq % shape[1], sums), (dy, dx)
 
 
+#: exported attention maps keep the cells that carry this share of a map's mass
+EXPORT_KEPT_MASS = 0.995
+#: ... at float16's precision (10 mantissa bits, float32's range): about 3 digits
+EXPORT_MANTISSA_BITS = 10
+
+
+def export_precision(values: np.ndarray) -> tuple[np.ndarray, float]:
+    """A non-negative map as the output files store it, and the share of its mass dropped.
+
+    Attention is peaked: on the 40,000² sample 2 % of the stage-1 cells hold 99 % of α,
+    and the rest is a thin tail whose float32 noise does not compress (3.5 MB of
+    zlib for a map that shows one hot spot).  Files keep every cell of the exponent
+    classes (powers of two) that together carry at least :data:`EXPORT_KEPT_MASS` of
+    the mass, rounded to :data:`EXPORT_MANTISSA_BITS` mantissa bits (relative error
+    ≤ 2⁻¹¹, float32 range, so tiny maps do not underflow as float16 would), and write
+    the smaller cells as 0: 15× smaller files, invisible at any contrast a viewer
+    uses.  The dropped share (≤ 0.5 %) is returned so that ``result.json`` says it;
+    the in-memory :class:`Result` stays exact.  One pass over the values (a bincount
+    of exponents, no sort), so it stays fast on 6,250² maps.
+    """
+    a = np.asarray(values, np.float32)
+    a = np.where(a > 0, a, np.float32(0))  # negatives and NaN → 0
+    if a.size == 0:
+        return a, 0.0
+    bits = a.view(np.uint32)
+    exponent = bits >> 23  # a ≥ 0: no sign bit
+    mass = np.bincount(exponent.ravel(), weights=a.ravel(), minlength=256)
+    total = float(mass.sum())
+    if not (total > 0 and np.isfinite(total)):
+        return a, 0.0
+    below = np.cumsum(mass) - mass  # mass of the exponent classes under each class
+    lowest = int(np.searchsorted(below, (1.0 - EXPORT_KEPT_MASS) * total, side="right")) - 1
+    shift = 23 - EXPORT_MANTISSA_BITS
+    rounded = (bits + np.uint32(1 << (shift - 1))) & np.uint32(~((1 << shift) - 1) & 0xFFFFFFFF)
+    np.minimum(rounded, np.uint32(0x7F7FFFFF), out=rounded)  # never rounds up to inf
+    out = np.where(exponent >= max(lowest, 0), rounded, np.uint32(0)).view(np.float32)
+    return out, float(below[max(lowest, 0)]) / total
+
+
 def write_attention_tiff(
     path: str | os.PathLike,
     data: np.ndarray | SparseMap,
@@ -471,7 +560,7 @@ def write_attention_tiff(
 ) -> Path:
     """A float32 map as a tiled, zlib-compressed, pyramidal OME-TIFF (atomic write).
 
-    Level 0 holds the exact values; reduced levels (SubIFDs) are 2×2 maxima (ceil
+    Level 0 holds the values given; reduced levels (SubIFDs) are 2×2 maxima (ceil
     shapes), so a hot spot stays visible at every zoom with the same contrast
     limits, down to a long side ≤ 256.  The physical pixel size is ``cell_size ×
     mpp`` (OME ``PhysicalSizeX/Y`` in µm, and TIFF X/YResolution in pixels per cm)
@@ -530,7 +619,9 @@ def write_attention_tiff(
         n_levels=len(levels),
         tile=(TIFF_TILE, TIFF_TILE),
         compression="zlib",
-        predictor=True,
+        # no floating-point predictor: on maps at export precision (long runs of 0,
+        # 10-bit mantissas) it makes zlib's output 26 % larger (40,000² sample)
+        predictor=False,
         photometric="minisblack",
     )
 
@@ -555,6 +646,38 @@ def _geojson_annotations(result: Result):
     return anns, props
 
 
+def _magnified_annotations(result: Result):
+    """A MagNet's boxes as QuPath rectangles, classified by layer ("Magnified layer 2"),
+    so QuPath colours them by depth; measurements: depth, zoom, level, read scale, and
+    for classification patches their reading order and the predicted class's
+    probability once read (the trace)."""
+    from ..annotations import Annotation
+
+    boxes = result.magnified["boxes"]
+    trace = result.magnified.get("trace") or []
+    last = max(int(b["depth"]) for b in boxes)
+    anns, props, patch = [], [], 0
+    for m, b in enumerate(boxes):
+        top, left, h, w = (float(v) for v in b["box"])
+        depth = int(b["depth"])
+        anns.append(Annotation.rectangle(top, left, h, w, label=f"{MAGNIFIED_LABEL} {depth}"))
+        meas = {
+            "depth": depth,
+            "zoom": round(float(b["zoom"]), 6),
+            "level": int(b["level"]),
+            "read_scale": round(float(b["read_scale"]), 6),
+        }
+        if depth == last:
+            meas["patch"] = patch
+            if patch < len(trace):
+                meas[f"p {result.label}"] = round(float(trace[patch][result.label]), 6)
+            patch += 1
+        props.append({"name": f"box {m}", "parent": int(b["parent"]), **meas, "measurements": meas})
+    return anns, props
+
+
+#: QuPath classification of a MagNet's boxes in ``magnified.geojson`` (+ the layer)
+MAGNIFIED_LABEL = "Magnified layer"
 #: QuPath classification of the outlines in ``places.geojson``
 PLACE_LABEL = "Attention place"
 
@@ -571,6 +694,75 @@ def _place_annotations(result: Result):
     return anns, props
 
 
+#: folders of the operating system's own (kernel views, devices): never a destination
+_SYSTEM_FOLDERS = ("/proc", "/sys", "/dev")
+
+
+def check_output_path(
+    path: str | os.PathLike,
+    *,
+    folder: bool,
+    what: str = "--out",
+    inputs: Sequence[str | os.PathLike] = (),
+) -> Path:
+    """Refuse a destination that cannot take the results, before any work starts.
+
+    ``folder``: the destination is a folder (``zoomin classify``'s results) or a file
+    (the batch CSV, a checkpoint).  Refused, with ``what`` (the flag or field) named: an
+    empty path; a file where a folder is wanted or the reverse; one of ``inputs`` (the
+    slide, the model); a place under a file, under ``/proc``, ``/sys`` or ``/dev``; a
+    folder that cannot be written (a probe file is created and removed in the nearest
+    existing folder, so read-only mounts are refused too, even for root).  Nothing is
+    created.  Returns the absolute path.
+    """
+    from ..errors import ZoominError
+
+    if not str(path).strip():
+        raise ZoominError(None, f"{what} is empty.", f"Give {what} a path.")
+    target = Path(path).expanduser().absolute()
+    shown = Path(path)
+    if any(target == Path(p) or Path(p) in target.parents for p in _SYSTEM_FOLDERS):
+        raise ZoominError(
+            shown, f"is a system folder, not a place for results ({what}).", "Choose another."
+        )
+    for given in inputs:
+        if target.resolve() == Path(given).expanduser().resolve():
+            raise ZoominError(
+                shown,
+                f"is an input of this command; {what} would overwrite it.",
+                f"Choose another {what}.",
+            )
+    if target.is_dir() and not folder:
+        raise ZoominError(
+            shown, f"is a folder; {what} names a file here.", "Give a file name inside it."
+        )
+    if target.exists() and not target.is_dir() and folder:
+        raise ZoominError(
+            shown, f"is a file; {what} names a folder for the results.", "Give a folder."
+        )
+    existing = target if target.is_dir() else target.parent
+    while not existing.exists() and not existing.is_symlink():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ZoominError(
+            shown,
+            f"lies under {existing}, which is a file, not a folder ({what}).",
+            f"Choose another {what}.",
+        )
+    import tempfile
+
+    try:
+        with tempfile.TemporaryFile(dir=existing, prefix=".zoomin-probe-"):
+            pass
+    except OSError as exc:
+        raise ZoominError(
+            shown,
+            f"cannot be written: {existing} is not writable ({exc.strerror or exc}; {what}).",
+            f"Choose a folder you can write to for {what}.",
+        ) from None
+    return target
+
+
 def write_outputs(result: Result, out_dir: str | os.PathLike) -> dict[str, Path]:
     """Write a result's files into ``out_dir`` (created); returns ``{what: path}``.
 
@@ -585,20 +777,37 @@ def write_outputs(result: Result, out_dir: str | os.PathLike) -> dict[str, Path]
       place the evidence came from (:func:`napari_zoomin.engine.places.places`): the
       convex hull of its sub-tiles, properties and measurements ``rank`` (1 = largest
       share), ``share`` (% of the sub-tiles' weight) and ``subtiles`` (how many).
+    - ``magnified`` → ``magnified.geojson`` (MagNets): every box each magnifying layer
+      chose, as a rectangle classified "Magnified layer <depth>", with measurements
+      ``depth``, ``zoom``, ``level`` (the slide level read) and ``read_scale``; the
+      classification patches add ``patch`` (reading order) and ``p <label>`` (the
+      predicted class's probability after reading it).
     - ``maps`` → ``attention_maps.npz`` only when the maps exceed
-      :data:`JSON_MAX_CELLS` cells; ``result.json`` then references it.
+      :data:`JSON_MAX_CELLS` cells (the stage-2 maps of the drawn tiles);
+      ``result.json`` then references it, and the stage-1 map in the TIFF's level 0.
     - ``json`` → ``result.json``, written last.
+
+    The maps in the files (the TIFFs, the ``.npz``, ``result.json``'s stage-1 map)
+    are at export precision (:func:`export_precision`): ``result.json`` key
+    ``exported_maps`` records the rule and the share of each map's mass written as 0.
     """
     from ..annotations import write_geojson
 
-    out = Path(out_dir)
+    out = check_output_path(out_dir, folder=True, what="the output folder")
     out.mkdir(parents=True, exist_ok=True)
     mpp = result.slide.get("mpp")
     mpp = None if mpp is None else (float(mpp[0]), float(mpp[1]))
     written: dict[str, Path] = {}
+    # the files hold the maps at export precision (export_precision says why and how)
+    stage1, stage1_dropped = export_precision(result.stage1_attention)
+    exported: dict[str, Any] = {
+        "kept_mass": EXPORT_KEPT_MASS,
+        "mantissa_bits": EXPORT_MANTISSA_BITS,
+        "stage1_dropped_mass": stage1_dropped,
+    }
     written["stage1_attention"] = write_attention_tiff(
         out / "stage1_attention.ome.tif",
-        result.stage1_attention,
+        stage1,
         result.stage1_origin,
         result.stage1_cell_size,
         mpp,
@@ -606,6 +815,9 @@ def write_outputs(result: Result, out_dir: str | os.PathLike) -> dict[str, Path]
     )
     if result.has_stage2:
         canvas, cell = stage2_canvas(result)
+        values, exported["stage2_dropped_mass"] = export_precision(canvas.values)
+        kept = values > 0
+        canvas = SparseMap(canvas.shape, canvas.rows[kept], canvas.cols[kept], values[kept])
         written["stage2_attention"] = write_attention_tiff(
             out / "stage2_attention.ome.tif",
             canvas,
@@ -618,14 +830,31 @@ def write_outputs(result: Result, out_dir: str | os.PathLike) -> dict[str, Path]
     written["geojson"] = write_geojson(out / "sampled.geojson", anns, props)
     anns, props = _place_annotations(result)
     written["places"] = write_geojson(out / "places.geojson", anns, props)
+    if result.magnified is not None and result.magnified.get("boxes"):
+        anns, props = _magnified_annotations(result)
+        written["magnified"] = write_geojson(out / "magnified.geojson", anns, props)
     maps_file = None
+    tiles, tile_dropped = [], [0.0]
+    for t in result.tiles:
+        if "stage2_attention" in t:
+            beta, lost = export_precision(t["stage2_attention"])
+            t, tile_dropped = {**t, "stage2_attention": beta}, [*tile_dropped, lost]
+        tiles.append(t)
+    exported["stage2_tile_maps_dropped_mass_max"] = max(tile_dropped)
+    exported_result = dataclasses.replace(result, stage1_attention=stage1, tiles=tiles)
     if max(result.stage1_attention.size, result.stage2_cells) > JSON_MAX_CELLS:
         import io
 
         buf = io.BytesIO()
-        np.savez_compressed(buf, **result.maps_npz())
+        maps = exported_result.maps_npz()
+        del maps["stage1"]  # stored once: level 0 of stage1_attention.ome.tif
+        np.savez_compressed(buf, **maps)
         written["maps"] = write_bytes_atomic(out / MAPS_FILE, buf.getvalue())
         maps_file = MAPS_FILE
-    text = result.to_json(maps_file=maps_file)
+    doc = exported_result.to_dict(maps_file=maps_file)
+    if maps_file is not None:
+        doc["stage1_attention"] = {"file": written["stage1_attention"].name, "level": 0}
+    doc["exported_maps"] = exported
+    text = json.dumps(doc, allow_nan=False)
     written["json"] = write_bytes_atomic(out / "result.json", text.encode("utf-8"))
     return written

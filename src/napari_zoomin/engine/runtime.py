@@ -53,9 +53,24 @@ def resolve_device(device: str | torch.device | None, fix: str = DEVICE_FIX) -> 
     ``fix`` (the widget says "Choose cpu or auto.").
     """
     try:
-        return select_device(device)
+        chosen = select_device(device)
     except (RuntimeError, ValueError, TypeError) as exc:
-        raise ClassificationError(None, f"cannot use device {device!r}: {exc}.", fix) from exc
+        raise ClassificationError(None, f"cannot use device {device!r}: {exc}.", fix) from None
+    problem = None
+    if chosen.type not in ("cpu", "cuda", "mps"):  # meta, xla, ...: no place to compute
+        problem = f"{chosen.type!r} is not a device napari-zoomin runs on"
+    elif chosen.type == "cuda" and (chosen.index or 0) >= torch.cuda.device_count():
+        problem = f"this machine has {torch.cuda.device_count()} CUDA device(s)"
+    elif chosen.type == "mps" and not (
+        getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    ):
+        problem = "MPS (Apple GPU) is not available on this machine"
+    if problem:
+        choices = ", ".join(available_devices())
+        raise ClassificationError(
+            None, f"cannot use device {device!r}: {problem} (here: {choices}).", fix
+        )
+    return chosen
 
 
 def is_oom(exc: BaseException) -> bool:

@@ -310,7 +310,8 @@ def evidence_warnings(
     """A warning when the evidence comes from one or two places.
 
     With several draws their agreement (the spread) is then not independent
-    evidence; in top-k mode there is no spread at all.  An image at most four
+    evidence; in top-k mode there is no spread at all; a MagNet (``"magnify"``)
+    makes one deterministic pass, and its warning says so.  An image at most four
     ``link`` (tile sides) long is only a few places in all: no warning there.
     """
     places, n = int(ev.get("places", 0)), int(ev.get("subtiles", 0))
@@ -319,6 +320,12 @@ def evidence_warnings(
     if image_shape is not None and max(image_shape) <= 4 * link:
         return []
     where = "one place" if places == 1 else "two places"
+    if mode == "magnify":  # a MagNet's one pass: there are no draws to agree
+        return [
+            f"The prediction rests on {n} magnified patch{'es' if n != 1 else ''} in {where} "
+            "(one deterministic pass chose where to zoom; nothing else of the slide was read "
+            f"at full detail). Look at {'it' if places == 1 else 'them'} yourself."
+        ]
     if mode == "sample" and draws > 1:
         return [
             f"All {draws} draws read {n} sub-tile{'s' if n != 1 else ''} in {where}: their "

@@ -8,6 +8,7 @@ A torch-only area (no napari, Qt or slide imports).  Models read pixels through 
 - :mod:`.coordinates` — :class:`CellGrid`, attention cells ↔ level-0 pixels;
 - :mod:`.networks` — ``a``/``b``, ``f``, ``g``; :mod:`.distributions` — masked softmax;
 - :mod:`.zoomin`, :mod:`.ats`, :mod:`.reinforce`, :mod:`.baselines` — the models;
+- :mod:`.magnet` — MagNets (002), with :mod:`.sparsemax` and :mod:`.lms`;
 - :mod:`.losses`, :mod:`.pretrain` — objectives and tile pre-training;
 - :mod:`.outputs` — what training and inference return; :mod:`.device` — CUDA/CPU/AMP.
 """
@@ -19,6 +20,7 @@ from .base import AttentionSamplingModel, SamplingConfig
 from .baselines import LowResolutionCNN
 from .coordinates import CellGrid
 from .device import autocast, grad_scaler, select_device
+from .magnet import MagNet, MagNetConfig
 from .outputs import LossTerms, Prediction, SubtileSet, TileSet
 from .pretrain import pretrain_tile_classifiers
 from .reinforce import ReinforceATS, ReinforceConfig
@@ -33,6 +35,8 @@ __all__ = [
     "ImageSource",
     "LossTerms",
     "LowResolutionCNN",
+    "MagNet",
+    "MagNetConfig",
     "Prediction",
     "ReinforceATS",
     "ReinforceConfig",

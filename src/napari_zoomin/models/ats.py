@@ -19,7 +19,14 @@ import torch
 from torch import Tensor, nn
 
 from ..sampling import expected_features, sample
-from .base import AttentionSamplingModel, SamplingConfig, Stage1, stack_rows, unique_pairs
+from .base import (
+    AttentionSamplingModel,
+    SamplingConfig,
+    Stage1,
+    side_problems,
+    stack_rows,
+    unique_pairs,
+)
 from .device import autocast
 from .losses import attention_mse, classification_loss, entropy_regulariser
 from .networks import UniformAttention, class_probabilities
@@ -43,6 +50,10 @@ class ATSConfig(SamplingConfig):
     view_scale: float = 0.2
     subtile_size: tuple[int, int] = (27, 27)
     replace: bool = False
+
+    def problems(self) -> list[str]:
+        problems = super().problems()
+        return problems or side_problems(self, "subtile_size")
 
 
 @dataclass(eq=False)

@@ -11,13 +11,24 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..fields import (
+    MAX_CLASSES,
+    MAX_KERNEL,
+    MAX_LAYERS,
+    MAX_SAMPLES,
+    MAX_SIDE,
+    MAX_WEIGHT,
+    MAX_WIDTH,
+    MIN_SCALE,
+    field_problems,
+)
 from .coordinates import CellGrid, outside_image
 from .device import autocast
 from .distributions import attention_distribution
@@ -78,9 +89,78 @@ class SamplingConfig:
     topk_max_overlap: float = 0.25
     topk_weights: Literal["draws", "attention"] = "attention"
 
+    def __post_init__(self) -> None:
+        problems = self.problems()
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    def problems(self) -> list[str]:
+        """What is wrong with these settings (types first, then ranges); empty when none.
+
+        Settings come from files and JSON (checkpoints, ``--set``): each is checked
+        before a network is built, so a feature size of 10⁹ or a million layers is
+        refused instead of allocated.  A subclass extends the list with its own fields.
+        """
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        problems = field_problems(type(self), values)
+        if problems:  # ranges need the right types
+            return problems
+        checks = [
+            ("num_classes", 2, MAX_CLASSES),
+            ("n_samples", 1, MAX_SAMPLES),
+            ("feature_dim", 1, MAX_WIDTH),
+            ("feature_hidden", 1, MAX_WIDTH),
+            ("attention_channels", 1, MAX_WIDTH),
+            ("attention_layers", 0, MAX_LAYERS),
+        ]
+        for name, low, high in checks:
+            if not low <= getattr(self, name) <= high:
+                problems.append(f"{name} must be in [{low}, {high}], got {getattr(self, name)}")
+        for name, high in (("feature_channels", MAX_WIDTH), ("feature_kernels", MAX_KERNEL)):
+            if not all(1 <= v <= high for v in getattr(self, name)):
+                problems.append(f"{name} must be in [1, {high}] each, got {getattr(self, name)}")
+        problems += scale_problems(self, ("view_scale",))
+        for name, low, high in (
+            ("feature_dropout", 0.0, 0.99),
+            ("uniform_mix", 0.0, 1.0),
+            ("topk_max_overlap", 0.0, 1.0),
+            ("entropy_weight", 0.0, MAX_WEIGHT),
+            ("pixel_weight", 0.0, MAX_WEIGHT),
+        ):
+            if not low <= getattr(self, name) <= high:
+                problems.append(f"{name} must be in [{low}, {high}], got {getattr(self, name)}")
+        if not 0 <= self.negative_class < self.num_classes:
+            problems.append(f"negative_class must be a class index, got {self.negative_class}")
+        for name, allowed in (
+            ("attention_padding", ("same", "valid")),
+            ("attention_norm", ("batch", None)),
+            ("attention_activation", ("relu", "leaky_relu")),
+            ("topk_weights", ("draws", "attention")),
+        ):
+            if getattr(self, name) not in allowed:
+                problems.append(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        return problems
+
     def to_dict(self) -> dict:
         """Plain-Python form (for checkpoints)."""
         return asdict(self)
+
+
+def scale_problems(config, names) -> list[str]:
+    """Scales in ``[MIN_SCALE, 1]``: a view of 10⁻⁹ of a slide is no view."""
+    return [
+        f"{name} must be in [1/{round(1 / MIN_SCALE)}, 1], got {getattr(config, name)}"
+        for name in names
+        if not MIN_SCALE <= getattr(config, name) <= 1
+    ]
+
+
+def side_problems(config, name: str, high: int = MAX_SIDE) -> list[str]:
+    """A region size ``(h, w)`` of 1 to ``high`` pixels a side."""
+    value = getattr(config, name)
+    if all(1 <= v <= high for v in value):
+        return []
+    return [f"{name} must be 1 to {high} pixels a side, got {tuple(value)}"]
 
 
 @dataclass(eq=False)

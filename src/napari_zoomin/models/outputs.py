@@ -14,7 +14,7 @@ from torch import Tensor
 
 from .coordinates import CellGrid
 
-__all__ = ["LossTerms", "Prediction", "SubtileSet", "TileSet"]
+__all__ = ["LossTerms", "MagnifiedRegions", "Prediction", "SubtileSet", "TileSet"]
 
 
 @dataclass
@@ -33,10 +33,13 @@ class LossTerms:
     policy: Tensor
     logits: Tensor
     labels: Tensor
+    auxiliary: Tensor | None = None
+    paradoxical: Tensor | None = None
 
     def as_floats(self) -> dict[str, float]:
-        """The scalar terms as Python floats (for logs)."""
+        """The scalar terms as Python floats (for logs); MagNets' two extra terms when set."""
         names = ("total", "classification", "contrastive", "entropy", "pixel", "policy")
+        names += tuple(k for k in ("auxiliary", "paradoxical") if getattr(self, k) is not None)
         return {k: float(getattr(self, k).detach()) for k in names}
 
 
@@ -81,6 +84,43 @@ class SubtileSet:
 
 
 @dataclass
+class MagnifiedRegions:
+    """Where a MagNet (002) looked: every box of every magnifying layer, in tree order.
+
+    Box ``m`` was chosen by magnifying layer ``depth[m]`` inside box ``parent[m]`` (-1:
+    the whole image's square frame); the boxes of the last layer are the classification
+    patches, in the order the GRU read them (:attr:`Prediction.subtiles` in that order).
+
+    Attributes:
+        depth: (M,) 1-based layer that chose the box.
+        parent: (M,) index of the box it lies in, -1 for layer 1's.
+        boxes: (M, 4) float64 ``[top, left, side, side]`` in level-0 pixels; a box may
+            reach beyond the image (that part reads black, as the paper's padding).
+        scale: (M,) ``s`` of ``θ`` (box side / parent side).
+        translation: (M, 2) ``(t_y, t_x)`` of ``θ`` (box centre, parent-normalised).
+        zoom: (M,) magnification relative to the whole image (frame side / box side).
+        read_scale: (M,) output pixels per level-0 pixel of the read that sampled it
+            (≤ 1; 1 = full resolution).
+        level: (M,) pyramid level that read came from (-1: the source has no levels;
+            -2: the box lies wholly outside the image, nothing was read).
+        trace: (P, C) class probabilities after each classification patch (figure 5
+            of 002): row ``k`` is the GRU's prediction having read patches ``0..k``.
+        view_scale: the scale the whole image (layer 1's input) was read at.
+    """
+
+    depth: Tensor
+    parent: Tensor
+    boxes: Tensor
+    scale: Tensor
+    translation: Tensor
+    zoom: Tensor
+    read_scale: Tensor
+    level: Tensor
+    trace: Tensor
+    view_scale: float
+
+
+@dataclass
 class Prediction:
     """A model's answer for one image.
 
@@ -88,7 +128,8 @@ class Prediction:
         probabilities: (C,) class probabilities, the mean over the draws.
         spread: (C,) their standard deviation over the draws (zeros for one draw or top-k).
         draw_probabilities: (K, C) per draw.
-        mode: ``"sample"`` (K independent sampled estimates) or ``"topk"`` (deterministic).
+        mode: ``"sample"`` (K independent sampled estimates), ``"topk"`` (deterministic)
+            or ``"magnify"`` (a MagNet's one deterministic pass: nothing is sampled).
         attention: (h_a, w_a) the stage-1 attention ``α``.
         attention_grid: where the cells of ``α`` lie in level-0 pixels.
         tiles: the drawn stage-1 cells.
@@ -96,6 +137,8 @@ class Prediction:
         stage2_views: (V, 4) level-0 regions whose stage-2 views were read, when they
             are more than ``tiles.regions`` (top-k reads the views of N tiles and keeps
             those with a chosen sub-tile); ``None``: exactly the tiles'.
+        magnified: a MagNet's boxes per layer and per-patch probability trace
+            (``None`` for the attention-sampling models).
     """
 
     probabilities: Tensor
@@ -107,6 +150,7 @@ class Prediction:
     tiles: TileSet
     subtiles: SubtileSet
     stage2_views: Tensor | None = None
+    magnified: MagnifiedRegions | None = None
 
     @property
     def label(self) -> int:

@@ -21,7 +21,7 @@ look-alikes are seen.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
@@ -100,12 +100,22 @@ def _patches(sources, size, scale: float, per_image: int, locate_scale: float, g
 
 
 def _fit(
-    net: nn.Module, head, params, x: Tensor, y: Tensor, epochs, batch_size, lr, generator, device
+    net: nn.Module,
+    head,
+    params,
+    x: Tensor,
+    y: Tensor,
+    epochs,
+    batch_size,
+    lr,
+    generator,
+    device,
+    on_epoch: Callable[[int, float], None] = lambda epoch, loss: None,
 ):
     opt = torch.optim.Adam(params, lr=lr)
     history = []
     net.train()
-    for _ in range(epochs):
+    for epoch in range(epochs):
         order = torch.randperm(len(x), generator=generator)
         total = 0.0
         for start in range(0, len(x), batch_size):
@@ -117,6 +127,7 @@ def _fit(
             opt.step()
             total += loss.item() * len(idx)
         history.append(total / len(x))
+        on_epoch(epoch + 1, history[-1])
     return history
 
 
@@ -130,6 +141,7 @@ def pretrain_tile_classifiers(
     generator: torch.Generator | None = None,
     pooling: Literal["mean", "max"] = "mean",
     networks: Sequence[str] = PRETRAINED_NETWORKS,
+    on_epoch: Callable[[str, int, int, float], None] | None = None,
 ) -> dict[str, list[float]]:
     """Pre-train the model's attention network(s) and feature network from ROI masks.
 
@@ -142,6 +154,11 @@ def pretrain_tile_classifiers(
         pooling: how an attention network's logit map becomes the patch logit:
             ``"mean"`` (000) or ``"max"`` (small ROIs).
         networks: which of :data:`PRETRAINED_NETWORKS` to pre-train (in that order).
+        on_epoch: called after every epoch of every network with ``(network, step,
+            steps, loss)``: ``step`` counts the epochs done over all the networks
+            (1-based), ``steps`` is ``epochs`` × the networks pre-trained, ``loss``
+            the epoch's mean binary cross-entropy.  The networks are trained one
+            after the other, as before (the same random draws in the same order).
 
     Returns:
         The mean binary cross-entropy per epoch of each pre-trained network
@@ -171,12 +188,25 @@ def pretrain_tile_classifiers(
         nets.append(
             ("stage2_attention", model.stage2_attention, c.stage2_scale, tuple(c.tile_size))
         )
+    nets = [n for n in nets if list(n[1].parameters())]  # a Uniform attention has none
+    steps = epochs * (len(nets) + ("feature" in networks))
+    done = 0
+
+    def reporter(name: str) -> Callable[[int, float], None]:
+        def report(_epoch: int, loss: float) -> None:
+            nonlocal done
+            done += 1
+            if on_epoch is not None:
+                on_epoch(name, done, steps, loss)
+
+        return report
+
     for name, net, scale, size in nets:
         params = list(net.parameters())
-        if not params:
-            continue
         x, y = _patches(sources, size, scale, patches_per_image, c.view_scale, generator)
-        history[name] = _fit(net, pooled, params, x, y, epochs, batch_size, lr, generator, device)
+        history[name] = _fit(
+            net, pooled, params, x, y, epochs, batch_size, lr, generator, device, reporter(name)
+        )
     if "feature" not in networks:
         return history
 
@@ -194,5 +224,6 @@ def pretrain_tile_classifiers(
         lr,
         generator,
         device,
+        reporter("feature"),
     )
     return history

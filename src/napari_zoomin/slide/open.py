@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -11,12 +13,37 @@ from ..errors import SlideError
 from .backends.array_backend import IMAGE_EXTENSIONS, ArrayBackend
 from .backends.openslide_backend import OPENSLIDE_EXTENSIONS, OpenSlideBackend
 from .backends.tiff_backend import TIFF_EXTENSIONS, TiffBackend
+from .dicom import DICOM_EXTENSIONS, has_dicom_marker, is_dicom_folder, is_dicom_path, open_dicom
 from .slide import DEFAULT_CACHE_BYTES, Slide, parse_mpp
+from .tiff_structure import check_tiff
 
 BACKENDS = {"openslide": OpenSlideBackend, "tifffile": TiffBackend, "array": ArrayBackend}
 
 #: every extension napari-zoomin opens
-SLIDE_EXTENSIONS = tuple(sorted(set(OPENSLIDE_EXTENSIONS + TIFF_EXTENSIONS + IMAGE_EXTENSIONS)))
+SLIDE_EXTENSIONS = tuple(
+    sorted(set(OPENSLIDE_EXTENSIONS + TIFF_EXTENSIONS + IMAGE_EXTENSIONS + DICOM_EXTENSIONS))
+)
+
+
+def slide_of(path: str | os.PathLike) -> Path | None:
+    """The slide a file or folder met in a listing belongs to, or None if it is no slide.
+
+    The one rule for every front end that finds slides by listing folders (``zoomin
+    batch``, a labels CSV, the napari reader): a file with a slide extension is a
+    slide, except a DICOM instance, which is one file of the slide that is its folder
+    (so a series of four ``.dcm`` files counts once); a folder holding DICOM files is
+    that slide.
+    """
+    path = Path(path)
+    if path.is_dir():
+        return path if is_dicom_folder(path) else None
+    if not path.is_file():
+        return None
+    ext = _extension(path)
+    if ext in DICOM_EXTENSIONS or (ext == "" and has_dicom_marker(path)):
+        return path.parent
+    return path if path.name.lower().endswith(SLIDE_EXTENSIONS) else None
+
 
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 
@@ -50,57 +77,34 @@ def _backend_order(path: Path) -> list[str]:
 
 
 def _check_tiff_structure(path: Path) -> None:
-    """Refuse early a TIFF with a zero-sized image or pointers past its end (truncated)."""
-    size = path.stat().st_size
-    with open(path, "rb") as fh:
-        header = fh.read(16)
-    if header[:4] not in _TIFF_MAGIC:
-        return
-    order = "<" if header[:2] == b"II" else ">"
-    big = header[2:4] in (b"+\x00", b"\x00+")
-    first_ifd = int.from_bytes(header[8:16] if big else header[4:8], _BYTEORDER[order])
-    if first_ifd >= size:
-        _truncated(path, first_ifd, size, "its first image directory")
-    import logging
+    """Refuse early a TIFF whose structure cannot be a sound slide (:mod:`.tiff_structure`)."""
+    check_tiff(path)
 
-    import tifffile
 
-    log = logging.getLogger("tifffile")
-    level = log.level
-    log.setLevel(logging.CRITICAL)  # tifffile logs what we report below as an error
+def _check_path(path: Path) -> None:
+    """Refuse a path the file system cannot look up (a NUL byte, a name or path too long)
+    and special files (reading a pipe would block for ever), in words, not a traceback."""
+    fix = "Check the path, or move the slide to a shorter one."
+    if "\0" in str(path):
+        raise SlideError(path, "the path holds a NUL byte (U+0000), which no file name can.", fix)
     try:
-        with tifffile.TiffFile(str(path)) as tif:
-            for page in tif.pages:
-                if page.imagelength == 0 or page.imagewidth == 0:
-                    raise SlideError(
-                        path,
-                        f"image {page.index} has zero size "
-                        f"({page.imagelength} x {page.imagewidth} pixels).",
-                        "The file is damaged or was written wrongly; re-export it.",
-                    )
-                offsets = np.asarray(page.dataoffsets, np.int64)
-                counts = np.asarray(page.databytecounts, np.int64)
-                if offsets.size and int((offsets + counts).max()) > size:
-                    end = int((offsets + counts).max())
-                    _truncated(path, end, size, f"the image data of page {page.index}")
-    except SlideError:
-        raise
-    except Exception:
-        return  # not ours to judge here: the backend reports its own error
-    finally:
-        log.setLevel(level)
-
-
-_BYTEORDER = {"<": "little", ">": "big"}
-
-
-def _truncated(path: Path, end: int, size: int, what: str) -> None:
-    raise SlideError(
-        path,
-        f"the file is truncated or damaged: {what} needs byte {end:,} "
-        f"but the file has {size:,} bytes.",
-        "Copy or download the slide again.",
-    )
+        st = path.stat()
+    except FileNotFoundError:
+        return  # reported as "no such file"
+    except OSError as exc:
+        if exc.errno == errno.ENAMETOOLONG:
+            raise SlideError(
+                path,
+                f"the path is too long for the file system ({len(str(path)):,} characters).",
+                fix,
+            ) from None
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            return
+        raise SlideError(path, f"cannot be read ({exc.strerror or exc}).", fix) from None
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+        raise SlideError(
+            path, "is not a regular file (a pipe, device or socket).", "Open the slide file itself."
+        )
 
 
 def open_slide(
@@ -115,7 +119,9 @@ def open_slide(
     ``backend`` forces "openslide", "tifffile" or "array"; by default it is chosen
     from the extension: tifffile for SVS, OME and generic TIFF (raw tiles, exact at
     every level), OpenSlide for the other scanner formats (MIRAX, NDPI, SCN, ...),
-    each falling back to the other when it refuses a file; Pillow for PNG/JPEG.  ``mpp``
+    each falling back to the other when it refuses a file; Pillow for PNG/JPEG.  A DICOM
+    slide is given as its folder or any of its ``.dcm`` files and read by OpenSlide from
+    the series' VOLUME instance (:mod:`napari_zoomin.slide.dicom`).  ``mpp``
     (µm per level-0 pixel, or (y, x)) overrides or supplies the physical scale (outside
     0.02–50 µm it is a :class:`SlideError`; an implausible value in the file is not used,
     see :attr:`Slide.mpp_warning`);
@@ -135,12 +141,15 @@ def open_slide(
         raise SlideError(
             path, f"unknown backend {backend!r}.", f"Choose one of {sorted(BACKENDS)}."
         )
+    _check_path(path)
     if not path.exists():
         raise SlideError(path, "no such file.", "Check the path.")
+    if is_dicom_path(path):  # a folder of DICOM instances, or one of them
+        return open_dicom(path, backend, mpp=override, cache_bytes=cache_bytes)
     if path.is_dir():
         raise SlideError(
             path,
-            "is a directory, not a slide file.",
+            "is a directory, not a slide file, nor a folder of DICOM (.dcm) files.",
             "Open the slide file itself (for MIRAX, the .mrxs file beside the folder).",
         )
     ext = _extension(path)
@@ -159,6 +168,8 @@ def open_slide(
     for name in order:
         try:
             be = ArrayBackend.from_file(path) if name == "array" else BACKENDS[name](path)
+        except SlideError:
+            raise  # the backend's own verdict on the file: no other backend reads it better
         except Exception as exc:  # each library has its own error types
             problems.append(f"{name}: {type(exc).__name__}: {exc}".strip())
             continue

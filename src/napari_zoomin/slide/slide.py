@@ -275,6 +275,15 @@ class Slide:
         return self._mpp_warning
 
     @property
+    def warnings(self) -> tuple[str, ...]:
+        """Everything doubtful about the file, one plain-language sentence or two each:
+        :attr:`mpp_warning`, and damage the reading library worked around (a
+        directory it could not read, a page it dropped).  The engine carries them
+        into ``Result.warnings``; ``zoomin info`` shows them."""
+        own = (self._mpp_warning,) if self._mpp_warning else ()
+        return own + tuple(self._backend.warnings)
+
+    @property
     def properties(self) -> dict[str, str]:
         return self._backend.properties
 
@@ -415,6 +424,8 @@ class Slide:
         height, width = min(th, lv.shape[0] - top), min(tw, lv.shape[1] - left)
         try:
             tile = self._backend.read_level(lv.stored, top, left, height, width)
+        except SlideError:
+            raise  # the backend's own words (e.g. damaged pixel values)
         except Exception as exc:
             raise SlideError(
                 self.path,
@@ -472,6 +483,7 @@ class Slide:
             "derived_levels": [i for i, lv in enumerate(self._levels) if lv.stored is None],
             "mpp": None if self.mpp is None else list(self.mpp),
             "mpp_warning": self.mpp_warning,
+            "warnings": list(self.warnings),
             "associated_images": list(self.associated_names),
         }
 

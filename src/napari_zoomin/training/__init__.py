@@ -7,6 +7,8 @@
   refused (used by :func:`train` and the Train classifier widget);
 * :mod:`.trainer`: :class:`Trainer`, the steps of a run, and :func:`train`;
 * :mod:`.losses`: the stage-1 ROI term :func:`roi_attention_loss`.
+* :mod:`.distributed`: training on several GPUs or machines (``torchrun``):
+  :class:`~.distributed.DistributedTrainer`, ``train(..., distributed=True)``.
 
 ::
 
@@ -20,6 +22,7 @@ from .events import (
     EpochStep,
     Pretrained,
     Pretraining,
+    PretrainProgress,
     ProgressCallback,
     Resolution,
     TrainEvent,
@@ -40,6 +43,7 @@ from .trainer import Trainer, TrainResult, stratified_batches, train
 __all__ = [
     "POOLINGS",
     "EpochStep",
+    "PretrainProgress",
     "Pretrained",
     "Pretraining",
     "ProgressCallback",

@@ -15,12 +15,25 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from ..engine.checkpoints import MODEL_KINDS
 from ..engine.dataset import DEFAULT_ROI_LABELS
 from ..errors import TrainingError
+from ..fields import (
+    MAX_DRAWS,
+    MAX_EPOCHS,
+    MAX_SAMPLES,
+    MAX_SEED,
+    MAX_SIDE,
+    MAX_WEIGHT,
+    MAX_WIDTH,
+    MAX_WORKERS,
+    MIN_SCALE,
+    field_problems,
+)
 from ..models.pretrain import POOLINGS
 
 __all__ = [
@@ -48,6 +61,8 @@ MODEL_SETTINGS = (
     "contrastive_warmup_epochs",
     "pixel_weight",
 )
+#: the devices a setting may name (whether this machine has them is checked when training)
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(:[0-9]{1,3})?")
 #: sides here, ``(side, side)`` in the model config
 _SQUARE = ("tile_size", "subtile_size")
 
@@ -67,6 +82,12 @@ class TrainConfig:
             on a slide) to concentrate, which takes many steps at a rate that suits
             ``f`` and ``g``.
         weight_decay: Adam L2 penalty (000: none).
+        lr_schedule: ``"constant"``, or ``"cosine"`` (cosine annealing, 002 §4.3, the
+            default of ``zoomin train --kind magnet``): epoch ``e`` (0-based) runs at
+            ``(1 + cos(π·e/epochs))/2`` times ``lr`` (and ``attention_lr``), from the
+            full rate down towards 0.  A function of the epoch counter, which the
+            training checkpoint holds, so a resumed run follows the schedule exactly;
+            raising ``epochs`` when resuming stretches the rest of it.
         seed: initial weights, batch order, sampling (see :mod:`.trainer`).
         device: ``"auto"`` (CUDA if available), ``"cpu"``, ``"cuda:1"``, ...
         early_stopping_patience: stop after this many epochs without a better
@@ -119,6 +140,11 @@ class TrainConfig:
             instead of a random initialisation: fine-tuning a model on new slides, or
             a second training phase with other settings. Its kind and architecture
             must be those of these settings.
+        init_encoder: start a MagNet's patch encoders (``kind="magnet"``) from a local
+            safetensors file of encoder weights instead of from scratch (002 used
+            pretrained encoders; none ship offline).  Names and shapes must be the
+            encoder's (:mod:`~napari_zoomin.engine.encoder_weights`); checked, never
+            unpickled.
 
     Data:
         num_workers: threads decoding the regions of one read.
@@ -130,6 +156,7 @@ class TrainConfig:
     lr: float = 1e-4
     attention_lr: float | None = None
     weight_decay: float = 0.0
+    lr_schedule: Literal["constant", "cosine"] = "constant"
     seed: int = 0
     device: str = "auto"
     early_stopping_patience: int = 20
@@ -154,12 +181,20 @@ class TrainConfig:
     pretrain_pooling: str = "mean"
     roi_labels: tuple[str, ...] = DEFAULT_ROI_LABELS
     init_from: str | None = None
+    init_encoder: str | None = None
     num_workers: int = 4
 
     def __post_init__(self) -> None:
+        """Types first (``{"epochs": "x"}`` is refused here), then :meth:`validate`: a
+        TrainConfig that exists can train, whichever front end made it."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        problems = field_problems(type(self), values)
+        if problems:
+            raise TrainingError(None, "invalid training settings: " + "; ".join(problems) + ".")
         self.feature_channels = tuple(int(c) for c in self.feature_channels)  # type: ignore[assignment]
         self.roi_labels = tuple(self.roi_labels)
         self.model_options = dict(self.model_options)
+        self.validate()
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-Python form (stored in checkpoints)."""
@@ -179,16 +214,37 @@ class TrainConfig:
         problems = []
         if self.kind not in MODEL_KINDS:
             problems.append(f"unknown model kind {self.kind!r} (choose {', '.join(MODEL_KINDS)})")
-        for name in ("epochs", "batch_size", "val_draws", "n_samples", "tile_size"):
-            if int(getattr(self, name)) < 1:
-                problems.append(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name, high in (
+            ("epochs", MAX_EPOCHS),
+            ("batch_size", 4096),
+            ("val_draws", MAX_DRAWS),
+            ("n_samples", MAX_SAMPLES),
+            ("tile_size", MAX_SIDE),
+            ("subtile_size", MAX_SIDE),
+            ("feature_dim", MAX_WIDTH),
+            ("feature_hidden", MAX_WIDTH),
+            ("num_workers", MAX_WORKERS),
+            ("pretrain_patches", 100_000),
+        ):
+            if not 1 <= int(getattr(self, name)) <= high:
+                problems.append(f"{name} must be in [1, {high}], got {getattr(self, name)}")
+        for name in ("early_stopping_patience", "pretrain_epochs", "contrastive_warmup_epochs"):
+            if not 0 <= getattr(self, name) <= MAX_EPOCHS:
+                problems.append(f"{name} must be in [0, {MAX_EPOCHS}], got {getattr(self, name)}")
+        if not 0 <= self.seed <= MAX_SEED:
+            problems.append(f"seed must be in [0, 2**63 - 1], got {self.seed}")
+        if not _DEVICE.fullmatch(self.device):
+            problems.append(f"device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
+        for label in self.roi_labels:
+            if not label or not label.isprintable():
+                problems.append(f"roi_labels must be printable names, got {label!r}")
         for name in ("lr", "attention_lr"):
             value = getattr(self, name)
             if value is not None and not (value > 0 and math.isfinite(value)):
                 problems.append(f"{name} must be a positive number, got {value}")
         for name in ("view_scale", "stage2_scale"):
-            if not 0 < getattr(self, name) <= 1:
-                problems.append(f"{name} must be in (0, 1], got {getattr(self, name)}")
+            if not MIN_SCALE <= getattr(self, name) <= 1:
+                problems.append(f"{name} must be in [1/4096, 1], got {getattr(self, name)}")
         for name in (
             "early_stopping_patience",
             "pretrain_epochs",
@@ -197,17 +253,35 @@ class TrainConfig:
         ):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must not be negative, got {getattr(self, name)}")
-        if self.seed < 0:
-            problems.append(f"seed must not be negative, got {self.seed}")
+        for name in ("lr", "attention_lr"):
+            value = getattr(self, name)
+            if value is not None and value > 10:
+                problems.append(f"{name} must be at most 10, got {value}")
+        for name in ("roi_attention_weight", "weight_decay"):
+            if getattr(self, name) > MAX_WEIGHT:
+                problems.append(f"{name} must be at most {MAX_WEIGHT:g}, got {getattr(self, name)}")
+        if self.init_encoder is not None:
+            if not self.init_encoder.strip():
+                problems.append("init_encoder must be the path of a .safetensors file, got ''")
+            if self.kind != "magnet":
+                problems.append(
+                    f"init_encoder starts a MagNet's encoders (kind 'magnet'), not a "
+                    f"{self.kind} model's"
+                )
+            if self.init_from:
+                problems.append("init_encoder and init_from together: init_from sets every weight")
         if self.pretrain_pooling not in POOLINGS:
             problems.append(
                 f"pretrain_pooling must be 'mean' or 'max', got {self.pretrain_pooling!r}"
             )
+        if not problems and self.kind in MODEL_KINDS:
+            # the model's own rules (sizes, scales, a sub-tile within its tile, model_options)
+            try:
+                MODEL_KINDS[self.kind][1](**model_settings(self, 2))
+            except (TypeError, ValueError) as exc:
+                problems.append(str(exc))
         if problems:
             raise TrainingError(None, "invalid training settings: " + "; ".join(problems) + ".")
-
-
-_DEFAULTS = TrainConfig()
 
 
 def saved_config(values: dict[str, Any]) -> dict[str, Any]:
@@ -217,9 +291,10 @@ def saved_config(values: dict[str, Any]) -> dict[str, Any]:
     side in a setting of its own, ``patch_size`` (``subtile_size`` then kept its
     default): checkpoints of that time have both.  ``patch_size`` goes, its value
     becoming the one-stage kinds' ``subtile_size``, so such a run resumes with today's
-    equivalent settings.
+    equivalent settings.  Runs from before ``lr_schedule`` had a constant rate.
     """
     values = dict(values)
+    values.setdefault("lr_schedule", "constant")  # runs from before the setting: constant
     if "patch_size" in values:
         side = values.pop("patch_size")
         if values.get("kind", _DEFAULTS.kind) != "zoomin":
@@ -259,3 +334,6 @@ def model_config_dict(kind: str, settings: dict[str, Any]) -> dict[str, Any]:
 def plain(value: Any) -> Any:
     """JSON round trip: tuples become lists, as in a checkpoint's description."""
     return json.loads(json.dumps(value))
+
+
+_DEFAULTS = TrainConfig()  # after model_settings: a TrainConfig validates itself

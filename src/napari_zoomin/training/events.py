@@ -12,7 +12,8 @@ In the order a run emits them:
 * :class:`Resolution`: once, when the slides are not all read at one physical pixel
   size (training in pixels, or some slides in their own pixels); ``message`` says so.
 * :class:`Pretraining`, :class:`Pretrained`: before and after the tile-classifier
-  pre-training on annotated slides (000 §2.5).
+  pre-training on annotated slides (000 §2.5), with a :class:`PretrainProgress`
+  after every pre-training epoch of every network between them.
 * :class:`EpochStep`: after every optimisation step.
 * :class:`Validating`: after every chunk of validation slides.
 * :class:`Validated`: once per finished epoch, with the epoch's means, the validation
@@ -22,11 +23,12 @@ In the order a run emits them:
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
 __all__ = [
     "EpochStep",
+    "PretrainProgress",
     "Pretrained",
     "Pretraining",
     "ProgressCallback",
@@ -82,6 +84,30 @@ class Pretraining(TrainEvent):
     step: int
     steps: int
     slides: int
+
+
+@dataclass(frozen=True)
+class PretrainProgress(TrainEvent):
+    """One pre-training epoch of one network done.
+
+    The networks are pre-trained one after the other, each for the pre-training
+    epochs; ``step`` counts the epochs done over all of them.
+
+    Attributes:
+        step, steps: epochs done (1-based) and in all (pre-training epochs × networks).
+        network: the network this epoch trained (``"stage1_attention"``,
+            ``"stage2_attention"`` or ``"feature"``).
+        network_epoch, network_epochs: this network's epoch (1-based) and its epochs.
+        loss: the epoch's mean binary cross-entropy.
+    """
+
+    stage: ClassVar[str] = "pretrain"
+    step: int
+    steps: int
+    network: str
+    network_epoch: int
+    network_epochs: int
+    loss: float
 
 
 @dataclass(frozen=True)
@@ -143,6 +169,9 @@ class Validated(TrainEvent):
         best: this epoch is the best so far (it is in the model checkpoint).
         best_epoch: the best epoch so far.
         stopped_early: early stopping ends the run here.
+        terms: the epoch's mean of each loss term the model reported
+            (``"classification"``, ..., a MagNet's ``"auxiliary"`` and
+            ``"paradoxical"``), as ``train_<term>`` in the history.
     """
 
     stage: ClassVar[str] = "validate"
@@ -155,6 +184,7 @@ class Validated(TrainEvent):
     best: bool
     best_epoch: int | None
     stopped_early: bool
+    terms: dict[str, float] = field(default_factory=dict)
 
 
 ProgressCallback = Callable[[TrainEvent], None]

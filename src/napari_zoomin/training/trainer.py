@@ -50,7 +50,7 @@ from ..engine import runtime
 from ..engine.checkpoints import build_model, save_checkpoint
 from ..engine.dataset import SlideDataset, SlideRecord
 from ..engine.trust import training_profile
-from ..errors import TrainingError, ZoominError
+from ..errors import CheckpointError, TrainingError, ZoominError
 from ..models import AttentionSamplingModel, grad_scaler, pretrain_tile_classifiers
 from ..models.networks import class_probabilities
 from .config import TrainConfig, model_config_dict, model_settings, plain
@@ -58,6 +58,7 @@ from .events import (
     EpochStep,
     Pretrained,
     Pretraining,
+    PretrainProgress,
     ProgressCallback,
     Resolution,
     Validated,
@@ -68,8 +69,27 @@ from .resume import ResumePlan, TrainingState, last_checkpoint_path, resume_plan
 
 __all__ = ["TrainResult", "Trainer", "stratified_batches", "train"]
 
-#: the loss terms whose epoch means go into the history (``train_<term>``)
-_TERMS = ("classification", "contrastive", "entropy", "pixel", "policy", "roi_attention")
+#: the loss terms whose epoch means go into the history (``train_<term>``); MagNets
+#: add their auxiliary and paradoxical losses (002 §3.3), 0 for the other kinds
+_TERMS = (
+    "classification",
+    "contrastive",
+    "entropy",
+    "pixel",
+    "policy",
+    "roi_attention",
+    "auxiliary",
+    "paradoxical",
+)
+
+
+def lr_factor(schedule: str, epoch: int, epochs: int) -> float:
+    """The multiple of the base learning rates that epoch ``epoch`` (0-based) of
+    ``epochs`` runs at: 1, or cosine annealing ``(1 + cos(π·epoch/epochs))/2``
+    (:attr:`TrainConfig.lr_schedule`)."""
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * epoch / max(int(epochs), 1)))
+    return 1.0
 
 
 @dataclass
@@ -107,6 +127,7 @@ def train(
     progress: ProgressCallback | None = None,
     cancel: Callable[[], bool] | None = None,
     resume: bool = True,
+    distributed: bool = False,
 ) -> TrainResult:
     """Train a model on labelled slides; see the module docstring.
 
@@ -129,6 +150,9 @@ def train(
         resume: continue from the training checkpoint if there is one (it must come
             from the same settings and data: :func:`~.resume.resume_plan`); ``False``
             starts over.
+        distributed: train as one process of a ``torch.distributed`` group
+            (:class:`~.distributed.DistributedTrainer`; start the group with
+            :func:`~.distributed.start`), or as a group of one without one.
 
     Raises:
         TrainingError: invalid settings, no training slides, a non-finite loss (the
@@ -140,7 +164,10 @@ def train(
     config = config or TrainConfig()
     _check_run(config, Path(out_path))
     dataset = _as_dataset(data, classes, config)
-    trainer = Trainer(dataset, config, out_path, progress=progress, cancel=cancel)
+    kind = Trainer
+    if distributed:
+        from .distributed import DistributedTrainer as kind
+    trainer = kind(dataset, config, out_path, progress=progress, cancel=cancel)
     return trainer.run(resume=resume)
 
 
@@ -173,9 +200,9 @@ class Trainer:
             )
         self.labels = dataset.labels
         try:
-            self.device = runtime.select_device(config.device)
-        except (RuntimeError, ValueError) as exc:
-            raise TrainingError(None, f"{exc}.", "Use --device cpu or auto.") from None
+            self.device = runtime.resolve_device(config.device)
+        except ZoominError as exc:  # meta, mps or cuda where there is none, ...
+            raise TrainingError(None, exc.problem, exc.fix) from None
         self.settings = model_settings(config, len(self.classes))
         self.summary: dict[str, Any] = {**dataset.summary(), "classes": self.classes}
         self.emit: ProgressCallback = progress or (lambda event: None)
@@ -215,6 +242,7 @@ class Trainer:
     def start(self, resume: bool = True) -> ResumePlan:
         """The model, its training pixel size and the optimizer, fresh or from the
         interrupted run; raises the refusal of :func:`~.resume.resume_plan`."""
+        self.check_inputs()
         with self._out_of_memory(f"loading {self.last_path.name}"):
             plan = resume_plan(
                 self.out_path, self.config, self.dataset, resume=resume, device=self.device
@@ -241,15 +269,41 @@ class Trainer:
                 betas=(0.9, 0.999),
                 weight_decay=self.config.weight_decay,
             )
+            # the schedule's base rates: the saved state holds the last epoch's rates
+            self.base_lrs = [float(g["lr"]) for g in self.optimizer.param_groups]
             if optimizer_state is not None:
-                self.optimizer.load_state_dict(optimizer_state)
+                try:
+                    self.optimizer.load_state_dict(optimizer_state)
+                except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+                    raise CheckpointError(
+                        self.last_path,
+                        f"its optimizer state does not fit this model ({exc}).",
+                        "Start over with resume=False (CLI: --fresh).",
+                    ) from None
         self._choose_resolution(own_mpp)
         self.scaler = grad_scaler(self.device)
         self._clock = time.perf_counter()
         return plan
 
+    def check_inputs(self) -> None:
+        """Every input, before the first training state is written: each slide opens,
+        each annotation file parses, the model and training-state paths can be written.
+
+        A refusal here leaves nothing behind (no resume file, no partial checkpoint);
+        without it a bad ROI file of the fifth slide stopped a run that had already
+        written its first training state.
+        """
+        from ..engine.results import check_output_path
+
+        for path in (self.out_path, self.last_path):
+            check_output_path(path, folder=False, what="the checkpoint path")
+        for i in self.train_idx + self.val_idx:
+            self.dataset.slide_mpp(i)  # opens the slide (and keeps what it read)
+            self.dataset.roi_mask(i)  # reads and parses its annotation file, if any
+
     def _build(self) -> float | None:
-        """A fresh model from ``seed`` (and ``init_from``); that checkpoint's pixel size."""
+        """A fresh model from ``seed`` (and ``init_from``, or a MagNet's encoders from
+        ``init_encoder``); ``init_from``'s pixel size."""
         config = self.config
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(_seed(config.seed, 0))
@@ -259,6 +313,10 @@ class Trainer:
                 raise TrainingError(None, f"cannot build the {config.kind} model: {exc}.") from None
         if config.init_from:
             return _initialise_from(self.model, config, self.settings, len(self.classes))
+        if config.init_encoder:
+            from ..engine.encoder_weights import load_encoder_weights
+
+            load_encoder_weights(self.model, config.init_encoder)
         return None
 
     def _choose_resolution(self, own_mpp: float | None) -> None:
@@ -286,7 +344,8 @@ class Trainer:
         annotated = [i for i in self.train_idx if self.dataset.records[i].annotations is not None]
         if not (state.epoch == 0 and state.step == 0 and state.pretrained is None):
             return True
-        wanted = bool(config.pretrain_epochs and annotated)
+        # a MagNet has no attention network to pre-train (002 uses no ROI masks)
+        wanted = bool(config.pretrain_epochs and annotated and hasattr(self.model, "attention"))
         if wanted and self.should_stop():
             return False
         state.pretrained = {}
@@ -303,6 +362,18 @@ class Trainer:
                     patches_per_image=config.pretrain_patches,
                     pooling=config.pretrain_pooling,
                     generator=torch.Generator().manual_seed(_seed(config.seed, 2)),
+                    on_epoch=lambda network, step, total, loss: self.emit(
+                        PretrainProgress(
+                            epoch=0,
+                            epochs=config.epochs,
+                            step=step,
+                            steps=total,
+                            network=network,
+                            network_epoch=(step - 1) % steps + 1,
+                            network_epochs=steps,
+                            loss=loss,
+                        )
+                    ),
                 )
             finals = {k: v[-1] for k, v in state.pretrained.items() if v}
             loss = float(np.mean(list(finals.values()))) if finals else None
@@ -338,6 +409,9 @@ class Trainer:
             sampler.set_state(self.rng_state["sampler"])
             torch.set_rng_state(self.rng_state["torch"])
         sums = dict(state.partial) if state.step else {}
+        factor = lr_factor(config.lr_schedule, epoch, config.epochs)
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
+            group["lr"] = base * factor
         self.model.train()
         for step in range(state.step, len(batches)):
             if self.should_stop():
@@ -442,6 +516,7 @@ class Trainer:
             "val_loss": val_loss,
             "val_accuracy": val_acc,
             **{f"train_{k}": sums.get(k, 0.0) / n for k in _TERMS},
+            "lr": float(self.optimizer.param_groups[0]["lr"]),
         }
         improved = self.improves(val_acc, val_loss)
         state.epoch, state.step, state.partial = epoch + 1, 0, {}
@@ -471,6 +546,7 @@ class Trainer:
                 best=improved,
                 best_epoch=state.best_epoch,
                 stopped_early=state.stopped_early,
+                terms={k: record[f"train_{k}"] for k in _TERMS if k in sums},
             )
         )
 

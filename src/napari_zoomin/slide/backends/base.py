@@ -19,6 +19,9 @@ class SlideBackend(ABC):
 
     #: short name used to force a backend: ``open_slide(path, backend=name)``
     name: str = ""
+    #: damage the reading library worked around when it opened the file, in plain words
+    #: (shown with :attr:`Slide.warnings`, carried into every result)
+    warnings: tuple[str, ...] = ()
 
     def __init__(self, path: Path | None):
         self.path = path

@@ -1,4 +1,8 @@
-"""Slides read by OpenSlide (Aperio, Hamamatsu, MIRAX, Leica, Ventana, Philips, generic TIFF)."""
+"""Slides read by OpenSlide (Aperio, Hamamatsu, MIRAX, Leica, Ventana, Philips, DICOM, TIFF).
+
+A DICOM slide is opened from its VOLUME instance (see ``slide/dicom.py``); OpenSlide
+gathers the series' other instances (levels, label, overview, thumbnail) from its folder.
+"""
 
 from __future__ import annotations
 
@@ -131,6 +135,8 @@ class OpenSlideBackend(SlideBackend):
             return (v, v), "MPP in the Aperio description"
         if "openslide.mpp-x" in p and "openslide.mpp-y" in p:
             pair = (_number(p["openslide.mpp-y"]), _number(p["openslide.mpp-x"]))
+            if p.get("openslide.vendor") == "dicom":
+                return pair, "PixelSpacing in the DICOM header"
             return pair, "TIFF resolution tags" if generic else "openslide.mpp-x/y"
         if unit in ("centimeter", "inch") and "tiff.XResolution" in p:
             microns = 1e4 if unit == "centimeter" else 25400.0

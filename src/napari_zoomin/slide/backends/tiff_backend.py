@@ -8,12 +8,15 @@ refuses (OME-TIFF, stripped or non-RGB TIFF).
 
 from __future__ import annotations
 
+import logging
 import math
 import re
+import threading
 from pathlib import Path
 
 import numpy as np
 
+from ...errors import SlideError
 from ..slide import SCREEN_DPI
 from .base import SlideBackend
 
@@ -24,8 +27,34 @@ def _rgb_layout(axes: str, shape: tuple[int, ...]) -> str:
     """How to turn one level's array into (rows, cols, 3): "YXS", "SYX" or "YX"."""
     squeezed = "".join(a for a, n in zip(axes, shape, strict=True) if n > 1 or a in "YX")
     if squeezed in ("YXS", "SYX", "CYX", "YX"):
+        channels = dict(zip(axes, shape, strict=True)).get(
+            squeezed.replace("Y", "").replace("X", "")[:1], 1
+        )
+        if channels not in (1, 3, 4):
+            raise _ChannelsError(channels)
         return squeezed.replace("C", "S")
     raise ValueError(f"image axes {axes!r} with shape {shape} are not a 2-D RGB or grey image")
+
+
+class _ChannelsError(ValueError):
+    """An image of 2, 5, ... channels: neither grey, RGB nor RGBA."""
+
+    def __init__(self, channels: int):
+        self.channels = channels
+        super().__init__(f"{channels} channels")
+
+
+class _TifffileWarnings(logging.Handler):
+    """Collects what tifffile logs while this thread opens a file (damage it worked around)."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.thread = threading.get_ident()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.thread == self.thread and len(self.messages) < 20:
+            self.messages.append(record.getMessage())
 
 
 class TiffBackend(SlideBackend):
@@ -38,11 +67,26 @@ class TiffBackend(SlideBackend):
         import tifffile
         import zarr
 
-        self._tif = tifffile.TiffFile(str(path))
+        log = logging.getLogger("tifffile")
+        heard = _TifffileWarnings()
+        log.addHandler(heard)
+        try:
+            self._tif = tifffile.TiffFile(str(path))
+        except BaseException:
+            log.removeHandler(heard)
+            raise
         try:
             series = self._pick_series(self._tif)
             self._series = series
-            self._layout = _rgb_layout(series.axes, series.shape)
+            try:
+                self._layout = _rgb_layout(series.axes, series.shape)
+            except _ChannelsError as exc:
+                raise SlideError(
+                    path,
+                    f"the image has {exc.channels} channels (axes {series.axes}, shape "
+                    f"{series.shape}); napari-zoomin reads grey, RGB and RGBA slides.",
+                    "Convert it to an RGB pyramidal TIFF, or export the channels you need as RGB.",
+                ) from None
             # a tile the file does not hold (byte count 0: not scanned) reads as white
             # glass, as OpenSlide shows it, not as black that looks like dark stain
             dtype = np.dtype(series.dtype)
@@ -62,9 +106,17 @@ class TiffBackend(SlideBackend):
                 self._level_shapes.append((int(shape["Y"]), int(shape["X"])))
                 chunks = dict(zip(series.axes, arr.chunks, strict=True))
                 self._tiles.append((int(chunks["Y"]), int(chunks["X"])))
-        except Exception:
+        except BaseException:
             self._tif.close()
             raise
+        finally:
+            log.removeHandler(heard)
+        #: what tifffile had to work around in this file, in its words (Slide.warnings)
+        self.warnings = tuple(
+            f"the file may be damaged: tifffile reports {m!r} and read on without it, so "
+            "the result may rest on incomplete data. Copy or export the slide again."
+            for m in dict.fromkeys(heard.messages)
+        )
 
     @staticmethod
     def _pick_series(tif):
@@ -117,9 +169,9 @@ class TiffBackend(SlideBackend):
             return None
 
     def _ome_mpp(self) -> tuple[float, float] | None:
-        import xml.etree.ElementTree as ET
+        from ..tiff_structure import safe_xml
 
-        root = ET.fromstring(self._tif.ome_metadata)
+        root = safe_xml(self.path, self._tif.ome_metadata.encode(), "OME-XML")
         for el in root.iter():
             if el.tag.endswith("Pixels"):
                 sx, sy = el.get("PhysicalSizeX"), el.get("PhysicalSizeY")
@@ -204,7 +256,15 @@ class TiffBackend(SlideBackend):
                 index.append(slice(None))
             else:
                 index.append(0)
-        return self._to_rgb(np.asarray(arr[tuple(index)]), self._layout)
+        block = np.asarray(arr[tuple(index)])
+        if block.dtype.kind == "f" and not np.isfinite(block).all():
+            raise SlideError(
+                self.path,
+                f"level {level} at y={y}, x={x} holds NaN or infinite pixel values: the pixel "
+                "data is damaged.",
+                "Export the slide again (as 8-bit RGB if it can be).",
+            )
+        return self._to_rgb(block, self._layout)
 
     def close(self) -> None:
         self._tif.close()

@@ -1,0 +1,260 @@
+"""The ``Classify slide`` widget's state and logic, without Qt or napari.
+
+:class:`ClassifyController` holds what the widget knows between clicks — the loaded
+checkpoints, the cancel flag, each slide's shown result — and answers what the widget
+shows: the worker's body (:meth:`~ClassifyController.run`), the summary, the places
+table, the camera for a place.  Slide and result *layers* are opaque objects here
+(compared by identity, named through :func:`~.result_layers.result_layer_name`), so a
+test drives the controller with plain objects and a real slide, without a viewer; the
+widget (:mod:`.classify_widget`) only binds it to Qt and the viewer.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..errors import ZoominError
+from .model_choices import DEMO
+from .result_layers import (
+    LAYER_KEY,
+    MAX_PLACES,
+    OUTLINE_WIDTH_PX,
+    PLACE_HIGHLIGHT,
+    LayerData,
+    place_rows,
+    place_view,
+    result_layer_data,
+    result_layer_name,
+    summary_lines,
+    tissue_mask_from_labels,
+    warning_lines,
+)
+
+if TYPE_CHECKING:
+    from ..engine.checkpoints import Checkpoint
+    from ..engine.places import Place
+    from ..engine.results import Result
+    from ..slide import Slide
+
+__all__ = ["ClassifyController", "Job", "Outcome", "ResultSet", "ResultText", "TableView"]
+
+log = logging.getLogger(__name__)
+
+Frame = tuple[tuple[float, float], tuple[float, float]]
+
+
+@dataclass
+class Job:
+    """Everything a classification needs, captured on the GUI thread when it starts."""
+
+    slide: Any  # the slide layer (opaque here)
+    open_slide: Callable[[], Slide]  # opens the slide behind it (called in the worker)
+    frame: Frame
+    model: str
+    device: str
+    draws: int
+    seed: int
+    tissue: np.ndarray | None = None  # an edited tissue mask (copy), or None for "auto"
+
+
+@dataclass
+class Outcome:
+    """What the worker returns: a result and its layer data, or why there is none."""
+
+    result: Result | None = None
+    layer_data: list[LayerData] | None = None
+    layers: list | None = None  # the front end's layers made from layer_data
+    cancelled: bool = False
+    error: str | None = None
+
+
+@dataclass
+class ResultSet:
+    """One slide's shown result: the slide layer, the Result, and its layers."""
+
+    slide: Any
+    result: Result
+    frame: Frame
+    layers: list = field(default_factory=list)  # bottom to top; removed layers are dropped
+
+
+@dataclass(frozen=True)
+class ResultText:
+    """The summary the widget shows: the prediction first, then why to doubt it, then
+    probabilities, cost and what was looked at."""
+
+    prediction: str
+    warnings: str
+    details: str
+
+
+@dataclass(frozen=True)
+class TableView:
+    """The places table: column headers, rows of text, and each row's place."""
+
+    columns: list[str]
+    rows: list[list[Any]]
+    places: list[Place]
+
+
+def table_columns(unit: str) -> list[str]:
+    return ["rank", "share", "sub-tiles", f"x ({unit})", f"y ({unit})", f"size ({unit})"]
+
+
+EMPTY_TABLE = TableView(table_columns("µm"), [], [])
+
+
+class ClassifyController:
+    """The state of one ``Classify slide`` widget (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self.sets: list[ResultSet] = []  # every slide's shown result, oldest first
+        self.shown: ResultSet | None = None  # the result the summary and table show
+        self.busy = False
+        self.cancel_event = threading.Event()
+        self._checkpoints: dict[tuple, Checkpoint] = {}
+        self._checkpoint_lock = threading.Lock()
+
+    # ------------------------------------------------------------------ models
+    def checkpoint(self, model: str, device: str) -> Checkpoint:
+        """The loaded checkpoint, cached per (model, file version, device)."""
+        from ..engine.checkpoints import DEMO_MODEL, load_model
+        from ..engine.runtime import resolve_device
+
+        dev = resolve_device(device, fix="Choose cpu or auto.")
+        file = DEMO_MODEL if model == DEMO else Path(model)
+        try:
+            stat = file.stat()
+            version = (stat.st_mtime_ns, stat.st_size)
+        except OSError:
+            version = None  # load_model says what is wrong with the path
+        key = (model, version, str(dev))
+        with self._checkpoint_lock:
+            if key not in self._checkpoints:
+                checkpoint = load_model(model, dev)
+                for old in [k for k in self._checkpoints if k[0] == model and k[2] == key[2]]:
+                    del self._checkpoints[old]  # an older version of the same file
+                self._checkpoints[key] = checkpoint
+            return self._checkpoints[key]
+
+    # ------------------------------------------------------------------ running
+    def run(self, job: Job, progress: Callable[[float, str], None]) -> Outcome:
+        """The worker's body: load the (cached) model, open the slide, classify, build
+        the result layer data.  Never raises: a cancel, a user error (its message) or a
+        bug (said plainly, traceback in the log) comes back in the :class:`Outcome`."""
+        from ..engine.inference import Cancelled, classify
+
+        try:
+            ckpt = self.checkpoint(job.model, job.device)
+            with job.open_slide() as slide:
+                tissue: Any = "auto"
+                if job.tissue is not None:
+                    tissue = tissue_mask_from_labels(job.tissue, slide.shape)
+                result = classify(
+                    slide,
+                    ckpt,
+                    draws=job.draws,
+                    seed=job.seed,
+                    device=job.device,
+                    tissue=tissue,
+                    progress=progress,
+                    cancel=self.cancel_event.is_set,
+                )
+            return Outcome(result=result, layer_data=result_layer_data(result, job.frame))
+        except Cancelled:
+            return Outcome(cancelled=True)
+        except ZoominError as exc:
+            return Outcome(error=str(exc))
+        except Exception as exc:  # a bug: say so plainly, keep the traceback in the log
+            log.exception("classification failed")
+            return Outcome(
+                error=f"classification failed unexpectedly ({type(exc).__name__}: {exc}). "
+                "Please report this with the log."
+            )
+
+    # ------------------------------------------------------------------ results
+    def set_of(self, layer) -> ResultSet | None:
+        """The result set of a slide layer, or of one of its result layers."""
+        for rs in self.sets:
+            if rs.slide is layer or any(lay is layer for lay in rs.layers):
+                return rs
+        return None
+
+    def slide_of(self, layer):
+        """The slide a layer belongs to: its result set's slide, else the layer itself."""
+        rs = self.set_of(layer)
+        return rs.slide if rs is not None and rs.slide is not layer else layer
+
+    def forget(self, layer) -> bool:
+        """A layer went away: drop it (a slide takes its results along).  True when the
+        shown result is gone with it."""
+        for rs in list(self.sets):
+            rs.layers = [lay for lay in rs.layers if lay is not layer]
+            if not rs.layers or rs.slide is layer:
+                self.sets.remove(rs)
+        return self.shown is not None and self.shown not in self.sets
+
+    def replace(self, slide, result: Result, frame: Frame) -> tuple[ResultSet | None, ResultSet]:
+        """A new result of ``slide``: its old set (whose layers the widget removes) and
+        the new one (shown).  Other slides' bare-named layers get their slide's name."""
+        old = self.set_of(slide)
+        if old is not None and old.slide is slide:
+            self.sets.remove(old)
+        else:
+            old = None
+        for rs in self.sets:
+            for lay in rs.layers:
+                base = lay.metadata.get(LAYER_KEY)
+                if base is not None and lay.name == base:
+                    lay.name = result_layer_name(base, rs.slide.name)
+        new = ResultSet(slide=slide, result=result, frame=frame)
+        self.sets.append(new)
+        self.shown = new
+        return old, new
+
+    # ------------------------------------------------------------------ showing
+    @staticmethod
+    def text(result: Result) -> ResultText:
+        lines = summary_lines(result)
+        return ResultText(lines[0], "\n".join(warning_lines(result)), "\n".join(lines[1:]))
+
+    @staticmethod
+    def table(result: Result, n: int = MAX_PLACES) -> TableView:
+        """The ``n`` places with most evidence as rows: share in %, centre and size in
+        µm (pixels, and said so, when the slide has no pixel size)."""
+        rows = place_rows(result, n)
+        unit = rows[0]["unit"] if rows else ("µm" if result.slide.get("mpp") else "px")
+        digits = ".0f" if unit == "px" else ".1f"
+        data = [
+            [
+                r["rank"],
+                f"{r['share']:.1f} %" if r["share"] >= 0.05 else "< 0.1 %",
+                r["subtiles"],
+                f"{r['x']:{digits}}",
+                f"{r['y']:{digits}}",
+                f"{r['w']:{digits}} x {r['h']:{digits}}",
+            ]
+            for r in rows
+        ]
+        return TableView(table_columns(unit), data, [r["place"] for r in rows])
+
+    def place_camera(
+        self, place: Place, canvas_size: tuple[int, int]
+    ) -> tuple[tuple[float, float], float]:
+        """Camera ``(centre, zoom)`` showing a place of the shown result, never past full
+        resolution (:func:`~.result_layers.place_view`)."""
+        if self.shown is None:
+            raise ValueError("no result is shown")
+        return place_view(place, self.shown.frame, canvas_size)
+
+    @staticmethod
+    def highlight_widths(ranks, rank: int) -> list[float]:
+        """Screen widths of the places' outlines with the place of ``rank`` selected."""
+        return [OUTLINE_WIDTH_PX * (PLACE_HIGHLIGHT if r == rank else 1.0) for r in ranks]
