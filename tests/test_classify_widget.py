@@ -166,6 +166,7 @@ def test_classify_from_the_manifest_widget(make_napari_viewer, qtbot, sample, tm
         "stage2_attention.ome.tif",
         "sampled.geojson",
         "places.geojson",
+        "attention_maps.npz",
         "roi_annotations.geojson",
     }
     assert list(read_geojson(written["rois"])) == [Annotation.rectangle(4000, 3000, 300, 400)]

@@ -224,7 +224,14 @@ def test_reads_come_from_the_right_levels(result, slide):
 
 def test_outputs_written_and_readable(result, tmp_path):
     files = write_outputs(result, tmp_path / "out")
-    assert set(files) == {"stage1_attention", "stage2_attention", "geojson", "places", "json"}
+    assert set(files) == {
+        "stage1_attention",
+        "stage2_attention",
+        "geojson",
+        "places",
+        "maps",
+        "json",
+    }
     assert not list((tmp_path / "out").glob(".*"))  # no temporary files left
     back = Result.load(files["json"])
     # everything round-trips, the maps at export precision (test_export_precision.py)

@@ -64,8 +64,10 @@ __all__ = [
 FORMAT = "napari-zoomin-result"
 FORMAT_VERSION = 1
 #: attention maps are stored inline in result.json (nested lists) up to this many
-#: cells (stage 1, and all stage-2 maps together); larger maps go to ``MAPS_FILE``
-JSON_MAX_CELLS = 1 << 20
+#: cells (stage 1, and all stage-2 maps together); larger maps go to ``MAPS_FILE``.
+#: Small: as JSON text a map cell takes ~20 bytes, so 16,384 cells are ~300 kB (the
+#: limit was 2^20 until 2026-12-06: a 2,220 × 2,967 slide wrote a 7.4 MB result.json)
+JSON_MAX_CELLS = 1 << 14
 MAPS_FILE = "attention_maps.npz"
 #: tile side of the attention TIFFs, and the long side at which their pyramids stop
 TIFF_TILE = 256
@@ -472,6 +474,22 @@ class SparseMap:
                 block[rows[a:b] % tile, cols[a:b] % tile] = vals[a:b]
             yield block
 
+    def zlib_tiles(self, tile: int):
+        """:meth:`tiles` already zlib-encoded (little-endian float32, no predictor), as
+        tifffile writes pre-encoded tiles.  A slide-wide stage-2 canvas is mostly empty
+        tiles (12,500 of them at 100,000²): the empty one is encoded once, not each
+        time (6 s of the 9 s it took to write that slide's outputs)."""
+        import zlib
+
+        empty = None
+        for block in self.tiles(tile):
+            if block.any():
+                yield zlib.compress(block.astype("<f4").tobytes(), 6)
+            else:
+                if empty is None:
+                    empty = zlib.compress(block.astype("<f4").tobytes(), 6)
+                yield empty
+
 
 def stage2_canvas(result: Result) -> tuple[SparseMap, tuple[float, float]]:
     """All drawn tiles' stage-2 attention on one slide-wide grid, as sub-tile weights.
@@ -532,22 +550,31 @@ def export_precision(values: np.ndarray) -> tuple[np.ndarray, float]:
     of exponents, no sort), so it stays fast on 6,250² maps.
     """
     a = np.asarray(values, np.float32)
-    a = np.where(a > 0, a, np.float32(0))  # negatives and NaN → 0
-    if a.size == 0:
-        return a, 0.0
-    bits = a.view(np.uint32)
-    exponent = bits >> 23  # a ≥ 0: no sign bit
-    mass = np.bincount(exponent.ravel(), weights=a.ravel(), minlength=256)
+    flat = a.reshape(-1)
+    step = 1 << 20  # cells per chunk: the temporaries stay a few MB on 6,250² maps
+    chunks = [slice(i, i + step) for i in range(0, flat.size, step)]
+
+    def cleaned(part: slice) -> np.ndarray:
+        v = flat[part]
+        return np.where(v > 0, v, np.float32(0))  # negatives and NaN → 0
+
+    mass = np.zeros(256)
+    for part in chunks:
+        v = cleaned(part)
+        mass += np.bincount(v.view(np.uint32) >> 23, weights=v, minlength=256)
     total = float(mass.sum())
     if not (total > 0 and np.isfinite(total)):
-        return a, 0.0
+        return np.where(a > 0, a, np.float32(0)), 0.0
     below = np.cumsum(mass) - mass  # mass of the exponent classes under each class
-    lowest = int(np.searchsorted(below, (1.0 - EXPORT_KEPT_MASS) * total, side="right")) - 1
+    lowest = max(int(np.searchsorted(below, (1 - EXPORT_KEPT_MASS) * total, "right")) - 1, 0)
     shift = 23 - EXPORT_MANTISSA_BITS
-    rounded = (bits + np.uint32(1 << (shift - 1))) & np.uint32(~((1 << shift) - 1) & 0xFFFFFFFF)
-    np.minimum(rounded, np.uint32(0x7F7FFFFF), out=rounded)  # never rounds up to inf
-    out = np.where(exponent >= max(lowest, 0), rounded, np.uint32(0)).view(np.float32)
-    return out, float(below[max(lowest, 0)]) / total
+    half, mask = np.uint32(1 << (shift - 1)), np.uint32(~((1 << shift) - 1) & 0xFFFFFFFF)
+    out = np.empty(flat.size, np.uint32)
+    for part in chunks:
+        bits = cleaned(part).view(np.uint32)
+        rounded = np.minimum((bits + half) & mask, np.uint32(0x7F7FFFFF))  # never inf
+        out[part] = np.where(bits >> 23 >= lowest, rounded, np.uint32(0))
+    return out.view(np.float32).reshape(a.shape), float(below[lowest]) / total
 
 
 def write_attention_tiff(
@@ -608,7 +635,7 @@ def write_attention_tiff(
                 "metadata": meta if k == 0 else None,
             }
             if isinstance(lv, SparseMap):
-                yield lv.tiles(TIFF_TILE), {**options, "shape": lv.shape, "dtype": np.float32}
+                yield lv.zlib_tiles(TIFF_TILE), {**options, "shape": lv.shape, "dtype": "<f4"}
             else:
                 yield lv, options
 
