@@ -16,6 +16,7 @@ from xml.parsers import expat
 import numpy as np
 
 from ..errors import AnnotationError
+from ..xmlsafe import has_declaration, parser_refusing_declarations
 from .model import (
     DEFAULT_LABEL,
     EXCLUSION_LABEL,
@@ -69,17 +70,18 @@ def read_asap_xml(path: str | os.PathLike) -> Annotations:
     except OSError as e:
         raise AnnotationError(p, f"cannot be read ({e.strerror or e}).", None) from None
     unsafe = "contains a DOCTYPE or ENTITY declaration, which is refused for safety."
-    if re.search(rb"<!\s*(DOCTYPE|ENTITY)", data, re.IGNORECASE):
+    if has_declaration(data):
         raise AnnotationError(p, unsafe, _XML_FIX)
 
     records: list[dict[str, Any]] = []
     stack: list[str] = []
     current: dict[str, Any] | None = None
-    parser = expat.ParserCreate()
     budget = VertexBudget(p, _XML_FIX)
 
     def refuse(*_args: Any) -> None:
         raise AnnotationError(p, unsafe, _XML_FIX)
+
+    parser = parser_refusing_declarations(refuse)
 
     def start(name: str, attrs: dict[str, str]) -> None:
         nonlocal current
@@ -112,9 +114,6 @@ def read_asap_xml(path: str | os.PathLike) -> Annotations:
             records.append(current)
             current = None
 
-    parser.StartDoctypeDeclHandler = refuse
-    parser.EntityDeclHandler = refuse
-    parser.ExternalEntityRefHandler = refuse
     parser.StartElementHandler = start
     parser.EndElementHandler = end
     try:

@@ -22,13 +22,13 @@ The walk reads only the directories and their tag values: a few kB for a slide.
 from __future__ import annotations
 
 import math
-import re
 import struct
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import SlideError
+from ..xmlsafe import has_declaration, parser_refusing_declarations
 
 #: image directories (pages and sub-IFDs) in one file; a slide pyramid has tens
 MAX_DIRECTORIES = 10_000
@@ -354,16 +354,13 @@ def safe_xml(path: Path | None, data: bytes, what: str):
         f"its {what} contains a DOCTYPE or ENTITY declaration, which is refused for safety.",
         "Export the slide again, or convert it to a plain pyramidal TIFF.",
     )
-    if re.search(rb"<!\s*(DOCTYPE|ENTITY)", data, re.IGNORECASE):
+    if has_declaration(data):
         raise unsafe
 
     def refuse(*_args) -> None:
         raise unsafe
 
-    parser = expat.ParserCreate()
-    parser.StartDoctypeDeclHandler = refuse
-    parser.EntityDeclHandler = refuse
-    parser.ExternalEntityRefHandler = refuse
+    parser = parser_refusing_declarations(refuse)
     try:
         parser.Parse(data, True)
     except expat.ExpatError as exc:
