@@ -145,6 +145,7 @@ def _train_config(args: argparse.Namespace):
     input side, for every kind).
     """
     from .training import TrainConfig
+    from .training.config import KIND_DEFAULTS
 
     try:
         extra = json.loads(args.set)
@@ -183,14 +184,8 @@ def _train_config(args: argparse.Namespace):
         "init_encoder": args.init_encoder,
     }
     values = {k: v for k, v in given.items() if v is not None}
-    if args.kind == "magnet":  # 002 §4.3's settings where the user gave none
-        values = {
-            "lr": 3e-5,
-            "batch_size": 16,
-            "lr_schedule": "cosine",
-            "pretrain_epochs": 0,
-            **values,
-        }
+    # the kind's paper settings where the user gave none (MagNets: 002 §4.3)
+    values = {**KIND_DEFAULTS.get(args.kind, {}), **values}
     try:
         return TrainConfig.from_dict({**values, **extra})
     except TrainingError as exc:  # TrainConfig refuses a type or a range: say where from
@@ -476,7 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("--s2", scale, "stage-2 view scale of a tile (default 1/8)"),
         ("--tile", _whole(1, MAX_SIDE, " pixels"), "tile side in level-0 pixels (default 256)"),
         ("--subtile", _whole(1, MAX_SIDE, " pixels"), "sub-tile side, level-0 px (default 50)"),
-        ("--n", _whole(1, MAX_SAMPLES), "draws N per slide (default 100)"),
+        ("--n", _whole(1, MAX_SAMPLES), "n_samples (N): cells sampled per estimate (default 100)"),
         ("--feature-dim", _whole(1, MAX_WIDTH), "features of f (default 512)"),
         ("--entropy", weight, "entropy regulariser λ (default 1e-5)"),
         ("--warmup", epochs, "epochs before the contrastive loss (default 10)"),

@@ -315,21 +315,15 @@ class Result:
         """
         name = self.slide.get("name") or self.slide.get("path") or "image"
         p = self.probability
+        places = self.evidence.get("places")
         if self.mode == "magnify" and self.magnified is not None:
-            boxes = self.magnified["boxes"]
-            depths = sorted({int(b["depth"]) for b in boxes})
-            at = f"depth {depths[0]}" if len(depths) == 1 else f"depths {depths[0]}-{depths[-1]}"
-            zoom = max(float(b["zoom"]) for b in boxes)
-            how = (
-                f"p={p:.2f}, one pass, {len(boxes)} magnified region"
-                f"{'s' if len(boxes) != 1 else ''} at {at} (zoom up to {zoom:.3g}x)"
-            )
+            # no places: a MagNet's patches are read in order, not weighed into shares
+            how, places = f"p={p:.2f}, one pass, {self.magnified_words()}", None
         elif self.mode == "topk":
             how = f"p={p:.2f}, top-k"
         else:
             sd = float(self.spread[self.label])
             how = f"p={p:.2f} ± {sd:.2f} over {self.draws} draw{'s' if self.draws != 1 else ''}"
-        places = self.evidence.get("places")
         if places is not None:
             how += f", {places} place{'s' if places != 1 else ''}"
         return (
@@ -337,6 +331,18 @@ class Result:
             f"{self.pixels_decoded / 1e6:.1f} Mpx ({self.decode_ratio:.1f}x the "
             f"{self.pixels_needed / 1e6:.1f} Mpx needed)"
         )
+
+    def magnified_words(self) -> str:
+        """What a MagNet did, in the words every front end uses: ``8 magnified regions
+        at depths 1-2 (zoom up to 49.9x)`` (empty for the other kinds)."""
+        if self.magnified is None or not self.magnified.get("boxes"):
+            return ""
+        boxes = self.magnified["boxes"]
+        depths = sorted({int(b["depth"]) for b in boxes})
+        at = f"depth {depths[0]}" if len(depths) == 1 else f"depths {depths[0]}-{depths[-1]}"
+        zoom = max(float(b["zoom"]) for b in boxes)
+        regions = f"{len(boxes)} magnified region{'s' if len(boxes) != 1 else ''}"
+        return f"{regions} at {at} (zoom up to {zoom:.3g}x)"
 
     # -- JSON ---------------------------------------------------------------------
     def to_dict(self, maps_file: str | None = None) -> dict[str, Any]:
@@ -800,7 +806,8 @@ def write_outputs(result: Result, out_dir: str | os.PathLike) -> dict[str, Path]
     - ``geojson`` → ``sampled.geojson``: QuPath annotations "Sampled tile"
       (properties ``count``, ``alpha``) and "Sampled sub-tile" (``weight``, ``tile``),
       rectangles in level-0 (x, y) pixels, also as QuPath measurements.
-    - ``places`` → ``places.geojson``: one QuPath annotation "Attention place" per
+    - ``places`` → ``places.geojson`` (not for a MagNet, whose patches carry no
+      weights: see ``magnified``): one QuPath annotation "Attention place" per
       place the evidence came from (:func:`napari_zoomin.engine.places.places`): the
       convex hull of its sub-tiles, properties and measurements ``rank`` (1 = largest
       share), ``share`` (% of the sub-tiles' weight) and ``subtiles`` (how many).
@@ -855,8 +862,9 @@ def write_outputs(result: Result, out_dir: str | os.PathLike) -> dict[str, Path]
         )
     anns, props = _geojson_annotations(result)
     written["geojson"] = write_geojson(out / "sampled.geojson", anns, props)
-    anns, props = _place_annotations(result)
-    written["places"] = write_geojson(out / "places.geojson", anns, props)
+    if result.mode != "magnify":  # a MagNet's patches are read in order, not weighed
+        anns, props = _place_annotations(result)
+        written["places"] = write_geojson(out / "places.geojson", anns, props)
     if result.magnified is not None and result.magnified.get("boxes"):
         anns, props = _magnified_annotations(result)
         written["magnified"] = write_geojson(out / "magnified.geojson", anns, props)

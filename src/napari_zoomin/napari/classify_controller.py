@@ -7,6 +7,12 @@ table, the camera for a place.  Slide and result *layers* are opaque objects her
 (compared by identity, named through :func:`~.result_layers.result_layer_name`), so a
 test drives the controller with plain objects and a real slide, without a viewer; the
 widget (:mod:`.classify_widget`) only binds it to Qt and the viewer.
+
+A MagNet (002) draws nothing: its summary says "one pass" and what it magnified, in
+the words of :meth:`~napari_zoomin.engine.results.Result.summary`
+(:func:`summary_lines`), and its table lists the patches the classifier read, in
+order, with the predicted class's probability after each (the trace, 002 figure 5)
+instead of places.
 """
 
 from __future__ import annotations
@@ -28,14 +34,16 @@ from .result_layers import (
     OUTLINE_WIDTH_PX,
     PLACE_HIGHLIGHT,
     LayerData,
+    magnified_legend,
+    patch_indices,
     place_rows,
     place_view,
     result_layer_data,
     result_layer_name,
-    summary_lines,
     tissue_mask_from_labels,
     warning_lines,
 )
+from .result_layers import summary_lines as sampling_summary_lines
 
 if TYPE_CHECKING:
     from ..engine.checkpoints import Checkpoint
@@ -43,7 +51,17 @@ if TYPE_CHECKING:
     from ..engine.results import Result
     from ..slide import Slide
 
-__all__ = ["ClassifyController", "Job", "Outcome", "ResultSet", "ResultText", "TableView"]
+__all__ = [
+    "ClassifyController",
+    "Job",
+    "Outcome",
+    "ResultSet",
+    "ResultText",
+    "TableView",
+    "magnified_words",
+    "summary_lines",
+    "trace_values",
+]
 
 log = logging.getLogger(__name__)
 
@@ -97,15 +115,67 @@ class ResultText:
 
 @dataclass(frozen=True)
 class TableView:
-    """The places table: column headers, rows of text, and each row's place."""
+    """The places table: column headers, rows of text, and each row's place (a
+    :class:`~napari_zoomin.engine.places.Place`, or for a MagNet's patches the level-0
+    ``[top, left, h, w]`` box)."""
 
     columns: list[str]
     rows: list[list[Any]]
-    places: list[Place]
+    places: list[Place | list[float]]
+    #: what a row is: "places" (where the evidence is) or "patches" (a MagNet's, in order)
+    kind: str = "places"
 
 
 def table_columns(unit: str) -> list[str]:
     return ["rank", "share", "sub-tiles", f"x ({unit})", f"y ({unit})", f"size ({unit})"]
+
+
+def patch_columns(label: str, unit: str) -> list[str]:
+    return ["patch", f"p {label}", "change", "zoom", f"x ({unit})", f"y ({unit})", f"size ({unit})"]
+
+
+def magnified_words(result: Result) -> str:
+    """What a MagNet did (:meth:`~napari_zoomin.engine.results.Result.magnified_words`)."""
+    return result.magnified_words()
+
+
+def trace_values(result: Result) -> list[float]:
+    """A MagNet's probability of the predicted class after each patch it read, in
+    reading order (002 figure 5); empty for the other kinds."""
+    if result.magnified is None:
+        return []
+    return [float(row[result.label]) for row in result.magnified.get("trace") or []]
+
+
+def _change(delta: float) -> str:
+    """A probability change as the table shows it: signed, 3 decimals, 0 unsigned."""
+    text = f"{delta:+.3f}"
+    return "0.000" if text in ("+0.000", "-0.000") else text
+
+
+def summary_lines(result: Result) -> list[str]:
+    """The widget's summary lines: prediction, probabilities, time, pixels, what was
+    looked at.  A MagNet (``mode == "magnify"``) made one deterministic pass: no
+    spread, no draws (``Draws (K)`` does not apply), and what it magnified instead of
+    tiles and sub-tiles; the other kinds': :func:`~.result_layers.summary_lines`."""
+    if result.mode != "magnify" or result.magnified is None or not result.magnified["boxes"]:
+        return sampling_summary_lines(result)
+    lines = sampling_summary_lines(result)
+    probs = ", ".join(f"{c} {result.probabilities[c]:.3f}" for c in result.classes)
+    n_patches = len(patch_indices(result))
+    trace = trace_values(result)
+    first = f"; p {result.label} {trace[0]:.3f} after the first patch" if trace else ""
+    tissue = result.tissue.get("fraction")
+    source = result.tissue.get("source")
+    where = "whole slide" if source is None else f"{tissue:.1%} of the slide ({source})"
+    return [
+        f"Prediction: {result.label} (p = {result.probability:.3f}, one pass)",
+        f"Probabilities (one deterministic pass; Draws (K) does not apply): {probs}",
+        lines[2],  # time
+        lines[3],  # pixels decoded
+        f"Looked at {magnified_words(result)}; read {n_patches} patch"
+        f"{'es' * (n_patches != 1)} in order{first}; tissue: {where}",
+    ]
 
 
 EMPTY_TABLE = TableView(table_columns("µm"), [], [])
@@ -228,7 +298,10 @@ class ClassifyController:
     @staticmethod
     def table(result: Result, n: int = MAX_PLACES) -> TableView:
         """The ``n`` places with most evidence as rows: share in %, centre and size in
-        µm (pixels, and said so, when the slide has no pixel size)."""
+        µm (pixels, and said so, when the slide has no pixel size).  A MagNet's: every
+        patch it read (:meth:`patch_table`)."""
+        if patch_indices(result):
+            return ClassifyController.patch_table(result)
         rows = place_rows(result, n)
         unit = rows[0]["unit"] if rows else ("µm" if result.slide.get("mpp") else "px")
         digits = ".0f" if unit == "px" else ".1f"
@@ -245,8 +318,42 @@ class ClassifyController:
         ]
         return TableView(table_columns(unit), data, [r["place"] for r in rows])
 
+    @staticmethod
+    def patch_table(result: Result) -> TableView:
+        """A MagNet's patches in reading order: the predicted class's probability once
+        read, its change from the previous patch, the zoom, and centre and size in µm
+        (pixels, and said so, when the slide has no pixel size)."""
+        boxes = result.magnified["boxes"]
+        mpp = result.slide.get("mpp")
+        per_px = (1.0, 1.0) if mpp is None else (float(mpp[0]), float(mpp[1]))
+        unit, digits = ("px", ".0f") if mpp is None else ("µm", ".1f")
+        trace = trace_values(result)
+        rows, found = [], []
+        for k, m in enumerate(patch_indices(result)):
+            top, left, h, w = (float(v) for v in boxes[m]["box"])
+            p = trace[k] if k < len(trace) else float("nan")
+            change = "–" if k == 0 or k >= len(trace) else _change(p - trace[k - 1])
+            rows.append(
+                [
+                    k + 1,
+                    f"{p:.3f}",
+                    change,
+                    f"{float(boxes[m]['zoom']):.3g}x",
+                    f"{(left + w / 2) * per_px[1]:{digits}}",
+                    f"{(top + h / 2) * per_px[0]:{digits}}",
+                    f"{w * per_px[1]:{digits}} x {h * per_px[0]:{digits}}",
+                ]
+            )
+            found.append([top, left, h, w])
+        return TableView(patch_columns(result.label, unit), rows, found, kind="patches")
+
+    @staticmethod
+    def legend(result: Result) -> list[tuple[str, str]]:
+        """``(words, colour)`` of the ``magnified regions`` layer's depths (a MagNet's)."""
+        return magnified_legend(result)
+
     def place_camera(
-        self, place: Place, canvas_size: tuple[int, int]
+        self, place: Place | list[float], canvas_size: tuple[int, int]
     ) -> tuple[tuple[float, float], float]:
         """Camera ``(centre, zoom)`` showing a place of the shown result, never past full
         resolution (:func:`~.result_layers.place_view`)."""

@@ -5,9 +5,9 @@ ClassifyController` (Qt-free) keeps the loaded checkpoints, each slide's result 
 cancel flag, and says what to show; the widget gathers the inputs, runs the controller's
 :meth:`~.classify_controller.ClassifyController.run` in a napari worker (progress bar, Cancel),
 and renders the returned :class:`~napari_zoomin.engine.results.Result` with
-:mod:`.result_layers` (five layers on the slide), a summary and a table of the places
-the evidence came from (:func:`napari_zoomin.engine.places.places`): selecting one
-zooms there and thickens its outline.  Export writes the engine's files
+:mod:`.result_layers` (seven layers on the slide; three for a MagNet), a summary and a
+table of the places the evidence came from (:func:`napari_zoomin.engine.places.places`):
+selecting one zooms there and thickens its outline.  Export writes the engine's files
 (:func:`~napari_zoomin.engine.results.write_outputs`) and the ``ROI annotations`` layer
 as QuPath GeoJSON.
 
@@ -21,6 +21,12 @@ another slide has its slide's name appended (``stage-1 attention [slide-a]``,
 chosen slide.  "Edit tissue
 mask" shows the engine's tissue mask as a labels layer; while that layer exists, its
 (possibly edited) pixels are the sampling mask of the next classification.
+
+MagNets (002).  A MagNet's result gets the ``magnified regions`` layer (its boxes,
+coloured by depth, with a colour legend under the summary), and instead of places the
+table lists the patches its classifier read, in order, above a small plot of the
+predicted class's probability after each patch (:class:`ProbabilityTracePlot`, 002
+figure 5); choosing a patch in either zooms to it and thickens its outline.
 """
 
 from __future__ import annotations
@@ -39,7 +45,9 @@ from magicgui.widgets import (
     SpinBox,
     Table,
 )
-from qtpy.QtCore import QObject, Signal, Slot
+from qtpy.QtCore import QObject, QPointF, Qt, Signal, Slot
+from qtpy.QtGui import QColor, QPainter, QPen, QPolygonF
+from qtpy.QtWidgets import QSizePolicy, QWidget
 
 from ..errors import ZoominError
 from .classify_controller import (
@@ -49,11 +57,14 @@ from .classify_controller import (
     Outcome,
     ResultSet,
     TableView,
+    trace_values,
 )
 from .model_choices import DEMO, known_models, on_models_changed
 from .result_layers import (
     LAYER_KEY,
+    MAGNIFIED_LAYER,
     MAX_PLACES,
+    PATCH_COLOR,
     PLACES_LAYER,
     RESULT_KEY,
     TISSUE_LAYER,
@@ -67,13 +78,15 @@ if TYPE_CHECKING:
 
     from ..engine.results import Result
 
-__all__ = ["ClassifyWidget"]
+__all__ = ["ClassifyWidget", "ProbabilityTracePlot"]
 
 log = logging.getLogger(__name__)
 
 #: rows of the "where the evidence is" table: every place, up to this many
 TOP_PLACES = MAX_PLACES
 ROI_EXPORT_NAME = "roi_annotations.geojson"
+PLACES_HEADING = "Where the evidence is (select one to go there):"
+PATCHES_HEADING = "Patches in the order the classifier read them (select one to go there):"
 
 
 def _model_label(model: str) -> str:
@@ -113,6 +126,81 @@ class _Relay(QObject):
         self._on_models_changed()
 
 
+class ProbabilityTracePlot(QWidget):
+    """A MagNet's probability of the predicted class after each patch it read (002
+    figure 5): one dot per patch on a [0, 1] axis, painted with QPainter as the Train
+    widget's plot; the chosen patch is ringed, and a click on a dot calls
+    ``on_pick(index)``."""
+
+    LINE_COLOUR = QColor(PATCH_COLOR)
+
+    def __init__(self, on_pick=None, parent: QWidget | None = None):
+        super().__init__(parent)
+        self.values: list[float] = []
+        self.label = ""
+        self.selected: int | None = None
+        self._on_pick = on_pick
+        self.setMinimumHeight(90)
+        self.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Fixed)
+
+    def set_trace(self, values: list[float], label: str) -> None:
+        self.values, self.label, self.selected = [float(v) for v in values], label, None
+        self.setToolTip(
+            f"p {label} after each patch the classifier read (left: after the first; "
+            "right: the prediction). Click a dot to go to its patch."
+        )
+        self.update()
+
+    def select(self, index: int | None) -> None:
+        self.selected = index
+        self.update()
+
+    def _box(self) -> tuple[float, float, float, float]:
+        return 30.0, 6.0, max(self.width() - 40.0, 1.0), max(self.height() - 24.0, 1.0)
+
+    def point(self, index: int) -> QPointF:
+        """Where the dot of patch ``index`` is drawn (widget pixels)."""
+        left, top, width, height = self._box()
+        n = len(self.values)
+        x = left + (width * index / (n - 1) if n > 1 else width / 2)
+        v = min(max(self.values[index], 0.0), 1.0)
+        return QPointF(x, top + height * (1.0 - v))
+
+    def mousePressEvent(self, event) -> None:
+        if not self.values or self._on_pick is None:
+            return
+        x = event.position().x() if hasattr(event, "position") else event.x()
+        nearest = min(range(len(self.values)), key=lambda i: abs(self.point(i).x() - x))
+        self._on_pick(nearest)
+
+    def paintEvent(self, event) -> None:
+        painter = QPainter(self)
+        painter.setRenderHint(QPainter.RenderHint.Antialiasing)
+        left, top, width, height = self._box()
+        painter.setPen(QPen(self.palette().mid().color(), 1))
+        painter.drawRect(int(left), int(top), int(width), int(height))
+        half = QPen(self.palette().mid().color(), 1)
+        half.setStyle(Qt.PenStyle.DashLine)
+        painter.setPen(half)
+        painter.drawLine(QPointF(left, top + height / 2), QPointF(left + width, top + height / 2))
+        text = self.palette().text().color()
+        painter.setPen(text)
+        painter.drawText(4, int(top + 10), "1")
+        painter.drawText(4, int(top + height), "0")
+        n = len(self.values)
+        painter.drawText(int(left), self.height() - 4, f"p {self.label} after each of {n} patches")
+        if n:
+            points = QPolygonF([self.point(i) for i in range(n)])
+            painter.setPen(QPen(self.LINE_COLOUR, 2))
+            painter.drawPolyline(points)
+            for i in range(n):
+                painter.drawEllipse(self.point(i), 2.5, 2.5)
+            if self.selected is not None and 0 <= self.selected < n:
+                painter.setPen(QPen(text, 2))
+                painter.drawEllipse(self.point(self.selected), 6.0, 6.0)
+        painter.end()
+
+
 class ClassifyWidget(Container):
     """Dock widget: inputs, Classify/Cancel, progress, result summary, places table."""
 
@@ -139,7 +227,11 @@ class ClassifyWidget(Container):
         self.summary = Label(value="")  # the prediction, first
         self.warnings = Label(value="")  # reasons to doubt it, right below (Result.warnings)
         self.details = Label(value="")  # probabilities, cost, what was looked at
-        self._places: list = []  # the table's rows' places (engine.places.Place)
+        self.legend = Label(value="")  # a MagNet's: the magnified regions' colours
+        self.trace_plot = ProbabilityTracePlot(on_pick=self.select_row)
+        self.table_heading = Label(value=PLACES_HEADING)
+        self._places: list = []  # the table's rows' places (engine.places.Place) or boxes
+        self._table_kind = "places"
         self.place_table = Table(value={"data": [], "index": [], "columns": EMPTY_TABLE.columns})
         self.export_button = PushButton(text="Export…", enabled=False)
         self.tissue_button = PushButton(text="Edit tissue mask")
@@ -162,7 +254,8 @@ class ClassifyWidget(Container):
                 self.summary,
                 self.warnings,
                 self.details,
-                Label(value="Where the evidence is (select one to go there):"),
+                self.legend,
+                self.table_heading,
                 self.place_table,
                 Container(
                     widgets=[self.export_button, self.tissue_button],
@@ -171,14 +264,17 @@ class ClassifyWidget(Container):
                 ),
             ]
         )
-        from qtpy.QtWidgets import QSizePolicy
-
-        for label in (self.status, self.summary, self.warnings, self.details):
+        for label in (self.status, self.summary, self.warnings, self.details, self.legend):
             label.native.setWordWrap(True)  # long paths wrap, never widen the dock
             label.native.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
         self.summary.native.setStyleSheet("font-weight: bold;")
         self.warnings.native.setStyleSheet(f"color: {_warning_colour(viewer)};")
         self.warnings.visible = False
+        self.legend.visible = False
+        # the trace plot goes right above the table (a MagNet's result only)
+        layout = self.native.layout()
+        layout.insertWidget(layout.indexOf(self.place_table.native), self.trace_plot)
+        self.trace_plot.setVisible(False)
         self._setup_table()
 
         self.classify_button.changed.connect(self.classify)
@@ -267,6 +363,7 @@ class ClassifyWidget(Container):
             for label in (self.summary, self.details, self.warnings):
                 label.value = ""
             self.warnings.visible = False
+            self._show_magnet(None)
             self._show_table(EMPTY_TABLE)
             return
         text = self.controller.text(rs.result)
@@ -274,7 +371,19 @@ class ClassifyWidget(Container):
         self.details.value = text.details
         self.warnings.value = text.warnings
         self.warnings.visible = bool(text.warnings)
+        self._show_magnet(rs.result)
         self._show_table(self.controller.table(rs.result, TOP_PLACES))
+
+    def _show_magnet(self, result: Result | None) -> None:
+        """A MagNet's colour legend and probability trace; hidden for the other kinds."""
+        legend = self.controller.legend(result) if result is not None else []
+        self.legend.value = "magnified regions: " + ", ".join(
+            f'<span style="color:{colour}">&#9632;</span> {words}' for words, colour in legend
+        )
+        self.legend.visible = bool(legend)
+        values = trace_values(result) if legend else []
+        self.trace_plot.set_trace(values, result.label if result is not None else "")
+        self.trace_plot.setVisible(bool(values))
 
     def _model_choices(self, _widget=None) -> list[tuple[str, str]]:
         models = known_models()
@@ -505,6 +614,8 @@ class ClassifyWidget(Container):
 
     def _show_table(self, table: TableView) -> None:
         self._places = list(table.places)
+        self._table_kind = table.kind
+        self.table_heading.value = PATCHES_HEADING if table.kind == "patches" else PLACES_HEADING
         self.place_table.value = {"data": table.rows, "index": [], "columns": table.columns}
         self.place_table.native.resizeColumnsToContents()
 
@@ -513,9 +624,15 @@ class ClassifyWidget(Container):
         if rows:
             self.show_place(rows[0].row())
 
+    def select_row(self, index: int) -> None:
+        """Select row ``index`` of the table (which zooms there: :meth:`show_place`)."""
+        if 0 <= index < len(self._places):
+            self.place_table.native.selectRow(index)
+
     def show_place(self, index: int) -> None:
-        """Zoom to place ``index`` (0 = most evidence): its box fills most of the canvas,
-        never magnified past full resolution; its outline in the places layer thickens."""
+        """Zoom to place ``index`` (0 = most evidence; for a MagNet, patch ``index`` in
+        reading order): its box fills most of the canvas, never magnified past full
+        resolution; its outline thickens (and the trace marks the patch)."""
         if self.result is None or not 0 <= index < len(self._places):
             return
         place = self._places[index]
@@ -523,23 +640,24 @@ class ClassifyWidget(Container):
         camera = self.viewer.scene.camera
         camera.center = centre
         camera.zoom = zoom
-        self._highlight(place.rank)
+        if self._table_kind == "patches":
+            self.trace_plot.select(index)
+            self._highlight(index + 1, MAGNIFIED_LAYER, "patch")
+        else:
+            self._highlight(place.rank, PLACES_LAYER, "rank")
 
-    def _highlight(self, rank: int) -> None:
-        """Thicken the outline of the place of ``rank`` in the places layer (if it is
-        this result's) to :data:`PLACE_HIGHLIGHT` times the others, on screen."""
+    def _highlight(self, key: int, name: str, feature: str) -> None:
+        """Thicken the outline of the shape whose ``feature`` is ``key`` in the layer
+        ``name`` (if it is this result's) to :data:`PLACE_HIGHLIGHT` times the others,
+        on screen."""
         rs = self.controller.shown
         layer = next(
-            (
-                lay
-                for lay in (rs.layers if rs else [])
-                if lay.metadata.get(LAYER_KEY) == PLACES_LAYER
-            ),
+            (lay for lay in (rs.layers if rs else []) if lay.metadata.get(LAYER_KEY) == name),
             None,
         )
         if layer is None or layer.metadata.get(RESULT_KEY) is not self.result or not layer.nshapes:
             return
-        widths = self.controller.highlight_widths(list(layer.features["rank"]), rank)
+        widths = self.controller.highlight_widths(list(layer.features[feature]), key)
         set_screen_width(layer, widths, self.viewer.scene.camera.zoom)
 
     # ------------------------------------------------------------------ export

@@ -42,6 +42,16 @@ clamps every marker's on-screen size to exactly that), numbered by rank.  The
 outlines of tiles, sub-tiles and places are :data:`OUTLINE_WIDTH_PX` screen pixels wide
 at every zoom (their metadata asks :mod:`.zoom_follow` to keep them so).
 
+MagNets (002).  A MagNet samples nothing: it zooms.  Its result gets the overview and
+``stage-1 attention`` (layer 1's spatial-sparsemax distribution ``p`` over the whole
+slide, the map its first boxes came from) and :data:`MAGNIFIED_LAYER`, every box each
+magnifying layer read, outlined in its layer's colour (:func:`depth_colours`; the
+classification patches, the last layer, in :data:`PATCH_COLOR` and numbered in the
+order the GRU read them).  The sampling kinds' other layers are left out: a MagNet has
+no stage 2, its "tiles" and "sub-tiles" are its layer-1 boxes and patches with made-up
+counts and equal weights (the boxes layer shows them as they are), and its patches are
+read in sequence, not weighed, so "places" by share of evidence would mislead.
+
 Several slides.  Each slide keeps its own result layers (the ``Classify slide`` widget
 puts them directly above their slide).  The most recent classification's layers have
 the bare names above; an earlier result of *another* slide gets its slide's name
@@ -64,6 +74,8 @@ from .zoom_follow import OUTLINE_PX, SCREEN_WIDTH_KEY, SHOWN_BELOW_KEY
 
 __all__ = [
     "LAYER_KEY",
+    "MAGNET_LAYER_NAMES",
+    "MAGNIFIED_LAYER",
     "MARKERS_LAYER",
     "MAX_PLACES",
     "OUTLINE_WIDTH_PX",
@@ -77,10 +89,14 @@ __all__ = [
     "TILES_LAYER",
     "TISSUE_LAYER",
     "TISSUE_SOURCE",
+    "depth_colours",
+    "magnified_layer_data",
+    "magnified_legend",
     "map_placement",
     "markers_layer_data",
     "overview_layer_data",
     "overview_values",
+    "patch_indices",
     "place_rows",
     "place_view",
     "places_layer_data",
@@ -114,6 +130,13 @@ RESULT_LAYER_NAMES = (
     PLACES_LAYER,
     MARKERS_LAYER,
 )
+MAGNIFIED_LAYER = "magnified regions"
+#: a MagNet result's layers, bottom to top (module docstring)
+MAGNET_LAYER_NAMES = (OVERVIEW_LAYER, STAGE1_LAYER, MAGNIFIED_LAYER)
+#: outline colours of the magnifying layers' boxes, layer 1 first (cycled past 4 layers)
+DEPTH_COLORS = ("#00e5ff", "#ffd400", "#7cff4f", "#ff8c00")
+#: outline and number colour of the classification patches (the last layer's boxes)
+PATCH_COLOR = "#ff3df2"
 #: metadata key of every result layer: its bare name (one of RESULT_LAYER_NAMES)
 LAYER_KEY = "napari_zoomin_result_layer"
 #: markers: how many places get one, and their size on screen (pixels, any zoom)
@@ -192,6 +215,16 @@ def stage1_layer_data(result: Result, frame: Frame) -> LayerData:
     alpha = np.asarray(result.stage1_attention, np.float32)
     data = np.where(alpha > 0, alpha, np.float32(np.nan)).astype(np.float32)
     scale, translate = map_placement(result.stage1_origin, result.stage1_cell_size, frame)
+    values = (
+        "stage-1 attention alpha per cell (sums to 1 over the slide); "
+        "NaN = background, never sampled"
+    )
+    if result.magnified is not None:
+        values = (
+            "MagNet: layer 1's spatial-sparsemax distribution p over the whole slide "
+            "(mean over its boxes; sums to 1), the map its first boxes came from; "
+            "NaN = outside its support"
+        )
     return (
         data,
         {
@@ -206,10 +239,7 @@ def stage1_layer_data(result: Result, frame: Frame) -> LayerData:
             "interpolation2d": "nearest",
             "metadata": {
                 RESULT_KEY: result,
-                "values": (
-                    "stage-1 attention alpha per cell (sums to 1 over the slide); "
-                    "NaN = background, never sampled"
-                ),
+                "values": values,
                 "origin": list(result.stage1_origin),
                 "cell_size": list(result.stage1_cell_size),
             },
@@ -524,6 +554,105 @@ def markers_layer_data(result: Result, frame: Frame, n: int = MAX_MARKERS) -> La
     return centres, kwargs, "points"
 
 
+def depth_colours(depths) -> dict[int, str]:
+    """Outline colour of each magnifying layer (1-based depth): :data:`DEPTH_COLORS` in
+    turn, and :data:`PATCH_COLOR` for the deepest, whose boxes are the patches the
+    classifier read."""
+    depths = sorted({int(d) for d in depths})
+    last = depths[-1] if depths else 0
+    return {
+        d: PATCH_COLOR if d == last else DEPTH_COLORS[(d - 1) % len(DEPTH_COLORS)] for d in depths
+    }
+
+
+def magnified_legend(result: Result) -> list[tuple[str, str]]:
+    """``(words, colour)`` of each depth of a MagNet result's boxes, layer 1 first
+    (empty for the other kinds): what the ``magnified regions`` colours mean."""
+    if not _is_magnet(result):
+        return []
+    boxes = result.magnified["boxes"]
+    colours = depth_colours(b["depth"] for b in boxes)
+    last = max(colours)
+    words = {
+        d: f"patches read by the classifier (layer {d})" if d == last else f"layer {d}"
+        for d in colours
+    }
+    return [(words[d], colours[d]) for d in sorted(colours)]
+
+
+def _is_magnet(result: Result) -> bool:
+    return bool(result.magnified is not None and result.magnified.get("boxes"))
+
+
+def patch_indices(result: Result) -> list[int]:
+    """Indices into ``result.magnified["boxes"]`` of the classification patches (the
+    deepest layer's boxes), in the order the GRU read them (= the trace's order)."""
+    if not _is_magnet(result):
+        return []
+    boxes = result.magnified["boxes"]
+    last = max(int(b["depth"]) for b in boxes)
+    return [m for m, b in enumerate(boxes) if int(b["depth"]) == last]
+
+
+def magnified_layer_data(result: Result, frame: Frame) -> LayerData | None:
+    """Every box a MagNet read, as rectangles in level-0 pixels (``box`` as recorded:
+    floats, possibly reaching past the slide's edge), outlined in its depth's colour
+    (:func:`depth_colours`); the patches are numbered in reading order.  Features:
+    ``box`` (index into ``result.magnified["boxes"]``), ``depth``, ``patch`` (1-based
+    reading order, 0 for the magnifying layers' boxes), ``zoom``, ``level`` and ``p``
+    (the predicted class's probability once the patch was read; NaN for the others).
+    ``None`` for the other kinds."""
+    if not _is_magnet(result):
+        return None
+    boxes = result.magnified["boxes"]
+    trace = result.magnified.get("trace") or []
+    depths = np.array([int(b["depth"]) for b in boxes], np.int64)
+    colours = depth_colours(depths)
+    patch = np.zeros(len(boxes), np.int64)
+    p = np.full(len(boxes), np.nan)
+    for k, m in enumerate(patch_indices(result)):
+        patch[m] = k + 1
+        if k < len(trace):
+            p[m] = float(trace[k][result.label])
+    scale, translate = roi_shapes_placement(frame)
+    side = max(float(b["box"][2]) for b in boxes)
+    features = {
+        "box": np.arange(len(boxes), dtype=np.int64),
+        "depth": depths,
+        "patch": patch,
+        "zoom": np.array([float(b["zoom"]) for b in boxes], np.float64),
+        "level": np.array([int(b["level"]) for b in boxes], np.int64),
+        "p": p,
+        "number": np.array([str(k) if k else "" for k in patch], dtype=object),
+    }
+    return (
+        _rectangles(b["box"] for b in boxes),
+        {
+            "name": MAGNIFIED_LAYER,
+            "shape_type": "rectangle",
+            "scale": scale,
+            "translate": translate,
+            "features": features,
+            "edge_color": [colours[int(d)] for d in depths],
+            "edge_width": side / 128,
+            "face_color": "transparent",
+            "text": {
+                "string": "{number}",
+                "color": PATCH_COLOR,
+                "size": 10,
+                "anchor": "upper_left",
+            },
+            "metadata": {
+                RESULT_KEY: result,
+                "units": "level-0 pixels (result.json magnified boxes)",
+                "depth colours": {str(d): c for d, c in colours.items()},
+                SCREEN_WIDTH_KEY: OUTLINE_WIDTH_PX,
+            },
+        },
+        "shapes",
+    )
+
+
 def result_layer_name(name: str, slide: str | None = None) -> str:
     """A result layer's name: the bare ``name`` (one of :data:`RESULT_LAYER_NAMES`) for
     the most recent result, ``"name [slide]"`` for an earlier result of another slide."""
@@ -531,8 +660,14 @@ def result_layer_name(name: str, slide: str | None = None) -> str:
 
 
 def result_layer_data(result: Result, frame: Frame) -> list[LayerData]:
-    """The result layers, bottom to top (no stage-2 layer for one-stage models)."""
+    """The result layers, bottom to top (no stage-2 layer for one-stage models; a
+    MagNet's: :data:`MAGNET_LAYER_NAMES`)."""
     layers = [overview_layer_data(result, frame), stage1_layer_data(result, frame)]
+    if _is_magnet(result):
+        out = [*layers, magnified_layer_data(result, frame)]
+        for _, kwargs, _ in out:
+            kwargs["metadata"][LAYER_KEY] = kwargs["name"]
+        return out
     layers += [stage2_layer_data(result, frame)]
     layers += [tiles_layer_data(result, frame), subtiles_layer_data(result, frame)]
     layers += [places_layer_data(result, frame), markers_layer_data(result, frame)]

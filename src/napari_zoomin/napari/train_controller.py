@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import atomic_open
+from ..engine.checkpoints import MODEL_KINDS as KIND_CONFIGS
 from ..engine.dataset import SlideDataset, order_classes, read_labels, stratified_split
 from ..errors import CheckpointError, TrainingError, ZoominError
 from ..train_settings import TRAIN_SETTINGS, setting_name
@@ -47,6 +48,7 @@ from ..training import (
     resume_plan,
     train,
 )
+from ..training.config import KIND_DEFAULTS, MODEL_SETTINGS
 
 __all__ = [
     "ADVANCED_SETTINGS",
@@ -65,9 +67,11 @@ __all__ = [
     "config_from_form",
     "folder_data",
     "form_value",
+    "kind_switch",
     "output_path",
     "run_job",
     "saved_run_note",
+    "unused_settings",
     "write_labels_csv",
 ]
 
@@ -77,6 +81,7 @@ MODEL_KINDS = {
     "ATS": "ats",
     "Uniform": "uniform",
     "REINFORCE-ATS": "reinforce-ats",
+    "MagNet": "magnet",
 }
 FROM_FOLDER = "Slides folder + labels CSV"
 FROM_VIEWER = "Slides open in the viewer"
@@ -174,11 +179,61 @@ def _relabel(message: str) -> str:
     return re.sub(rf"(^|: |; )({names})\b(?! \()", lambda m: m[1] + setting_name(m[2]), message)
 
 
+def _kind_default(kind: str, name: str) -> Any:
+    """A setting's default for a model kind: its paper's (``KIND_DEFAULTS``, as
+    ``zoomin train --kind``), else ``TrainConfig``'s."""
+    return KIND_DEFAULTS.get(kind, {}).get(name, getattr(_DEFAULTS, name))
+
+
+def _same(name: str, a: Any, b: Any) -> bool:
+    """Whether two form values of a setting mean the same (``1e-4`` = ``0.0001``)."""
+    if TRAIN_SETTINGS[name].entry in ("number", "fraction"):
+        try:
+            return parse_number(str(a), name) == parse_number(str(b), name)
+        except ValueError:
+            return False
+    return a == b
+
+
+def kind_switch(old: str, new: str, values: Mapping[str, Any]) -> dict[str, Any]:
+    """The form values to change when the Model goes from kind ``old`` to ``new``:
+    each setting whose default differs between the two (MagNet: learning rate 3e-5,
+    batch 16, ``KIND_DEFAULTS``) gets ``new``'s default, unless the user changed it
+    from ``old``'s (then it is theirs and stays)."""
+    changes = {}
+    for name in sorted(set(KIND_DEFAULTS.get(old, {})) | set(KIND_DEFAULTS.get(new, {}))):
+        if name not in values or name not in TRAIN_SETTINGS:
+            continue  # not on the form: config_from_form applies it
+        before = form_value(name, _kind_default(old, name))
+        if _same(name, values[name], before):
+            changes[name] = form_value(name, _kind_default(new, name))
+    return changes
+
+
+def unused_settings(kind: str) -> tuple[str, ...]:
+    """The form's model settings that ``kind``'s model does not have (the form greys
+    them out): :func:`~napari_zoomin.training.config.model_settings` passes only the
+    fields the kind's config has, so these change nothing (a MagNet: the tile, scale,
+    ``N`` and attention-loss settings)."""
+    if kind not in KIND_CONFIGS:
+        return ()
+    fields = {f.name for f in dataclasses.fields(KIND_CONFIGS[kind][1])}
+    form = (*MAIN_SETTINGS, *ADVANCED_SETTINGS)
+    return tuple(n for n in form if n in MODEL_SETTINGS and n not in fields)
+
+
 def config_from_form(values: Mapping[str, Any], other_settings: str = "") -> TrainConfig:
     """The ``TrainConfig`` of the form: ``values`` maps field names to what the form
     holds (text for typed numbers, fractions and names); ``other_settings`` is the
-    JSON of any other setting.  A ValueError or TrainingError names the setting."""
+    JSON of any other setting.  A ValueError or TrainingError names the setting.
+
+    The kind's paper settings that are not on the form (MagNet: cosine annealing, no
+    ROI pre-training; ``KIND_DEFAULTS``) apply unless ``other_settings`` gives them,
+    as ``zoomin train --kind`` does."""
     config: dict[str, Any] = {name: _from_form(name, v) for name, v in values.items()}
+    kind = config.get("kind", _DEFAULTS.kind)
+    hidden = {k: v for k, v in KIND_DEFAULTS.get(kind, {}).items() if k not in config}
+    config = {**hidden, **config}
     text = other_settings.strip()
     if text:
         try:

@@ -72,9 +72,11 @@ from .train_controller import (
     TrainController,
     config_from_form,
     form_value,
+    kind_switch,
     output_path,
     run_job,
     saved_run_note,
+    unused_settings,
 )
 
 if TYPE_CHECKING:
@@ -209,7 +211,8 @@ class _ProgressRelay(QObject):
 
 
 class TrainWidget(Container):
-    """Dock widget: train a Zoom-In (or ATS, Uniform, REINFORCE-ATS) model on labelled slides."""
+    """Dock widget: train a Zoom-In (or ATS, Uniform, REINFORCE-ATS, MagNet) model on
+    labelled slides."""
 
     def __init__(self, viewer: napari.viewer.Viewer):
         # The dock holds one scroll area (so a laptop screen fits it beside other docks:
@@ -348,6 +351,8 @@ class TrainWidget(Container):
         self.native.layout().setContentsMargins(0, 0, 0, 0)
 
         self.source.changed.connect(self._on_source_changed)
+        self._kind_shown = self.kind.value
+        self.kind.changed.connect(self._on_kind_changed)
         self.out_path.changed.connect(self._update_resume_note)
         self.advanced_button.changed.connect(self._on_advanced_clicked)
         self.train_button.changed.connect(self._on_train_clicked)
@@ -462,6 +467,18 @@ class TrainWidget(Container):
         raise KeyError(f"slide layer {layer_name!r} is not listed (it has no file behind it)")
 
     # ------------------------------------------------------------------ settings
+
+    def _on_kind_changed(self, kind) -> None:
+        """Another model kind: its paper's learning rate and batch where the user kept
+        the previous kind's (:func:`~.train_controller.kind_switch`), and the settings
+        its model does not have greyed out."""
+        values = {name: w.value for name, w in self.settings.items()}
+        for name, value in kind_switch(self._kind_shown, kind, values).items():
+            self.settings[name].value = value
+        self._kind_shown = kind
+        unused = unused_settings(kind)
+        for name, widget in self.settings.items():
+            widget.enabled = name not in unused
 
     def config(self) -> TrainConfig:
         """The settings in the form; ValueError / TrainingError say which one is wrong."""

@@ -37,6 +37,7 @@ from ..fields import (
 from ..models.pretrain import POOLINGS
 
 __all__ = [
+    "KIND_DEFAULTS",
     "MODEL_SETTINGS",
     "POOLINGS",
     "TrainConfig",
@@ -61,6 +62,13 @@ MODEL_SETTINGS = (
     "contrastive_warmup_epochs",
     "pixel_weight",
 )
+#: settings a model kind's paper trains with, where the user gave none (the
+#: ``zoomin train --kind`` flags and the Train form apply them the same way): MagNets,
+#: 002 §4.3: Adam 3e-5, batch 16, cosine annealing; no ROI pre-training (its networks
+#: have no attention map to pre-train)
+KIND_DEFAULTS: dict[str, dict[str, Any]] = {
+    "magnet": {"lr": 3e-5, "batch_size": 16, "lr_schedule": "cosine", "pretrain_epochs": 0},
+}
 #: the devices a setting may name (whether this machine has them is checked when training)
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:[0-9]{1,3})?")
 #: sides here, ``(side, side)`` in the model config
