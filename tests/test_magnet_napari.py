@@ -297,6 +297,7 @@ def test_a_magnet_in_the_classify_widget(make_napari_viewer, qtbot, slide_path, 
 
     plot = widget.trace_plot
     image = QImage(plot.size(), QImage.Format.Format_ARGB32)
+    image.fill(Qt.GlobalColor.black)  # a new QImage holds whatever memory held
     plot.render(image)
     for i in range(len(trace)):
         dot = plot.point(i).toPoint()  # rounded: look at the pixels around it too

@@ -193,8 +193,10 @@ class ProbabilityTracePlot(QWidget):
             points = QPolygonF([self.point(i) for i in range(n)])
             painter.setPen(QPen(self.LINE_COLOUR, 2))
             painter.drawPolyline(points)
+            painter.setBrush(self.LINE_COLOUR)  # solid dots
             for i in range(n):
                 painter.drawEllipse(self.point(i), 2.5, 2.5)
+            painter.setBrush(Qt.BrushStyle.NoBrush)
             if self.selected is not None and 0 <= self.selected < n:
                 painter.setPen(QPen(text, 2))
                 painter.drawEllipse(self.point(self.selected), 6.0, 6.0)
