@@ -293,12 +293,11 @@ def test_a_magnet_in_the_classify_widget(make_napari_viewer, qtbot, slide_path, 
     # the plot draws a dot of the patches' colour per patch, and a click on the first
     # goes to the first patch
     from qtpy.QtCore import Qt
-    from qtpy.QtGui import QColor, QImage
+    from qtpy.QtGui import QColor
 
     plot = widget.trace_plot
-    image = QImage(plot.size(), QImage.Format.Format_ARGB32)
-    image.fill(Qt.GlobalColor.black)  # a new QImage holds whatever memory held
-    plot.render(image)
+    image = plot.grab().toImage()  # the widget as laid out now, at its real size
+    assert image.width() >= plot.point(len(trace) - 1).x()
     for i in range(len(trace)):
         dot = plot.point(i).toPoint()  # rounded: look at the pixels around it too
         around = {
