@@ -296,8 +296,9 @@ def test_a_magnet_in_the_classify_widget(make_napari_viewer, qtbot, slide_path, 
     from qtpy.QtGui import QColor
 
     plot = widget.trace_plot
-    image = plot.grab().toImage()  # the widget as laid out now, at its real size
-    assert image.width() >= plot.point(len(trace) - 1).x()
+    plot.grab()  # rendering first delivers the plot's pending resize (from the dock)
+    image = plot.grab().toImage()  # the widget at its settled size, as painted
+    assert (image.width(), image.height()) == (plot.width(), plot.height())
     for i in range(len(trace)):
         dot = plot.point(i).toPoint()  # rounded: look at the pixels around it too
         around = {
