@@ -17,13 +17,25 @@ import math
 import numbers
 import types
 import typing
+import unicodedata
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["MAX_INT", "field_problems"]
+__all__ = ["MAX_INT", "MAX_LABEL_CHARS", "control_character", "field_problems"]
 
 #: the largest integer a setting may hold (int64), whatever its own range
 MAX_INT = 2**63 - 1
+#: characters of a label a file gives (an annotation's class, a slide's class in a
+#: labels CSV): a class name shown in every result, never this long
+MAX_LABEL_CHARS = 200
+
+
+def control_character(text: str) -> str | None:
+    """The first control or invisible character in ``text`` (Unicode category C: a NUL,
+    an escape, a bidi override, ...), or None.  Names read from files must not hold
+    one: they would become class or file names that look like other ones."""
+    return next((c for c in text if unicodedata.category(c)[0] == "C"), None)
+
 
 # Limits of the settings every front end shares (the model configs' ``problems``,
 # ``TrainConfig``, the ``zoomin`` flags): far above any published set-up, far below

@@ -12,7 +12,6 @@ from __future__ import annotations
 import errno
 import os
 import stat
-import unicodedata
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import AnnotationError
+from ..fields import MAX_LABEL_CHARS, control_character
 from ..geometry import ring_area
 
 __all__ = [
@@ -180,8 +180,6 @@ MAX_VERTICES = 1_000_000
 MAX_MEAN_CROSSINGS = 1_000
 #: |x| and |y| of any vertex, in level-0 pixels (a slide has at most 2²¹ per side)
 MAX_COORDINATE = 1e8
-#: characters of a label
-MAX_LABEL_CHARS = 200
 
 
 def checked_file(path: str | os.PathLike, fix: str) -> Path:
@@ -217,7 +215,7 @@ def check_label(path: Path, label: str, where: str, fix: str) -> str:
             f"{where}: the label has {len(label):,} characters (at most {MAX_LABEL_CHARS}).",
             fix,
         )
-    bad = next((c for c in label if unicodedata.category(c)[0] == "C"), None)
+    bad = control_character(label)
     if bad is not None:
         raise AnnotationError(
             path,

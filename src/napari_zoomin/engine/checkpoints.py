@@ -28,6 +28,7 @@ import torch
 from .._version import __version__
 from ..atomic import write_bytes_atomic
 from ..errors import CheckpointError
+from ..fields import MAX_LABEL_CHARS
 from ..models import (
     ATS,
     ATSConfig,
@@ -370,8 +371,8 @@ def _classes_problem(classes: Any, num_classes: int) -> str | None:
     if len(set(classes)) != len(classes):
         return f"class names must differ, got {classes}"
     for name in classes:
-        if not 1 <= len(name) <= 200 or not name.isprintable():
-            return f"class name {name[:40]!r} must be 1 to 200 printable characters"
+        if not 1 <= len(name) <= MAX_LABEL_CHARS or not name.isprintable():
+            return f"class name {name[:40]!r} must be 1 to {MAX_LABEL_CHARS} printable characters"
     return None
 
 

@@ -43,7 +43,6 @@ import hashlib
 import io
 import os
 import stat
-import unicodedata
 from collections import Counter, OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -55,6 +54,7 @@ from torch import Tensor
 
 from ..annotations import AnnotationIndex, find_annotations, rasterize_region, read_annotations
 from ..errors import LabelsError
+from ..fields import MAX_LABEL_CHARS, control_character
 from ..slide import SLIDE_EXTENSIONS, Slide, open_slide, slide_of
 from .slide_source import SlideSource
 from .tissue import TissueMask, detect_tissue
@@ -81,8 +81,6 @@ _CSV_FIX = "Fix the labels CSV (columns: slide,label[,split])."
 MAX_CSV_BYTES = 64 * 2**20
 #: slides one labels CSV may list
 MAX_ROWS = 100_000
-#: characters of a label (a class name shown in every result)
-MAX_LABEL_CHARS = 200
 
 
 @dataclass(frozen=True)
@@ -188,7 +186,7 @@ def _check_cells(csv_path: Path, line: int, values: dict[str, str]) -> None:
     names or file names that look like other ones."""
     for column in ("slide", "label", "split"):
         text = values.get(column, "")
-        bad = next((c for c in text if unicodedata.category(c)[0] == "C"), None)
+        bad = control_character(text)
         if bad is not None:
             raise LabelsError(
                 csv_path,

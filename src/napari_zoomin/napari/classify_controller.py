@@ -41,6 +41,7 @@ from .result_layers import (
     result_layer_data,
     result_layer_name,
     tissue_mask_from_labels,
+    tissue_words,
     warning_lines,
 )
 from .result_layers import summary_lines as sampling_summary_lines
@@ -165,16 +166,13 @@ def summary_lines(result: Result) -> list[str]:
     n_patches = len(patch_indices(result))
     trace = trace_values(result)
     first = f"; p {result.label} {trace[0]:.3f} after the first patch" if trace else ""
-    tissue = result.tissue.get("fraction")
-    source = result.tissue.get("source")
-    where = "whole slide" if source is None else f"{tissue:.1%} of the slide ({source})"
     return [
         f"Prediction: {result.label} (p = {result.probability:.3f}, one pass)",
         f"Probabilities (one deterministic pass; Draws (K) does not apply): {probs}",
         lines[2],  # time
         lines[3],  # pixels decoded
         f"Looked at {magnified_words(result)}; read {n_patches} patch"
-        f"{'es' * (n_patches != 1)} in order{first}; tissue: {where}",
+        f"{'es' * (n_patches != 1)} in order{first}; tissue: {tissue_words(result)}",
     ]
 
 

@@ -691,9 +691,6 @@ def summary_lines(result: Result) -> list[str]:
     probs = ", ".join(
         f"{c} {result.probabilities[c]:.3f} ± {result.spread[c]:.3f}" for c in result.classes
     )
-    tissue = result.tissue.get("fraction")
-    source = result.tissue.get("source")
-    where = "whole slide" if source is None else f"{tissue:.1%} of the slide ({source})"
     return [
         f"Prediction: {result.label} ({how})",
         f"Probabilities (mean ± spread over draws): {probs}",
@@ -701,8 +698,16 @@ def summary_lines(result: Result) -> list[str]:
         f"Decoded {result.pixels_decoded / 1e6:.1f} Mpx = {result.decode_ratio:.2f}x the "
         f"{result.pixels_needed / 1e6:.1f} Mpx needed",
         f"Looked at {len(result.tiles)} tiles and {len(result.subtiles)} sub-tiles"
-        f"{_places(result)}; tissue: {where}",
+        f"{_places(result)}; tissue: {tissue_words(result)}",
     ]
+
+
+def tissue_words(result: Result) -> str:
+    """Where the model could look: ``23.6% of the slide (otsu)``, or ``whole slide``."""
+    source = result.tissue.get("source")
+    if source is None:
+        return "whole slide"
+    return f"{result.tissue.get('fraction'):.1%} of the slide ({source})"
 
 
 def _places(result: Result) -> str:
