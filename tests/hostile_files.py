@@ -342,30 +342,36 @@ def _ifd_chain(n: int) -> bytes:
     return bytes(out)
 
 
-def _bigtiff_self_loop(folder: Path) -> Path:
-    path = folder / "big-loop.tif"
-    tifffile.imwrite(path, tissue(), tile=(64, 64), photometric="rgb", bigtiff=True, metadata=None)
+def _written_self_loop(folder: Path, name: str, bigtiff: bool, byteorder: str) -> Path:
+    """A one-page tiled TIFF (classic or BigTIFF, either byte order) whose next-IFD
+    pointer points back at its own directory."""
+    path = folder / name
+    tifffile.imwrite(
+        path,
+        tissue(),
+        tile=(64, 64),
+        photometric="rgb",
+        bigtiff=bigtiff,
+        byteorder=byteorder,
+        metadata=None,
+    )
+    count, entry, pointer = (8, 20, "Q") if bigtiff else (2, 12, "I")
     with tifffile.TiffFile(path) as tif:
         page = tif.pages[0]
-        at = page.offset + 8 + 20 * len(page.tags)
+        at = page.offset + count + entry * len(page.tags)
         offset = page.offset
     data = bytearray(path.read_bytes())
-    struct.pack_into("<Q", data, at, offset)
+    struct.pack_into(byteorder + pointer, data, at, offset)
     path.write_bytes(bytes(data))
     return path
+
+
+def _bigtiff_self_loop(folder: Path) -> Path:
+    return _written_self_loop(folder, "big-loop.tif", bigtiff=True, byteorder="<")
 
 
 def _big_endian_loop(folder: Path) -> Path:
-    path = folder / "be-loop.tif"
-    tifffile.imwrite(path, tissue(), tile=(64, 64), photometric="rgb", byteorder=">", metadata=None)
-    with tifffile.TiffFile(path) as tif:
-        page = tif.pages[0]
-        at = page.offset + 2 + 12 * len(page.tags)
-        offset = page.offset
-    data = bytearray(path.read_bytes())
-    struct.pack_into(">I", data, at, offset)
-    path.write_bytes(bytes(data))
-    return path
+    return _written_self_loop(folder, "be-loop.tif", bigtiff=False, byteorder=">")
 
 
 def _subifd_loop(folder: Path) -> Path:
