@@ -45,9 +45,6 @@ def slide_of(path: str | os.PathLike) -> Path | None:
     return path if path.name.lower().endswith(SLIDE_EXTENSIONS) else None
 
 
-_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
-
-
 def _extension(path: Path) -> str:
     return path.suffix.lower()
 
@@ -74,11 +71,6 @@ def _backend_order(path: Path) -> list[str]:
     if ext in TIFF_EXTENSIONS:  # vendor TIFFs (NDPI, SCN, BIF): OpenSlide knows their quirks
         return ["openslide", "tifffile"]
     return ["openslide"]
-
-
-def _check_tiff_structure(path: Path) -> None:
-    """Refuse early a TIFF whose structure cannot be a sound slide (:mod:`.tiff_structure`)."""
-    check_tiff(path)
 
 
 def _check_path(path: Path) -> None:
@@ -161,7 +153,7 @@ def open_slide(
         )
     if path.stat().st_size == 0:
         raise SlideError(path, "the file is empty (0 bytes).", "Copy or download it again.")
-    _check_tiff_structure(path)
+    check_tiff(path)  # a TIFF whose structure cannot be a sound slide is refused here
 
     order = [backend] if backend else _backend_order(path)
     problems = []
