@@ -21,6 +21,7 @@ from napari_zoomin.napari.train_controller import (
     PROGRESS_STEPS,
     Failure,
     Form,
+    PlotPoint,
     Shown,
     Split,
     TrainController,
@@ -200,7 +201,7 @@ def test_progress_events_become_bar_values_and_messages():
     assert shown.bar == round(PROGRESS_STEPS * (1 + 0.75 + 0.25 / 2) / 4)
     shown = controller.progress(Validated(2, 4, 2, 2, 0.5, 0.75, 0.625, 0.6, True, 2, False))
     assert shown.status == "epoch 2/4: loss 0.5, validation accuracy 0.625 (best so far)"
-    assert (shown.bar, shown.plot) == (PROGRESS_STEPS // 2, (0.5, 0.625))
+    assert (shown.bar, shown.plot) == (PROGRESS_STEPS // 2, PlotPoint(0.5, 0.625))
     assert (controller.losses, controller.accuracies) == ([0.5], [0.625])
     shown = controller.progress(Validated(3, 4, 2, 2, 0.4, 0.75, None, None, False, 2, False))
     assert shown.status == "epoch 3/4: loss 0.4, validation accuracy n/a (no validation slides)"

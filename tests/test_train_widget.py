@@ -428,3 +428,64 @@ def test_progress_moves_and_the_split_is_said(make_napari_viewer, qtbot, slides,
     assert values == sorted(values)
     assert [v for v in values if 0 < v < top] == [top // 4, top // 2, top // 2, 3 * top // 4]
     assert widget.progress.value == top
+
+
+def test_the_plot_shows_the_share_of_attention_on_the_rois(
+    make_napari_viewer, qtbot, slides, tmp_path
+):
+    """A run with ROIs (a Tumor square on each positive slide): the plot holds the
+    epoch's stage-1 and stage-2 shares from the history and paints them in their own
+    colours, with a second legend row."""
+    viewer = make_napari_viewer()
+    rois = tmp_path / "rois"
+    rois.mkdir()
+    square = [[1024, 1024], [3072, 1024], [3072, 3072], [1024, 3072], [1024, 1024]]
+    for name in ("pos1", "pos2"):
+        feature = {
+            "type": "Feature",
+            "geometry": {"type": "Polygon", "coordinates": [square]},
+            "properties": {"classification": {"name": "Tumor"}},
+        }
+        (rois / f"{name}.geojson").write_text(
+            json.dumps({"type": "FeatureCollection", "features": [feature]})
+        )
+    out = tmp_path / "model.safetensors"
+    widget = tiny_widget(viewer, out)
+    from_folder(widget, slides)
+    widget.annotations_dir.value = rois
+    widget.train_button.native.click()
+    wait_done(qtbot, widget)
+    assert widget.result is not None and not widget.result.cancelled
+    (record,) = load_checkpoint(out).info["info"]["history"]
+    shares = [record["val_roi_attention_stage1"], record["val_roi_attention_stage2"]]
+    assert all(0.0 <= s <= 1.0 for s in shares)
+    plot = widget.plot
+    assert (plot.roi_stage1, plot.roi_stage2) == ([shares[0]], [shares[1]])
+    assert [label for label, _, _ in plot.curves()] == [
+        "validation accuracy",
+        "ROI attention, stage 1",
+        "stage 2",
+    ]
+    # painted: the ROI colours appear (curve points and the legend's second row); an
+    # epoch without shares has neither
+    drawn, blank = LossAccuracyPlot(), LossAccuracyPlot()
+    drawn.add_epoch(0.7, 0.5, 0.25, 0.75)
+    drawn.add_epoch(0.6, 1.0, 0.5, 0.5)
+    blank.add_epoch(0.7, 0.5)
+    blank.add_epoch(0.6, 1.0)
+    images = []
+    for p in (drawn, blank):
+        p.resize(480, 140)
+        images.append(p.grab().toImage())
+    for colour in (LossAccuracyPlot.ROI_STAGE1_COLOUR, LossAccuracyPlot.ROI_STAGE2_COLOUR):
+        assert near_colour(images[1], colour, tolerance=20) == 0
+        assert near_colour(images[0], colour, tolerance=20) > 20
+    # a resumed run's earlier epochs come back with their shares (prepare → plot)
+    widget.epochs.value = 2
+    widget.train_button.native.click()
+    wait_done(qtbot, widget)
+    history = load_checkpoint(widget.result.last_checkpoint_path).info["info"]["history"]
+    assert widget.controller.resumed_from == 1
+    assert len(history) == 2 and widget.plot.roi_stage1 == [
+        r["val_roi_attention_stage1"] for r in history
+    ]

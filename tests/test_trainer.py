@@ -195,6 +195,9 @@ def test_one_epoch_writes_both_checkpoints(records, tmp_path):
         "best_epoch": 1,
         "stopped_early": False,
         "terms": {k: result.history[0][f"train_{k}"] for k in final.terms},
+        "roi_attention_stage1": result.history[0]["val_roi_attention_stage1"],
+        "roi_attention_stage2": result.history[0]["val_roi_attention_stage2"],
+        "roi_attention_split": "val",
     }
     terms = {"classification", "contrastive", "entropy", "pixel", "policy", "roi_attention"}
     assert set(final.terms) == terms  # a MagNet's auxiliary and paradoxical are not here
@@ -672,7 +675,8 @@ def test_cli_train_passes_its_options_and_records_the_csv(records, tmp_path, cap
     (validated,) = [line for line in lines if line.startswith("validate epoch 1/1, step 2/2,")]
     assert re.fullmatch(
         r"validate epoch 1/1, step 2/2, loss \d\.\d{3}, val_loss \d\.\d{3}, "
-        r"val_accuracy \d\.\d{3}",
+        r"val_accuracy \d\.\d{3}, val_roi_attention_stage1 \d\.\d{3}, "
+        r"val_roi_attention_stage2 \d\.\d{3}",  # the sample slides' ROIs (their sidecars)
         validated,
     )
 

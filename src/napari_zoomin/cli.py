@@ -252,6 +252,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
             value = getattr(event, "terms", {}).get(key)
             if value is not None:
                 parts.append(f"{key} {value:.3f}")
+        split = getattr(event, "roi_attention_split", None)  # the history's names
+        for n in (1, 2):  # shares of stage-1 and stage-2 attention on the ROIs
+            value = getattr(event, f"roi_attention_stage{n}", None)
+            if value is not None:
+                parts.append(f"{split}_roi_attention_stage{n} {value:.3f}")
         line = ", ".join(parts)
         if sys.stderr.isatty():
             print(f"\r{line:<78}", end="" if step else "\n", file=sys.stderr, flush=True)

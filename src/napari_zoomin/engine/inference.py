@@ -148,6 +148,12 @@ class _ObservedSource:
         return self._source.level_for(scale)
 
     def read(self, regions, scale: float):
+        return self._observed(self._source.read, regions, scale)
+
+    def read_bytes(self, regions, scale: float):
+        return self._observed(self._source.read_bytes, regions, scale)
+
+    def _observed(self, read, regions, scale: float):
         self._check()
         step = self._steps[min(self._n, len(self._steps) - 1)]
         self._n += 1
@@ -160,7 +166,7 @@ class _ObservedSource:
             "magnified regions": f"Magnifying: reading a box at scale {scale:.4g} (level {level})",
         }[step]
         self._report(step, what)
-        out = self._source.read(regions, scale)
+        out = read(regions, scale)
         self._check()
         return out
 

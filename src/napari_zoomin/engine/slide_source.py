@@ -192,9 +192,24 @@ class SlideSource:
     # -- pixels -------------------------------------------------------------------------
     def read(self, regions: Tensor, scale: float) -> Tensor:
         regions = as_regions(regions)
-        n = regions.shape[0]
-        if n == 0:
+        if regions.shape[0] == 0:
             return torch.zeros((0, 3, 0, 0))
+        return self._read(regions, scale, exact_bytes=False)
+
+    def read_bytes(self, regions: Tensor, scale: float) -> Tensor | None:
+        """:meth:`read`'s pixels as stored, uint8 (n, 3, h', w'), when the read needs no
+        resampling (``read`` would return exactly these ``/ 255``); ``None`` otherwise.
+
+        A gigapixel slide's stage-1 view is hundreds of MB in 8 bits and four times that
+        as floats: the attention network converts it a block at a time instead.
+        """
+        regions = as_regions(regions)
+        if regions.shape[0] == 0:
+            return None
+        return self._read(regions, scale, exact_bytes=True)
+
+    def _read(self, regions: Tensor, scale: float, exact_bytes: bool) -> Tensor | None:
+        n = regions.shape[0]
         h, w = int(regions[0, 2]), int(regions[0, 3])
         out_size = (scaled_size(h, scale), scaled_size(w, scale))
         level = self.level_for(scale)
@@ -222,10 +237,16 @@ class SlideSource:
         # one region (a stage-1 view: hundreds of MB on a gigapixel slide) is not copied
         stacked = blocks[0][None] if n == 1 else np.stack(blocks)
         pixels = torch.from_numpy(stacked).permute(0, 3, 1, 2)
-        pixels = pixels.float().div_(255.0)
-        if (lh, lw) != out_size or any(
+        resize = (lh, lw) != out_size or any(
             (y1 - y0, x1 - x0) != (lh, lw) for y0, y1, x0, x1 in windows
-        ):
+        )
+        if exact_bytes:
+            if resize:
+                return None
+            self.counter.add(regions, scale, out_size)
+            return pixels
+        pixels = pixels.float().div_(255.0)
+        if resize:
             if not self.resampled:  # exactly the reads of a source in the slide's pixels
                 pixels = torch.stack(
                     [

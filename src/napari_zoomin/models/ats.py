@@ -177,7 +177,7 @@ class ATS(AttentionSamplingModel):
             if c.pixel_weight:
                 roi = read_roi(src, full_region(src), c.view_scale)
                 if roi is not None:
-                    target = st.grid.cell_values(roi[0].cpu()).reshape(1, -1)
+                    target = st.grid.cell_values(roi[0].cpu(), mean=True).reshape(1, -1)
                     mask = None if st.mask is None else st.mask[None]
                     pix = pix + attention_mse(st.attention[None], target, mask)
         b = len(sources)
@@ -269,5 +269,5 @@ class ATS(AttentionSamplingModel):
 class Uniform(ATS):
     """The U-N baseline (ATS §4.1.1): ATS with a fixed uniform attention over (tissue) cells."""
 
-    def make_attention_network(self) -> nn.Module:
-        return UniformAttention()
+    def make_attention_network(self, stride: int = 1) -> nn.Module:
+        return UniformAttention()  # one cell per view pixel whatever the stride

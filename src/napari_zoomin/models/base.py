@@ -32,7 +32,7 @@ from ..fields import (
 from .coordinates import CellGrid, outside_image
 from .device import autocast
 from .distributions import attention_distribution
-from .networks import AttentionNetwork, Classifier, FeatureNetwork, class_probabilities
+from .networks import STRIDES, AttentionNetwork, Classifier, FeatureNetwork, class_probabilities
 from .outputs import Prediction
 from .source import ImageSource, read_view, tissue_mask
 
@@ -51,6 +51,9 @@ class SamplingConfig:
             the LeNet feature network ``f`` (Ilse et al. 2018 sizes by default).
         attention_channels, attention_layers, attention_padding, attention_norm,
         attention_activation: the attention network(s) (000 §2.4 by default).
+        attention_stride: view pixels per stage-1 cell (1, 2 or 4; see
+            :class:`~.networks.AttentionNetwork`).  Zoom-In's stage-2 network keeps 1:
+            its tile views are small and its cells are the sub-tiles.
         uniform_mix: uniform mass mixed into ``α`` over unmasked cells (ATS); 0 = off.
         entropy_weight: ``λ`` of the entropy regulariser (000: 1e-5; ATS MNIST: 1e-4).
         pixel_weight: weight of the attention-map MSE of 000 eq. (11), applied to images
@@ -82,6 +85,7 @@ class SamplingConfig:
     attention_padding: Literal["same", "valid"] = "same"
     attention_norm: Literal["batch"] | None = None
     attention_activation: Literal["relu", "leaky_relu"] = "relu"
+    attention_stride: int = 1
     uniform_mix: float = 0.0
     entropy_weight: float = 1e-5
     pixel_weight: float = 1.0
@@ -135,10 +139,20 @@ class SamplingConfig:
             ("attention_padding", ("same", "valid")),
             ("attention_norm", ("batch", None)),
             ("attention_activation", ("relu", "leaky_relu")),
+            ("attention_stride", STRIDES),
             ("topk_weights", ("draws", "attention")),
         ):
             if getattr(self, name) not in allowed:
                 problems.append(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.attention_stride in STRIDES[1:]:
+            halvings = STRIDES.index(self.attention_stride)
+            if self.attention_padding != "same":
+                problems.append("attention_stride above 1 needs attention_padding 'same'")
+            if self.attention_layers < halvings:
+                problems.append(
+                    f"attention_stride {self.attention_stride} needs attention_layers of at "
+                    f"least {halvings}, got {self.attention_layers}"
+                )
         return problems
 
     def to_dict(self) -> dict:
@@ -258,7 +272,11 @@ class AttentionSamplingModel(nn.Module):
                 f"topk_weights must be 'draws' or 'attention', got {config.topk_weights!r}"
             )
         self.config = config
-        self.attention = attention if attention is not None else self.make_attention_network()
+        self.attention = (
+            attention
+            if attention is not None
+            else self.make_attention_network(self.config.attention_stride)
+        )
         self.feature = (
             feature
             if feature is not None
@@ -284,7 +302,7 @@ class AttentionSamplingModel(nn.Module):
         """Size (h, w) of the full-resolution regions the feature network sees."""
         raise NotImplementedError
 
-    def make_attention_network(self) -> nn.Module:
+    def make_attention_network(self, stride: int = 1) -> nn.Module:
         c = self.config
         return AttentionNetwork(
             channels=c.attention_channels,
@@ -292,6 +310,7 @@ class AttentionSamplingModel(nn.Module):
             padding=c.attention_padding,
             norm=c.attention_norm,
             activation=c.attention_activation,
+            stride=stride,
         )
 
     @property
@@ -311,9 +330,15 @@ class AttentionSamplingModel(nn.Module):
         identical values): the other cells get ``α = 0`` whatever their logit.
         """
         scale = self.config.view_scale
-        views = [read_view(src, scale).to(self.device) for src in sources]
-        grids, masks, tissues = [], [], []
-        for src, view in zip(sources, views, strict=True):
+        blockwise = not torch.is_grad_enabled() and hasattr(self.attention, "forward_blocks")
+        tissues = [tissue_mask(src, scale) for src in sources]
+        # computed a block at a time (below): the view may stay 8-bit until then
+        views = [
+            read_view(src, scale, exact_bytes=blockwise and t is not None).to(self.device)
+            for src, t in zip(sources, tissues, strict=True)
+        ]
+        grids, masks = [], []
+        for k, (src, view) in enumerate(zip(sources, views, strict=True)):
             h, w = src.shape
             view_shape = (int(view.shape[-2]), int(view.shape[-1]))
             map_shape = self.attention.map_shape(view_shape)
@@ -326,15 +351,13 @@ class AttentionSamplingModel(nn.Module):
                 stride=tuple(self.attention.stride),
                 bounds=(int(h), int(w)),
             )
-            tissue = tissue_mask(src, scale)
+            tissue = tissues[k]
             mask = None
             if tissue is not None:
-                tissue = tissue.to(torch.bool).cpu()
+                tissues[k] = tissue = tissue.to(torch.bool).cpu()
                 mask = grid.cell_values(tissue).reshape(-1).to(self.device)
             grids.append(grid)
             masks.append(mask)
-            tissues.append(tissue)
-        blockwise = not torch.is_grad_enabled() and hasattr(self.attention, "forward_blocks")
         logits: list[Tensor | None] = [
             self.attention.forward_blocks(view, mask.reshape(grid.map_shape))
             if blockwise and mask is not None and bool(mask.any())  # no tissue: unmasked
@@ -342,7 +365,7 @@ class AttentionSamplingModel(nn.Module):
             for view, mask, grid in zip(views, masks, grids, strict=True)
         ]
         rest = [k for k, lg in enumerate(logits) if lg is None]
-        computed = apply_grouped(self.attention, [views[k] for k in rest])
+        computed = apply_grouped(self.attention, [_as_float(views[k]) for k in rest])
         for k, lg in zip(rest, computed, strict=True):
             logits[k] = lg
         del views, computed  # a gigapixel slide's view is large: free it before the softmax
@@ -456,3 +479,8 @@ class AttentionSamplingModel(nn.Module):
         self, sources: Sequence[ImageSource], stage1: Sequence[Stage1], b: int
     ) -> Prediction:
         raise NotImplementedError
+
+
+def _as_float(view: Tensor) -> Tensor:
+    """A view in [0, 1]: 8-bit views (``read_view(exact_bytes=True)``) divided by 255."""
+    return view if view.is_floating_point() else view.float().div_(255.0)

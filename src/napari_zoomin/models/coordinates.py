@@ -52,6 +52,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["CellGrid", "outside_image", "place_regions", "round_half_up"]
@@ -214,17 +215,37 @@ class CellGrid:
         r = self.regions(cells, size)
         return r[..., :2] + torch.tensor([int(size[0]) // 2, int(size[1]) // 2])
 
-    def cell_values(self, view_values: Tensor) -> Tensor:
+    def cell_values(self, view_values: Tensor, mean: bool = False) -> Tensor:
         """Values of a view-aligned map at every cell's centre pixel: (…, h_v, w_v) → (…, h_a, w_a).
 
         Used to carry tissue masks and ROI fractions from the view to the cells
-        (positions are rounded half up for non-integer offsets).
+        (positions are rounded half up for non-integer offsets).  ``mean``: for a
+        strided map (one cell per ``stride``² view pixels, centred on its pixel
+        ``stride·i``), the mean over the cell's own pixels instead, so an ROI a few
+        view pixels across is not missed between the centres (ROI targets).
         """
         if tuple(view_values.shape[-2:]) != tuple(self.view_shape):
             raise ValueError(
                 f"map of shape {tuple(view_values.shape[-2:])} is not aligned with view "
                 f"{self.view_shape}"
             )
+        sy, sx = (int(v) for v in self.stride)
+        if mean and (sy, sx) != (1, 1) and tuple(self.offset) == (0.0, 0.0):
+            # cell i covers view pixels [s·i − s/2, s·i + s/2): pool after shifting by s/2
+            # (beyond the view's edge: no pixel, so the mean is over the pixels inside)
+            lead = view_values.shape[:-2]
+            flat = view_values.reshape(1, -1, *view_values.shape[-2:]).to(torch.float32)
+            h_a, w_a = self.map_shape
+            pad = (
+                sx // 2,
+                w_a * sx - view_values.shape[-1] - sx // 2,
+                sy // 2,
+                h_a * sy - view_values.shape[-2] - sy // 2,
+            )
+            ones = torch.ones_like(flat[:, :1])
+            total = F.avg_pool2d(F.pad(flat, pad), (sy, sx), divisor_override=1)
+            count = F.avg_pool2d(F.pad(ones, pad), (sy, sx), divisor_override=1)
+            return (total / count).reshape(*lead, h_a, w_a)
         h_a, w_a = self.map_shape
         rows = round_half_up(
             self.offset[0] + torch.arange(h_a, dtype=torch.float64) * self.stride[0]

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
+    "STRIDES",
     "AttentionNetwork",
     "Classifier",
     "FeatureNetwork",
@@ -28,6 +29,10 @@ __all__ = [
     "class_probabilities",
     "n_logits",
 ]
+
+
+#: the strides an attention network may have (each a power of 2 from stride-2 convs)
+STRIDES = (1, 2, 4)
 
 
 def n_logits(num_classes: int) -> int:
@@ -63,6 +68,13 @@ class AttentionNetwork(nn.Module):
             (:attr:`offset`).
         norm: ``"batch"`` for batch norm after each conv (003), else none.
         activation: ``"relu"`` (000, ATS) or ``"leaky_relu"`` (003).
+        stride: 1, 2 or 4: the first ``log2(stride)`` convolutions step by 2, so one
+            cell covers ``stride``² view pixels (``"same"`` padding only).  The first
+            convolution still sees every view pixel, so a region a few view pixels
+            across is not averaged away (the 1/32 view that would cost the same was
+            not learnable for the demo), but the layers after it, the softmax, the
+            draws and the stored maps cost ``stride``² less: on a gigapixel slide
+            with tissue everywhere the stage-1 network is most of the time.
 
     The final 1×1 logit convolution starts at zero, so an untrained network gives the
     uniform distribution over the (unmasked) cells: the exploration 000 A.1 describes.
@@ -77,8 +89,16 @@ class AttentionNetwork(nn.Module):
         padding: Literal["same", "valid"] = "same",
         norm: Literal["batch"] | None = None,
         activation: Literal["relu", "leaky_relu"] = "relu",
+        stride: int = 1,
     ):
         super().__init__()
+        if stride not in STRIDES:
+            raise ValueError(f"stride must be one of {STRIDES}, got {stride!r}")
+        halvings = STRIDES.index(stride)
+        if halvings > layers:
+            raise ValueError(f"stride {stride} needs at least {halvings} conv layers, got {layers}")
+        if halvings and padding != "same":
+            raise ValueError("a strided attention network needs padding='same'")
         if kernel_size % 2 != 1:
             raise ValueError("kernel_size must be odd so that every cell has a centre pixel")
         if padding not in ("same", "valid"):
@@ -86,14 +106,16 @@ class AttentionNetwork(nn.Module):
         self.padding = padding
         self.layers = layers
         self.kernel_size = kernel_size
+        self.cell = stride
         body: list[nn.Module] = []
         c_in = in_channels
-        for _ in range(layers):
+        for layer in range(layers):
             body.append(
                 nn.Conv2d(
                     c_in,
                     channels,
                     kernel_size,
+                    stride=2 if layer < halvings else 1,
                     padding=kernel_size // 2 if padding == "same" else 0,
                     padding_mode="replicate",  # no zeros at the view's border
                     bias=norm is None,
@@ -123,12 +145,26 @@ class AttentionNetwork(nn.Module):
 
     @property
     def stride(self) -> tuple[int, int]:
-        return (1, 1)
+        """View pixels between neighbouring cells (cell (i, j) is centred on view pixel
+        ``(stride·i, stride·j)`` with ``"same"`` padding)."""
+        return (self.cell, self.cell)
+
+    @property
+    def radius(self) -> int:
+        """The receptive field's half-width in view pixels."""
+        r, step = 0, 1
+        for module in self.body:
+            if isinstance(module, nn.Conv2d):
+                r += (self.kernel_size // 2) * step
+                step *= module.stride[0]
+        return r
 
     def map_shape(self, view_shape: tuple[int, int]) -> tuple[int, int]:
         """Attention-map shape for a view shape (raises if the view is too small)."""
         shrink = 0 if self.padding == "same" else self.layers * (self.kernel_size - 1)
         h, w = view_shape[0] - shrink, view_shape[1] - shrink
+        for _ in range(STRIDES.index(self.cell)):  # a stride-2 "same" conv: ceil(n / 2)
+            h, w = (h + 1) // 2, (w + 1) // 2
         if h < 1 or w < 1:
             raise ValueError(
                 f"view {tuple(view_shape)} is smaller than the attention network's receptive "
@@ -144,40 +180,94 @@ class AttentionNetwork(nn.Module):
             view = view.contiguous(memory_format=torch.channels_last)
         return self.logit(self.body(view))[:, 0]
 
+    def _interior(self, crop: Tensor) -> Tensor:
+        """:meth:`forward` for a crop whose margin covers the receptive field on every
+        side: the border padding cannot reach the cells kept, so the convolutions pad
+        with zeros inside oneDNN instead of copying the crop to replicate its border."""
+        x = crop.contiguous(memory_format=torch.channels_last)
+        for module in self.body:
+            if isinstance(module, nn.Conv2d):
+                x = F.conv2d(
+                    x, module.weight, module.bias, module.stride, module.kernel_size[0] // 2
+                )
+            else:
+                x = module(x)
+        return self.logit(x)[:, 0]
+
     @torch.no_grad()
     def forward_blocks(self, view: Tensor, needed: Tensor, block: int = 512) -> Tensor:
         """Logits of one view (3, h, w) only where ``needed`` (map-shaped bool) says so.
 
         The map is cut into ``block``² blocks; a block without any needed cell is not
         computed (its logits are 0), the others from the view crop plus the receptive
-        field's margin (cut at the view's edges, where the convolutions' own padding
-        applies as in :meth:`forward`), so every computed logit equals the whole-view
-        one.  With the tissue mask as ``needed`` this skips a slide's glass: at
-        inference on a gigapixel slide the stage-1 convolutions cost what its tissue
-        costs.
+        field's margin, so every computed logit equals the whole-view one.  With the
+        tissue mask as ``needed`` this skips a slide's glass: at inference on a
+        gigapixel slide the stage-1 convolutions cost what its tissue costs.
+
+        Blocks pad with zeros inside the convolution (no copy); the cells whose
+        receptive field reaches the view's edge, where :meth:`forward` replicates the
+        border at every layer, are then computed again from thin strips along the
+        edges.  ``view`` may be 8-bit (0–255): each crop becomes ``float / 255`` only
+        when it is computed, so the float copy of a whole gigapixel view (four times
+        the 8-bit one) is never held.
         """
         h_v, w_v = int(view.shape[-2]), int(view.shape[-1])
         h_a, w_a = self.map_shape((h_v, w_v))
         if tuple(needed.shape) != (h_a, w_a):
             raise ValueError(f"needed {tuple(needed.shape)} is not the map's shape {(h_a, w_a)}")
-        r = self.layers * (self.kernel_size // 2)
-        out = view.new_zeros((h_a, w_a))
-        nby, nbx = -(-h_a // block), -(-w_a // block)
-        padded = needed.new_zeros((nby * block, nbx * block))
-        padded[:h_a, :w_a] = needed
-        busy = padded.view(nby, block, nbx, block).any(dim=3).any(dim=1).tolist()
-        for by, bx in ((by, bx) for by in range(nby) for bx in range(nbx) if busy[by][bx]):
-            y0, x0 = by * block, bx * block
-            y1, x1 = min(h_a, y0 + block), min(w_a, x0 + block)
-            if self.padding == "same":  # map (i, j) sees view [i-r, i+r] x [j-r, j+r]
-                cy0, cx0 = max(0, y0 - r), max(0, x0 - r)
-                crop = view[None, :, cy0 : min(h_v, y1 + r), cx0 : min(w_v, x1 + r)]
-            else:  # map (i, j) sees view [i, i+2r] x [j, j+2r]
-                cy0, cx0 = y0, x0
-                crop = view[None, :, y0 : y1 + 2 * r, x0 : x1 + 2 * r]
+        out = torch.zeros((h_a, w_a), device=view.device)
+        if self.padding != "same":  # map (i, j) sees view [i, i+2r] x [j, j+2r]: no padding
+            r = self.radius
+            for y0, y1, x0, x1 in _busy_blocks(needed, block):
+                crop = _float(view[None, :, y0 : y1 + 2 * r, x0 : x1 + 2 * r])
+                out[y0:y1, x0:x1] = self.forward(crop)[0]
+            return out
+        s = self.cell
+        m = -(-self.radius // s)  # the margin in whole cells: crops stay cell-aligned
+        for y0, y1, x0, x1 in _busy_blocks(needed, block):
+            cy0, cy1, cx0, cx1 = s * (y0 - m), s * (y1 + m), s * (x0 - m), s * (x1 + m)
+            crop = view[None, :, max(0, cy0) : min(h_v, cy1), max(0, cx0) : min(w_v, cx1)]
+            pad = (max(0, -cx0), max(0, cx1 - w_v), max(0, -cy0), max(0, cy1 - h_v))
+            crop = F.pad(_float(crop), pad) if any(pad) else _float(crop)
+            out[y0:y1, x0:x1] = self._interior(crop)[0, m : m + y1 - y0, m : m + x1 - x0]
+        # the edge cells, exactly as forward() pads: strips of e cells along each edge,
+        # each read with an inner margin of m cells
+        e = m + 1
+        strips = (
+            ((0, min(h_a, e)), (0, w_a)),
+            ((max(0, h_a - e), h_a), (0, w_a)),
+            ((0, h_a), (0, min(w_a, e))),
+            ((0, h_a), (max(0, w_a - e), w_a)),
+        )
+        for (y0, y1), (x0, x1) in strips:
+            if not bool(needed[y0:y1, x0:x1].any()):
+                continue
+            vy0, vx0 = s * max(0, y0 - m), s * max(0, x0 - m)
+            crop = _float(view[None, :, vy0 : min(h_v, s * (y1 + m)), vx0 : min(w_v, s * (x1 + m))])
             logits = self.forward(crop)[0]
-            out[y0:y1, x0:x1] = logits[y0 - cy0 : y1 - cy0, x0 - cx0 : x1 - cx0]
+            keep = needed[y0:y1, x0:x1]
+            part = logits[y0 - vy0 // s : y1 - vy0 // s, x0 - vx0 // s : x1 - vx0 // s]
+            out[y0:y1, x0:x1] = torch.where(keep, part, out[y0:y1, x0:x1])
         return out
+
+
+def _float(view: Tensor) -> Tensor:
+    """A view crop in [0, 1] (8-bit crops divided by 255, as the slide reader does)."""
+    return view if view.is_floating_point() else view.float().div_(255.0)
+
+
+def _busy_blocks(needed: Tensor, block: int):
+    """``(y0, y1, x0, x1)`` of each ``block``² block of the map holding a needed cell."""
+    h_a, w_a = (int(v) for v in needed.shape)
+    nby, nbx = -(-h_a // block), -(-w_a // block)
+    padded = needed.new_zeros((nby * block, nbx * block))
+    padded[:h_a, :w_a] = needed
+    busy = padded.view(nby, block, nbx, block).any(dim=3).any(dim=1).tolist()
+    for by in range(nby):
+        for bx in range(nbx):
+            if busy[by][bx]:
+                y0, x0 = by * block, bx * block
+                yield y0, min(h_a, y0 + block), x0, min(w_a, x0 + block)
 
 
 class UniformAttention(nn.Module):

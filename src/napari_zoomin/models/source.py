@@ -23,6 +23,9 @@ Optional capabilities, looked up with ``getattr`` (a source may lack them):
   region-of-interest pixels (annotated tumour, …) under each output pixel, same
   geometry as ``read``; ``None`` when the image has no annotation.  Used for pixel
   supervision (000 §2.5) and tile pre-training.
+- ``read_bytes(regions, scale) -> uint8 Tensor (n, 3, h', w') | None``: ``read``'s
+  pixels as stored (0–255) when no resampling is needed, else ``None``; inference
+  reads a gigapixel stage-1 view this way (:func:`read_view`).
 - ``read_hard_negatives(regions, scale) -> Tensor (n, h', w') | None``: the same for
   annotated regions that are *not* ROI (a pathologist's "Normal" outline, the sample
   slides' distractors); tile pre-training draws some negatives there, because such
@@ -97,8 +100,18 @@ def full_region(source: ImageSource) -> Tensor:
     return torch.tensor([[0, 0, h, w]], dtype=torch.int64)
 
 
-def read_view(source: ImageSource, scale: float) -> Tensor:
-    """The low-resolution view ``V(x, scale)`` of the whole image, (3, h, w)."""
+def read_view(source: ImageSource, scale: float, exact_bytes: bool = False) -> Tensor:
+    """The low-resolution view ``V(x, scale)`` of the whole image, (3, h, w).
+
+    ``exact_bytes``: the stored 8-bit pixels (uint8, 0–255) when the source can give
+    them without resampling (``read_bytes``), so a gigapixel view is never held as
+    floats; float in [0, 1] otherwise.
+    """
+    if exact_bytes:
+        method = getattr(source, "read_bytes", None)
+        view = None if method is None else method(full_region(source), scale)
+        if view is not None:
+            return view[0]
     return source.read(full_region(source), scale)[0]
 
 

@@ -427,7 +427,7 @@ class ZoomIn(AttentionSamplingModel):
             roi = read_roi(src, full_region(src), c.view_scale)
             if roi is None:
                 continue
-            cells = st.grid.cell_values(roi[0].cpu()).reshape(1, -1)
+            cells = st.grid.cell_values(roi[0].cpu(), mean=True).reshape(1, -1)
             mask = None if st.mask is None else st.mask[None]
             total = total + attention_mse(st.attention[None], cells, mask)
             sel = torch.nonzero(main.table_images == b)[:, 0]

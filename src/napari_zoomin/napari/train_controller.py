@@ -61,6 +61,7 @@ __all__ = [
     "Finished",
     "Form",
     "Job",
+    "PlotPoint",
     "Shown",
     "Split",
     "TrainController",
@@ -473,19 +474,42 @@ def resume_text(plan: ResumePlan, out_path: Path) -> str:
 
 
 @dataclass(frozen=True)
+class PlotPoint:
+    """One epoch on the plot: the training loss, the validation accuracy and the mean
+    shares of stage-1 and stage-2 attention on the ROIs (the history's
+    ``val_roi_attention_stage1``/``_stage2``, or ``train_...`` without validation
+    slides); ``None``: not measured (no validation slides, no ROIs, no such stage)."""
+
+    loss: float | None
+    accuracy: float | None
+    roi_stage1: float | None = None
+    roi_stage2: float | None = None
+
+    @classmethod
+    def of_record(cls, record: Mapping[str, Any]) -> PlotPoint:
+        """The point of one epoch of a training history (an interrupted run's)."""
+
+        def roi(stage: int) -> float | None:
+            value = record.get(f"val_roi_attention_stage{stage}")
+            return record.get(f"train_roi_attention_stage{stage}") if value is None else value
+
+        return cls(record.get("train_loss"), record.get("val_accuracy"), roi(1), roi(2))
+
+
+@dataclass(frozen=True)
 class Shown:
     """What one progress event changes in the widget (``None``: unchanged).
 
     ``busy``: the bar moves without a percentage (True) or counts (False) with
     ``bar_text`` on it (Qt's ``%p%`` is the percentage); ``bar``: its new value, out of
-    :data:`PROGRESS_STEPS`; ``plot``: a (loss, validation accuracy) point to add;
+    :data:`PROGRESS_STEPS`; ``plot``: an epoch's :class:`PlotPoint` to add;
     ``warning``: a notification to show."""
 
     status: str | None = None
     busy: bool | None = None
     bar_text: str | None = None
     bar: int | None = None
-    plot: tuple[float | None, float | None] | None = None
+    plot: PlotPoint | None = None
     split_note: str | None = None
     warning: str | None = None
 
@@ -516,9 +540,18 @@ class TrainController:
         self.train_share = 1.0
         #: the epochs of the run this one resumes (None: a fresh run)
         self.resumed_from: int | None = None
-        #: the plot's points: training loss and validation accuracy per epoch
-        self.losses: list[float | None] = []
-        self.accuracies: list[float | None] = []
+        #: the plot's points, one per epoch
+        self.points: list[PlotPoint] = []
+
+    @property
+    def losses(self) -> list[float | None]:
+        """The training loss of every epoch on the plot."""
+        return [p.loss for p in self.points]
+
+    @property
+    def accuracies(self) -> list[float | None]:
+        """The validation accuracy of every epoch on the plot."""
+        return [p.accuracy for p in self.points]
 
     # ------------------------------------------------------------------ starting
     def prepare(self, form: Form) -> tuple[Job, str]:
@@ -545,8 +578,7 @@ class TrainController:
         self.cancel_event.clear()
         self.train_share = 1.0
         self.bar = int(PROGRESS_STEPS * len(history) / max(config.epochs, 1))
-        self.losses = [r.get("train_loss") for r in history]
-        self.accuracies = [r.get("val_accuracy") for r in history]
+        self.points = [PlotPoint.of_record(r) for r in history]
         job = Job(labels, slides, rois, config, out, plan.continues)
         return job, resume_text(plan, out) or "Reading the slides…"
 
@@ -601,15 +633,25 @@ class TrainController:
             status = f"{prefix}epoch {epoch}/{epochs}, step {step}/{steps}, loss {event.loss:.4g}"
         elif isinstance(event, Validated):
             fraction = epoch / epochs
-            plot = (event.loss, event.val_accuracy)
-            self.losses.append(event.loss)
-            self.accuracies.append(event.val_accuracy)
+            plot = PlotPoint(
+                event.loss,
+                event.val_accuracy,
+                event.roi_attention_stage1,
+                event.roi_attention_stage2,
+            )
+            self.points.append(plot)
             acc = event.val_accuracy
             acc_text = "n/a (no validation slides)" if acc is None else f"{acc:.3f}"
             best = " (best so far)" if event.best else ""
+            shares = [
+                f"stage {n} {v:.2f}"
+                for n, v in ((1, plot.roi_stage1), (2, plot.roi_stage2))
+                if v is not None
+            ]
+            roi = f", attention on ROIs: {', '.join(shares)}" if shares else ""
             status = (
                 f"{prefix}epoch {epoch}/{epochs}: loss {event.loss:.4g}, "
-                f"validation accuracy {acc_text}{best}"
+                f"validation accuracy {acc_text}{best}{roi}"
             )
         elif isinstance(event, Validating):
             steps = max(event.steps, 1)

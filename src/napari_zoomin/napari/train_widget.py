@@ -67,6 +67,7 @@ from .train_controller import (
     Failure,
     Finished,
     Form,
+    PlotPoint,
     Shown,
     Split,
     TrainController,
@@ -129,32 +130,59 @@ def setting_widget(name: str, choices=None) -> Widget:
 
 
 class LossAccuracyPlot(QWidget):
-    """Training loss and validation accuracy per epoch: two polylines, painted with QPainter.
+    """Training loss, validation accuracy and, where ROIs are known, the shares of stage-1
+    and stage-2 attention on them, per epoch: polylines painted with QPainter.
 
-    Loss is drawn against its own range (left), accuracy against [0, 1] (right);
+    Loss is drawn against its own range (left); accuracy and the two shares against
+    [0, 1] (right), the shares dashed, with a second legend row once there are any.
     napari-free and without a plotting library.
     """
 
     LOSS_COLOUR = QColor(230, 120, 30)
     ACCURACY_COLOUR = QColor(60, 140, 230)
+    ROI_STAGE1_COLOUR = QColor(40, 170, 90)
+    ROI_STAGE2_COLOUR = QColor(170, 60, 200)
 
     def __init__(self, parent: QWidget | None = None):
         super().__init__(parent)
         self.losses: list[float] = []
         self.accuracies: list[float | None] = []
-        self.setMinimumHeight(110)
+        self.roi_stage1: list[float | None] = []
+        self.roi_stage2: list[float | None] = []
+        self.setMinimumHeight(124)
         self.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Fixed)
-        self.setToolTip("orange: training loss; blue: validation accuracy (0 to 1), per epoch")
+        self.setToolTip(
+            "orange: training loss; blue: validation accuracy (0 to 1); green and purple, "
+            "dashed: the share of stage-1 and stage-2 attention on the ROIs (0 to 1; on the "
+            "validation slides, or the training slides without any), per epoch"
+        )
 
     def clear(self) -> None:
-        self.losses, self.accuracies = [], []
+        self.losses, self.accuracies, self.roi_stage1, self.roi_stage2 = [], [], [], []
         self.update()
 
-    def add_epoch(self, loss: float | None, accuracy: float | None) -> None:
-        """One point per finished epoch."""
+    def add_epoch(
+        self,
+        loss: float | None,
+        accuracy: float | None,
+        roi_stage1: float | None = None,
+        roi_stage2: float | None = None,
+    ) -> None:
+        """One point per finished epoch (``None``: no point for that curve)."""
         self.losses.append(float("nan") if loss is None else float(loss))
         self.accuracies.append(accuracy)
+        self.roi_stage1.append(roi_stage1)
+        self.roi_stage2.append(roi_stage2)
         self.update()
+
+    def curves(self) -> list[tuple[str, QColor, list[float | None]]]:
+        """The curves on the [0, 1] axis that have a point: (legend, colour, values)."""
+        curves = [
+            ("validation accuracy", self.ACCURACY_COLOUR, self.accuracies),
+            ("ROI attention, stage 1", self.ROI_STAGE1_COLOUR, self.roi_stage1),
+            ("stage 2", self.ROI_STAGE2_COLOUR, self.roi_stage2),
+        ]
+        return [c for c in curves if any(v is not None for v in c[2])]
 
     def _polyline(self, values: list[float | None], low: float, high: float, box) -> QPolygonF:
         left, top, width, height = box
@@ -168,39 +196,50 @@ class LossAccuracyPlot(QWidget):
             points.append(QPointF(x, top + height * (1.0 - frac)))
         return points
 
+    def _draw(self, painter, values, low, high, box, colour, dashed=False) -> None:
+        pen = QPen(colour, 2)
+        if dashed:
+            pen.setStyle(Qt.PenStyle.DashLine)
+        painter.setPen(pen)
+        line = self._polyline(values, low, high, box)
+        painter.drawPolyline(line)
+        painter.setPen(QPen(colour, 2))
+        for p in line:
+            painter.drawEllipse(p, 2.0, 2.0)
+
     def paintEvent(self, event) -> None:
         painter = QPainter(self)
         painter.setRenderHint(QPainter.RenderHint.Antialiasing)
         w, h = self.width(), self.height()
-        box = (28.0, 8.0, max(w - 56.0, 1.0), max(h - 24.0, 1.0))
+        curves = self.curves()
+        roi = [(label, colour) for label, colour, _ in curves if colour != self.ACCURACY_COLOUR]
+        rows = 2 if roi else 1  # the ROI curves' legend: a row of its own
+        box = (28.0, 8.0, max(w - 56.0, 1.0), max(h - 10.0 - 14.0 * rows, 1.0))
         painter.setPen(QPen(self.palette().mid().color(), 1))
         painter.drawRect(int(box[0]), int(box[1]), int(box[2]), int(box[3]))
         text = self.palette().text().color()
         painter.setPen(text)
-        painter.drawText(2, h - 4, f"{len(self.losses)} epoch(s)")
+        painter.drawText(2, h - 4 - 14 * (rows - 1), f"{len(self.losses)} epoch(s)")
         metrics = painter.fontMetrics()
-        legend = [("loss", self.LOSS_COLOUR), ("validation accuracy", self.ACCURACY_COLOUR)]
-        x = w - sum(metrics.horizontalAdvance(t) + 12 for t, _ in legend)
-        for label, colour in legend:
-            painter.setPen(colour)
-            painter.drawText(int(x), h - 4, label)
-            x += metrics.horizontalAdvance(label) + 12
+        legend = [[("loss", self.LOSS_COLOUR), ("validation accuracy", self.ACCURACY_COLOUR)], roi]
+        for row, entries in enumerate(legend[:rows]):
+            x = w - sum(metrics.horizontalAdvance(t) + 12 for t, _ in entries)
+            for label, colour in entries:
+                painter.setPen(colour)
+                painter.drawText(int(x), h - 4 - 14 * (rows - 1 - row), label)
+                x += metrics.horizontalAdvance(label) + 12
         painter.setPen(text)
         finite = [v for v in self.losses if math.isfinite(v)]
         if finite:
             low, high = min(0.0, min(finite)), 1.1 * max(finite)  # headroom: apart from 1.0
             painter.drawText(2, 16, f"{high:.2g}")  # the loss axis's top
-            painter.setPen(QPen(self.LOSS_COLOUR, 2))
-            painter.drawPolyline(self._polyline(self.losses, low, high, box))
-            for p in self._polyline(self.losses, low, high, box):
-                painter.drawEllipse(p, 2.0, 2.0)
-        if any(a is not None for a in self.accuracies):
+            self._draw(painter, self.losses, low, high, box, self.LOSS_COLOUR)
+        if curves:
             painter.setPen(text)
             painter.drawText(int(w - 26), 16, "1.0")
-            painter.setPen(QPen(self.ACCURACY_COLOUR, 2))
-            painter.drawPolyline(self._polyline(self.accuracies, 0.0, 1.0, box))
-            for p in self._polyline(self.accuracies, 0.0, 1.0, box):
-                painter.drawEllipse(p, 2.0, 2.0)
+            for _, colour, values in curves:
+                dashed = colour != self.ACCURACY_COLOUR
+                self._draw(painter, values, 0.0, 1.0, box, colour, dashed)
         painter.end()
 
 
@@ -534,8 +573,8 @@ class TrainWidget(Container):
 
         self.result = None
         self.plot.clear()
-        for loss, accuracy in zip(self.controller.losses, self.controller.accuracies, strict=True):
-            self.plot.add_epoch(loss, accuracy)
+        for point in self.controller.points:  # a resumed run's earlier epochs
+            self._plot(point)
         self._set_busy(False)
         self.split_note.value = ""
         self.progress.value = self.controller.bar
@@ -584,6 +623,9 @@ class TrainWidget(Container):
         if shown is not None:
             self._show(shown)
 
+    def _plot(self, point: PlotPoint) -> None:
+        self.plot.add_epoch(point.loss, point.accuracy, point.roi_stage1, point.roi_stage2)
+
     def _show(self, shown: Shown) -> None:
         """Put what an event changes (:class:`~.train_controller.Shown`) on screen."""
         if shown.warning is not None:
@@ -595,7 +637,7 @@ class TrainWidget(Container):
         if shown.bar is not None:
             self.progress.value = shown.bar
         if shown.plot is not None:
-            self.plot.add_epoch(*shown.plot)
+            self._plot(shown.plot)
         if shown.status is not None:
             self.status.value = shown.status
 

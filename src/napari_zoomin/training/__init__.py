@@ -7,6 +7,8 @@
   refused (used by :func:`train` and the Train classifier widget);
 * :mod:`.trainer`: :class:`Trainer`, the steps of a run, and :func:`train`;
 * :mod:`.losses`: the stage-1 ROI term :func:`roi_attention_loss`.
+* :mod:`.history`: the share of attention on the ROIs per epoch and the history CSV
+  beside the checkpoint.
 * :mod:`.distributed`: training on several GPUs or machines (``torchrun``):
   :class:`~.distributed.DistributedTrainer`, ``train(..., distributed=True)``.
 

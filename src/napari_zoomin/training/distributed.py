@@ -45,6 +45,7 @@ from ..errors import TrainingError, ZoominError
 from ..models.networks import class_probabilities
 from .config import TrainConfig
 from .events import EpochStep, ProgressCallback, Validating
+from .history import roi_attention_shares
 from .losses import roi_attention_loss
 from .resume import RESUMABLE_CHANGES, ResumePlan
 from .trainer import Trainer, _seed
@@ -494,24 +495,32 @@ class DistributedTrainer(Trainer):
 
     def validate(self, epoch: int) -> tuple[float, float]:
         """:meth:`Trainer.validate` split over the processes: each slide with a generator
-        seeded by ``(seed, slide)``; the sums gathered."""
+        seeded by ``(seed, slide)``; the sums gathered (with the ROI attention shares'
+        sums and counts)."""
         config, dataset = self.config, self.dataset
         mine = shard(self.val_idx, self.world)
-        sums = torch.zeros(2, dtype=torch.float64)
+        sums = torch.zeros(6, dtype=torch.float64)  # right, NLL, shares' sums and counts
         for k, i in enumerate(mine):
             generator = torch.Generator().manual_seed(_seed(config.seed, 3, i))
             with self._out_of_memory(f"validating epoch {epoch + 1}"):
+                [source] = dataset.sources([i])
                 [p] = self.model.predict(
-                    dataset.sources([i]),
+                    [source],
                     mode="sample",
                     draws=config.val_draws,
                     generator=generator,
                 )
+            for stage, share in enumerate(roi_attention_shares(self.model, source, p)):
+                if share is not None:
+                    sums[2 + 2 * stage] += share
+                    sums[3 + 2 * stage] += 1
             y = int(dataset.records[i].label_index)
             sums[0] += int(p.label == y)
             sums[1] -= math.log(max(float(p.probabilities[y]), 1e-12))
             self.emit(Validating(epoch + 1, config.epochs, k + 1, len(mine)))
         total = all_reduce_sum(sums.to(self.comm), f"validating epoch {epoch + 1}").cpu()
+        self.roi_attention.sums = [float(total[2]), float(total[4])]
+        self.roi_attention.counts = [int(total[3]), int(total[5])]
         n = len(self.val_idx)
         return float(total[0]) / n, float(total[1]) / n
 

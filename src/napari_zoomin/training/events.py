@@ -17,7 +17,7 @@ In the order a run emits them:
 * :class:`EpochStep`: after every optimisation step.
 * :class:`Validating`: after every chunk of validation slides.
 * :class:`Validated`: once per finished epoch, with the epoch's means, the validation
-  result and whether it is the best so far.
+  result, the share of attention on the ROIs and whether it is the best so far.
 """
 
 from __future__ import annotations
@@ -172,6 +172,13 @@ class Validated(TrainEvent):
         terms: the epoch's mean of each loss term the model reported
             (``"classification"``, ..., a MagNet's ``"auxiliary"`` and
             ``"paradoxical"``), as ``train_<term>`` in the history.
+        roi_attention_stage1, roi_attention_stage2: the mean share of the stage-1 and
+            stage-2 attention on the ROI of the slides that have one
+            (:func:`~.history.roi_attention_shares`), ``None`` where no slide has one
+            (or the model has no such stage).
+        roi_attention_split: the slides they were measured on: ``"val"`` (the
+            validation predictions) or ``"train"`` (no validation slides); ``None``
+            when neither was measured.
     """
 
     stage: ClassVar[str] = "validate"
@@ -185,6 +192,9 @@ class Validated(TrainEvent):
     best_epoch: int | None
     stopped_early: bool
     terms: dict[str, float] = field(default_factory=dict)
+    roi_attention_stage1: float | None = None
+    roi_attention_stage2: float | None = None
+    roi_attention_split: str | None = None
 
 
 ProgressCallback = Callable[[TrainEvent], None]

@@ -31,7 +31,7 @@ def roi_attention_loss(
         roi = read_roi(src, full_region(src), model.config.view_scale)
         if roi is None:
             continue
-        cells = st.grid.cell_values(roi[0].float().cpu()).reshape(-1).clamp(min=0)
+        cells = st.grid.cell_values(roi[0].float().cpu(), mean=True).reshape(-1).clamp(min=0)
         if st.mask is not None:
             cells = cells * st.mask.cpu().to(cells.dtype)
         mass = float(cells.sum())

@@ -4,7 +4,9 @@
 over seeded, class-stratified mini-batches, validates every epoch with sampled
 predictions, keeps the best model by validation accuracy (ties: lower validation
 loss) in ``out_path`` and a resumable training checkpoint beside it
-(``<out>.last.safetensors``), stops early when validation stops improving, reports
+(``<out>.last.safetensors``) and the per-epoch history as a CSV
+(``<out stem>.history.csv``, :mod:`.history`), stops early when validation stops
+improving, reports
 progress through a callback (:mod:`.events`) and can be cancelled between steps.
 
 :class:`Trainer` holds one run; its methods are the steps, in this order:
@@ -64,6 +66,7 @@ from .events import (
     Validated,
     Validating,
 )
+from .history import RoiAttention, history_columns, history_csv_path, write_history_csv
 from .losses import roi_attention_loss
 from .resume import ResumePlan, TrainingState, last_checkpoint_path, resume_plan
 
@@ -98,7 +101,9 @@ class TrainResult:
 
     Attributes:
         history: one dict per finished epoch (``epoch``, ``train_loss``,
-            ``train_accuracy``, ``val_loss``, ``val_accuracy``, loss terms, ``seconds``).
+            ``train_accuracy``, ``val_loss``, ``val_accuracy``, loss terms, the ROI
+            attention shares ``val_roi_attention_stage1``/``_stage2`` (``train_...``
+            without validation slides; ``None`` without ROIs), ``lr``, ``seconds``).
         best_epoch: the epoch (1-based) saved in ``checkpoint_path``, or ``None``.
         best_val_accuracy: its validation accuracy (``None`` without validation slides).
         checkpoint_path: the best model (``load_checkpoint`` / ``--model``).
@@ -191,6 +196,7 @@ class Trainer:
         self.out_path = Path(out_path)
         _check_run(config, self.out_path)
         self.last_path = last_checkpoint_path(self.out_path)
+        self.history_path = history_csv_path(self.out_path)
         self.dataset = dataset
         self.classes = list(dataset.classes)
         self.train_idx, self.val_idx = dataset.indices("train"), dataset.indices("val")
@@ -199,6 +205,11 @@ class Trainer:
                 None, "no training slides (split 'train').", "Check the labels CSV."
             )
         self.labels = dataset.labels
+        # the ROI attention shares are measured on the validation slides, else on the
+        # training slides; the history file's columns are fixed here, at the run's start
+        self.roi_split = "val" if self.val_idx else "train"
+        self.history_columns = history_columns(_TERMS, self.roi_split)
+        self.roi_attention = RoiAttention()
         try:
             self.device = runtime.resolve_device(config.device)
         except ZoominError as exc:  # meta, mps or cuda where there is none, ...
@@ -297,6 +308,7 @@ class Trainer:
 
         for path in (self.out_path, self.last_path):
             check_output_path(path, folder=False, what="the checkpoint path")
+        check_output_path(self.history_path, folder=False, what="the training history path")
         for i in self.train_idx + self.val_idx:
             self.dataset.slide_mpp(i)  # opens the slide (and keeps what it read)
             self.dataset.roi_mask(i)  # reads and parses its annotation file, if any
@@ -427,7 +439,10 @@ class Trainer:
                 f"Lower the learning rate (now {config.lr:g}, --lr). The checkpoints of "
                 f"the last good epoch ({state.epoch}) are kept.",
             )
+        self.roi_attention = RoiAttention()
         val_acc, val_loss = self.validate(epoch) if self.val_idx else (None, None)
+        if not self.val_idx:
+            self.measure_roi_attention(epoch)
         self.end_epoch(epoch, len(batches), sums, val_acc, val_loss)
         return False
 
@@ -485,18 +500,46 @@ class Trainer:
         chunks = [val_idx[i : i + size] for i in range(0, len(val_idx), size)]
         for k, chunk in enumerate(chunks):
             with self._out_of_memory(f"validating epoch {epoch + 1}"):
+                sources = dataset.sources(chunk)
                 predictions = self.model.predict(
-                    dataset.sources(chunk),
+                    sources,
                     mode="sample",
                     draws=config.val_draws,
                     generator=generator,
                 )
-            for i, p in zip(chunk, predictions, strict=True):
+            for i, src, p in zip(chunk, sources, predictions, strict=True):
+                self.roi_attention.add(self.model, src, p)
                 y = int(dataset.records[i].label_index)
                 correct += int(p.label == y)
                 nll -= math.log(max(float(p.probabilities[y]), 1e-12))
             self.emit(Validating(epoch + 1, config.epochs, k + 1, len(chunks)))
         return correct / len(val_idx), nll / len(val_idx)
+
+    def measure_roi_attention(self, epoch: int) -> None:
+        """Without validation slides: the ROI attention shares (:mod:`.history`) of the
+        epoch's final weights on the training slides that have an ROI, one sampled
+        prediction of ``val_draws`` draws each (a generator seeded by ``seed``).
+
+        An extra pass over those slides, made only when there is nothing to validate
+        on (validation measures the shares on its own predictions).  A MagNet has no
+        attention distribution to measure.
+        """
+        config, dataset = self.config, self.dataset
+        if not hasattr(self.model, "attention"):
+            return
+        annotated = [
+            i for i in self.train_idx if (m := dataset.roi_mask(i)) is not None and m.has_roi
+        ]
+        generator = torch.Generator().manual_seed(_seed(config.seed, 7))
+        size = config.batch_size
+        for chunk in (annotated[i : i + size] for i in range(0, len(annotated), size)):
+            with self._out_of_memory(f"measuring the ROI attention of epoch {epoch + 1}"):
+                sources = dataset.sources(chunk)
+                predictions = self.model.predict(
+                    sources, mode="sample", draws=config.val_draws, generator=generator
+                )
+            for src, p in zip(sources, predictions, strict=True):
+                self.roi_attention.add(self.model, src, p)
 
     def end_epoch(
         self,
@@ -518,6 +561,9 @@ class Trainer:
             **{f"train_{k}": sums.get(k, 0.0) / n for k in _TERMS},
             "lr": float(self.optimizer.param_groups[0]["lr"]),
         }
+        roi1, roi2 = self.roi_attention.means()
+        record[f"{self.roi_split}_roi_attention_stage1"] = roi1
+        record[f"{self.roi_split}_roi_attention_stage2"] = roi2
         improved = self.improves(val_acc, val_loss)
         state.epoch, state.step, state.partial = epoch + 1, 0, {}
         if improved:
@@ -547,6 +593,9 @@ class Trainer:
                 best_epoch=state.best_epoch,
                 stopped_early=state.stopped_early,
                 terms={k: record[f"train_{k}"] for k in _TERMS if k in sums},
+                roi_attention_stage1=roi1,
+                roi_attention_stage2=roi2,
+                roi_attention_split=None if roi1 is None and roi2 is None else self.roi_split,
             )
         )
 
@@ -594,6 +643,7 @@ class Trainer:
                 optimizer=self.optimizer,
                 rng_state=rng or {},
             )
+        write_history_csv(self.history_path, self.history_columns, self.state.history)
 
     def _info(self, final: bool = False) -> dict[str, Any]:
         state = self.state

@@ -106,6 +106,8 @@ class TiffBackend(SlideBackend):
                 self._level_shapes.append((int(shape["Y"]), int(shape["X"])))
                 chunks = dict(zip(series.axes, arr.chunks, strict=True))
                 self._tiles.append((int(chunks["Y"]), int(chunks["X"])))
+            self._direct = [_direct_page(level_series) for level_series in series.levels]
+            self._white = white
         except BaseException:
             self._tif.close()
             raise
@@ -245,6 +247,10 @@ class TiffBackend(SlideBackend):
         return np.ascontiguousarray(a)
 
     def read_level(self, level: int, y: int, x: int, height: int, width: int) -> np.ndarray:
+        page = self._direct[level]
+        th, tw = self._tiles[level]
+        if page is not None and y % th == 0 and x % tw == 0 and height <= th and width <= tw:
+            return self._read_tile(page, level, y // th, x // tw, height, width)
         arr = self._levels[level]
         index = []
         for axis in self._series.axes:
@@ -266,8 +272,41 @@ class TiffBackend(SlideBackend):
             )
         return self._to_rgb(block, self._layout)
 
+    def _read_tile(self, page, level: int, ty: int, tx: int, height: int, width: int):
+        """One file tile decoded straight from its bytes (what :class:`Slide` asks for).
+
+        zarr's chunk machinery costs about 2 ms a tile, more than decoding a 256² JPEG
+        tile; a whole-slide view is hundreds of tiles.  The bytes are read under the
+        file handle's lock and decoded outside it, so threads decode in parallel.
+        """
+        th, tw = self._tiles[level]
+        index = ty * -(-self._level_shapes[level][1] // tw) + tx
+        count = int(page.databytecounts[index])
+        if count == 0:  # not scanned: white glass, as the zarr path and OpenSlide show it
+            return np.full((height, width, 3), self._white, np.uint8)
+        fh = self._tif.filehandle
+        with fh.lock:
+            fh.seek(int(page.dataoffsets[index]))
+            data = fh.read(count)
+        tile = page.decode(data, index, jpegtables=page.jpegtables)[0]
+        return self._to_rgb(tile.reshape(th, tw, -1)[:height, :width], "YXS")
+
     def close(self) -> None:
         self._tif.close()
+
+
+def _direct_page(level_series):
+    """The level's one page when its tiles can be decoded one by one without zarr: a
+    single tiled, interleaved 8-bit RGB(A) page; ``None`` otherwise (zarr reads it)."""
+    pages = level_series.pages
+    if len(pages) != 1 or level_series.axes != "YXS":
+        return None
+    page = pages[0]
+    if page is None or not page.is_tiled or page.tiledepth != 1 or page.planarconfig != 1:
+        return None
+    if page.dtype != np.uint8 or page.samplesperpixel not in (3, 4):
+        return None
+    return page
 
 
 def _number(text: str) -> float:
