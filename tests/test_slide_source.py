@@ -193,3 +193,49 @@ def test_slide_without_tissue_has_an_empty_mask(cmu_pixels, kind):
     }[kind]
     tissue = detect_tissue(open_slide(image))
     assert not tissue.mask.any() and tissue.fraction == 0.0
+
+
+def test_read_bytes_are_the_stored_pixels_of_read_or_nothing(pyramid):
+    """``read_bytes``: exactly ``read`` × 255 as uint8 when no resampling is needed (a
+    gigapixel view stays 8-bit until the attention network converts it a block at a
+    time); ``None`` when the read would be resampled."""
+    with open_slide(pyramid) as slide:
+        source = SlideSource(slide)
+        for scale in (1.0, 0.25):
+            raw = source.read_bytes(REGIONS, scale)
+            assert raw.dtype == torch.uint8
+            assert torch.equal(raw.float().div_(255.0), source.read(REGIONS, scale))
+        assert source.read_bytes(torch.tensor([[3, 5, 100, 100]]), 0.25) is None
+
+
+@pytest.mark.parametrize("stride", [1, 4])
+def test_stage1_from_the_8_bit_view_equals_training_stage1(pyramid, stride):
+    """At inference the stage-1 view stays 8-bit and only tissue blocks are computed:
+    α is the one training computes from the float view of the whole slide."""
+    from torch import nn
+
+    from napari_zoomin.models import ZoomIn, ZoomInConfig
+
+    torch.manual_seed(0)
+    model = ZoomIn(
+        ZoomInConfig(
+            view_scale=0.25,
+            attention_stride=stride,
+            tile_size=(64, 64),
+            subtile_size=(16, 16),
+            stage2_scale=0.5,
+            feature_dim=8,
+            feature_hidden=8,
+            feature_channels=(4, 4),
+            n_samples=4,
+        )
+    ).eval()
+    nn.init.normal_(model.attention.logit.weight)
+    with open_slide(pyramid) as slide:
+        source = SlideSource(slide, tissue=detect_tissue(slide))
+        trained = model.stage1([source])[0]
+        with torch.no_grad():
+            inferred = model.stage1([source])[0]
+    assert inferred.grid.map_shape == trained.grid.map_shape
+    torch.testing.assert_close(inferred.attention, trained.attention.detach(), rtol=0, atol=1e-7)
+    assert float(inferred.attention.sum()) == pytest.approx(1.0)

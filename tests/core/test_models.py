@@ -525,21 +525,81 @@ def test_zoomin_runs_on_cuda_with_amp():
     assert p.probabilities.device.type == "cpu"
 
 
-@pytest.mark.parametrize("padding", ["same", "valid"])
-def test_blockwise_attention_equals_the_whole_view(padding):
-    """Inference computes stage-1 logits only in blocks with tissue, with the same values."""
+@pytest.mark.parametrize(
+    ("padding", "stride", "shape"),
+    [
+        ("same", 1, (150, 131)),
+        ("valid", 1, (150, 131)),
+        ("same", 2, (150, 131)),
+        ("same", 4, (301, 263)),
+        ("same", 4, (9, 7)),
+    ],
+)
+def test_blockwise_attention_equals_the_whole_view(padding, stride, shape):
+    """Inference computes stage-1 logits only in blocks with tissue, with the same values:
+    every stride, from an 8-bit view as from its floats, edges and corners included
+    (where forward() replicates the border at every layer)."""
     from napari_zoomin.models.networks import AttentionNetwork
 
     torch.manual_seed(0)
-    net = AttentionNetwork(padding=padding).eval()
+    net = AttentionNetwork(padding=padding, stride=stride).eval()
     nn.init.normal_(net.logit.weight)
-    view = torch.rand(3, 150, 131)
-    full = net(view[None])[0]
-    needed = torch.zeros_like(full, dtype=torch.bool)
-    needed[40:50, 60:70] = needed[0, 0] = needed[-1, -1] = True  # edges and corners too
-    blocks = net.forward_blocks(view, needed, block=32)
-    torch.testing.assert_close(blocks[needed], full[needed], rtol=0, atol=1e-6)
-    assert float(blocks[:32, 96:].abs().max()) == 0.0  # a block without tissue: not computed
+    view8 = torch.randint(0, 256, (3, *shape), dtype=torch.uint8)
+    view = view8.float() / 255.0
+    with torch.no_grad():
+        full = net(view[None])[0]
+    assert tuple(full.shape) == net.map_shape(shape)
+    needed = torch.rand(full.shape, generator=torch.Generator().manual_seed(1)) < 0.3
+    needed[0, 0] = needed[-1, -1] = needed[0, -1] = needed[-1, 0] = True
+    needed[:8, 16:] = False  # a block without a needed cell
+    for v in (view, view8):
+        blocks = net.forward_blocks(v, needed, block=8)
+        torch.testing.assert_close(blocks[needed], full[needed], rtol=0, atol=1e-6)
+    if full.shape[1] > 24:
+        assert float(blocks[:8, 16:24].abs().max()) == 0.0  # not computed
+
+
+def test_a_strided_map_places_each_cell_on_its_own_view_pixels():
+    """Stride s: cell (i, j) is centred on view pixel (s·i, s·j); ROI targets average the
+    cell's s² pixels, so an ROI a few view pixels across between two centres counts."""
+    from napari_zoomin.models.coordinates import CellGrid
+    from napari_zoomin.models.networks import AttentionNetwork
+
+    net = AttentionNetwork(stride=4)
+    assert net.stride == (4, 4) and net.offset == (0.0, 0.0) and net.radius == 7
+    assert net.map_shape((100, 37)) == (25, 10)
+    grid = CellGrid(
+        torch.zeros(1, 2),
+        (400, 148),
+        (100, 37),
+        net.map_shape((100, 37)),
+        net.offset,
+        net.stride,
+        bounds=(400, 148),
+    )
+    # level-0 centres at 4x: view pixel 4·i ↔ level-0 4·i·(399/99)
+    c = grid.centres(torch.tensor([0, 1, 10]))
+    assert c.tolist() == [[0, 0], [0, 16], [16, 0]]
+    roi = torch.zeros(100, 37)
+    roi[5:7, 9:11] = 1.0  # 2 × 2 view pixels, no cell centre on them (centres: 4, 8, ...)
+    assert float(grid.cell_values(roi).sum()) == 0.0
+    mean = grid.cell_values(roi, mean=True)
+    # cell (1, 2) covers rows 2..5, cols 6..9; cell (1, 3) rows 2..5, cols 10..13; ...
+    assert mean[1, 2] == pytest.approx(1 / 16) and mean[1, 3] == pytest.approx(1 / 16)
+    assert float(mean.sum()) * 16 == pytest.approx(4.0)  # the ROI's 4 pixels, all counted
+
+
+@pytest.mark.parametrize(
+    ("settings", "words"),
+    [
+        ({"attention_stride": 3}, "attention_stride must be one of"),
+        ({"attention_stride": 4, "attention_padding": "valid"}, "needs attention_padding"),
+        ({"attention_stride": 4, "attention_layers": 1}, "attention_layers of at least 2"),
+    ],
+)
+def test_impossible_strides_are_refused_before_a_network_is_built(settings, words):
+    with pytest.raises(ValueError, match=words):
+        ZoomInConfig(**settings)
 
 
 def test_stage1_skips_glass_blocks_at_inference_with_identical_alpha():
