@@ -25,6 +25,7 @@ unknown (``units == "pixel"``): then reads are exactly those of a plain source.
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -248,14 +249,16 @@ class SlideSource:
         pixels = pixels.float().div_(255.0)
         if resize:
             if not self.resampled:  # exactly the reads of a source in the slide's pixels
-                pixels = torch.stack(
-                    [
-                        F.interpolate(
-                            pixels[k : k + 1, :, : y1 - y0, : x1 - x0], size=out_size, mode="area"
-                        )[0]
-                        for k, (y0, y1, x0, x1) in enumerate(windows)
-                    ]
-                )
+                # one call per window size (a tile off the level's grid spans one pixel
+                # more): hundreds of tiny calls cost seconds on a busy CPU
+                out = pixels.new_empty((n, 3, *out_size))
+                groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+                for k, (y0, y1, x0, x1) in enumerate(windows):
+                    groups[(y1 - y0, x1 - x0)].append(k)
+                for (gh, gw), idx in groups.items():
+                    sel = torch.tensor(idx)
+                    out[sel] = F.interpolate(pixels[sel, :, :gh, :gw], size=out_size, mode="area")
+                pixels = out
             else:
                 resized = []
                 for k, (y0, y1, x0, x1) in enumerate(windows):

@@ -319,8 +319,13 @@ class FeatureNetwork(nn.Module):
                 f"sub-tiles of {self.subtile_size} are too small for the LeNet feature network "
                 f"(at least {smallest} pixels a side); pass a feature network of your own"
             )
-        with torch.no_grad():
-            flat = self.conv(torch.zeros(1, in_channels, *self.subtile_size)).numel()
+        # conv (valid) then max-pool 2 with ceil, twice: by arithmetic, not a dummy
+        # forward (on the meta device a forward imports torch's decompositions, about 2 s
+        # of every checkpoint load)
+        side = list(self.subtile_size)
+        for k in kernel_sizes:
+            side = [-(-(v - k + 1) // 2) for v in side]
+        flat = channels[1] * side[0] * side[1]
         self.fc = nn.Sequential(
             nn.Flatten(),
             nn.Linear(flat, hidden),
