@@ -381,3 +381,41 @@ def test_demo_checkpoint_is_of_todays_format():
 
     assert read_checkpoint_info(DEMO_MODEL)["format_version"] == FORMAT_VERSION
     assert DEMO_MODEL.stat().st_size < 2 * 2**20
+
+
+def test_a_training_checkpoint_with_two_learning_rates_loads_and_resumes(tmp_path):
+    """The trainer's Adam groups put the attention networks last (``attention_lr``), so
+    the saved state numbers the parameters in another order than the model's: it loads,
+    and torch puts every moment back on its own parameter; a moment of a shape that no
+    parameter has is still refused."""
+    from napari_zoomin.engine.checkpoints import build_model, load_checkpoint, save_checkpoint
+    from napari_zoomin.errors import CheckpointError
+    from napari_zoomin.training.config import TrainConfig
+    from napari_zoomin.training.trainer import _parameter_groups
+
+    torch.manual_seed(0)
+    model = build_model("zoomin", TINY_ZOOMIN)
+    config = TrainConfig(lr=1e-3, attention_lr=1e-2)
+    optimizer = torch.optim.Adam(_parameter_groups(model, config), lr=1e-3)
+    sum(p.float().sum() for p in model.parameters()).backward()
+    optimizer.step()
+    path = save_checkpoint(tmp_path / "two.safetensors", model, ["a", "b"], optimizer=optimizer)
+    ckpt = load_checkpoint(path)
+    again = torch.optim.Adam(_parameter_groups(ckpt.model, config), lr=1e-3)
+    again.load_state_dict(ckpt.optimizer_state)
+    for p, q in zip(
+        (p for g in optimizer.param_groups for p in g["params"]),
+        (q for g in again.param_groups for q in g["params"]),
+        strict=True,
+    ):
+        assert torch.equal(optimizer.state[p]["exp_avg"], again.state[q]["exp_avg"])
+
+    doc = json.loads(split(path)[0]["__metadata__"]["napari_zoomin"])
+    name = doc["optimizer"]["state"]["0"]["exp_avg"]["tensor"]
+    forged = forge(
+        path,
+        tmp_path / "forged.safetensors",
+        tensor_change=lambda t: t.update({name: torch.zeros(7, 7, 7)}),
+    )
+    with pytest.raises(CheckpointError, match="which no parameter has"):
+        load_checkpoint(forged)

@@ -1,4 +1,10 @@
-"""Sample slides: real pixels, exact pyramid, planted tumor/distractor regions, GeoJSON."""
+"""Sample slides: real pixels, exact pyramid, planted tumor/distractor regions, GeoJSON.
+
+The module's slides are built with the default recipe (2: quilted fragments) and again
+with recipe 1 (mirror-tiled, kept selectable; marked slow): every structural test runs
+on both, and the tests of what recipe 2 adds (no mirror lines, no repeated tile) show
+recipe 1 failing them.
+"""
 
 from __future__ import annotations
 
@@ -41,11 +47,17 @@ def cache_root(tmp_path_factory):
     return root
 
 
-@pytest.fixture(scope="module")
-def slides(cache_root, tmp_path_factory):
+@pytest.fixture(scope="module", params=[2, pytest.param(1, marks=pytest.mark.slow)])
+def slides(request, cache_root, tmp_path_factory):
     """The same tissue and regions as positive, negative and region-free slides."""
-    out = tmp_path_factory.mktemp("samples")
-    common = {"size": SIZE, "seed": SEED, "tile": TILE, "n_levels": N_LEVELS}
+    out = tmp_path_factory.mktemp(f"samples-recipe{request.param}")
+    common = {
+        "size": SIZE,
+        "seed": SEED,
+        "tile": TILE,
+        "n_levels": N_LEVELS,
+        "recipe": request.param,
+    }
     made = {}
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("NAPARI_ZOOMIN_CACHE", str(cache_root))
@@ -123,7 +135,9 @@ def test_files_geojson_and_recipe(slides):
             assert region.y <= ys.min() and ys.max() <= region.y + region.box
             assert region.x % 16 == 0 and region.y % 16 == 0 and region.box % 16 == 0
         recipe = json.loads(info.recipe_path.read_text())
-        assert recipe["label"] == info.label and recipe["recipe_version"] >= 1
+        assert recipe["label"] == info.label
+        assert recipe["recipe_version"] == gj["properties"]["recipe_version"]
+        assert recipe["recipe_version"] == (1 if "mirror" in recipe["tissue"]["method"] else 2)
         assert recipe["planted_fraction"] == pytest.approx(info.planted_fraction)
         assert len(recipe["regions"]) == len(info.regions)
         assert info.planted_fraction < MAX_PLANTED_FRACTION
@@ -255,18 +269,154 @@ def test_sample_has_glass_and_tissue_and_reuses_tiles(slides):
     assert 0.3 < glass.mean() < 0.9
     assert 0.1 < info.tissue_fraction < 0.6
     assert info.tissue_fraction == pytest.approx(1 - glass.mean(), abs=0.1)
+    # glass tiles are encoded once (both recipes); recipe 1 also repeats its motif tiles,
+    # recipe 2's tissue tiles are all distinct.  Level 5 (1/32) of the lossless slide
+    # holds each 256-px level-0 tile as an 8×8 block.
+    lossless = np.asarray(_levels(slides["pos"])[str(N_LEVELS - 1)])
+    blocks = (lossless == GLASS_RGB).all(axis=2).reshape(32, 8, 32, 8)
+    glass_tiles = int(blocks.all(axis=(1, 3)).sum())
+    tissue_tiles = int((~blocks).all(axis=(1, 3)).sum())
     tiles = info.pyramid
-    assert tiles.tiles_encoded[0] < tiles.tiles_total[0] / 4
+    assert glass_tiles > 0 and tissue_tiles > 0
+    # (a few tiles near the outline are rendered, not keyed, and turn out all glass)
+    assert tiles.tiles_encoded[0] < tiles.tiles_total[0] - 0.95 * glass_tiles
+    recipe = json.loads(info.recipe_path.read_text())["recipe_version"]
+    if recipe == 1:
+        assert tiles.tiles_encoded[0] < tiles.tiles_total[0] / 4
+    else:
+        assert tiles.tiles_encoded[0] >= tissue_tiles + 1
 
 
-def test_same_parameters_give_identical_files(cache_root, tmp_path, monkeypatch):
+def _recipe(info) -> int:
+    return json.loads(info.recipe_path.read_text())["recipe_version"]
+
+
+def _tissue_tiles(info, tile: int = TILE):
+    """Level-0 tiles of a lossless slide at least half tissue, as ``(y, x, pixels)``."""
+    level0 = _levels(info)["0"]
+    for y in range(0, SIZE, tile):
+        row = np.asarray(level0[y : y + tile])
+        glass = (row == GLASS_RGB).all(axis=2)
+        for x in range(0, SIZE, tile):
+            if glass[:, x : x + tile].mean() < 0.5:
+                yield y, x, row[:, x : x + tile]
+
+
+def test_no_level0_tissue_tile_repeats_even_rotated_or_flipped(slides):
+    """Recipe 2 never shows the same 256² tissue tile twice, under any of the 8
+    rotations/flips; recipe 1's mirror tiling repeats most of its tiles."""
+    seen: dict[bytes, tuple[int, int]] = {}
+    repeats = n = 0
+    for y, x, pixels in _tissue_tiles(slides["plain"]):
+        n += 1
+        forms = [np.rot90(p, k) for p in (pixels, pixels.swapaxes(0, 1)) for k in range(4)]
+        key = min(np.ascontiguousarray(f).tobytes() for f in forms)
+        if key in seen:
+            repeats += 1
+        seen.setdefault(key, (y, x))
+    assert n > 150  # a real test: hundreds of tissue tiles
+    if _recipe(slides["plain"]) == 1:
+        assert repeats > n / 2
+    else:
+        assert repeats == 0
+
+
+def _mirror_correlations(info, half: int = 64, rows: int = 128) -> np.ndarray:
+    """Correlation of each ``rows × half`` strip of tissue with its mirror image across
+    every axis on a ``half``-px grid (vertical and horizontal axes), at level 1 (1/2),
+    after removing structure coarser than ~8 px (so a tissue band crossing the axis
+    does not count)."""
+    from scipy.ndimage import gaussian_filter
+
+    level1 = np.asarray(_levels(info)["1"])
+    glass = (level1 == GLASS_RGB).all(axis=2)
+    grey = level1.mean(axis=2, dtype=np.float32)
+    detail = grey - gaussian_filter(grey, 4)
+    out = []
+    for img, mask in ((detail, glass), (detail.T, glass.T)):
+        for axis in range(half, img.shape[1] - half + 1, half):
+            left = img[:, axis - half : axis]
+            right = img[:, axis : axis + half][:, ::-1]
+            for y in range(0, img.shape[0] - rows + 1, rows):
+                if mask[y : y + rows, axis - half : axis + half].any():
+                    continue
+                a, b = left[y : y + rows].ravel(), right[y : y + rows].ravel()
+                out.append(np.corrcoef(a, b)[0, 1])
+    return np.array(out)
+
+
+def test_no_mirror_symmetry(slides):
+    """Recipe 1 is exactly mirror-symmetric across every 1024th column (and 2048th row)
+    of level 0; recipe 2 has no mirror axis anywhere its tissue is."""
+    corr = _mirror_correlations(slides["plain"])
+    assert len(corr) > 200
+    if _recipe(slides["plain"]) == 1:
+        assert corr.max() > 0.99 and (corr > 0.99).mean() > 0.05
+    else:
+        assert corr.max() < 0.3
+
+
+def test_stain_variants_match_scikit_image_hed(cache_root, monkeypatch):
+    """The tabulated stain shift is scikit-image's HED scaling on real tissue colours
+    (where its clipping of negative stain densities does not act), and small."""
+    from skimage.color import hed2rgb, rgb2hed
+
+    from napari_zoomin.samples.quilt import apply_stain, colour_bins, stain_lut
+    from napari_zoomin.samples.synthetic import load_motif_source
+
     monkeypatch.setenv("NAPARI_ZOOMIN_CACHE", str(cache_root))
-    kw = {"size": 4096, "tile": 256, "n_tumor": 0, "n_distractors": 0}
-    a = write_sample_slide(tmp_path / "a.tif", seed=5, **kw)
-    b = write_sample_slide(tmp_path / "b.tif", seed=5, **kw)
+    rgb = load_motif_source()[:512, :512]
+    out = np.empty_like(rgb)
+    apply_stain(rgb, colour_bins(rgb), stain_lut(1.08, 0.92), out)
+    hed = rgb2hed(rgb)
+    want = np.clip(np.rint(hed2rgb(hed * [1.08, 0.92, 1]) * 255), 0, 255)
+    clean = (hed > 0).all(axis=2)
+    assert clean.mean() > 0.5
+    error = np.abs(out.astype(int) - want)[clean]
+    assert error.mean() < 0.5 and np.percentile(error, 99) <= 2
+    assert 1 < np.abs(out.astype(int) - rgb).mean() < 6  # slight, but a change
+    same = np.empty_like(rgb)
+    apply_stain(rgb, colour_bins(rgb), stain_lut(1.0, 1.0), same)
+    assert np.abs(same.astype(int) - rgb).max() <= 1
+
+
+@pytest.mark.parametrize("recipe", [1, 2])
+def test_same_parameters_give_identical_files(cache_root, tmp_path, monkeypatch, recipe):
+    monkeypatch.setenv("NAPARI_ZOOMIN_CACHE", str(cache_root))
+    kw = {"size": 4096, "tile": 256, "n_tumor": 0, "n_distractors": 0, "recipe": recipe}
+    a = write_sample_slide(tmp_path / "a.tif", seed=5, workers=3, **kw)
+    b = write_sample_slide(tmp_path / "b.tif", seed=5, workers=1, **kw)  # any thread count
     c = write_sample_slide(tmp_path / "c.tif", seed=6, **kw)
     assert a.path.read_bytes() == b.path.read_bytes()
     assert a.path.read_bytes() != c.path.read_bytes()
+
+
+@pytest.mark.parametrize("recipe", [None, "1"])
+def test_cli_sample_takes_the_recipe(cache_root, tmp_path, monkeypatch, capsys, recipe):
+    from napari_zoomin.cli import main
+
+    monkeypatch.setenv("NAPARI_ZOOMIN_CACHE", str(cache_root))
+    out = tmp_path / "s.tif"
+    args = ["sample", "--out", str(out), "--size", "8192", "--seed", "4"]
+    assert main(args + ([] if recipe is None else ["--recipe", recipe])) == 0
+    assert str(out) in capsys.readouterr().out
+    sidecar = json.loads(out.with_suffix(".json").read_text())
+    assert sidecar["recipe_version"] == (2 if recipe is None else 1)
+    gj = json.loads(out.with_suffix(".geojson").read_text())
+    assert gj["properties"]["recipe_version"] == sidecar["recipe_version"]
+
+
+def test_progress_counts_up_through_the_cuts_and_every_tile_row(cache_root, tmp_path, monkeypatch):
+    monkeypatch.setenv("NAPARI_ZOOMIN_CACHE", str(cache_root))
+    heard: list[tuple[float, str]] = []
+    write_sample_slide(
+        tmp_path / "p.tif", size=SIZE, seed=1, progress=lambda f, m: heard.append((f, m))
+    )
+    fractions = [f for f, _ in heard]
+    assert fractions[0] == 0.0 and fractions[-1] == 1.0
+    assert fractions == sorted(fractions)
+    assert sum("cutting the tissue" in m for _, m in heard) >= 2
+    assert sum("level 0" in m for _, m in heard) == SIZE // 512  # one per tile row
 
 
 def test_out_folder_gets_a_default_name(cache_root, tmp_path, monkeypatch):
@@ -286,6 +436,8 @@ def test_bad_requests_are_refused(cache_root, tmp_path, monkeypatch):
         write_sample_slide(tmp_path / "x.tif", size=4096, n_tumor=3, n_distractors=3)
     with pytest.raises(ValueError, match="at least"):
         write_sample_slide(tmp_path / "x.tif", size=500)
+    with pytest.raises(ValueError, match="recipe"):
+        write_sample_slide(tmp_path / "x.tif", size=4096, recipe=3)
     assert not list(tmp_path.iterdir())
 
 
@@ -338,7 +490,7 @@ def test_default_40000_sample(cache_root, tmp_path, monkeypatch):
     slide = openslide.OpenSlide(info.path)
     assert slide.level_dimensions[-1] == (625, 625) and slide.level_count == 7
     assert slide.level_downsamples == pytest.approx(tuple(2.0**k for k in range(7)))
-    assert info.pyramid.tiles_encoded[0] < info.pyramid.tiles_total[0] / 10
+    assert info.pyramid.tiles_encoded[0] < info.pyramid.tiles_total[0] / 2  # glass is keyed
     group = _levels(info)
     for region in info.regions:
         got = np.asarray(slide.read_region((region.x, region.y), 0, (region.box,) * 2))

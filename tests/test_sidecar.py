@@ -132,7 +132,7 @@ def test_zoomin_train_and_the_train_widget_find_the_same_roi_files(tmp_path, mon
         labels_csv=slides / "labels.csv",
         slides_dir=slides,
         annotations_dir=None,
-        config=SimpleNamespace(seed=0, roi_labels=("Tumor",), num_workers=1),
+        config=SimpleNamespace(seed=0, roi_labels=("Tumor",), lookalike_labels=(), num_workers=1),
         out_path=tmp_path / "model.safetensors",
         resume=False,
     )

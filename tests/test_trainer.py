@@ -198,6 +198,7 @@ def test_one_epoch_writes_both_checkpoints(records, tmp_path):
         "roi_attention_stage1": result.history[0]["val_roi_attention_stage1"],
         "roi_attention_stage2": result.history[0]["val_roi_attention_stage2"],
         "roi_attention_split": "val",
+        "slides_per_minute": result.history[0]["slides_per_minute"],
     }
     terms = {"classification", "contrastive", "entropy", "pixel", "policy", "roi_attention"}
     assert set(final.terms) == terms  # a MagNet's auxiliary and paradoxical are not here
@@ -676,7 +677,8 @@ def test_cli_train_passes_its_options_and_records_the_csv(records, tmp_path, cap
     assert re.fullmatch(
         r"validate epoch 1/1, step 2/2, loss \d\.\d{3}, val_loss \d\.\d{3}, "
         r"val_accuracy \d\.\d{3}, val_roi_attention_stage1 \d\.\d{3}, "
-        r"val_roi_attention_stage2 \d\.\d{3}",  # the sample slides' ROIs (their sidecars)
+        r"val_roi_attention_stage2 \d\.\d{3}, "  # the sample slides' ROIs (their sidecars)
+        r"\d+\.\d slides/min",  # training slides per minute of the epoch
         validated,
     )
 
@@ -828,7 +830,8 @@ def test_cli_trains_a_magnet_and_its_epoch_line_shows_the_extra_losses(records, 
     assert main(args) == 0
     config = load_checkpoint(out).info["info"]["trainer_config"]
     assert (config["lr"], config["batch_size"], config["lr_schedule"]) == (3e-5, 16, "cosine")
-    history = load_checkpoint(out).info["info"]["history"]
+    # every epoch's rate is in the training state (the model file stops at the best epoch)
+    history = load_checkpoint(last_checkpoint_path(out)).info["info"]["history"]
     assert [h["lr"] for h in history] == [3e-5, 3e-5 * 0.5 * (1 + math.cos(math.pi / 2))]
     err = capsys.readouterr().err.splitlines()
     lines = [line for line in err if line.startswith("validate epoch") and "loss" in line]
@@ -836,6 +839,7 @@ def test_cli_trains_a_magnet_and_its_epoch_line_shows_the_extra_losses(records, 
     for line in lines:
         assert re.fullmatch(
             r"validate epoch \d/2, step 1/1, loss \d\.\d{3}, val_loss \d\.\d{3}, "
-            r"val_accuracy \d\.\d{3}, auxiliary \d\.\d{3}, paradoxical \d\.\d{3}",
+            r"val_accuracy \d\.\d{3}, auxiliary \d\.\d{3}, paradoxical \d\.\d{3}, "
+            r"\d+\.\d slides/min",
             line,
         ), line

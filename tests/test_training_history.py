@@ -287,7 +287,8 @@ def test_cli_epoch_line_shows_the_roi_shares(records, tmp_path, capsys):
     (line,) = [x for x in lines if x.startswith("validate epoch 1/1") and "val_loss" in x]
     found = re.fullmatch(
         r"validate epoch 1/1, step 1/1, loss \d\.\d{3}, val_loss \d\.\d{3}, val_accuracy "
-        r"\d\.\d{3}, val_roi_attention_stage1 (\d\.\d{3}), val_roi_attention_stage2 (\d\.\d{3})",
+        r"\d\.\d{3}, val_roi_attention_stage1 (\d\.\d{3}), val_roi_attention_stage2 (\d\.\d{3}), "
+        r"\d+\.\d slides/min",
         line,
     )
     assert found, line

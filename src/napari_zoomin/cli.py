@@ -49,7 +49,9 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     check_output_path(args.out, folder=False)
     start = time.perf_counter()
     try:
-        info = write_sample_slide(args.out, size=args.size, label=args.label, seed=args.seed)
+        info = write_sample_slide(
+            args.out, size=args.size, label=args.label, seed=args.seed, recipe=args.recipe
+        )
     except ValueError as err:  # a size too small for the recipe, and the like
         raise ZoominError(args.out, f"cannot write the sample slide: {err}") from err
     seconds = time.perf_counter() - start
@@ -178,6 +180,9 @@ def _train_config(args: argparse.Namespace):
         "roi_labels": None
         if args.roi_labels is None
         else tuple(lab.strip() for lab in args.roi_labels.split(",") if lab.strip()),
+        "lookalike_labels": None
+        if args.lookalike_labels is None
+        else tuple(lab.strip() for lab in args.lookalike_labels.split(",") if lab.strip()),
         "pretrain_epochs": args.pretrain_epochs,
         "pretrain_pooling": args.pretrain_pooling,
         "init_from": args.init_from,
@@ -222,6 +227,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         val_fraction=args.val_fraction,
         seed=args.seed,
         roi_labels=config.roi_labels,
+        lookalike_labels=config.lookalike_labels,
         workers=config.num_workers,
     )
     records, classes = dataset.records, dataset.classes
@@ -257,6 +263,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
             value = getattr(event, f"roi_attention_stage{n}", None)
             if value is not None:
                 parts.append(f"{split}_roi_attention_stage{n} {value:.3f}")
+        rate = getattr(event, "slides_per_minute", None)
+        if rate is not None:
+            parts.append(f"{rate:.1f} slides/min")
         line = ", ".join(parts)
         if sys.stderr.isatty():
             print(f"\r{line:<78}", end="" if step else "\n", file=sys.stderr, flush=True)
@@ -426,6 +435,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sample.add_argument("--label", choices=["positive", "negative"], default="positive")
     sample.add_argument("--seed", type=_seed_arg, default=0)
+    sample.add_argument(
+        "--recipe",
+        type=int,
+        choices=[1, 2],
+        default=2,
+        help="tissue recipe: 2 quilted real fragments (default), 1 the older mirror tiling",
+    )
     sample.set_defaults(func=_cmd_sample)
 
     classify = sub.add_parser("classify", help="classify a slide and write why")
@@ -498,6 +514,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tr.add_argument("--no-contrastive", action="store_true", help="no in-sample contrastive loss")
     tr.add_argument("--roi-labels", help="ROI annotation labels, comma-separated (default Tumor)")
+    tr.add_argument(
+        "--lookalike-labels",
+        help="look-alike annotation labels, comma-separated: looked at, told apart (default none)",
+    )
     tr.add_argument("--init-from", help="start from this checkpoint's weights ('demo' or a path)")
     tr.add_argument(
         "--init-encoder",

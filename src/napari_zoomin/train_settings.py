@@ -185,6 +185,14 @@ TRAIN_SETTINGS: dict[str, Setting] = {
         entry="names",
         flag="--roi-labels",
     ),
+    "lookalike_labels": Setting(
+        "Look-alike labels",
+        "Outline labels of look-alikes: regions that look like the ROI at low "
+        "resolution but are not (a benign mimic), comma-separated. The model learns to "
+        "look at them and to tell them apart (default: none).",
+        entry="names",
+        flag="--lookalike-labels",
+    ),
 }
 
 

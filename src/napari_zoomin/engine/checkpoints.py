@@ -453,6 +453,7 @@ def _optimizer_problem(skeleton: Any, header: dict, shapes: list[tuple[int, ...]
         seen
     ):
         return f"names parameters that the model (of {len(shapes)}) does not have"
+    known = set(shapes)
     for pid, entry in state.items():
         if not (isinstance(pid, str) and pid.isdigit() and int(pid) in seen):
             return f"has a state for an unknown parameter {pid[:20]!r}"
@@ -465,8 +466,11 @@ def _optimizer_problem(skeleton: Any, header: dict, shapes: list[tuple[int, ...]
                 if not (set(value) == {"tensor"} and ref.startswith("optimizer.") and info):
                     return f"refers to a tensor {str(ref)[:60]!r} that the file does not hold"
                 shape = tuple(info["shape"])
-                if shape not in ((), shapes[int(pid)]):
-                    return f"holds {ref!r} of shape {shape}, not its parameter's"
+                # ids number the parameters group by group (the trainer's groups put the
+                # attention networks last), not in the model's order: the shape must be
+                # one of the model's; torch matches each to its parameter on loading
+                if shape != () and shape not in known:
+                    return f"holds {ref!r} of shape {shape}, which no parameter has"
             elif not ((type(value) in (int, float) and math.isfinite(value)) or value is None):
                 return f"holds {name[:40]!r} = {str(value)[:40]!r}"
     return None

@@ -58,6 +58,7 @@ from ..fields import MAX_LABEL_CHARS, control_character
 from ..slide import SLIDE_EXTENSIONS, Slide, open_slide, slide_of
 from .slide_source import SlideSource
 from .tissue import TissueMask, detect_tissue
+from .view_cache import ViewCache
 
 __all__ = [
     "DEFAULT_ROI_LABELS",
@@ -442,10 +443,12 @@ class RoiMask:
         index: AnnotationIndex,
         shape_level0: tuple[int, int],
         labels: Iterable[str] | None = DEFAULT_ROI_LABELS,
+        lookalikes: Iterable[str] = (),
     ):
         self.index = index
         self.shape_level0 = (int(shape_level0[0]), int(shape_level0[1]))
         self.labels = None if labels is None else frozenset(labels)
+        self.lookalikes = frozenset(lookalikes)
         self._whole: OrderedDict[tuple, Tensor] = OrderedDict()
 
     @property
@@ -466,6 +469,14 @@ class RoiMask:
 
     def __call__(self, regions: Tensor, scale: float) -> Tensor:
         return self._read(regions, scale, self.labels)
+
+    def attention_target(self, regions: Tensor, scale: float) -> Tensor:
+        """Fractions of ROI and look-alike area: where attention should go (a look-alike
+        is what the low-resolution view cannot tell from an ROI, so the model must read
+        it at full resolution to rule it out).  The ROI alone without look-alikes."""
+        if not self.lookalikes or self.labels is None:
+            return self(regions, scale)
+        return self._read(regions, scale, self.labels | self.lookalikes)
 
     def hard_negatives(self, regions: Tensor, scale: float) -> Tensor | None:
         """Fractions of annotated non-ROI area (``None`` if the slide has none)."""
@@ -502,6 +513,8 @@ class SlideDataset:
         classes: class names (index = ``label_index``).
         roi_labels: annotation labels that count as ROI (``None``: every non-exclusion
             label).
+        lookalike_labels: annotation labels of look-alikes (``TrainConfig.lookalike_labels``):
+            attention targets beside the ROIs, hard negatives for pre-training ``f``.
         workers: threads a :class:`SlideSource` decodes regions with.
         max_open: slides kept open at once (least recently used are closed; opening a
             pyramid again is cheap, and tissue masks and annotations stay cached).
@@ -513,9 +526,12 @@ class SlideDataset:
         model_mpp: the pixel size (µm) every slide is read at (``SlideSource``'s
             ``model_mpp``); ``None`` reads slides in their own pixels.  :func:`train`
             sets it to the training pixel size it chooses.
+        view_cache: the run's stage-1 views on disk (:class:`~.view_cache.ViewCache`),
+            handed to every source; :func:`train` sets it (``TrainConfig.cache_views``).
 
     Tissue masks and annotation indexes are computed once per slide and kept in
-    memory for the dataset's lifetime (one training run).
+    memory for the dataset's lifetime (one training run); with a ``view_cache``, each
+    slide's stage-1 view is decoded from its pyramid once per run, not once per epoch.
     """
 
     def __init__(
@@ -524,6 +540,7 @@ class SlideDataset:
         classes: Sequence[str],
         *,
         roi_labels: Iterable[str] | None = DEFAULT_ROI_LABELS,
+        lookalike_labels: Iterable[str] = (),
         workers: int = 4,
         max_open: int = 8,
         cache_bytes: int = 64 * 2**20,
@@ -531,13 +548,16 @@ class SlideDataset:
         labels_csv: str | os.PathLike | None = None,
         tissue_masks: dict[Path, TissueMask] | None = None,
         model_mpp: float | None = None,
+        view_cache: ViewCache | None = None,
     ):
         self.records = list(records)
+        self.view_cache = view_cache
         self.model_mpp = model_mpp
         self._mpp: dict[Path, tuple[float, float] | None] = {}
         self.labels_csv = None if labels_csv is None else Path(labels_csv)
         self.classes = list(classes)
         self.roi_labels = None if roi_labels is None else tuple(roi_labels)
+        self.lookalike_labels = tuple(lookalike_labels)
         self.workers = max(1, int(workers))
         self.max_open = max(1, int(max_open))
         self.cache_bytes = int(cache_bytes)
@@ -618,6 +638,13 @@ class SlideDataset:
 
         return profile_slide(self._slide(i, {i}), self.tissue_mask(i))
 
+    def set_lookalikes(self, labels: Iterable[str]) -> None:
+        """Use these look-alike labels from now on (the training settings' own)."""
+        labels = tuple(labels)
+        if labels != self.lookalike_labels:
+            self.lookalike_labels = labels
+            self._roi.clear()  # built with the old ones
+
     def roi_mask(self, i: int) -> RoiMask | None:
         """The slide's ROI callable, or ``None`` when it has no annotation file."""
         if i not in self._roi:
@@ -627,7 +654,7 @@ class SlideDataset:
             else:
                 index = AnnotationIndex(read_annotations(record.annotations))
                 shape = self._slide(i, {i}).shape
-                self._roi[i] = RoiMask(index, shape, self.roi_labels)
+                self._roi[i] = RoiMask(index, shape, self.roi_labels, self.lookalike_labels)
         return self._roi[i]
 
     def sources(self, indices: Sequence[int]) -> list[SlideSource]:
@@ -644,7 +671,9 @@ class SlideDataset:
                     roi=roi,
                     workers=self.workers,
                     hard_negatives=None if roi is None else roi.hard_negatives,
+                    attention_target=None if roi is None else roi.attention_target,
                     model_mpp=self.model_mpp,
+                    view_cache=self.view_cache,
                 )
             )
         return out

@@ -37,6 +37,7 @@ from ..geometry import scaled_size
 from ..models.source import ReadCounter, as_regions
 from ..slide import Slide
 from .tissue import TissueMask
+from .view_cache import ViewCache
 
 __all__ = ["MPP_TOLERANCE", "SlideSource", "resolution_factor"]
 
@@ -103,9 +104,13 @@ class SlideSource:
             model-pixel output size.
         hard_negatives: optional callable of the same form for annotated regions that
             are not ROI (hard negatives for tile pre-training).
+        attention_target: optional callable of the same form for where attention should
+            go (ROIs and look-alikes, :meth:`RoiMask.attention_target`); ``roi`` if none.
         workers: threads decoding regions in parallel.
         model_mpp: the model's training pixel size in µm (``training_mpp``); with the
             slide's ``mpp`` it makes regions model pixels (module docstring).
+        view_cache: a training run's :class:`~.view_cache.ViewCache`: a read of the whole
+            slide at its scale (the stage-1 view) is served from it, bit-identical.
 
     Attributes:
         factor: ``(r_y, r_x)`` slide level-0 pixels per model pixel (1 in pixel units).
@@ -122,12 +127,15 @@ class SlideSource:
         workers: int = 4,
         *,
         hard_negatives=None,
+        attention_target=None,
         model_mpp: float | None = None,
+        view_cache: ViewCache | None = None,
     ):
         self.slide = slide
         self.tissue = tissue
         self._roi = roi
         self._hard_negatives = hard_negatives
+        self._attention_target = attention_target
         self.workers = max(1, int(workers))
         self.counter = ReadCounter()
         self.model_mpp = _valid_mpp(model_mpp)
@@ -136,6 +144,7 @@ class SlideSource:
         self.factor: tuple[float, float] = resolution_factor(self.slide_mpp, self.model_mpp)
         self.units = "µm" if self.model_mpp is not None and self.slide_mpp is not None else "pixel"
         self.upsampled_reads = 0
+        self.view_cache = view_cache
 
     # -- geometry ---------------------------------------------------------------------
     @property
@@ -230,7 +239,20 @@ class SlideSource:
             y0, _, x0, _ = window
             return self.slide.read(level, y0, x0, lh, lw)
 
-        if n == 1 or self.workers == 1:
+        if n == 1 and self.view_cache is not None and regions[0].tolist() == [0, 0, *self.shape]:
+            # the whole slide: a stage-1 view, from the run's view cache when it is one
+            y0, _, x0, _ = windows[0]
+            blocks = [
+                self.view_cache.block(
+                    self.slide.path,
+                    scale,
+                    self.model_mpp,
+                    level,
+                    (y0, x0, lh, lw),
+                    lambda: read_one(windows[0]),
+                )
+            ]
+        elif n == 1 or self.workers == 1:
             blocks = [read_one(win) for win in windows]
         else:
             with ThreadPoolExecutor(min(self.workers, n)) as pool:
@@ -308,6 +330,10 @@ class SlideSource:
 
     def read_roi(self, regions: Tensor, scale: float) -> Tensor | None:
         return None if self._roi is None else self._masks(self._roi, regions, scale)
+
+    def read_attention_target(self, regions: Tensor, scale: float) -> Tensor | None:
+        mask = self._attention_target or self._roi
+        return None if mask is None else self._masks(mask, regions, scale)
 
     def read_hard_negatives(self, regions: Tensor, scale: float) -> Tensor | None:
         if self._hard_negatives is None:

@@ -31,7 +31,7 @@ from .device import autocast
 from .losses import attention_mse, classification_loss, entropy_regulariser
 from .networks import UniformAttention, class_probabilities
 from .outputs import LossTerms, Prediction, SubtileSet, TileSet
-from .source import ImageSource, full_region, read_roi
+from .source import ImageSource, full_region, read_attention_target
 from .topk import distinct_top_k, topk_weights
 
 __all__ = ["ATS", "ATSConfig", "OneStagePass", "Uniform"]
@@ -175,7 +175,7 @@ class ATS(AttentionSamplingModel):
             if c.entropy_weight:
                 ent = ent + entropy_regulariser(st.attention, c.entropy_weight)
             if c.pixel_weight:
-                roi = read_roi(src, full_region(src), c.view_scale)
+                roi = read_attention_target(src, full_region(src), c.view_scale)
                 if roi is not None:
                     target = st.grid.cell_values(roi[0].cpu(), mean=True).reshape(1, -1)
                     mask = None if st.mask is None else st.mask[None]

@@ -30,7 +30,14 @@ from torch import Tensor, nn
 
 from .base import AttentionSamplingModel
 from .coordinates import CellGrid, place_regions
-from .source import ImageSource, full_region, read_hard_negatives, read_roi, tissue_mask
+from .source import (
+    ImageSource,
+    full_region,
+    read_attention_target,
+    read_hard_negatives,
+    read_roi,
+    tissue_mask,
+)
 
 __all__ = ["POOLINGS", "PRETRAINED_NETWORKS", "pretrain_tile_classifiers"]
 
@@ -79,11 +86,15 @@ def _centres(source: ImageSource, n: int, scale: float, generator: torch.Generat
     return torch.cat(centres)
 
 
-def _patches(sources, size, scale: float, per_image: int, locate_scale: float, generator):
+def _patches(
+    sources, size, scale: float, per_image: int, locate_scale: float, generator, label=read_roi
+):
     """Pixels and any-ROI labels of ``per_image`` regions of ``size`` per annotated source.
 
     ROI pixels are located on the view at ``locate_scale`` (the stage-1 scale), so a
-    slide's mask is never read whole at full resolution.
+    slide's mask is never read whole at full resolution.  ``label``: what makes a patch
+    positive: the ROI (``f``: tell a tumour from its look-alikes) or the attention
+    target (``a``, ``b``: look at both, which their views cannot tell apart).
     """
     pixels, labels = [], []
     for src in sources:
@@ -92,7 +103,7 @@ def _patches(sources, size, scale: float, per_image: int, locate_scale: float, g
             continue
         regions = place_regions(centres, size, src.shape)  # the edge rule
         pixels.append(src.read(regions, scale))
-        roi = read_roi(src, regions, scale)
+        roi = label(src, regions, scale)
         labels.append((roi.reshape(len(regions), -1) > 0).any(dim=1).float())
     if not pixels:
         raise ValueError("pre-training needs sources with ROI masks (read_roi)")
@@ -203,7 +214,9 @@ def pretrain_tile_classifiers(
 
     for name, net, scale, size in nets:
         params = list(net.parameters())
-        x, y = _patches(sources, size, scale, patches_per_image, c.view_scale, generator)
+        x, y = _patches(
+            sources, size, scale, patches_per_image, c.view_scale, generator, read_attention_target
+        )
         history[name] = _fit(
             net, pooled, params, x, y, epochs, batch_size, lr, generator, device, reporter(name)
         )

@@ -26,6 +26,11 @@ Optional capabilities, looked up with ``getattr`` (a source may lack them):
 - ``read_bytes(regions, scale) -> uint8 Tensor (n, 3, h', w') | None``: ``read``'s
   pixels as stored (0–255) when no resampling is needed, else ``None``; inference
   reads a gigapixel stage-1 view this way (:func:`read_view`).
+- ``read_attention_target(regions, scale) -> Tensor (n, h', w') | None``: the same
+  for where attention should go: ROIs *and* their look-alikes (``TrainConfig.
+  lookalike_labels``), which a low-resolution view cannot tell apart; ``read_roi``'s
+  mask when the source lacks it.  The attention losses and the attention networks'
+  pre-training use it, the feature network's pre-training the ROI alone.
 - ``read_hard_negatives(regions, scale) -> Tensor (n, h', w') | None``: the same for
   annotated regions that are *not* ROI (a pathologist's "Normal" outline, the sample
   slides' distractors); tile pre-training draws some negatives there, because such
@@ -54,6 +59,7 @@ __all__ = [
     "crop_regions",
     "downsample_area",
     "full_region",
+    "read_attention_target",
     "read_hard_negatives",
     "read_roi",
     "read_view",
@@ -125,6 +131,12 @@ def read_roi(source: ImageSource, regions: Tensor, scale: float) -> Tensor | Non
     """The source's ROI fractions for ``regions`` at ``scale``, or ``None`` if unannotated."""
     method = getattr(source, "read_roi", None)
     return None if method is None else method(regions, scale)
+
+
+def read_attention_target(source: ImageSource, regions: Tensor, scale: float) -> Tensor | None:
+    """Where attention should go (ROIs and look-alikes) for ``regions``, or ``None``."""
+    method = getattr(source, "read_attention_target", None)
+    return read_roi(source, regions, scale) if method is None else method(regions, scale)
 
 
 def read_hard_negatives(source: ImageSource, regions: Tensor, scale: float) -> Tensor | None:

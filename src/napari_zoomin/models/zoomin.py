@@ -46,7 +46,7 @@ from .losses import (
 )
 from .networks import class_probabilities
 from .outputs import LossTerms, Prediction, SubtileSet, TileSet
-from .source import ImageSource, full_region, read_roi
+from .source import ImageSource, full_region, read_attention_target
 from .topk import distinct_top_k, topk_weights
 
 __all__ = ["TwoStagePass", "ZoomIn", "ZoomInConfig", "topk_tiles"]
@@ -424,7 +424,7 @@ class ZoomIn(AttentionSamplingModel):
         c = self.config
         total = torch.zeros((), device=self.device)
         for b, (src, st) in enumerate(zip(sources, stage1, strict=True)):
-            roi = read_roi(src, full_region(src), c.view_scale)
+            roi = read_attention_target(src, full_region(src), c.view_scale)
             if roi is None:
                 continue
             cells = st.grid.cell_values(roi[0].cpu(), mean=True).reshape(1, -1)
@@ -432,7 +432,7 @@ class ZoomIn(AttentionSamplingModel):
             total = total + attention_mse(st.attention[None], cells, mask)
             sel = torch.nonzero(main.table_images == b)[:, 0]
             if sel.numel():
-                roi2 = read_roi(src, main.table_regions[sel], c.stage2_scale)
+                roi2 = read_attention_target(src, main.table_regions[sel], c.stage2_scale)
                 grid2 = main.stage2_grid.select(sel)
                 target = grid2.cell_values(roi2.cpu()).reshape(int(sel.shape[0]), -1)
                 beta_mask = None if main.beta_mask is None else main.beta_mask[sel.to(self.device)]

@@ -106,6 +106,7 @@ ADVANCED_SETTINGS = (
     "contrastive_warmup_epochs",
     "pixel_weight",
     "roi_labels",
+    "lookalike_labels",
 )
 OTHER_SETTINGS_TOOLTIP = (
     'Any other training setting, as JSON, e.g. {"val_draws": 4, "seed": 1} '
@@ -419,6 +420,7 @@ def run_job(job: Job, emit: Callable[[Any], None], should_stop: Callable[[], boo
             records,
             classes,
             roi_labels=job.config.roi_labels,
+            lookalike_labels=job.config.lookalike_labels,
             workers=job.config.num_workers,
             labels_csv=job.labels_csv,
         )

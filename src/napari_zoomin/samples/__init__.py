@@ -1,7 +1,9 @@
 """The sample-slide factory: realistic test slides, the pyramid writer, the data fetch.
 
-* :mod:`.synthetic`: sample slides (real CC0 tissue, mirror-tiled, with tiny planted
-  tumor and distractor regions) and their GeoJSON, built once into the cache.
+* :mod:`.synthetic`: sample slides (real CC0 tissue with tiny planted tumor and
+  distractor regions) and their GeoJSON, built once into the cache.
+* :mod:`.quilt`: their tissue (recipe 2): real fragments, rotated, flipped and
+  re-stained, joined along minimum-error cuts, so nothing repeats or mirrors.
 * :mod:`.pyramid`: the tiled pyramidal TIFF writer (each distinct tile encoded once),
   and :func:`write_tiff_pyramid`, the one place that decides how TIFF pyramids store
   their reduced levels (also used by the attention-map writer).
@@ -38,6 +40,7 @@ from .pyramid import (
 )
 from .synthetic import (
     RECIPE_VERSION,
+    RECIPES,
     PlantedRegion,
     SampleSlideInfo,
     sample_slide_path,
@@ -47,6 +50,7 @@ from .synthetic import (
 __all__ = [
     "CMU_SMALL_REGION",
     "CMU_SMALL_REGION_DICOM",
+    "RECIPES",
     "RECIPE_VERSION",
     "Compression",
     "PackagedFile",

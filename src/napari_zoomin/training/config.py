@@ -142,6 +142,13 @@ class TrainConfig:
             ``"mean"`` (000's global average pooling) or ``"max"``, for ROIs that fill a
             small part of a patch (a few tumour cells in a 16-cell view patch).
         roi_labels: annotation labels that are ROI (e.g. ``("Tumor",)``).
+        lookalike_labels: annotation labels of *look-alikes*: regions that look like an
+            ROI at low resolution but are not one (a benign mimic, the sample slides'
+            ``"Distractor"``).  Attention is pulled towards ROIs and look-alikes alike
+            (the low-resolution view cannot tell them apart: the model must read both
+            at full resolution), and pre-training teaches ``f`` to tell them apart (ROI
+            positive, look-alike negative).  Without look-alike labels, every annotation
+            that is not ROI is a hard negative for ``f`` and nothing for attention.
 
     Starting point:
         init_from: start from the weights of this checkpoint (a path or ``"demo"``)
@@ -156,6 +163,12 @@ class TrainConfig:
 
     Data:
         num_workers: threads decoding the regions of one read.
+        cache_views: decode each training and validation slide's stage-1 view (at
+            ``view_scale``) from its pyramid once per run and keep it, 8-bit, in
+            ``<checkpoint stem>.views/`` beside the checkpoint
+            (:mod:`~napari_zoomin.engine.view_cache`); later epochs read it from there.
+            Bit-identical views, so the same weights as without; off: every epoch
+            decodes every view again.
     """
 
     kind: str = "zoomin"
@@ -188,9 +201,11 @@ class TrainConfig:
     pretrain_patches: int = 32
     pretrain_pooling: str = "mean"
     roi_labels: tuple[str, ...] = DEFAULT_ROI_LABELS
+    lookalike_labels: tuple[str, ...] = ()
     init_from: str | None = None
     init_encoder: str | None = None
     num_workers: int = 4
+    cache_views: bool = True
 
     def __post_init__(self) -> None:
         """Types first (``{"epochs": "x"}`` is refused here), then :meth:`validate`: a
@@ -201,6 +216,7 @@ class TrainConfig:
             raise TrainingError(None, "invalid training settings: " + "; ".join(problems) + ".")
         self.feature_channels = tuple(int(c) for c in self.feature_channels)  # type: ignore[assignment]
         self.roi_labels = tuple(self.roi_labels)
+        self.lookalike_labels = tuple(self.lookalike_labels)
         self.model_options = dict(self.model_options)
         self.validate()
 
@@ -243,9 +259,13 @@ class TrainConfig:
             problems.append(f"seed must be in [0, 2**63 - 1], got {self.seed}")
         if not _DEVICE.fullmatch(self.device):
             problems.append(f"device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
-        for label in self.roi_labels:
-            if not label or not label.isprintable():
-                problems.append(f"roi_labels must be printable names, got {label!r}")
+        for name in ("roi_labels", "lookalike_labels"):
+            for label in getattr(self, name):
+                if not label or not label.isprintable():
+                    problems.append(f"{name} must be printable names, got {label!r}")
+        both = sorted(set(self.roi_labels) & set(self.lookalike_labels))
+        if both:
+            problems.append(f"a label cannot be both ROI and look-alike: {', '.join(both)}")
         for name in ("lr", "attention_lr"):
             value = getattr(self, name)
             if value is not None and not (value > 0 and math.isfinite(value)):

@@ -179,6 +179,8 @@ class Validated(TrainEvent):
         roi_attention_split: the slides they were measured on: ``"val"`` (the
             validation predictions) or ``"train"`` (no validation slides); ``None``
             when neither was measured.
+        slides_per_minute: training slides per minute of the epoch's wall time
+            (validation included), as in the history.
     """
 
     stage: ClassVar[str] = "validate"
@@ -195,6 +197,7 @@ class Validated(TrainEvent):
     roi_attention_stage1: float | None = None
     roi_attention_stage2: float | None = None
     roi_attention_split: str | None = None
+    slides_per_minute: float | None = None
 
 
 ProgressCallback = Callable[[TrainEvent], None]

@@ -125,7 +125,8 @@ def history_csv_path(out_path: str | Path) -> Path:
 
 def history_columns(terms: Sequence[str], roi_on: str) -> list[str]:
     """The CSV's columns, fixed when a run starts: the epoch, losses and accuracies, each
-    loss term (``train_<term>``), the ROI attention shares (``<roi_on>_roi_attention_stage1``
+    loss term (``train_<term>``), the training slides per minute of the epoch's wall
+    time, the ROI attention shares (``<roi_on>_roi_attention_stage1``
     and ``_stage2``; ``roi_on`` is ``"val"`` or ``"train"``), the learning rate and the
     seconds so far."""
     return [
@@ -135,6 +136,7 @@ def history_columns(terms: Sequence[str], roi_on: str) -> list[str]:
         "val_loss",
         "val_accuracy",
         *(f"train_{t}" for t in terms),
+        "slides_per_minute",
         f"{roi_on}_roi_attention_stage1",
         f"{roi_on}_roi_attention_stage2",
         "lr",

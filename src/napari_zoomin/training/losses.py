@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from ..models import AttentionSamplingModel
-from ..models.source import full_region, read_roi
+from ..models.source import full_region, read_attention_target
 
 __all__ = ["roi_attention_loss"]
 
@@ -28,7 +28,7 @@ def roi_attention_loss(
     if stage1 is None:
         stage1 = model.stage1(sources)
     for src, st in zip(sources, stage1, strict=True):
-        roi = read_roi(src, full_region(src), model.config.view_scale)
+        roi = read_attention_target(src, full_region(src), model.config.view_scale)
         if roi is None:
             continue
         cells = st.grid.cell_values(roi[0].float().cpu(), mean=True).reshape(-1).clamp(min=0)

@@ -18,7 +18,8 @@ only, before the slides are read, to say what Train will do):
   start over.
 
 Settings that do not change what an epoch computes may differ
-(:data:`RESUMABLE_CHANGES`: ``epochs``, patience, device, workers, validation draws).
+(:data:`RESUMABLE_CHANGES`: ``epochs``, patience, device, workers, validation draws,
+the view cache).
 A damaged or foreign file raises :class:`~napari_zoomin.errors.CheckpointError`.
 """
 
@@ -54,7 +55,14 @@ __all__ = [
 
 #: settings that may change between an interrupted run and its resumption: they do not
 #: change the weights an epoch produces (epochs and patience only say when to stop)
-RESUMABLE_CHANGES = ("epochs", "early_stopping_patience", "device", "num_workers", "val_draws")
+RESUMABLE_CHANGES = (
+    "epochs",
+    "early_stopping_patience",
+    "device",
+    "num_workers",
+    "val_draws",
+    "cache_views",
+)
 
 _START_OVER = "pass resume=False (CLI: --no-resume) to start over"
 

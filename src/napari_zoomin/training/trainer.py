@@ -52,6 +52,7 @@ from ..engine import runtime
 from ..engine.checkpoints import build_model, save_checkpoint
 from ..engine.dataset import SlideDataset, SlideRecord
 from ..engine.trust import training_profile
+from ..engine.view_cache import ViewCache, view_cache_folder
 from ..errors import CheckpointError, TrainingError, ZoominError
 from ..models import AttentionSamplingModel, grad_scaler, pretrain_tile_classifiers
 from ..models.networks import class_probabilities
@@ -292,6 +293,7 @@ class Trainer:
                         "Start over with resume=False (CLI: --fresh).",
                     ) from None
         self._choose_resolution(own_mpp)
+        self._open_view_cache()
         self.scaler = grad_scaler(self.device)
         self._clock = time.perf_counter()
         return plan
@@ -344,6 +346,15 @@ class Trainer:
         if message:
             logging.getLogger(__name__).warning(message)
             self.emit(Resolution(self.state.epoch, self.config.epochs, mpp, message))
+
+    def _open_view_cache(self) -> None:
+        """The run's stage-1 views on disk (``cache_views``), beside the checkpoint; none
+        for a model without a stage-1 view (a MagNet) or when the setting is off."""
+        scale = getattr(self.model.config, "view_scale", None)
+        cache = None
+        if self.config.cache_views and scale is not None:
+            cache = ViewCache(view_cache_folder(self.out_path), float(scale))
+        self.dataset.view_cache = cache
 
     # -- 2. pre-training from ROI masks (000 §2.5) --------------------------------------
 
@@ -411,6 +422,7 @@ class Trainer:
         config, state = self.config, self.state
         epoch = state.epoch
         train_labels = [int(self.labels[i]) for i in self.train_idx]
+        self._epoch_clock = time.perf_counter()  # slides per minute: this epoch's time
         order_gen = torch.Generator().manual_seed(_seed(config.seed, 4, epoch))
         batches = stratified_batches(
             train_labels, config.batch_size, order_gen, config.balanced_batches
@@ -425,6 +437,7 @@ class Trainer:
         for group, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
             group["lr"] = base * factor
         self.model.train()
+        self._epoch_slides = sum(len(b) for b in batches[state.step :])
         for step in range(state.step, len(batches)):
             if self.should_stop():
                 state.step, state.partial = step, sums
@@ -572,7 +585,13 @@ class Trainer:
             state.epochs_without_improvement = 0
         else:
             state.epochs_without_improvement += 1
-        record["seconds"] = round(state.seconds + time.perf_counter() - self._clock, 3)
+        now = time.perf_counter()
+        record["seconds"] = round(state.seconds + now - self._clock, 3)
+        # training slides per minute of the epoch's wall time (validation included): the
+        # epoch of n training slides takes n / slides_per_minute minutes
+        minutes = max(now - self._epoch_clock, 1e-9) / 60.0
+        record["slides_per_minute"] = round(self._epoch_slides / minutes, 3)
+        self._log_view_cache(epoch)
         state.history.append(record)
         state.stopped_early = self.stops_early()
         final = state.stopped_early or state.epoch >= config.epochs
@@ -596,7 +615,25 @@ class Trainer:
                 roi_attention_stage1=roi1,
                 roi_attention_stage2=roi2,
                 roi_attention_split=None if roi1 is None and roi2 is None else self.roi_split,
+                slides_per_minute=record["slides_per_minute"],
             )
+        )
+
+    def _log_view_cache(self, epoch: int) -> None:
+        cache = self.dataset.view_cache
+        if cache is None:
+            return
+        st = cache.stats
+        logging.getLogger(__name__).info(
+            "after epoch %d, stage-1 view cache %s: %d views served (%.1f MB), %d decoded "
+            "and written (%.1f MB), %d not cached, in this run so far",
+            epoch + 1,
+            cache.folder,
+            st.hits,
+            st.bytes_served / 2**20,
+            st.written,
+            st.bytes_written / 2**20,
+            st.skipped,
         )
 
     def improves(self, val_acc: float | None, val_loss: float | None) -> bool:
@@ -742,6 +779,7 @@ def _check_run(config: TrainConfig, out_path: Path) -> None:
 
 def _as_dataset(data, classes, config: TrainConfig) -> SlideDataset:
     if isinstance(data, SlideDataset):
+        data.set_lookalikes(config.lookalike_labels)  # the settings decide, not the caller
         return data
     records = list(data)
     if not records or not all(isinstance(r, SlideRecord) for r in records):
@@ -753,7 +791,13 @@ def _as_dataset(data, classes, config: TrainConfig) -> SlideDataset:
         if sorted(names) != list(range(len(names))):
             raise TrainingError(None, "the records' label indices are not 0..C-1; pass classes.")
         classes = [names[i] for i in range(len(names))]
-    return SlideDataset(records, classes, roi_labels=config.roi_labels, workers=config.num_workers)
+    return SlideDataset(
+        records,
+        classes,
+        roi_labels=config.roi_labels,
+        lookalike_labels=config.lookalike_labels,
+        workers=config.num_workers,
+    )
 
 
 class _LazySource:

@@ -1,0 +1,117 @@
+"""Look-alike annotations: attention is pulled to ROIs and look-alikes, ``f`` tells them apart.
+
+On a real sample slide (one tumour, one distractor: the same 1/16 view, different
+cells), with the annotations its generator writes.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from napari_zoomin.engine.dataset import SlideDataset, SlideRecord
+from napari_zoomin.errors import TrainingError
+from napari_zoomin.models import ZoomIn, ZoomInConfig
+from napari_zoomin.models.pretrain import _patches
+from napari_zoomin.models.source import (
+    full_region,
+    read_attention_target,
+    read_hard_negatives,
+    read_roi,
+)
+from napari_zoomin.training import TrainConfig
+from napari_zoomin.training.losses import roi_attention_loss
+
+CLASSES = ["negative", "positive"]
+
+
+@pytest.fixture(scope="module")
+def slide(tmp_path_factory):
+    from napari_zoomin.samples import write_sample_slide
+
+    folder = tmp_path_factory.mktemp("lookalike")
+    return write_sample_slide(
+        folder / "s.tif", size=8192, label="positive", seed=7, n_tumor=1, n_distractors=1
+    )
+
+
+def _dataset(info, lookalikes=()):
+    record = SlideRecord(info.path, "positive", 1, "train", info.geojson_path)
+    return SlideDataset(
+        [record], CLASSES, roi_labels=("Tumor",), lookalike_labels=lookalikes, workers=1
+    )
+
+
+def _mass(mask, region, scale):
+    """Sum of a whole-slide mask at ``scale`` inside a planted region's box."""
+    y0, x0 = int(region.y * scale), int(region.x * scale)
+    b = int(region.box * scale) + 1
+    return float(mask[0, y0 : y0 + b, x0 : x0 + b].sum())
+
+
+def test_the_attention_target_holds_rois_and_lookalikes_the_roi_only_rois(slide):
+    tumour = next(r for r in slide.regions if r.kind == "Tumor")
+    distractor = next(r for r in slide.regions if r.kind == "Distractor")
+    s = 1 / 16
+    with _dataset(slide, ("Distractor",)) as data:
+        src = data[0]
+        whole = full_region(src)
+        roi, target = read_roi(src, whole, s), read_attention_target(src, whole, s)
+        hard = read_hard_negatives(src, whole, s)
+    assert _mass(roi, tumour, s) > 0 and _mass(roi, distractor, s) == 0
+    assert _mass(target, tumour, s) == pytest.approx(_mass(roi, tumour, s))
+    assert _mass(target, distractor, s) > 0
+    assert _mass(hard, distractor, s) > 0 and _mass(hard, tumour, s) == 0
+    # without look-alike labels the target is the ROI
+    with _dataset(slide) as data:
+        src = data[0]
+        assert torch.equal(read_attention_target(src, whole, s), read_roi(src, whole, s))
+
+
+def test_attention_losses_pull_towards_lookalikes_too(slide):
+    """With a uniform α, the KL to the target grows when the target spreads over the
+    distractor as well (a larger support): exactly log(cells) − H-like terms differ."""
+    torch.manual_seed(0)
+    cfg = ZoomInConfig(
+        view_scale=1 / 16,
+        attention_stride=4,
+        tile_size=(128, 128),
+        subtile_size=(32, 32),
+        stage2_scale=0.25,
+        feature_dim=8,
+        feature_hidden=8,
+        feature_channels=(4, 4),
+        n_samples=4,
+    )
+    model = ZoomIn(cfg).eval()
+    with _dataset(slide) as data, torch.no_grad():
+        only_roi = float(roi_attention_loss(model, [data[0]]))
+    with _dataset(slide, ("Distractor",)) as data, torch.no_grad():
+        both = float(roi_attention_loss(model, [data[0]]))
+    # α uniform over n tissue cells: KL(M̃‖α) = log n − H(M̃); spreading M̃ over two
+    # regions raises its entropy, so the loss falls
+    assert both < only_roi
+
+
+def test_pretraining_labels_f_by_the_roi_and_attention_by_the_target(slide, monkeypatch):
+    distractor = next(r for r in slide.regions if r.kind == "Distractor")
+    g = torch.Generator().manual_seed(0)
+    with _dataset(slide, ("Distractor",)) as data:
+        src = data[0]
+        # patches centred on the distractor only: move the ROI/hard-negative draws there
+        centre = torch.tensor(
+            [[distractor.y + distractor.box // 2, distractor.x + distractor.box // 2]]
+        )
+        from napari_zoomin.models import pretrain
+
+        monkeypatch.setattr(pretrain, "_centres", lambda src, n, s, g: centre.expand(n, 2))
+        _, y_f = _patches([src], (32, 32), 1.0, 4, 1 / 16, g)
+        _, y_a = _patches([src], (128, 128), 1 / 16, 4, 1 / 16, g, read_attention_target)
+    assert y_f.tolist() == [0.0] * 4  # a look-alike is a negative for f
+    assert y_a.tolist() == [1.0] * 4  # and a place to look for a and b
+
+
+def test_a_label_cannot_be_roi_and_lookalike():
+    with pytest.raises(TrainingError, match="both ROI and look-alike: Tumor"):
+        TrainConfig(roi_labels=("Tumor",), lookalike_labels=("Tumor", "Mimic"))
+    assert TrainConfig(lookalike_labels=["Mimic"]).lookalike_labels == ("Mimic",)
