@@ -5,7 +5,7 @@
 Writes ``--slides`` sample slides (half positive, sizes cycling through ``--sizes``,
 seeds from ``--first-seed``: the demo trains on seeds 1000–1095 and validates on
 2000–2015) into ``--out`` (reused when there), classifies each with
-:func:`napari_zoomin.engine.classify` and the default options, as a user does, and
+:func:`napari_zoomin.engine.inference.classify` and the default options, as a user does, and
 prints a Markdown table: accuracy, false positives and negatives, the share of
 positive slides whose top-ranked sub-tile lies on a tumour, and the stage-1 mass on
 the planted regions (tumours and distractors: what a 1/16 view can find).
@@ -72,8 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = parser.parse_args(argv)
 
-    from napari_zoomin.engine import classify
     from napari_zoomin.engine.checkpoints import load_model
+    from napari_zoomin.engine.inference import classify
     from napari_zoomin.paths import cache_dir
 
     folder = args.out or cache_dir("bench") / "demo-accuracy"

@@ -81,7 +81,7 @@ def classification(dev, size: int, model: str) -> list[dict]:
     from napari_zoomin.engine.checkpoints import load_model
     from napari_zoomin.engine.inference import classify
 
-    path = ensure_slide(size)
+    path = ensure_slide("sample", size)
     ckpt = load_model(model, device=dev)
     rows = []
     for call in ("first", "second"):

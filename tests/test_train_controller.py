@@ -91,7 +91,7 @@ def test_the_form_gives_its_train_config():
     # the form shows every setting of the table, each a TrainConfig field, once
     assert list(tc.MAIN_SETTINGS + tc.ADVANCED_SETTINGS) == list(TRAIN_SETTINGS)
     assert set(TRAIN_SETTINGS) <= set(TrainConfig.__dataclass_fields__)
-    assert len(tc.ADVANCED_SETTINGS) + 1 == 12  # folded: these and "Other settings (JSON)"
+    assert len(tc.ADVANCED_SETTINGS) + 1 == 13  # folded: these and "Other settings (JSON)"
 
 
 @pytest.mark.parametrize(
