@@ -93,15 +93,16 @@ def write_lazy_slide(path: str | Path, size: int) -> Path:
         for level, (rows, cols) in enumerate(shapes):
             if level:
                 level_motif = mean_2x2(level_motif)
-            # the bank: BANK tiles cut at random from this level's motif
-            h, w = level_motif.shape[:2]
+            # the bank: BANK tiles cut at random from this level's motif, repeated (it is
+            # seamless) to at least two tiles a side: at 1/16 it is smaller than one
+            reps = (-(-2 * TILE // level_motif.shape[0]), -(-2 * TILE // level_motif.shape[1]))
+            source = np.tile(level_motif, (*reps, 1))
+            h, w = source.shape[:2]
             offsets, counts = [], []
             for _ in range(BANK):
-                y = int(rng.integers(0, max(1, h - TILE)))
-                x = int(rng.integers(0, max(1, w - TILE)))
-                tile = np.zeros((TILE, TILE, 3), np.uint8)
-                part = level_motif[y : y + TILE, x : x + TILE]
-                tile[: part.shape[0], : part.shape[1]] = part
+                y = int(rng.integers(0, h - TILE + 1))
+                x = int(rng.integers(0, w - TILE + 1))
+                tile = np.ascontiguousarray(source[y : y + TILE, x : x + TILE])
                 data = imagecodecs.jpeg8_encode(
                     tile, level=90, colorspace="RGB", outcolorspace="YCBCR", subsampling=(1, 1)
                 )

@@ -210,7 +210,13 @@ def apply_grouped(net: Callable[[Tensor], Tensor], tensors: Sequence[Tensor]) ->
 
 
 def stack_rows(vectors: Sequence[Tensor], rows: Sequence[int]) -> Tensor:
-    """(R, K_max): row r is ``vectors[rows[r]]`` zero-padded (padding cells are never drawn)."""
+    """(R, K_max): row r is ``vectors[rows[r]]`` zero-padded (padding cells are never drawn).
+
+    Rows of one image only (K draws of one slide) are a view, not K copies: a gigapixel
+    slide's map has tens of millions of cells.
+    """
+    if len(set(rows)) == 1:
+        return vectors[rows[0]][None].expand(len(rows), -1)
     k = max(int(v.shape[-1]) for v in vectors)
     padded = [F.pad(v, (0, k - int(v.shape[-1]))) for v in vectors]
     return torch.stack([padded[i] for i in rows])

@@ -152,11 +152,11 @@ def _draw_tiles(
     for b in torch.unique(rows).tolist():
         sel = torch.nonzero(rows == b)[:, 0]
         a = alphas[b].detach()
-        nonzero = torch.nonzero(a > 0)[:, 0]
-        if replace:
-            picks = sample(a[nonzero][None], n * len(sel), replace=True, generator=generator)
-            picked[sel] = nonzero[picks[0]].cpu().reshape(len(sel), n)
+        if replace:  # inverse-CDF draws never pick a zero cell: no compacted copy of α
+            picks = sample(a[None], n * len(sel), replace=True, generator=generator)
+            picked[sel] = picks[0].cpu().reshape(len(sel), n)
             continue
+        nonzero = torch.nonzero(a > 0)[:, 0]
         k = min(n, int(nonzero.shape[0]))
         for r in sel.tolist():  # one row at a time: no K copies of a slide's α
             picks = sample(a[nonzero][None], k, replace=False, generator=generator)

@@ -124,14 +124,14 @@ def _sample_with_replacement(a: Tensor, n: int, generator: torch.Generator | Non
     because a float32 sum over millions of cells drifts by more than small
     probabilities.
     """
-    a64 = a.double()
-    cum = torch.cumsum(a64, dim=1)
+    cum = torch.cumsum(a, dim=1, dtype=torch.float64)
     total = cum[:, -1:]
-    u = _uniform((a.shape[0], n), a64, generator) * total
+    u = _uniform((a.shape[0], n), cum, generator) * total
     idx = torch.searchsorted(cum, u, right=True)
-    k = a.shape[1]
-    positions = torch.arange(k, device=a.device).expand_as(a64)
-    last_nonzero = torch.where(a64 > 0, positions, -1).amax(dim=1, keepdim=True)
+    # the last non-zero cell is the first whose cumulative sum reaches the total; found
+    # on ``cum`` itself, no temporary the size of a gigapixel slide's map (tens of
+    # millions of cells: each such copy is hundreds of MB)
+    last_nonzero = torch.searchsorted(cum, total, right=False)
     return torch.minimum(idx, last_nonzero)
 
 
