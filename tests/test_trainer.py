@@ -670,6 +670,9 @@ def test_cli_train_passes_its_options_and_records_the_csv(records, tmp_path, cap
     assert info["data"]["labels_csv"] == str(csv)
     captured = capsys.readouterr()
     assert "best model (epoch 1" in captured.out
+    # where the per-epoch history is, and that it is there
+    assert f"per-epoch history: {tmp_path / 'cli.history.csv'}" in captured.out
+    assert (tmp_path / "cli.history.csv").read_text().startswith("epoch,")
     # progress on stderr (not a terminal: no line per step): the epoch's validation
     lines = captured.err.splitlines()
     assert not any(line.startswith("train epoch") for line in lines)

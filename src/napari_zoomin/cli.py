@@ -208,6 +208,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .engine.runtime import resolve_device
     from .training import EpochStep, PretrainProgress, Resolution, TrainEvent, train
     from .training import distributed as dist
+    from .training.history import history_csv_path
     from .training.resume import last_checkpoint_path
 
     resolve_device(args.device)  # before anything is read
@@ -300,6 +301,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         f"{'n/a' if best is None else f'{best:.3f}'}): {result.checkpoint_path}"
     )
     print(f"resumable training state: {result.last_checkpoint_path}")
+    print(f"per-epoch history: {history_csv_path(result.checkpoint_path)}")
     return 0
 
 
