@@ -18,6 +18,7 @@ from napari_zoomin.napari.train_controller import PlotPoint, TrainController
 from napari_zoomin.training import TrainConfig, Validated, model_settings, train
 from napari_zoomin.training.history import history_csv_path
 from napari_zoomin.training.trainer import _seed
+from test_trainer import tiny as trainer_tiny
 
 CLASSES = ["negative", "positive"]
 SIZE = 8192
@@ -68,26 +69,8 @@ def records(tmp_path_factory) -> list[SlideRecord]:
 
 
 def tiny(**overrides) -> TrainConfig:
-    settings = {
-        "epochs": 1,
-        "batch_size": 2,
-        "lr": 1e-3,
-        "view_scale": 1 / 64,
-        "stage2_scale": 1 / 4,
-        "tile_size": 512,
-        "subtile_size": 16,
-        "n_samples": 4,
-        "feature_dim": 8,
-        "feature_hidden": 16,
-        "feature_channels": (4, 8),
-        "pretrain_epochs": 0,
-        "val_draws": 2,
-        "num_workers": 1,
-        "contrastive_warmup_epochs": 1,
-        "early_stopping_patience": 0,
-    }
-    settings.update(overrides)
-    return TrainConfig(**settings)
+    """test_trainer's tiny model, one epoch, with 512-px tiles."""
+    return trainer_tiny(**{"epochs": 1, "tile_size": 512, **overrides})
 
 
 _TISSUE: dict = {}

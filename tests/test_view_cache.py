@@ -23,6 +23,7 @@ from napari_zoomin.slide import open_slide
 from napari_zoomin.training import EpochStep, TrainConfig, Validated, train
 from napari_zoomin.training.history import history_csv_path
 from napari_zoomin.training.resume import last_checkpoint_path
+from test_trainer import tiny as trainer_tiny
 
 CLASSES = ["negative", "positive"]
 
@@ -158,25 +159,8 @@ def test_views_over_the_limit_or_an_unwritable_folder_are_read_from_the_pyramid(
 
 
 def tiny(**overrides) -> TrainConfig:
-    settings = {
-        "epochs": 2,
-        "batch_size": 2,
-        "lr": 1e-3,
-        "view_scale": 1 / 16,
-        "stage2_scale": 1 / 4,
-        "tile_size": 128,
-        "subtile_size": 16,
-        "n_samples": 4,
-        "feature_dim": 8,
-        "feature_hidden": 16,
-        "feature_channels": (4, 8),
-        "pretrain_epochs": 0,
-        "val_draws": 2,
-        "num_workers": 1,
-        "contrastive_warmup_epochs": 1,
-        "early_stopping_patience": 0,
-    }
-    return TrainConfig(**(settings | overrides))
+    """test_trainer's tiny model at s1 = 1/16."""
+    return trainer_tiny(**{"view_scale": 1 / 16, **overrides})
 
 
 _TISSUE: dict = {}
