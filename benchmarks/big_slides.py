@@ -26,14 +26,10 @@ BANK = 64
 
 
 def _motif() -> np.ndarray:
-    import tifffile
+    """Sample recipe 1's seamless motif: CMU-1-Small-Region's densest crop, mirrored."""
+    from napari_zoomin.samples.synthetic import load_motif_source, mirror_motif
 
-    from napari_zoomin.samples import fetch_cmu_small_region
-
-    a = tifffile.imread(fetch_cmu_small_region(), level=0)
-    crop = a[912:2960, 752:1776]
-    top = np.concatenate([crop, crop[:, ::-1]], axis=1)
-    return np.ascontiguousarray(np.concatenate([top, top[::-1]], axis=0))
+    return mirror_motif(load_motif_source())
 
 
 def write_vips_slide(path: str | Path, size: int) -> Path:

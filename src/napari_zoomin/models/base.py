@@ -32,7 +32,14 @@ from ..fields import (
 from .coordinates import CellGrid, outside_image
 from .device import autocast
 from .distributions import attention_distribution
-from .networks import STRIDES, AttentionNetwork, Classifier, FeatureNetwork, class_probabilities
+from .networks import (
+    STRIDES,
+    AttentionNetwork,
+    Classifier,
+    FeatureNetwork,
+    as_float_view,
+    class_probabilities,
+)
 from .outputs import Prediction
 from .source import ImageSource, read_view, tissue_mask
 
@@ -371,7 +378,7 @@ class AttentionSamplingModel(nn.Module):
             for view, mask, grid in zip(views, masks, grids, strict=True)
         ]
         rest = [k for k, lg in enumerate(logits) if lg is None]
-        computed = apply_grouped(self.attention, [_as_float(views[k]) for k in rest])
+        computed = apply_grouped(self.attention, [as_float_view(views[k]) for k in rest])
         for k, lg in zip(rest, computed, strict=True):
             logits[k] = lg
         del views, computed  # a gigapixel slide's view is large: free it before the softmax
@@ -485,8 +492,3 @@ class AttentionSamplingModel(nn.Module):
         self, sources: Sequence[ImageSource], stage1: Sequence[Stage1], b: int
     ) -> Prediction:
         raise NotImplementedError
-
-
-def _as_float(view: Tensor) -> Tensor:
-    """A view in [0, 1]: 8-bit views (``read_view(exact_bytes=True)``) divided by 255."""
-    return view if view.is_floating_point() else view.float().div_(255.0)

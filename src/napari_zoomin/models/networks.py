@@ -26,6 +26,7 @@ __all__ = [
     "Classifier",
     "FeatureNetwork",
     "UniformAttention",
+    "as_float_view",
     "class_probabilities",
     "n_logits",
 ]
@@ -219,7 +220,7 @@ class AttentionNetwork(nn.Module):
         if self.padding != "same":  # map (i, j) sees view [i, i+2r] x [j, j+2r]: no padding
             r = self.radius
             for y0, y1, x0, x1 in _busy_blocks(needed, block):
-                crop = _float(view[None, :, y0 : y1 + 2 * r, x0 : x1 + 2 * r])
+                crop = as_float_view(view[None, :, y0 : y1 + 2 * r, x0 : x1 + 2 * r])
                 out[y0:y1, x0:x1] = self.forward(crop)[0]
             return out
         s = self.cell
@@ -228,7 +229,7 @@ class AttentionNetwork(nn.Module):
             cy0, cy1, cx0, cx1 = s * (y0 - m), s * (y1 + m), s * (x0 - m), s * (x1 + m)
             crop = view[None, :, max(0, cy0) : min(h_v, cy1), max(0, cx0) : min(w_v, cx1)]
             pad = (max(0, -cx0), max(0, cx1 - w_v), max(0, -cy0), max(0, cy1 - h_v))
-            crop = F.pad(_float(crop), pad) if any(pad) else _float(crop)
+            crop = F.pad(as_float_view(crop), pad) if any(pad) else as_float_view(crop)
             out[y0:y1, x0:x1] = self._interior(crop)[0, m : m + y1 - y0, m : m + x1 - x0]
         # the edge cells, exactly as forward() pads: strips of e cells along each edge,
         # each read with an inner margin of m cells
@@ -243,7 +244,8 @@ class AttentionNetwork(nn.Module):
             if not bool(needed[y0:y1, x0:x1].any()):
                 continue
             vy0, vx0 = s * max(0, y0 - m), s * max(0, x0 - m)
-            crop = _float(view[None, :, vy0 : min(h_v, s * (y1 + m)), vx0 : min(w_v, s * (x1 + m))])
+            vy1, vx1 = min(h_v, s * (y1 + m)), min(w_v, s * (x1 + m))
+            crop = as_float_view(view[None, :, vy0:vy1, vx0:vx1])
             logits = self.forward(crop)[0]
             keep = needed[y0:y1, x0:x1]
             part = logits[y0 - vy0 // s : y1 - vy0 // s, x0 - vx0 // s : x1 - vx0 // s]
@@ -251,8 +253,9 @@ class AttentionNetwork(nn.Module):
         return out
 
 
-def _float(view: Tensor) -> Tensor:
-    """A view crop in [0, 1] (8-bit crops divided by 255, as the slide reader does)."""
+def as_float_view(view: Tensor) -> Tensor:
+    """A view (or crop) in [0, 1]: 8-bit ones (``read_view(exact_bytes=True)``) divided by
+    255, as the slide reader does."""
     return view if view.is_floating_point() else view.float().div_(255.0)
 
 
