@@ -146,6 +146,7 @@ def _train_config(args: argparse.Namespace):
     ``--n``: ``n_samples``, ...; ``--subtile``: ``subtile_size``, the feature network's
     input side, for every kind).
     """
+    from .train_settings import parse_names
     from .training import TrainConfig
     from .training.config import KIND_DEFAULTS
 
@@ -177,12 +178,10 @@ def _train_config(args: argparse.Namespace):
         "contrastive_warmup_epochs": args.warmup,
         "pixel_weight": args.pixel_weight,
         "roi_attention_weight": args.roi_attention_weight,
-        "roi_labels": None
-        if args.roi_labels is None
-        else tuple(lab.strip() for lab in args.roi_labels.split(",") if lab.strip()),
+        "roi_labels": None if args.roi_labels is None else parse_names(args.roi_labels),
         "lookalike_labels": None
         if args.lookalike_labels is None
-        else tuple(lab.strip() for lab in args.lookalike_labels.split(",") if lab.strip()),
+        else parse_names(args.lookalike_labels),
         "pretrain_epochs": args.pretrain_epochs,
         "pretrain_pooling": args.pretrain_pooling,
         "init_from": args.init_from,

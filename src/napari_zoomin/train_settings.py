@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from .fields import MAX_EPOCHS, MAX_SAMPLES, MAX_SIDE, MAX_WEIGHT, MIN_SCALE
 
-__all__ = ["MAX_BATCH", "MAX_LR", "TRAIN_SETTINGS", "Setting", "setting_name"]
+__all__ = ["MAX_BATCH", "MAX_LR", "TRAIN_SETTINGS", "Setting", "parse_names", "setting_name"]
 
 #: the most slides per optimisation step (``TrainConfig.batch_size``)
 MAX_BATCH = 4096
@@ -200,3 +200,9 @@ def setting_name(field: str) -> str:
     """``"Epochs (epochs)"``: a field as the form labels it, and its name in settings."""
     setting = TRAIN_SETTINGS.get(field)
     return field if setting is None else f"{setting.label} ({field})"
+
+
+def parse_names(text: str) -> tuple[str, ...]:
+    """A ``"names"`` setting as typed (``"Tumor, Mimic"``): the comma-separated names,
+    stripped, empty ones dropped (the Train form and ``zoomin train`` alike)."""
+    return tuple(name.strip() for name in str(text).split(",") if name.strip())

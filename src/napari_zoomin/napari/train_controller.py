@@ -31,7 +31,7 @@ from ..atomic import atomic_open
 from ..engine.checkpoints import MODEL_KINDS as KIND_CONFIGS
 from ..engine.dataset import SlideDataset, order_classes, read_labels, stratified_split
 from ..errors import CheckpointError, TrainingError, ZoominError
-from ..train_settings import TRAIN_SETTINGS, setting_name
+from ..train_settings import TRAIN_SETTINGS, parse_names, setting_name
 from ..training import (
     EpochStep,
     Pretrained,
@@ -163,7 +163,7 @@ def _from_form(name: str, value: Any) -> Any:
     if setting.entry in ("number", "fraction"):
         value = parse_number(str(value), setting.label)
     elif setting.entry == "names":
-        return tuple(s.strip() for s in str(value).split(",") if s.strip())
+        return parse_names(value)
     elif setting.entry == "spin":
         value = int(value)
     elif setting.entry == "check":
