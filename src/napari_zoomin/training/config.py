@@ -89,6 +89,12 @@ class TrainConfig:
             ``None`` = ``lr``.  Attention logits must move by about ``log(cells)`` (≈ 10
             on a slide) to concentrate, which takes many steps at a rate that suits
             ``f`` and ``g``.
+        feature_lr: learning rate of the feature network ``f``; ``None`` = ``lr``, 0
+            keeps ``f`` as it starts (pre-trained from ROIs, or ``init_from``).  On
+            the sample slides an ``f`` pre-trained to tell a tumour from its look-alike
+            lost that within an epoch of image-label training at ``lr`` (the label is
+            noise to ``f`` until the attention and ``g`` agree with it), and kept it
+            at 0 while ``g`` and the attention learned (docs/training.md).
         weight_decay: Adam L2 penalty (000: none).
         lr_schedule: ``"constant"``, or ``"cosine"`` (cosine annealing, 002 §4.3, the
             default of ``zoomin train --kind magnet``): epoch ``e`` (0-based) runs at
@@ -176,6 +182,7 @@ class TrainConfig:
     batch_size: int = 5
     lr: float = 1e-4
     attention_lr: float | None = None
+    feature_lr: float | None = None
     weight_decay: float = 0.0
     lr_schedule: Literal["constant", "cosine"] = "constant"
     seed: int = 0
@@ -270,6 +277,10 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and not (value > 0 and math.isfinite(value)):
                 problems.append(f"{name} must be a positive number, got {value}")
+        if self.feature_lr is not None and not (
+            self.feature_lr >= 0 and math.isfinite(self.feature_lr)
+        ):
+            problems.append(f"feature_lr must be 0 or a positive number, got {self.feature_lr}")
         for name in ("view_scale", "stage2_scale"):
             if not MIN_SCALE <= getattr(self, name) <= 1:
                 problems.append(f"{name} must be in [1/4096, 1], got {getattr(self, name)}")
@@ -281,7 +292,7 @@ class TrainConfig:
         ):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must not be negative, got {getattr(self, name)}")
-        for name in ("lr", "attention_lr"):
+        for name in ("lr", "attention_lr", "feature_lr"):
             value = getattr(self, name)
             if value is not None and value > 10:
                 problems.append(f"{name} must be at most 10, got {value}")

@@ -816,6 +816,14 @@ class _LazySource:
     def read_roi(self, regions, scale):
         return self.dataset[self.index].read_roi(regions, scale)
 
+    # Pre-training reads these too (look-alikes as attention targets and as ``f``'s
+    # hard negatives); without them it silently fell back to the ROI alone.
+    def read_attention_target(self, regions, scale):
+        return self.dataset[self.index].read_attention_target(regions, scale)
+
+    def read_hard_negatives(self, regions, scale):
+        return self.dataset[self.index].read_hard_negatives(regions, scale)
+
 
 def _choose_mpp(
     dataset: SlideDataset,
@@ -890,15 +898,22 @@ def _initialise_from(model, config: TrainConfig, settings: dict, num_classes: in
 
 
 def _parameter_groups(model: AttentionSamplingModel, config: TrainConfig) -> list[dict]:
-    """Adam parameter groups: the attention network(s) at ``attention_lr``, the rest at ``lr``."""
-    if config.attention_lr is None:
-        return [{"params": list(model.parameters())}]
-    attention = [
-        p
-        for name, p in model.named_parameters()
-        if name.startswith(("attention.", "stage2_attention."))
+    """Adam parameter groups: the rest at ``lr``, the attention network(s) at
+    ``attention_lr``, ``f`` at ``feature_lr`` (each only when set, in that order, so a
+    checkpoint of a run without them keeps its group order)."""
+    rest: list = []
+    attention: list = []
+    feature: list = []
+    for name, p in model.named_parameters():
+        if config.attention_lr is not None and name.startswith(("attention.", "stage2_attention.")):
+            attention.append(p)
+        elif config.feature_lr is not None and name.startswith("feature."):
+            feature.append(p)
+        else:
+            rest.append(p)
+    groups = [
+        {"params": rest},
+        {"params": attention, "lr": config.attention_lr},
+        {"params": feature, "lr": config.feature_lr},
     ]
-    ids = {id(p) for p in attention}
-    rest = [p for p in model.parameters() if id(p) not in ids]
-    groups = [{"params": rest}, {"params": attention, "lr": config.attention_lr}]
     return [g for g in groups if g["params"]]
