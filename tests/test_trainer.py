@@ -615,23 +615,37 @@ def test_demo_model_is_small_and_attends_to_the_planted_regions(fresh_pair):
     assert float(stage1.attention[on_regions].sum()) > 0.5
 
 
-@pytest.mark.xfail(
-    reason="the shipped demo reaches 0.875 on its 8 validation slides but tells tumour from "
-    "distractor poorly on new slides (docs/training.md, 'The demo model')",
-    strict=False,
-)
-def test_demo_model_classifies_fresh_sample_slides(fresh_pair):
+@pytest.fixture(scope="module")
+def fresh_ten(tmp_path_factory):
+    """Ten 8192² sample slides the demo never saw (seeds 6000–6009, half positive), one
+    tumour and one distractor each, as in ``benchmarks/demo_accuracy.py``."""
+    from napari_zoomin.samples import write_sample_slide
+
+    folder = tmp_path_factory.mktemp("fresh10")
+    return [
+        write_sample_slide(
+            folder / f"{k}.tif",
+            size=8192,
+            label=CLASSES[(k + 1) % 2],
+            seed=6000 + k,
+            n_tumor=1,
+            n_distractors=1,
+        )
+        for k in range(10)
+    ]
+
+
+def test_demo_model_classifies_fresh_sample_slides(fresh_ten):
+    """At least 9 of 10 fresh slides right, as a user classifies them (issue 18's test on
+    a smaller set than the 50-slide benchmark)."""
     from napari_zoomin.engine.checkpoints import load_model
+    from napari_zoomin.engine.inference import classify
 
     checkpoint = load_model("demo")
-    records = [
-        SlideRecord(info.path, info.label, k, "test", None) for k, info in enumerate(fresh_pair)
-    ]
-    with SlideDataset(records, CLASSES, workers=1) as data:
-        predictions = checkpoint.model.predict(
-            data.sources([0, 1]), draws=8, generator=torch.Generator().manual_seed(0)
-        )
-    assert [p.label for p in predictions] == [0, 1]
+    predicted = [classify(info.path, checkpoint).label for info in fresh_ten]
+    truth = [info.label for info in fresh_ten]
+    right = sum(p == t for p, t in zip(predicted, truth, strict=True))
+    assert right >= 9, list(zip(truth, predicted, strict=True))
 
 
 def test_cli_train_passes_its_options_and_records_the_csv(records, tmp_path, capsys):
@@ -659,14 +673,14 @@ def test_cli_train_passes_its_options_and_records_the_csv(records, tmp_path, cap
     out = tmp_path / "cli.safetensors"
     args = ["train", "--slides", str(folder), "--labels", str(csv), "--out", str(out)]
     args += ["--epochs", "1", "--lr", "2e-3", "--no-contrastive", "--roi-labels", "Tumor,Other"]
-    args += ["--pretrain-pooling", "max"]
+    args += ["--pretrain-pooling", "mean"]
     args += ["--set", json.dumps({**settings, "feature_channels": [4, 8]})]
     assert main(args) == 0
     info = load_checkpoint(out).info["info"]
     config = info["trainer_config"]
     assert config["epochs"] == 1 and config["lr"] == 2e-3 and config["contrastive"] is False
     assert config["roi_labels"] == ["Tumor", "Other"] and config["n_samples"] == 4
-    assert config["pretrain_pooling"] == "max"
+    assert config["pretrain_pooling"] == "mean"
     assert info["data"]["labels_csv"] == str(csv)
     captured = capsys.readouterr()
     assert "best model (epoch 1" in captured.out

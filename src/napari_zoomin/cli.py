@@ -507,7 +507,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument(
         "--pretrain-pooling",
         choices=("mean", "max"),
-        help="pool a pre-trained attention map by its mean (default, 000) or max (tiny ROIs)",
+        help="pool a pre-trained attention map by its max (default; tiny ROIs) or mean (000)",
     )
     tr.add_argument(
         "--lr-schedule",

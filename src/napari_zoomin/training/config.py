@@ -145,8 +145,10 @@ class TrainConfig:
             when training slides carry ROI annotations (0 = off).
         pretrain_patches: patches per annotated slide and network for pre-training.
         pretrain_pooling: how a pre-trained attention map becomes one patch logit:
-            ``"mean"`` (000's global average pooling) or ``"max"``, for ROIs that fill a
-            small part of a patch (a few tumour cells in a 16-cell view patch).
+            ``"max"`` (default), for ROIs that fill a small part of a patch (a few
+            tumour cells in a 16-cell view patch), or ``"mean"`` (000's global average
+            pooling).  On the sample slides the averaged map put 0.1-0.4 % of ``α`` on
+            the planted regions after pre-training, the maximum 97-100 %.
         roi_labels: annotation labels that are ROI (e.g. ``("Tumor",)``).
         lookalike_labels: annotation labels of *look-alikes*: regions that look like an
             ROI at low resolution but are not one (a benign mimic, the sample slides'
@@ -206,7 +208,7 @@ class TrainConfig:
     model_options: dict[str, Any] = field(default_factory=dict)
     pretrain_epochs: int = 5
     pretrain_patches: int = 32
-    pretrain_pooling: str = "mean"
+    pretrain_pooling: str = "max"
     roi_labels: tuple[str, ...] = DEFAULT_ROI_LABELS
     lookalike_labels: tuple[str, ...] = ()
     init_from: str | None = None
