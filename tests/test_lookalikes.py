@@ -42,6 +42,23 @@ def _dataset(info, lookalikes=()):
     )
 
 
+def _tiny_model(**settings) -> ZoomIn:
+    """A small Zoom-In of the sample slides' scales (1/16 view, 128-px tiles, 32-px sub-tiles)."""
+    return ZoomIn(
+        ZoomInConfig(
+            view_scale=1 / 16,
+            tile_size=(128, 128),
+            subtile_size=(32, 32),
+            stage2_scale=0.25,
+            feature_dim=8,
+            feature_hidden=8,
+            feature_channels=(4, 4),
+            n_samples=4,
+            **settings,
+        )
+    )
+
+
 def _mass(mask, region, scale):
     """Sum of a whole-slide mask at ``scale`` inside a planted region's box."""
     y0, x0 = int(region.y * scale), int(region.x * scale)
@@ -72,18 +89,7 @@ def test_attention_losses_pull_towards_lookalikes_too(slide):
     """With a uniform α, the KL to the target grows when the target spreads over the
     distractor as well (a larger support): exactly log(cells) − H-like terms differ."""
     torch.manual_seed(0)
-    cfg = ZoomInConfig(
-        view_scale=1 / 16,
-        attention_stride=4,
-        tile_size=(128, 128),
-        subtile_size=(32, 32),
-        stage2_scale=0.25,
-        feature_dim=8,
-        feature_hidden=8,
-        feature_channels=(4, 4),
-        n_samples=4,
-    )
-    model = ZoomIn(cfg).eval()
+    model = _tiny_model(attention_stride=4).eval()
     with _dataset(slide) as data, torch.no_grad():
         only_roi = float(roi_attention_loss(model, [data[0]]))
     with _dataset(slide, ("Distractor",)) as data, torch.no_grad():
@@ -144,17 +150,7 @@ def test_feature_lr_zero_keeps_f_while_g_and_attention_learn():
     from napari_zoomin.training.trainer import _parameter_groups
 
     torch.manual_seed(0)
-    cfg = ZoomInConfig(
-        view_scale=1 / 16,
-        tile_size=(128, 128),
-        subtile_size=(32, 32),
-        stage2_scale=0.25,
-        feature_dim=8,
-        feature_hidden=8,
-        feature_channels=(4, 4),
-        n_samples=4,
-    )
-    model = ZoomIn(cfg)
+    model = _tiny_model()
     config = TrainConfig(lr=1e-3, attention_lr=1e-2, feature_lr=0.0)
     groups = _parameter_groups(model, config)
     assert [g.get("lr") for g in groups] == [None, 1e-2, 0.0]
