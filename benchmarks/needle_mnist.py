@@ -147,17 +147,6 @@ def _pretrain_then_train_a(model, data, args: argparse.Namespace) -> dict:
     return report
 
 
-def _pretrain_keep_f(model, data, args: argparse.Namespace) -> dict:
-    """:func:`_pretrain`, then ``f`` is frozen too: only ``g`` learns from image labels.
-
-    The demo model's finding (docs/training.md): an ``f`` pre-trained to tell the ROI
-    from its look-alikes loses it within an epoch of image-label training, and keeps
-    it when frozen (``TrainConfig.feature_lr`` 0)."""
-    report = _pretrain(model, data, args)
-    model.feature.requires_grad_(False)
-    return report
-
-
 def _cnn(args: argparse.Namespace):
     return LowResolutionCNN(num_classes=2, view_scale=0.125, channels=(8, 16, 32))
 
@@ -181,12 +170,6 @@ BENCH = Bench(
             "Zoom-In, s1 0.5 + ROI pre-training + ROI attention term, a trained (N = {n})",
             _zoomin_roi(0.5, RoiSupervisedZoomIn),
             pretrain=_pretrain_then_train_a,
-        ),
-        "zoomin_roi_keep_f": ModelSpec(
-            "Zoom-In, s1 0.5 + ROI pre-training, frozen strided a/b and f, g at 1e-2 (N = {n})",
-            _zoomin_roi(0.5),
-            lr=1e-2,
-            pretrain=_pretrain_keep_f,
         ),
         "zoomin_roi_025": ModelSpec(
             "Zoom-In, s1 0.25 + ROI pre-training, frozen strided a/b (N = {n})",
