@@ -668,19 +668,20 @@ def test_cli_train_passes_its_options_and_records_the_csv(records, tmp_path, cap
         "feature_channels",
         "model_options",
         "pretrain_pooling",
+        "feature_lr",
     ):
         settings.pop(key)
     out = tmp_path / "cli.safetensors"
     args = ["train", "--slides", str(folder), "--labels", str(csv), "--out", str(out)]
     args += ["--epochs", "1", "--lr", "2e-3", "--no-contrastive", "--roi-labels", "Tumor,Other"]
-    args += ["--pretrain-pooling", "mean"]
+    args += ["--pretrain-pooling", "mean", "--feature-lr", "0"]
     args += ["--set", json.dumps({**settings, "feature_channels": [4, 8]})]
     assert main(args) == 0
     info = load_checkpoint(out).info["info"]
     config = info["trainer_config"]
     assert config["epochs"] == 1 and config["lr"] == 2e-3 and config["contrastive"] is False
     assert config["roi_labels"] == ["Tumor", "Other"] and config["n_samples"] == 4
-    assert config["pretrain_pooling"] == "mean"
+    assert config["pretrain_pooling"] == "mean" and config["feature_lr"] == 0.0
     assert info["data"]["labels_csv"] == str(csv)
     captured = capsys.readouterr()
     assert "best model (epoch 1" in captured.out
