@@ -13,6 +13,21 @@ from fixtures_data import session_cache_root
 from pyramid_files import write_ome_subifd, write_openslide_layout
 
 
+def pytest_addoption(parser) -> None:
+    """The digits end-to-end tests' run (tests/core/test_digits_e2e.py): CI uses the
+    defaults; the robustness check reruns them over seeds and thread counts
+    (benchmarks/README.md)."""
+    group = parser.getgroup("napari-zoomin digits end-to-end")
+    group.addoption("--digits-seed", type=int, default=0, help="training seed (default 0)")
+    group.addoption(
+        "--digits-threads",
+        type=int,
+        default=1,
+        help="torch threads while training (default 1: the same arithmetic on any machine; "
+        "0 = torch's own default)",
+    )
+
+
 @pytest.fixture(scope="session", autouse=True)
 def zoomin_cache(tmp_path_factory) -> Path:
     """The session's napari-zoomin cache: a temp folder, unless NAPARI_ZOOMIN_CACHE is set.
