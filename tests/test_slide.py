@@ -94,6 +94,22 @@ class TestCMU:
             assert level0[10, 20].compute().tolist() == s.read(0, 10, 20, 1, 1)[0, 0].tolist()
 
 
+def test_dask_names_are_never_reused_by_another_slide(cmu_svs):
+    """Dask and napari's chunk cache key chunks by array name.  The names came from
+    ``id(slide)``, which Python reuses once a slide is collected: a test then saw a
+    256-px tile of an earlier slide in a 128-px edge chunk (and with equal shapes
+    would have been shown the earlier slide's pixels)."""
+    import gc
+
+    names = []
+    for _ in range(20):
+        with open_slide(cmu_svs) as s:
+            names += [a.name for a in s.pyramid()]
+        del s
+        gc.collect()
+    assert len(set(names)) == len(names)
+
+
 @pytest.mark.parametrize("layout", ["openslide", "ome"])
 @pytest.mark.parametrize("compression", ["jpeg", "zlib"])
 def test_generated_pyramids(pyramids, real_crop, layout, compression):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import threading
+import uuid
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -451,7 +452,12 @@ class Slide:
         """
         import dask.array as da
 
-        token = f"zoomin-{id(self):x}"
+        # A name of its own for every call: dask (and napari's opportunistic chunk
+        # cache) key chunks by name, and ``id(self)`` is reused once a slide is
+        # collected, so another slide's cached tiles came back for this one (seen as a
+        # 256-px tile in a 128-px edge chunk; with equal shapes it would have shown
+        # the other slide's pixels).
+        token = f"zoomin-{uuid.uuid4().hex}"
         arrays = []
         for i, lv in enumerate(self._levels):
             arrays.append(
