@@ -801,28 +801,22 @@ def _as_dataset(data, classes, config: TrainConfig) -> SlideDataset:
 
 
 class _LazySource:
-    """A slide of the dataset opened on every access (for pre-training over many slides)."""
+    """A slide of the dataset opened on every access (for pre-training over many slides).
+
+    Every attribute but ``shape`` (``read``, ``tissue_mask``, ``read_roi``, the
+    look-alike reads, any capability a source gains later) is the open slide source's
+    own, looked up on each access.  A list of forwarding methods once lacked the
+    look-alike reads, and pre-training silently fell back to the ROI alone.
+    """
 
     def __init__(self, dataset: SlideDataset, index: int):
         self.dataset, self.index = dataset, index
         self.shape = dataset[index].shape
 
-    def read(self, regions, scale):
-        return self.dataset[self.index].read(regions, scale)
-
-    def tissue_mask(self, scale):
-        return self.dataset[self.index].tissue_mask(scale)
-
-    def read_roi(self, regions, scale):
-        return self.dataset[self.index].read_roi(regions, scale)
-
-    # Pre-training reads these too (look-alikes as attention targets and as ``f``'s
-    # hard negatives); without them it silently fell back to the ROI alone.
-    def read_attention_target(self, regions, scale):
-        return self.dataset[self.index].read_attention_target(regions, scale)
-
-    def read_hard_negatives(self, regions, scale):
-        return self.dataset[self.index].read_hard_negatives(regions, scale)
+    def __getattr__(self, name: str):
+        if name in ("dataset", "index"):  # not set yet (a copy being built): no recursion
+            raise AttributeError(name)
+        return getattr(self.dataset[self.index], name)
 
 
 def _choose_mpp(
