@@ -109,13 +109,11 @@ def _write(job: tuple[str, int, str, int, int]) -> str:
     return path
 
 
-def make_slides(
-    folder: Path, jobs: int, recipe: int = SAMPLE_RECIPE, n_train=N_TRAIN, n_val=N_VAL
-) -> Path:
+def make_slides(folder: Path, jobs: int) -> Path:
     """Write the sample slides (skipping existing ones) and their labels CSV."""
     folder.mkdir(parents=True, exist_ok=True)
     rows, work = [], []
-    plan = (("train", n_train, TRAIN_SEEDS, TRAIN_SIZES), ("val", n_val, VAL_SEEDS, VAL_SIZES))
+    plan = (("train", N_TRAIN, TRAIN_SEEDS, TRAIN_SIZES), ("val", N_VAL, VAL_SEEDS, VAL_SIZES))
     for split, count, first_seed, sizes in plan:
         for k in range(count):
             label = CLASSES[(k + 1) % 2]  # positive first
@@ -123,7 +121,7 @@ def make_slides(
             seed = first_seed + k
             name = f"{split}-{k:02d}-{label}-{size}-seed{seed}.tif"
             rows.append(f"{name},{label},{split}")
-            work.append((str(folder / name), size, label, seed, recipe))
+            work.append((str(folder / name), size, label, seed, SAMPLE_RECIPE))
     with ProcessPoolExecutor(max(1, jobs)) as pool:
         list(pool.map(_write, work))
     csv = folder / "labels.csv"
@@ -170,7 +168,7 @@ def _progress(t0: float):
 
 
 def _phase(csv: Path, config: TrainConfig, work: Path, t0: float, fresh: bool):
-    """One training phase: the best checkpoint, its run's total seconds, the result."""
+    """The training run: the best checkpoint, its total seconds (over sessions), the result."""
     dataset = SlideDataset.from_csv(
         csv,
         csv.parent,
