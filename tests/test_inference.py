@@ -295,7 +295,12 @@ def test_places_group_the_subtiles_by_the_evidence_rule(result):
     assert [p.rank for p in found] == list(range(1, len(found) + 1))
     # every sub-tile is in exactly one place
     assert sorted(i for p in found for i in p.subtiles) == list(range(len(result.subtiles)))
-    total = sum(s["weight"] for s in result.subtiles)
+    label = result.label_index
+    support = [s["weight"] * s["scores"][label] for s in result.subtiles]
+    total = sum(support)
+    # sub-tiles come most support for the call first, each with its own class scores
+    assert support == sorted(support, reverse=True)
+    assert all(len(s["scores"]) == len(result.classes) for s in result.subtiles)
     mpp = result.slide["mpp"]
     for p in found:
         top, left, h, w = p.box
@@ -305,9 +310,8 @@ def test_places_group_the_subtiles_by_the_evidence_rule(result):
         assert (regions[:, 1] + regions[:, 3] <= left + w).all()
         # the box is tight: each side touches a sub-tile
         assert regions[:, 0].min() == top and (regions[:, 1] + regions[:, 3]).max() == left + w
-        assert p.share == pytest.approx(
-            100 * sum(result.subtiles[i]["weight"] for i in p.subtiles) / total
-        )
+        assert p.share == pytest.approx(100 * sum(support[i] for i in p.subtiles) / total)
+        assert p.weight == pytest.approx(sum(result.subtiles[i]["weight"] for i in p.subtiles))
         assert p.unit == "µm"
         assert p.centre == pytest.approx(((top + h / 2) * mpp[0], (left + w / 2) * mpp[1]))
         assert p.size == pytest.approx((h * mpp[0], w * mpp[1]))
@@ -323,6 +327,30 @@ def test_places_group_the_subtiles_by_the_evidence_rule(result):
     # results saved before the link was recorded group the same way
     older = replace(result, evidence={k: v for k, v in result.evidence.items() if k != "link"})
     assert [p.subtiles for p in places(older)] == [p.subtiles for p in found]
+
+
+def test_places_rank_by_what_the_classifier_saw_not_only_by_attention(result):
+    """A place that drew attention but whose sub-tiles the classifier scores against
+    the call ranks below one that made the call; results without scores (MagNets,
+    older files) rank by attention."""
+    label = result.label_index
+    subs = [dict(s) for s in result.subtiles]
+    found = places(result)
+    assert len(found) >= 2
+    first, second = found[0], found[1]
+    # make the first place's sub-tiles say the other class, the second's say the call
+    for i in first.subtiles:
+        subs[i]["scores"] = [float(k != label) for k in range(len(result.classes))]
+    for i in second.subtiles:
+        subs[i]["scores"] = [float(k == label) for k in range(len(result.classes))]
+    swapped = places(replace(result, subtiles=subs))
+    assert swapped[0].subtiles == second.subtiles
+    assert swapped[0].share > swapped[-1].share
+    # no scores at all: the share is the attention weight's
+    plain = [{k: v for k, v in s.items() if k != "scores"} for s in result.subtiles]
+    total = sum(s["weight"] for s in plain)
+    for p in places(replace(result, subtiles=plain)):
+        assert p.share == pytest.approx(100 * sum(plain[i]["weight"] for i in p.subtiles) / total)
 
 
 def test_places_geojson_round_trips(result, tmp_path):

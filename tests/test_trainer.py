@@ -637,15 +637,26 @@ def fresh_ten(tmp_path_factory):
 
 def test_demo_model_classifies_fresh_sample_slides(fresh_ten):
     """At least 9 of 10 fresh slides right, as a user classifies them (issue 18's test on
-    a smaller set than the 50-slide benchmark)."""
+    a smaller set than the 50-slide benchmark), and on each slide called positive the
+    top-ranked sub-tile is on the tumour."""
     from napari_zoomin.engine.checkpoints import load_model
     from napari_zoomin.engine.inference import classify
 
     checkpoint = load_model("demo")
-    predicted = [classify(info.path, checkpoint).label for info in fresh_ten]
+    results = [classify(info.path, checkpoint) for info in fresh_ten]
+    predicted = [r.label for r in results]
     truth = [info.label for info in fresh_ten]
     right = sum(p == t for p, t in zip(predicted, truth, strict=True))
     assert right >= 9, list(zip(truth, predicted, strict=True))
+    # the top-ranked sub-tile (most support for the call) of every slide called positive
+    # lies on its tumour, not on the distractor that looks the same at low resolution
+    for info, r in zip(fresh_ten, results, strict=True):
+        if r.label != "positive":
+            continue
+        top, left, h, w = r.subtiles[0]["region"]
+        cy, cx = top + h / 2, left + w / 2
+        (hit,) = [g for g in info.regions if g.y <= cy < g.y + g.box and g.x <= cx < g.x + g.box]
+        assert hit.kind == "Tumor", (info.path.name, r.subtiles[0])
 
 
 def test_cli_train_passes_its_options_and_records_the_csv(records, tmp_path, capsys):

@@ -316,6 +316,43 @@ def test_topk_inference_is_deterministic():
         m.predict([src], mode="argmax")
 
 
+def _alone(m, src: TensorSource, regions: torch.Tensor) -> torch.Tensor:
+    """Class probabilities of ``g(f(x))`` for each region read alone, from scratch."""
+    from napari_zoomin.models.networks import class_probabilities
+
+    with torch.no_grad():
+        return class_probabilities(m.classifier(m.feature(src.read(regions, 1.0))))
+
+
+@pytest.mark.parametrize("kind", ["zoomin", "ats"])
+@pytest.mark.parametrize("mode", ["sample", "topk"])
+def test_subtile_scores_are_the_classifier_on_each_subtile_alone(kind, mode):
+    """``SubtileSet.scores`` is ``g ∘ f`` of each sub-tile's own pixels, and since ``g`` is
+    linear, a top-k slide logit is exactly the weighted mean of its sub-tiles' logits
+    (``topk_weights`` sum to 1): the scores decompose the prediction."""
+    src = TensorSource(_image(24, 20, 23), tissue=_tissue(24, 20))
+    if kind == "zoomin":
+        m = _zoomin_tiny(num_classes=3)
+    else:
+        cfg = ATSConfig(view_scale=0.25, subtile_size=(4, 4), n_samples=3, num_classes=3, **SMALL)
+        torch.manual_seed(0)
+        m = ATS(cfg, feature=PixelFeatures((4, 4))).eval()
+    with torch.no_grad():
+        m.classifier.linear.weight.mul_(20.0)  # scores far from uniform
+    (p,) = m.predict([src], mode=mode, draws=4, generator=torch.Generator().manual_seed(2))
+    s = p.subtiles
+    assert s.scores is not None and s.scores.shape == (len(s.weights), 3)
+    torch.testing.assert_close(s.scores, _alone(m, src, s.regions))
+    assert float(s.scores.max() - s.scores.min()) > 0.3  # not a constant
+    if mode == "topk":
+        from napari_zoomin.models.topk import topk_weights
+
+        w = topk_weights(s.weights, True, m.config.topk_weights)
+        logits = torch.log(s.scores.double())  # softmax logits up to a constant per row
+        mixed = torch.softmax((w.double()[:, None] * logits).sum(0), -1)
+        torch.testing.assert_close(mixed.float(), p.probabilities, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("model", ["ats", "uniform", "reinforce"])
 def test_one_stage_predictions(model):
     src = TensorSource(_image(20, 28, 21))

@@ -39,7 +39,7 @@ import torch
 from ..errors import AnnotationError, ClassificationError, ZoominError
 from ..slide import Slide, open_slide
 from .checkpoints import Checkpoint, load_model, training_mpp
-from .results import Result, SubtileRecord, TileRecord, grid_placement
+from .results import Result, SubtileRecord, TileRecord, grid_placement, support
 from .runtime import is_oom, resolve_device, versions
 from .slide_source import SlideSource
 from .tissue import TissueMask, detect_tissue, load_tissue_mask
@@ -458,7 +458,8 @@ def _classify(slide, ckpt, dev, draws, seed, mode, tissue, report, check, t0, wo
     classes = list(ckpt.classes) or [f"class {i}" for i in range(len(probs))]
 
     # the model read model pixels; the result is in the slide's level-0 pixels
-    tiles, subtiles = _tiles_and_subtiles(pred, source)
+    label_index = int(np.argmax(probs))
+    tiles, subtiles = _tiles_and_subtiles(pred, source, label_index)
     magnified = pred.magnified  # a MagNet's boxes, read at levels of their own
     magnified_record = None
     s1 = float(cfg.view_scale) if magnified is None else magnified.view_scale
@@ -506,7 +507,6 @@ def _classify(slide, ckpt, dev, draws, seed, mode, tissue, report, check, t0, wo
         "factor": [float(v) for v in source.factor],
         "units": source.units,
     }
-    label_index = int(np.argmax(probs))
     # how many distinct places the evidence comes from (sub-tiles within a tile side)
     th, tw = _tile_size(ckpt)
     link = max(th * source.factor[0], tw * source.factor[1])
@@ -648,8 +648,11 @@ def _stage2_regions(pred) -> np.ndarray:
     return views.numpy()
 
 
-def _tiles_and_subtiles(pred, source: SlideSource) -> tuple[list[TileRecord], list[SubtileRecord]]:
-    """Plain-Python tiles (most attended first) and sub-tiles (largest weight first).
+def _tiles_and_subtiles(
+    pred, source: SlideSource, label_index: int
+) -> tuple[list[TileRecord], list[SubtileRecord]]:
+    """Plain-Python tiles (most attended first) and sub-tiles (largest :func:`support`
+    for the predicted class first, then largest weight).
 
     Regions and placements are mapped from the model's pixels to the slide's level 0.
     """
@@ -676,14 +679,21 @@ def _tiles_and_subtiles(pred, source: SlideSource) -> tuple[list[TileRecord], li
     subtiles = pred.subtiles
     weights = subtiles.weights.double().numpy()
     regions = source.to_level0(subtiles.regions).tolist()
-    subs: list[SubtileRecord] = [
-        {
+    scores = None if subtiles.scores is None else subtiles.scores.double().numpy()
+    subs: list[SubtileRecord] = []
+    for k in range(len(weights)):
+        sub: SubtileRecord = {
             "region": [int(v) for v in regions[k]],
             "weight": float(weights[k]),
             "tile": new_index.get(int(subtiles.tile[k]), -1),
             "cell": int(subtiles.cells[k]),
         }
-        for k in range(len(weights))
-    ]
-    subs.sort(key=lambda s: (-s["weight"], s["tile"], s["cell"]))
-    return tiles, subs
+        if scores is not None:
+            sub["scores"] = [float(np.nan_to_num(v, nan=0.0)) for v in scores[k]]
+        subs.append(sub)
+    keys = support(subs, label_index)
+    order = sorted(
+        range(len(subs)),
+        key=lambda k: (-keys[k], -subs[k]["weight"], subs[k]["tile"], subs[k]["cell"]),
+    )
+    return tiles, [subs[k] for k in order]

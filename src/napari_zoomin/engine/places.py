@@ -8,11 +8,14 @@ most ``link`` level-0 pixels apart along both axes, chained (single linkage);
 counts its groups and :func:`places` describes them, so ``Result.evidence["places"]``
 is always ``len(places(result))``.
 
-Each :class:`Place` has its share of the evidence (its sub-tiles' weights over all
-sub-tiles' weights, in %), its bounding box in level-0 pixels, its centre and size in
-µm (in pixels when the slide records no pixel size: ``unit`` says which) and an
-outline: the convex hull of its sub-tile squares (sub-tiles up to one tile side
-apart are one place, so their union need not be one connected polygon; the hull is).
+Each :class:`Place` has its share of the evidence (its sub-tiles' support for the
+predicted class over all sub-tiles' support, in %: :func:`~.results.support`, the
+attention weight times the classifier's score of the sub-tile alone, so a look-alike
+that drew attention but not the call ranks below the lesion), its bounding box in
+level-0 pixels, its centre and size in µm (in pixels when the slide records no pixel
+size: ``unit`` says which) and an outline: the convex hull of its sub-tile squares
+(sub-tiles up to one tile side apart are one place, so their union need not be one
+connected polygon; the hull is).
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from .results import support
 
 if TYPE_CHECKING:
     from .results import Result
@@ -75,9 +80,10 @@ class Place:
 
     Attributes:
         rank: 1 for the place with the largest share.
-        share: its sub-tiles' weights over all sub-tiles' weights, in % (sums to 100).
-        weight: the sum of its sub-tiles' weights.
-        subtiles: indices into ``Result.subtiles``, heaviest first.
+        share: its sub-tiles' support over all sub-tiles' support, in % (sums to 100;
+            by weight when no sub-tile supports the call).
+        weight: the sum of its sub-tiles' weights (attention).
+        subtiles: indices into ``Result.subtiles``, in its order (most support first).
         box: bounding box ``[top, left, h, w]`` of its sub-tiles in level-0 pixels.
         centre: centre of ``box`` (y, x) in ``unit`` (µm from the slide's pixel size).
         size: ``box``'s (h, w) in ``unit``.
@@ -138,19 +144,22 @@ def places(result: Result) -> list[Place]:
     regions = np.array([s["region"] for s in subtiles], dtype=np.float64).reshape(-1, 4)
     weights = np.array([float(s["weight"]) for s in subtiles], dtype=np.float64)
     labels = link_groups(regions, link_of(result))
-    total = float(weights.sum())
+    shares = support(subtiles, int(result.label_index))
+    if not float(shares.sum()) > 0:  # nothing supports the call: go by attention
+        shares = weights
+    total = float(shares.sum())
     if not total > 0:  # no weights to go by: every sub-tile counts the same
-        weights, total = np.ones_like(weights), float(len(weights))
+        shares, total = np.ones_like(weights), float(len(weights))
     mpp = result.slide.get("mpp")
     per_px = (1.0, 1.0) if mpp is None else (float(mpp[0]), float(mpp[1]))
     unit = "px" if mpp is None else "µm"
     groups = []
     for g in range(int(labels.max()) + 1):
         members = np.flatnonzero(labels == g)
-        groups.append((float(weights[members].sum()), int(members[0]), members))
+        groups.append((float(shares[members].sum()), int(members[0]), members))
     groups.sort(key=lambda item: (-item[0], item[1]))
     out = []
-    for rank, (weight, _, members) in enumerate(groups, start=1):
+    for rank, (share, _, members) in enumerate(groups, start=1):
         r = regions[members]
         top, left = r[:, 0].min(), r[:, 1].min()
         bottom, right = (r[:, 0] + r[:, 2]).max(), (r[:, 1] + r[:, 3]).max()
@@ -166,8 +175,8 @@ def places(result: Result) -> list[Place]:
         out.append(
             Place(
                 rank=rank,
-                share=100.0 * weight / total,
-                weight=weight,
+                share=100.0 * share / total,
+                weight=float(weights[members].sum()),
                 subtiles=tuple(int(i) for i in members),
                 box=(float(top), float(left), float(h), float(w)),
                 centre=(float((top + h / 2) * per_px[0]), float((left + w / 2) * per_px[1])),

@@ -38,7 +38,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import Any, NotRequired, TypedDict
 
 import numpy as np
 
@@ -152,13 +152,35 @@ class SubtileRecord(TypedDict):
 
     ``region`` level-0 pixels; ``weight`` its attention relative to the whole slide
     (``α_c·β^c_c'``, or ``α_c`` for one-stage models); ``tile`` index into
-    :attr:`Result.tiles`; ``cell`` flat index into that tile's ``β^c`` (or ``α``).
+    :attr:`Result.tiles`; ``cell`` flat index into that tile's ``β^c`` (or ``α``);
+    ``scores`` the class probabilities the classifier gives the sub-tile alone
+    (``g(f(x))``, in :attr:`Result.classes` order; absent for MagNets and for results
+    written before 0.x carried them).
     """
 
     region: list[int]
     weight: float
     tile: int
     cell: int
+    scores: NotRequired[list[float]]
+
+
+def support(subtiles: Sequence[SubtileRecord], label_index: int) -> np.ndarray:
+    """Each sub-tile's support for the predicted class: ``weight`` × its own score for
+    that class (``scores[label_index]``; 1 where a result has no scores).
+
+    Attention says where the model looked; on slides where look-alikes draw as much
+    attention as the lesion, the most attended sub-tile is as often the look-alike.
+    The score says what the classifier saw there, so ranking by support puts first
+    the sub-tiles that made the call (the lesion of a positive slide).  Sub-tiles,
+    places and their markers are ranked by it, one rule for every front end.
+    """
+    out = np.empty(len(subtiles), dtype=np.float64)
+    for k, s in enumerate(subtiles):
+        scores = s.get("scores")
+        score = 1.0 if not scores else float(scores[label_index])
+        out[k] = float(s["weight"]) * score
+    return out
 
 
 class MagnifiedBox(TypedDict):
@@ -219,9 +241,11 @@ class Result:
             ``stage2_attention`` ((u, v) float32 ``β^c``), ``stage2_origin``,
             ``stage2_cell_size``.
         subtiles: one dict per distinct full-resolution region the feature network
-            saw, by weight, largest first: ``region``, ``weight`` (``α_c·β^c_c'``, the
-            attention relative to the whole slide; ``α_c`` for one-stage models),
-            ``tile`` (index into ``tiles``), ``cell`` (flat index into that ``β^c``).
+            saw (:class:`SubtileRecord`), largest :func:`support` for the predicted
+            class first: ``region``, ``weight`` (``α_c·β^c_c'``, the attention
+            relative to the whole slide; ``α_c`` for one-stage models), ``tile``
+            (index into ``tiles``), ``cell`` (flat index into that ``β^c``),
+            ``scores`` (the classifier's class probabilities for the sub-tile alone).
         pixels_decoded, pixels_needed, pixels_read: see :data:`PIXEL_DEFINITIONS`.
         decode: breakdown: decoded pixels and tiles per stored level, needed pixels
             per part (``view``, ``stage2``, ``subtiles``), tissue-detection decodes,
@@ -683,6 +707,8 @@ def _geojson_annotations(result: Result):
         top, left, h, w = (int(v) for v in s["region"])
         anns.append(Annotation.rectangle(top, left, h, w, label="Sampled sub-tile"))
         m = {"weight": float(s["weight"]), "tile": int(s["tile"])}
+        if s.get("scores"):
+            m["score"] = float(s["scores"][result.label_index])  # of the predicted class
         props.append({"name": f"sub-tile {k}", **m, "measurements": m})
     return anns, props
 

@@ -68,6 +68,7 @@ class OneStagePass:
         subtile_ids: (R, N) index into the sub-tile table.
         table_images, table_cells, table_regions: (S,), (S,), (S, 4) distinct sub-tiles.
         features: (R, N, D) features of the draws.
+        table_features: (S, D) ``f`` of every distinct sub-tile.
         z: (R, D) aggregated features.
     """
 
@@ -81,6 +82,7 @@ class OneStagePass:
     table_regions: Tensor
     features: Tensor
     z: Tensor
+    table_features: Tensor | None = None
 
 
 class ATS(AttentionSamplingModel):
@@ -157,7 +159,9 @@ class ATS(AttentionSamplingModel):
         feats = self.featurise(sources, t_images, regions)  # (S, D)
         feat_rows = feats[ids.to(feats.device)]  # (R, N, D)
         z = self.aggregate(p, idx, valid, feat_rows)
-        return OneStagePass(rows_t, p, idx, valid, ids, t_images, t_cells, regions, feat_rows, z)
+        return OneStagePass(
+            rows_t, p, idx, valid, ids, t_images, t_cells, regions, feat_rows, z, feats
+        )
 
     def sampled_logits(self, sources, generator=None) -> Tensor:
         stage1 = self.stage1(sources)
@@ -224,11 +228,14 @@ class ATS(AttentionSamplingModel):
                     run.table_cells[subtiles],
                     run.table_regions[subtiles],
                     counts[subtiles],
+                    self.subtile_scores(run.table_features[subtiles.to(run.table_features.device)]),
                 )
             )
         return out
 
-    def _prediction(self, st: Stage1, per_draw, mode, cells, regions, counts) -> Prediction:
+    def _prediction(
+        self, st: Stage1, per_draw, mode, cells, regions, counts, scores=None
+    ) -> Prediction:
         alpha = st.attention.detach().float().cpu()
         a = alpha[cells]
         n = int(cells.shape[0])
@@ -240,7 +247,9 @@ class ATS(AttentionSamplingModel):
             attention=alpha.reshape(st.grid.map_shape),
             attention_grid=st.grid,
             tiles=TileSet(cells=cells, regions=regions, counts=counts, attention=a),
-            subtiles=SubtileSet(tile=torch.arange(n), cells=cells, regions=regions, weights=a),
+            subtiles=SubtileSet(
+                tile=torch.arange(n), cells=cells, regions=regions, weights=a, scores=scores
+            ),
         )
 
     def _predict_topk(self, sources, stage1: Sequence[Stage1], b: int) -> Prediction:
@@ -262,7 +271,9 @@ class ATS(AttentionSamplingModel):
         feats = self.featurise(sources, torch.full((k,), b, dtype=torch.int64), regions)
         z = (w[:, None].to(feats.dtype) * feats).sum(0, keepdim=True)
         probs = class_probabilities(self.classifier(z)).cpu()
-        return self._prediction(st, probs, "topk", cells, regions, torch.ones(k, dtype=torch.int64))
+        ones = torch.ones(k, dtype=torch.int64)
+        scores = self.subtile_scores(feats)
+        return self._prediction(st, probs, "topk", cells, regions, ones, scores)
 
 
 class Uniform(ATS):

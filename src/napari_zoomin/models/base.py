@@ -426,6 +426,12 @@ class AttentionSamplingModel(nn.Module):
         """``f`` of full-resolution regions: (S, 4) → (S, D) float32, L2-normalised."""
         return self.feature(self.read_regions(sources, images, regions, 1.0)).float()
 
+    @torch.no_grad()
+    def subtile_scores(self, features: Tensor) -> Tensor:
+        """(S, D) sub-tile features → (S, C) class probabilities of ``g`` on each alone
+        (:attr:`~.outputs.SubtileSet.scores`), on the CPU."""
+        return class_probabilities(self.classifier(features.detach())).cpu()
+
     def class_probabilities(self, logits: Tensor) -> Tensor:
         return class_probabilities(logits)
 

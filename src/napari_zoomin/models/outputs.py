@@ -75,12 +75,18 @@ class SubtileSet:
         regions: (S, 4) level-0 regions.
         weights: (S,) attention relative to the whole image: ``α_c · β^c_c'``
             (Zoom-In, 000 §2.2) or ``α_c`` (one stage).
+        scores: (S, C) class probabilities of ``g(f(x))`` for each sub-tile alone, what
+            the classifier says of that sub-tile by itself (``g`` is linear, so a
+            slide's logit is the weighted mean of its sub-tiles' logits); attention
+            says where the model looked, the score says what it saw there.  ``None``
+            for MagNets (their patches are read by a GRU, not pooled linearly).
     """
 
     tile: Tensor
     cells: Tensor
     regions: Tensor
     weights: Tensor
+    scores: Tensor | None = None
 
 
 @dataclass

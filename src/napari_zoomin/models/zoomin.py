@@ -189,6 +189,7 @@ class TwoStagePass:
         stage2_grid: cells of every ``β^c`` in level-0 pixels (U origins).
         subtile_indices, n_subtiles, subtile_ids: (R, T, M), (R, T), (R, T, M).
         sub_tiles, sub_cells, sub_regions: (S,), (S,), (S, 4) the sub-tile table.
+        sub_features: (S, D) ``f`` of every sub-tile in the table.
         z: (R, D) aggregated features.
     """
 
@@ -210,6 +211,7 @@ class TwoStagePass:
     sub_tiles: Tensor
     sub_cells: Tensor
     sub_regions: Tensor
+    sub_features: Tensor
     z: Tensor
 
 
@@ -369,6 +371,7 @@ class ZoomIn(AttentionSamplingModel):
             sub_tiles=s_tiles,
             sub_cells=s_cells,
             sub_regions=sub_regions,
+            sub_features=feats,
             z=z,
         )
 
@@ -488,6 +491,7 @@ class ZoomIn(AttentionSamplingModel):
                 cells=run.sub_cells[subs],
                 regions=run.sub_regions[subs],
                 weights=weights,
+                scores=self.subtile_scores(run.sub_features[subs.to(run.sub_features.device)]),
             ),
         )
 
@@ -559,6 +563,7 @@ class ZoomIn(AttentionSamplingModel):
                 cells=sub_cell,
                 regions=sub_regions,
                 weights=w.cpu(),
+                scores=self.subtile_scores(feats),
             ),
             stage2_views=regions,
         )

@@ -443,15 +443,22 @@ def tiles_layer_data(result: Result, frame: Frame) -> LayerData:
 
 
 def subtiles_layer_data(result: Result, frame: Frame) -> LayerData:
-    """The sub-tiles the feature network saw, edges coloured by ``weight`` (``α_c·β^c_c'``)."""
+    """The sub-tiles the feature network saw, edges coloured by ``weight`` (``α_c·β^c_c'``);
+    features ``weight``, ``tile``, ``rank`` (1 = most support for the predicted class)
+    and ``score`` (the classifier's score of the sub-tile alone for that class)."""
     scale, translate = roi_shapes_placement(frame)
     weights = np.array([float(s["weight"]) for s in result.subtiles], np.float64)
     side = max((s["region"][2] for s in result.subtiles), default=32)
     features = {
         "weight": weights,
         "tile": np.array([int(s["tile"]) for s in result.subtiles], np.int64),
-        "rank": np.arange(1, len(weights) + 1, dtype=np.int64),
+        "rank": np.arange(1, len(weights) + 1, dtype=np.int64),  # by support (results.py)
     }
+    if result.subtiles and all(s.get("scores") for s in result.subtiles):
+        # the classifier's score of each sub-tile alone, for the predicted class
+        features["score"] = np.array(
+            [float(s["scores"][result.label_index]) for s in result.subtiles], np.float64
+        )
     kwargs: dict[str, Any] = {
         "name": SUBTILES_LAYER,
         "shape_type": "rectangle",
