@@ -53,7 +53,8 @@ def test_a_classification_without_a_viewer(sample):
     assert text.prediction.startswith(f"Prediction: {result.label} (p = ")
     assert "draws" in text.prediction and text.details.startswith("Probabilities")
     table = controller.table(result)
-    assert table.columns[3:] == ["x (µm)", "y (µm)", "size (µm)"]
+    assert table.columns[4:] == ["x (µm)", "y (µm)", "size (µm)"]
+    assert table.columns[:4] == ["rank", "share", "score", "sub-tiles"]
     assert 0 < len(table.rows) == len(table.places) < len(result.subtiles)
     assert [row[0] for row in table.rows] == list(range(1, len(table.rows) + 1))
     # the camera for a place: centred, never past full resolution (2 px per µm here)

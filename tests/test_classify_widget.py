@@ -127,21 +127,23 @@ def test_classify_from_the_manifest_widget(make_napari_viewer, qtbot, sample, tm
 
     found = places(result)
     table = widget.place_table
-    assert table.shape == (min(20, len(found)), 6)
+    assert table.shape == (min(20, len(found)), 7)
     assert 1 < len(found) == result.evidence["places"] < len(result.subtiles)
     assert list(table.column_headers) == [
         "rank",
         "share",
+        "score",
         "sub-tiles",
         "x (µm)",
         "y (µm)",
         "size (µm)",
     ]
-    assert table.data[0][:3] == [1, f"{found[0].share:.1f} %", found[0].n_subtiles]
-    assert table.data[0][3:5] == [f"{found[0].centre[1]:.1f}", f"{found[0].centre[0]:.1f}"]
+    first = [1, f"{found[0].share:.1f} %", f"{found[0].score:.2f}", found[0].n_subtiles]
+    assert table.data[0][:4] == first
+    assert table.data[0][4:6] == [f"{found[0].centre[1]:.1f}", f"{found[0].centre[0]:.1f}"]
     # and on screen the cells read as written (not re-formatted to "3058.9000")
     native = table.native
-    shown = native.itemDelegate().displayText(native.item(0, 3).data(0), native.locale())
+    shown = native.itemDelegate().displayText(native.item(0, 4).data(0), native.locale())
     assert shown == f"{found[0].centre[1]:.1f}"
     print("places", len(found), "sub-tiles", len(result.subtiles), table.data[:3])
 

@@ -65,3 +65,44 @@ def test_exported_maps_compress_far_better(tmp_path):
     exact = (tmp_path / "exact.tif").stat().st_size
     export = (tmp_path / "export.tif").stat().st_size
     assert export * 4 < exact, (export, exact)
+
+
+def test_a_mostly_empty_map_stores_its_empty_tile_once(tmp_path):
+    """A slide-wide stage-2 canvas is mostly empty tiles: the OME-TIFF stores the empty
+    tile's bytes once and points every empty tile at them, and reads back exactly at
+    every level."""
+    import tifffile
+
+    from napari_zoomin.engine.results import SparseMap, write_attention_tiff
+
+    rng = np.random.default_rng(3)
+    shape = (3000, 2600)  # 12 × 11 tiles of 256 at level 0, partial edge tiles
+    rows = rng.integers(0, 700, 400)  # non-zero cells only in the top-left corner
+    cols = rng.integers(0, 500, 400)
+    lin = np.unique(rows * shape[1] + cols)
+    values = rng.random(lin.size).astype(np.float32) + 0.5
+    sparse = SparseMap(shape, lin // shape[1], lin % shape[1], values)
+    path = write_attention_tiff(
+        tmp_path / "m.ome.tif", sparse, (0.0, 0.0), (4.0, 4.0), (0.5, 0.5), "stage 2"
+    )
+    levels, want, stored, listed = [], sparse, 0, 0
+    with tifffile.TiffFile(path) as tif:
+        pages = [tif.pages.first, *tif.pages.first.pages]
+        for k, level in enumerate(tif.series[0].levels):
+            levels.append(level.asarray())
+            page = pages[k]
+            assert min(page.databytecounts) > 0  # no "sparse" zero byte counts
+            empties = [i for i, n in enumerate(page.databytecounts) if n == page.databytecounts[-1]]
+            # the last tile lies far from the corner: empty, and shared with all others
+            assert len({page.dataoffsets[i] for i in empties}) == 1
+            stored += sum(
+                n for _, n in set(zip(page.dataoffsets, page.databytecounts, strict=True))
+            )
+            listed += sum(page.databytecounts)
+        assert len(pages[0].dataoffsets) == 132 and len(empties) > 0
+    for k, level in enumerate(levels):
+        assert np.array_equal(level, want.dense()), f"level {k}"
+        want = want.pooled()
+    # the file holds each distinct tile once: well under the tiles it lists
+    assert path.stat().st_size < stored + 16 * 2**10 < listed
+    assert listed - stored > 100 * 250  # at least 100 copies of the empty tile saved

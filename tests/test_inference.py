@@ -97,11 +97,11 @@ def test_result_fields(result, model_path, slide_path):
     a = r.stage1_attention
     assert a.dtype == np.float32 and a.shape == (SIZE // 16, SIZE // 16)
     assert math.isclose(float(a.sum(dtype=np.float64)), 1.0, rel_tol=1e-4)
-    # tiles most attended first, sub-tiles heaviest first
+    # tiles most attended first, sub-tiles most support for the call first
     alphas = [t["alpha"] for t in r.tiles]
     assert alphas == sorted(alphas, reverse=True)
-    weights = [s["weight"] for s in r.subtiles]
-    assert weights == sorted(weights, reverse=True)
+    support = [s["weight"] * s["scores"][r.label_index] for s in r.subtiles]
+    assert support == sorted(support, reverse=True)
     assert sum(t["count"] for t in r.tiles) == DRAWS * CONFIG["n_samples"]
     for t in r.tiles:
         assert t["alpha"] == pytest.approx(float(a.reshape(-1)[t["cell"]]), rel=1e-6)

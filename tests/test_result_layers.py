@@ -303,6 +303,12 @@ def test_places_rows_and_layer(result):
     assert len(rows) == min(20, len(found)) and len(found) < len(result.subtiles)
     assert [r["rank"] for r in rows] == list(range(1, len(rows) + 1))
     assert [r["share"] for r in rows] == [p.share for p in found[:20]]
+    # each place's score: the weight-averaged score of its sub-tiles for the call
+    for r, p in zip(rows, found, strict=False):
+        subs = [result.subtiles[i] for i in p.subtiles]
+        w = sum(s["weight"] for s in subs)
+        want = sum(s["weight"] * s["scores"][result.label_index] for s in subs) / w
+        assert r["score"] == pytest.approx(want) and 0 <= r["score"] <= 1
     mpp = result.slide["mpp"]
     top, left, h, w = found[0].box
     assert rows[0]["unit"] == "µm"

@@ -83,6 +83,10 @@ class Place:
         share: its sub-tiles' support over all sub-tiles' support, in % (sums to 100;
             by weight when no sub-tile supports the call).
         weight: the sum of its sub-tiles' weights (attention).
+        score: the classifier's score for the predicted class of its sub-tiles alone,
+            their attention-weighted mean (support / weight): near 1 where it saw the
+            call's evidence, near 0 on a look-alike that only drew attention; ``None``
+            when the result carries no scores.
         subtiles: indices into ``Result.subtiles``, in its order (most support first).
         box: bounding box ``[top, left, h, w]`` of its sub-tiles in level-0 pixels.
         centre: centre of ``box`` (y, x) in ``unit`` (µm from the slide's pixel size).
@@ -101,6 +105,7 @@ class Place:
     size: tuple[float, float]
     unit: str
     outline: np.ndarray
+    score: float | None = None
 
     @property
     def n_subtiles(self) -> int:
@@ -135,6 +140,11 @@ def _hull(points: np.ndarray) -> np.ndarray:
     return np.array(lower[:-1] + upper[:-1], dtype=np.float64)
 
 
+def _score(supports: np.ndarray, weights: np.ndarray) -> float:
+    total = float(weights.sum())
+    return float(supports.sum()) / total if total > 0 else float("nan")
+
+
 def places(result: Result) -> list[Place]:
     """The result's places, largest share first (ties: the one holding the heavier
     sub-tile first)."""
@@ -144,7 +154,9 @@ def places(result: Result) -> list[Place]:
     regions = np.array([s["region"] for s in subtiles], dtype=np.float64).reshape(-1, 4)
     weights = np.array([float(s["weight"]) for s in subtiles], dtype=np.float64)
     labels = link_groups(regions, link_of(result))
-    shares = support(subtiles, int(result.label_index))
+    supports = support(subtiles, int(result.label_index))
+    scored = all(s.get("scores") for s in subtiles)
+    shares = supports
     if not float(shares.sum()) > 0:  # nothing supports the call: go by attention
         shares = weights
     total = float(shares.sum())
@@ -177,6 +189,7 @@ def places(result: Result) -> list[Place]:
                 rank=rank,
                 share=100.0 * share / total,
                 weight=float(weights[members].sum()),
+                score=_score(supports[members], weights[members]) if scored else None,
                 subtiles=tuple(int(i) for i in members),
                 box=(float(top), float(left), float(h), float(w)),
                 centre=(float((top + h / 2) * per_px[0]), float((left + w / 2) * per_px[1])),

@@ -18,6 +18,7 @@ instead of places.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -128,7 +129,12 @@ class TableView:
 
 
 def table_columns(unit: str) -> list[str]:
-    return ["rank", "share", "sub-tiles", f"x ({unit})", f"y ({unit})", f"size ({unit})"]
+    return ["rank", "share", "score", "sub-tiles", f"x ({unit})", f"y ({unit})", f"size ({unit})"]
+
+
+def _score_text(score: float | None) -> str:
+    """A place's score as the table shows it: two decimals, "–" where there is none."""
+    return "–" if score is None or not math.isfinite(score) else f"{score:.2f}"
 
 
 def patch_columns(label: str, unit: str) -> list[str]:
@@ -295,7 +301,8 @@ class ClassifyController:
 
     @staticmethod
     def table(result: Result, n: int = MAX_PLACES) -> TableView:
-        """The ``n`` places with most evidence as rows: share in %, centre and size in
+        """The ``n`` places with most evidence as rows: share in %, score (what the
+        classifier saw there, :attr:`~napari_zoomin.engine.places.Place.score`), centre and size in
         µm (pixels, and said so, when the slide has no pixel size).  A MagNet's: every
         patch it read (:meth:`patch_table`)."""
         if patch_indices(result):
@@ -307,6 +314,7 @@ class ClassifyController:
             [
                 r["rank"],
                 f"{r['share']:.1f} %" if r["share"] >= 0.05 else "< 0.1 %",
+                _score_text(r["score"]),
                 r["subtiles"],
                 f"{r['x']:{digits}}",
                 f"{r['y']:{digits}}",

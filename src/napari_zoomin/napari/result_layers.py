@@ -729,7 +729,8 @@ def warning_lines(result: Result) -> list[str]:
 
 def place_rows(result: Result, n: int = MAX_PLACES) -> list[dict[str, Any]]:
     """The ``n`` places with most evidence, as the widget's table shows them: ``rank``,
-    ``share`` (%), ``subtiles`` (how many), centre ``x``/``y`` and ``w``/``h`` in
+    ``share`` (%), ``score`` (:attr:`~napari_zoomin.engine.places.Place.score`, or
+    ``None``), ``subtiles`` (how many), centre ``x``/``y`` and ``w``/``h`` in
     ``unit`` (``"µm"``, or ``"px"`` when the slide has no pixel size), ``place``."""
     rows = []
     for p in places(result)[:n]:
@@ -738,6 +739,7 @@ def place_rows(result: Result, n: int = MAX_PLACES) -> list[dict[str, Any]]:
             {
                 "rank": p.rank,
                 "share": p.share,
+                "score": p.score,
                 "subtiles": p.n_subtiles,
                 "x": cx,
                 "y": cy,
