@@ -45,7 +45,11 @@ at 0.5 by stage 2 (``zoomin_half_s2``), or with the sub-tile baseline
 (``zoomin_half_cv``, ``zoomin_half_t75_cv``); ATS-10 with the half-resolution ``a``
 (``ats_half``, the control) and with ``f`` from scratch (``ats_scratch``).  The
 ``magnet`` row is a MagNet (002, issue 20) at the same budget of N full-resolution
-50² patches (:func:`_magnet`).
+50² patches (:func:`_magnet`).  The ``reinforce_*`` rows (:func:`reinforce_models`,
+issue 18 item 5) vary REINFORCE-ATS against its collapse onto one digit: the
+estimate's reward (``reward="estimate"``), the mean aggregation, a uniform mix of
+0.1 and an entropy weight of 1e-2; :mod:`benchmarks.megapixel_mnist_3class` runs
+them on a three-class variant.
 """
 
 from __future__ import annotations
@@ -164,12 +168,12 @@ def _pretrain(model, data, args: argparse.Namespace) -> dict:
     return report
 
 
-def _networks(half_resolution: bool = False) -> dict[str, nn.Module]:
+def _networks(half_resolution: bool = False, num_classes: int = 10) -> dict[str, nn.Module]:
     """``f`` and ``g`` shared by every attention-sampling model of the table, and ``a``
     when it is :class:`HalfResolutionAttention` (else the model's default)."""
     networks: dict[str, nn.Module] = {
         "feature": PooledFeatureNetwork(FEATURE_DIM),
-        "classifier": ScaledClassifier(FEATURE_DIM, 10),
+        "classifier": ScaledClassifier(FEATURE_DIM, num_classes),
     }
     if half_resolution:
         networks["attention"] = HalfResolutionAttention()
@@ -186,11 +190,50 @@ def _ats(replace: bool, cls=ATS, half_resolution: bool = False):
     return build
 
 
-def _reinforce(args: argparse.Namespace):
-    config = ReinforceConfig(
-        view_scale=VIEW_SCALE, subtile_size=SUBTILE, n_samples=args.n, **SHARED
-    )
-    return ReinforceATS(config, **_networks())
+def _reinforce(num_classes: int = 10, **settings):
+    """REINFORCE-ATS (003) with the table's shared settings, ``settings`` overriding
+    them (``reward``, ``aggregation``, ``entropy_weight``, ``uniform_mix``, ...)."""
+
+    def build(args: argparse.Namespace):
+        config = ReinforceConfig(
+            view_scale=VIEW_SCALE,
+            subtile_size=SUBTILE,
+            n_samples=args.n,
+            **{**SHARED, "num_classes": num_classes, **settings},
+        )
+        return ReinforceATS(config, **_networks(num_classes=num_classes))
+
+    return build
+
+
+def reinforce_models(num_classes: int = 10) -> dict[str, ModelSpec]:
+    """003's REINFORCE-ATS and the variants of issue 18 item 5 (docs/benchmarks.md)."""
+
+    def spec(label: str, **settings) -> ModelSpec:
+        return ModelSpec(label, _reinforce(num_classes, **settings), _pretrain)
+
+    return {
+        "reinforce": spec("ATS-{n}, REINFORCE (003)"),
+        "reinforce_estimate": spec("ATS-{n}, REINFORCE, estimate reward", reward="estimate"),
+        "reinforce_estimate_mean": spec(
+            "ATS-{n}, REINFORCE, estimate reward, mean aggregation",
+            reward="estimate",
+            aggregation="mean",
+        ),
+        "reinforce_entropy": spec("ATS-{n}, REINFORCE (003), entropy 1e-2", entropy_weight=1e-2),
+        "reinforce_estimate_entropy": spec(
+            "ATS-{n}, REINFORCE, estimate reward, entropy 1e-2",
+            reward="estimate",
+            entropy_weight=1e-2,
+        ),
+        "reinforce_estimate_mean_entropy": spec(
+            "ATS-{n}, REINFORCE, estimate reward, mean aggregation, entropy 1e-2",
+            reward="estimate",
+            aggregation="mean",
+            entropy_weight=1e-2,
+        ),
+        "reinforce_mix": spec("ATS-{n}, REINFORCE (003), uniform mix 0.1", uniform_mix=0.1),
+    }
 
 
 def _zoomin(
@@ -254,7 +297,7 @@ def _models() -> dict[str, ModelSpec]:
         "uniform": ModelSpec("U-{n} (uniform attention)", _ats(False, Uniform), _pretrain),
         "ats": ModelSpec("ATS-{n}, without replacement", _ats(False), _pretrain),
         "ats_replace": ModelSpec("ATS-{n}, with replacement", _ats(True), _pretrain),
-        "reinforce": ModelSpec("ATS-{n}, REINFORCE (003)", _reinforce, _pretrain),
+        **reinforce_models(),
         "zoomin": ModelSpec("Zoom-In (N = {n}), s1 0.06", _zoomin(0.06), _pretrain),
         "zoomin_s08": ModelSpec("Zoom-In (N = {n}), s1 0.08", _zoomin(0.08), _pretrain),
         "zoomin_s1": ModelSpec("Zoom-In (N = {n}), s1 0.1", _zoomin(0.1), _pretrain),

@@ -467,6 +467,7 @@ def megapixel_mnist(
     shape: tuple[int, int] = (1500, 1500),
     n_noise: int = 50,
     ink_mask: bool = False,
+    digit_classes: tuple[int, ...] | None = None,
 ) -> Haystack:
     """Megapixel MNIST (ATS §4.2): 5 digits, 3 of the label's class, + 50 noise patches.
 
@@ -476,20 +477,41 @@ def megapixel_mnist(
     pasted at random positions ``[28, H − 28)``, over whatever lies there.  Digits come
     from the MNIST ``split`` (``"train"`` for training images, ``"test"`` for test
     images); ``seed`` fixes everything.
+
+    ``digit_classes`` (e.g. ``(0, 1, 2)``, the three-class variant: 003's lymphoma
+    task has three classes) restricts the digits to those MNIST classes: label ``k``
+    is uniform over ``range(len(digit_classes))``, three digits are of MNIST class
+    ``digit_classes[k]`` and the two others of the remaining listed classes, so the
+    label is the strict majority class (3 against at most 2).  Same canvas, digit and
+    noise counts; its own random stream (``None`` keeps the ten-class images as they
+    were).
     """
-    rng = np.random.default_rng([seed, 1 if split == "train" else 2, 1500])
+    classes_key = [] if digit_classes is None else [3, *digit_classes]
+    rng = np.random.default_rng([seed, 1 if split == "train" else 2, 1500, *classes_key])
     images, labels = mnist.images[split], mnist.labels[split]
     noise = noise_patterns(np.random.default_rng([seed, 50]), 50)
     bank = np.concatenate([images, noise])
     noise_base = len(images)
     all_idx = np.arange(len(labels))
+    if digit_classes is not None:
+        if len(set(digit_classes)) != len(digit_classes) or not 2 <= len(digit_classes) <= 10:
+            raise ValueError(f"digit_classes must be 2 to 10 distinct digits, got {digit_classes}")
+        if not all(0 <= d <= 9 for d in digit_classes):
+            raise ValueError(f"digit_classes must be MNIST classes 0–9, got {digit_classes}")
     out, ys, objs, classes = [], [], [], []
     for _ in range(n):
-        target = int(rng.integers(10))
+        if digit_classes is None:
+            target = int(rng.integers(10))
+            digit = target
+            others = labels != digit
+        else:
+            target = int(rng.integers(len(digit_classes)))
+            digit = digit_classes[target]
+            others = np.isin(labels, [d for d in digit_classes if d != digit])
         digits = np.concatenate(
             [
-                rng.choice(all_idx[labels == target], 3),
-                rng.choice(all_idx[labels != target], 2),
+                rng.choice(all_idx[labels == digit], 3),
+                rng.choice(all_idx[others], 2),
             ]
         )
         pos = _digit_positions(rng, 5, shape)

@@ -19,6 +19,7 @@ from napari_zoomin.models.losses import (
     entropy_regulariser,
     mask_target,
     policy_gradient_loss,
+    sequence_policy_gradient_loss,
 )
 
 
@@ -91,6 +92,19 @@ def test_classification_and_contrastive_losses():
     torch.testing.assert_close(contrastive_loss(multi), -torch.log_softmax(multi, 1)[0, 0])
     with pytest.raises(ValueError, match="binary"):
         classification_loss(logit, torch.tensor([2, 0]))
+
+
+def test_sequence_policy_gradient_is_reinforce_on_the_joint_draws():
+    """Two estimates of one image over 3 uniform cells, draws (0, 0) and (1, 2), rewards
+    0.9 and 0.5: advantages ±0.2, and ∂/∂θ_j = −½ Σ_e A_e Σ_p (1[p = j] − ⅓)."""
+    logits = torch.zeros(1, 3, requires_grad=True)
+    a = torch.softmax(logits, 1).expand(2, 3)
+    idx = torch.tensor([[0, 0], [1, 2]])
+    loss = sequence_policy_gradient_loss(torch.log(a.gather(1, idx)), torch.tensor([[0.9, 0.5]]))
+    loss.backward()
+    torch.testing.assert_close(logits.grad, torch.tensor([[-0.2, 0.1, 0.1]]))
+    with pytest.raises(ValueError, match="3 rewards for 2 rows"):
+        sequence_policy_gradient_loss(torch.zeros(2, 2), torch.zeros(1, 3))
 
 
 def test_policy_gradient_uses_baselined_rewards():

@@ -270,6 +270,70 @@ def test_reinforce_attention_learns_only_from_the_policy_gradient():
     assert all(p.grad is None for p in m.feature.parameters())
 
 
+def test_reinforce_estimate_reward_is_the_hand_computed_reinforce_gradient():
+    """``reward="estimate"``: ∂policy/∂(attention logit j of image b) is
+    ``−(1/R) Σ_{e of b} (R_e − mean_b R) Σ_p (1[draw p = j] − a_j)`` with ``R_e`` the
+    estimate's own P(true class), replayed here from the same seeded draws."""
+    srcs = [TensorSource(_image(24, 28, s)) for s in (16, 17)]
+    torch.manual_seed(0)
+    config = ReinforceConfig(
+        view_scale=0.25, subtile_size=(8, 8), n_samples=4, repeats=3, reward="estimate", **SMALL
+    )
+    m = ReinforceATS(config)
+    _randomise_logits(m.attention, 3)
+    labels = [2, 0]
+    lt = m.loss(srcs, labels, generator=torch.Generator().manual_seed(3))
+    m.zero_grad()
+    lt.policy.backward()
+    got = m.attention.logit.weight.grad.clone()
+
+    stage1 = m.stage1(srcs)
+    rows = [0, 0, 0, 1, 1, 1]
+    run = m.one_stage(srcs, stage1, rows, torch.Generator().manual_seed(3))
+    reward = torch.softmax(m.classifier(run.z), 1)[torch.arange(6), [2, 2, 2, 0, 0, 0]].detach()
+    torch.testing.assert_close(reward, torch.softmax(lt.logits, 1)[torch.arange(6), lt.labels])
+    advantage = reward - reward.reshape(2, 3).mean(1).repeat_interleave(3)
+    grads = []
+    for b, st in enumerate(stage1):
+        a = st.attention.detach()
+        g = torch.zeros_like(a)
+        for e in (3 * b, 3 * b + 1, 3 * b + 2):
+            counts = torch.bincount(run.indices[e], minlength=a.numel()).to(a.dtype)
+            g -= advantage[e] * (counts - config.n_samples * a) / 6
+        grads.append(g)
+    m.zero_grad()
+    surrogate = sum((g * st.logits.reshape(-1)).sum() for g, st in zip(grads, stage1, strict=True))
+    surrogate.backward()
+    assert float(got.abs().sum()) > 0
+    torch.testing.assert_close(got, m.attention.logit.weight.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_reinforce_mean_aggregation_averages_the_draws():
+    m = ReinforceATS(ReinforceConfig(aggregation="mean", **SMALL))
+    p = torch.tensor([[0.7, 0.2, 0.1]])
+    idx = torch.tensor([[0, 0, 2]])
+    feats = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [0.0, 3.0]]])
+    valid = torch.ones_like(idx, dtype=torch.bool)
+    torch.testing.assert_close(m.aggregate(p, idx, valid, feats), torch.tensor([[2 / 3, 1.0]]))
+    m.config.aggregation = "attention"  # 003 eq. (1): weights 0.7, 0.7, 0.1
+    torch.testing.assert_close(
+        m.aggregate(p, idx, valid, feats), torch.tensor([[1.4 / 1.5, 0.3 / 1.5]])
+    )
+
+
+@pytest.mark.parametrize(
+    ("settings", "words"),
+    [
+        ({"reward": "patch"}, "reward must be one of 'subtile', 'estimate', got 'patch'"),
+        ({"aggregation": "max"}, "aggregation must be one of 'attention', 'mean', got 'max'"),
+        ({"reward": "estimate", "repeats": 1}, "set repeats to 2 or more, got 1"),
+    ],
+)
+def test_reinforce_config_refuses_bad_reward_settings(settings, words):
+    with pytest.raises(ValueError, match=words):
+        ReinforceConfig(**settings)
+
+
 def test_uniform_baseline_has_no_attention_parameters_and_masks():
     h, w = 20, 28
     m = Uniform(ATSConfig(view_scale=0.25, subtile_size=(8, 8), n_samples=4, **SMALL))

@@ -19,6 +19,7 @@ __all__ = [
     "entropy_regulariser",
     "mask_target",
     "policy_gradient_loss",
+    "sequence_policy_gradient_loss",
 ]
 
 
@@ -121,3 +122,27 @@ def policy_gradient_loss(log_attention: Tensor, rewards: Tensor) -> Tensor:
     r = rewards.detach().to(log_attention.dtype)
     advantage = r - r.mean(dim=-1, keepdim=True)
     return -(log_attention * advantage).sum(dim=-1).mean()
+
+
+def sequence_policy_gradient_loss(log_attention: Tensor, rewards: Tensor) -> Tensor:
+    """REINFORCE on the joint draws of each estimate: ``−(R_e − mean R) Σ_p log a_p``.
+
+    Draws with replacement are independent, so ``Σ_p log a_p`` is the log-probability
+    of an estimate's draws; each estimate's reward ``R_e`` (e.g. P(true class | the
+    estimate)) is baselined by the mean over the estimates of the same image.  That
+    mean includes ``R_e`` itself, which scales the leave-one-out baseline's (unbiased)
+    gradient by ``(k − 1)/k`` for ``k`` estimates per image.
+
+    Args:
+        log_attention: (B·k, N) ``log a_p`` of the draws, the ``k`` estimates of an
+            image in consecutive rows (differentiable).
+        rewards: (B, k) ``R_e`` (no gradient).
+
+    Returns:
+        Scalar: averaged over the ``B·k`` estimates.
+    """
+    r = rewards.detach().to(log_attention.dtype)
+    advantage = (r - r.mean(dim=-1, keepdim=True)).reshape(-1)
+    if advantage.shape[0] != log_attention.shape[0]:
+        raise ValueError(f"{advantage.shape[0]} rewards for {log_attention.shape[0]} rows of draws")
+    return -(log_attention.sum(dim=-1) * advantage).mean()

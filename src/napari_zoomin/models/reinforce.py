@@ -11,6 +11,19 @@ Differences from :class:`~napari_zoomin.models.ats.ATS` (docs/methods.md, "Losse
   bonus ``λ Σ a log a`` (003 §V);
 - each image is sampled ``repeats`` times per step (003 §VII: batches ×4).
 
+``reward="estimate"`` is a named deviation from 003 (issue 18): every draw of one
+estimate is rewarded by that estimate's own ``P(true class | aggregate)``, the value
+the prediction uses, with the mean over the ``repeats`` estimates of the same image as
+baseline: REINFORCE on the joint log-probability of the draws, as in recurrent
+attention models.  003's per-sub-tile reward pays the attention for one confident
+sub-tile, and on Megapixel MNIST it collapsed onto one digit (docs/benchmarks.md);
+the estimate's reward pays for what the prediction makes of all its draws together.
+
+``aggregation="mean"`` is a second named deviation: the estimate is the plain mean of
+the drawn sub-tiles' features, ATS's unbiased estimate of ``Σ α f`` with replacement
+(ATS eq. 12), instead of 003 eq. (1), whose weights ``a_p`` (times the draw count of
+a sub-tile drawn twice) let the most attended sub-tile outweigh the others.
+
 003's classifier is a parameter-free softmax over the L2-normalised ``C``-dimensional
 sub-tile features, which caps the confidence (at most ``e/(e + (C−1)/e)``); we keep the
 shared linear ``g`` of the other models.
@@ -20,6 +33,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -27,7 +41,7 @@ from torch import Tensor, nn
 from .ats import ATS, ATSConfig
 from .base import MAX_WEIGHT
 from .device import autocast
-from .losses import classification_loss, policy_gradient_loss
+from .losses import classification_loss, policy_gradient_loss, sequence_policy_gradient_loss
 from .networks import class_probabilities
 from .outputs import LossTerms
 from .source import ImageSource
@@ -42,6 +56,12 @@ class ReinforceConfig(ATSConfig):
     Attributes:
         repeats: independent samples of each image per training step (003: 4).
         policy_weight: weight of the policy-gradient loss.
+        reward: ``"subtile"`` (003 §IV: ``P(true class | sub-tile alone)``, baselined
+            by the mean over the row's draws) or ``"estimate"`` (the deviation of the
+            module docstring: ``P(true class | the estimate)``, baselined by the mean
+            over the image's ``repeats`` estimates; needs ``repeats`` ≥ 2).
+        aggregation: ``"attention"`` (003 eq. 1) or ``"mean"`` (the deviation of the
+            module docstring: the mean of the drawn sub-tiles' features).
     """
 
     num_classes: int = 3
@@ -54,6 +74,8 @@ class ReinforceConfig(ATSConfig):
     entropy_weight: float = 1e-4
     repeats: int = 4
     policy_weight: float = 1.0
+    reward: Literal["subtile", "estimate"] = "subtile"
+    aggregation: Literal["attention", "mean"] = "attention"
 
     def problems(self) -> list[str]:
         problems = super().problems()
@@ -61,6 +83,11 @@ class ReinforceConfig(ATSConfig):
             problems.append(f"repeats must be in [1, 1024], got {self.repeats}")
         if not problems and not 0 <= self.policy_weight <= MAX_WEIGHT:
             problems.append(f"policy_weight must be in [0, {MAX_WEIGHT}]")
+        if not problems and self.reward == "estimate" and self.repeats < 2:
+            problems.append(
+                "reward 'estimate' is baselined by the other repeats of the image: "
+                f"set repeats to 2 or more, got {self.repeats}"
+            )
         return problems
 
 
@@ -76,8 +103,11 @@ class ReinforceATS(ATS):
         super().__init__(config, **networks)
 
     def aggregate(self, p: Tensor, idx: Tensor, valid: Tensor, features: Tensor) -> Tensor:
-        """003 eq. (1): ``Σ_p sg(a_p) f_p / Σ_p sg(a_p)`` over the drawn sub-tiles."""
-        w = p.detach().gather(1, idx) * valid.to(p.dtype)
+        """003 eq. (1): ``Σ_p sg(a_p) f_p / Σ_p sg(a_p)`` over the drawn sub-tiles, or
+        their plain mean (``aggregation="mean"``)."""
+        w = valid.to(p.dtype)
+        if self.config.aggregation == "attention":
+            w = p.detach().gather(1, idx) * w
         return (w[..., None] * features).sum(1) / w.sum(1, keepdim=True)
 
     def loss(
@@ -97,16 +127,23 @@ class ReinforceATS(ATS):
             stage1 = self.stage1(sources)
             run = self.one_stage(sources, stage1, rows, generator)
             logits = self.classifier(run.z)
-            with torch.no_grad():  # rewards are constants of the policy gradient
-                subtile_logits = self.classifier(run.features)  # (R, N, L)
+            if c.reward == "subtile":
+                with torch.no_grad():  # rewards are constants of the policy gradient
+                    subtile_logits = self.classifier(run.features)  # (R, N, L)
         ce = classification_loss(logits, row_labels)
-        r, n = run.indices.shape
-        subtile_probs = class_probabilities(subtile_logits.reshape(r * n, -1)).reshape(r, n, -1)
-        rewards = subtile_probs.gather(
-            2, row_labels.to(subtile_probs.device)[:, None, None].expand(r, n, 1)
-        )[..., 0]
         log_a = torch.log(run.attention.gather(1, run.indices))
-        policy = policy_gradient_loss(log_a, rewards)
+        if c.reward == "estimate":
+            probs = class_probabilities(logits.detach())  # (R, L)
+            rewards = probs.gather(1, row_labels.to(probs.device)[:, None])[:, 0]
+            policy = sequence_policy_gradient_loss(log_a, rewards.reshape(-1, c.repeats))
+        else:
+            r, n = run.indices.shape
+            flat = subtile_logits.reshape(r * n, -1)
+            subtile_probs = class_probabilities(flat).reshape(r, n, -1)
+            rewards = subtile_probs.gather(
+                2, row_labels.to(subtile_probs.device)[:, None, None].expand(r, n, 1)
+            )[..., 0]
+            policy = policy_gradient_loss(log_a, rewards)
         ent, pix = self._attention_terms(sources, stage1)
         total = ce + c.policy_weight * policy + ent + c.pixel_weight * pix
         return LossTerms(total, ce, zero, ent, pix, policy, logits.detach(), row_labels)
