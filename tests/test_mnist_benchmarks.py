@@ -339,3 +339,104 @@ def test_the_magnet_row_reads_n_patches_of_the_subtile_side(mnist):
     assert pred.magnified.trace.shape == (10, 10)
     with pytest.raises(ValueError, match="even --n"):
         spec.build(argparse.Namespace(n=5))
+
+
+def test_needle_diagnostics_measure_the_attention_on_the_three(mnist):
+    """``benchmarks.needle_diagnose``: the AUC counts ties half, a stride-2 cell is on the 3
+    when any of its 2×2 view pixels holds its ink, and with uniform attention the mass on
+    the 3 is exactly the share of the tissue cells that are on it."""
+    import argparse
+    from types import SimpleNamespace
+
+    from benchmarks.needle_diagnose import _cells_on, auc, diagnose
+    from benchmarks.needle_mnist import _zoomin_roi
+
+    assert auc(torch.tensor([3.0, 1.0]), torch.tensor([1.0, 0.0])) == 0.875
+    view = torch.zeros(4, 4)
+    view[3, 0] = 0.25
+    grid = SimpleNamespace(stride=(2, 2), map_shape=(2, 2))
+    assert _cells_on(view, grid).tolist() == [False, False, True, False]
+
+    data = needle_mnist(mnist, "test", 2, seed=0, ink_mask=True)
+    torch.manual_seed(0)
+    model = _zoomin_roi(0.5)(argparse.Namespace(n=4))
+    with torch.no_grad():  # a constant logit: α uniform over the cells with ink
+        model.attention.logit.weight.zero_()
+        model.attention.logit.bias.zero_()
+    result = diagnose(model, data)
+    positive = data.images[0]
+    (st,) = model.stage1([positive])
+    on = _cells_on(positive.read_roi(full_region(positive), 0.5)[0], st.grid)
+    expected = float((on & st.mask).sum()) / float(st.mask.sum())
+    assert result["stage1_mass_on_3_median"] == pytest.approx(expected, rel=1e-5)
+    assert 0 < expected < 0.01  # the 3 is under 1 % of the inked cells
+    assert result["cells_off_3_above_its_best_median"] == 0.0  # all logits tie
+    assert result["subtiles_per_estimate"] <= 4
+
+
+def test_needle_detector_row_trains_g_alone_on_frozen_pretrained_networks(mnist):
+    """``zoomin_detect``: ``a`` and ``f`` pre-trained (10 epochs each), ``b`` a copy of
+    ``a``; the image loss's gradient then reaches ``g`` only."""
+    import argparse
+
+    from benchmarks import needle_mnist as bench
+
+    spec = bench.BENCH.models["zoomin_detect"]
+    assert spec.lr == 1e-2
+    data = needle_mnist(mnist, "train", 2, seed=0, ink_mask=True)
+    args = argparse.Namespace(n=4, seed=0)
+    torch.manual_seed(0)
+    model = spec.build(args)
+    report = spec.pretrain(model, data, args)
+    assert sorted(report) == ["attention", "feature"]
+    assert len(report["attention"]) == len(report["feature"]) == 10
+    a, b = model.attention.state_dict(), model.stage2_attention.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    train_model(model, data, epochs=1, batch_size=2, lr=spec.lr, seed=0)  # one step
+    after = model.state_dict()
+    for k, v in before.items():
+        assert torch.equal(v, after[k]) == (not k.startswith("classifier."))
+
+
+def test_needle_lookalikes_are_the_top_ranked_digits_off_the_three(mnist):
+    """``zoomin_detect_hard`` mines, per image, the 3 digits with the largest stage-1
+    logit over their 28² box (checked against every cell's centre), never the 3 or a
+    digit on it; the wrapped image reads their ink as hard negatives and is otherwise
+    the same image."""
+    import argparse
+
+    from benchmarks import needle_mnist as bench
+
+    from napari_zoomin.models.source import read_hard_negatives, read_roi
+
+    data = needle_mnist(mnist, "test", 1, seed=0, ink_mask=True)
+    image = data.images[0]
+    torch.manual_seed(0)
+    model = bench._zoomin_detect(argparse.Namespace(n=4))
+    chosen = bench._lookalikes(model, image)
+    with torch.no_grad():
+        (st,) = model.stage1([image])
+    centres = st.grid.centres(torch.arange(st.grid.n_cells)).reshape(-1, 2)
+    logits = st.logits.reshape(-1)
+    (three,) = np.flatnonzero(image.roi)
+    score = np.full(len(image.tops), -np.inf)
+    for j, (top, left) in enumerate(zip(image.tops, image.lefts, strict=True)):
+        if abs(top - image.tops[three]) < DIGIT and abs(left - image.lefts[three]) < DIGIT:
+            continue
+        inside = (centres[:, 0] >= top) & (centres[:, 0] < top + DIGIT)
+        inside &= (centres[:, 1] >= left) & (centres[:, 1] < left + DIGIT)
+        score[j] = float(logits[inside].max())
+    assert chosen.sum() == 3 and not chosen[three]
+    assert score[chosen].min() >= score[~chosen].max()
+
+    wrapped = bench._WithLookalikes(image, chosen)
+    whole = full_region(image)
+    ink = np.zeros(image.shape, dtype=bool)
+    for j in np.flatnonzero(chosen):
+        t, lf = int(image.tops[j]), int(image.lefts[j])
+        ink[t : t + DIGIT, lf : lf + DIGIT] |= image.bank[image.ids[j]] > 0
+    assert float(read_hard_negatives(wrapped, whole, 1.0).sum()) == float(ink.sum())
+    assert torch.equal(read_roi(wrapped, whole, 1.0), image.read_roi(whole, 1.0))
+    assert torch.equal(wrapped.read(whole, 0.5), image.read(whole, 0.5))
+    assert read_hard_negatives(image, whole, 1.0) is None
