@@ -155,7 +155,7 @@ class SubtileRecord(TypedDict):
     :attr:`Result.tiles`; ``cell`` flat index into that tile's ``β^c`` (or ``α``);
     ``scores`` the class probabilities the classifier gives the sub-tile alone
     (``g(f(x))``, in :attr:`Result.classes` order; absent for MagNets and for results
-    written before 0.x carried them).
+    written by earlier versions).
     """
 
     region: list[int]
