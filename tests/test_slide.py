@@ -9,6 +9,7 @@ import pytest
 import tifffile
 
 from napari_zoomin import open_slide
+from napari_zoomin.errors import SlideError
 from napari_zoomin.slide import SlideWarning
 from pyramid_files import mean_pyramid, write_openslide_layout
 
@@ -165,6 +166,34 @@ def test_ome_pyramid_readable_by_forced_openslide_is_only_level0(pyramids):
     """Why OME goes to tifffile: OpenSlide sees no sub-IFD levels."""
     with open_slide(pyramids["ome", "zlib"], backend="openslide") as s:
         assert s.level_count == 1
+
+
+@pytest.mark.parametrize("cached", [True, False])
+def test_parallel_read_is_pixel_identical_and_decodes_each_tile_once(cmu_svs, cached):
+    """``workers`` > 1 (a stage-1 view's hundreds of tiles) changes nothing but speed."""
+    cache = 64 * 2**20 if cached else 0
+    for y, x, h, w in [*REGIONS, (-30, -20, 3000, 2300)]:
+        with (
+            open_slide(cmu_svs, cache_bytes=cache) as a,
+            open_slide(cmu_svs, cache_bytes=cache) as b,
+        ):
+            one, many = a.read(0, y, x, h, w), b.read(0, y, x, h, w, workers=4)
+            np.testing.assert_array_equal(one, many)
+            assert a.decoded_tiles == b.decoded_tiles  # no tile decoded twice
+
+
+def test_parallel_read_reports_a_damaged_tile(tmp_path, pyramids):
+    """A tile that fails in a worker thread is the same clear SlideError, not a hang."""
+    src = pyramids["openslide", "jpeg"]
+    data = bytearray(src.read_bytes())
+    with tifffile.TiffFile(src) as tif:
+        offset = int(tif.pages[0].dataoffsets[3])
+    data[offset : offset + 64] = b"\x00" * 64  # wipe the JPEG header of one tile
+    bad = tmp_path / "damaged.tif"
+    bad.write_bytes(bytes(data))
+    with open_slide(bad, backend="tifffile") as s, pytest.raises(SlideError) as info:
+        s.read(0, 0, 0, *s.shape, workers=4)
+    assert "damaged.tif" in str(info.value) and "level 0" in str(info.value)
 
 
 def test_best_level(pyramids):

@@ -235,9 +235,9 @@ class SlideSource:
         lh = max(y1 - y0 for y0, y1, _, _ in windows)
         lw = max(x1 - x0 for _, _, x0, x1 in windows)
 
-        def read_one(window):
+        def read_one(window, workers=1):
             y0, _, x0, _ = window
-            return self.slide.read(level, y0, x0, lh, lw)
+            return self.slide.read(level, y0, x0, lh, lw, workers=workers)
 
         if n == 1 and self.view_cache is not None and regions[0].tolist() == [0, 0, *self.shape]:
             # the whole slide: a stage-1 view, from the run's view cache when it is one
@@ -249,10 +249,12 @@ class SlideSource:
                     self.model_mpp,
                     level,
                     (y0, x0, lh, lw),
-                    lambda: read_one(windows[0]),
+                    lambda: read_one(windows[0], self.workers),
                 )
             ]
-        elif n == 1 or self.workers == 1:
+        elif n == 1:  # one large region: its file tiles in parallel
+            blocks = [read_one(windows[0], self.workers)]
+        elif self.workers == 1:
             blocks = [read_one(win) for win in windows]
         else:
             with ThreadPoolExecutor(min(self.workers, n)) as pool:

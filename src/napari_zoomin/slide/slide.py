@@ -13,6 +13,7 @@ import threading
 import uuid
 import warnings
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -348,11 +349,16 @@ class Slide:
             self._cache_bytes = 0
 
     # -- pixels ----------------------------------------------------------------
-    def read(self, level: int, y: int, x: int, height: int, width: int) -> np.ndarray:
+    def read(
+        self, level: int, y: int, x: int, height: int, width: int, workers: int = 1
+    ) -> np.ndarray:
         """Read a region of ``level`` as (height, width, 3) uint8 RGB.
 
         ``y, x`` is the top-left corner in that level's pixels; the part of the
-        region outside the slide is zero-filled.
+        region outside the slide is zero-filled.  ``workers`` > 1 decodes the file
+        tiles of a large region (a gigapixel slide's stage-1 view: hundreds of tiles)
+        in that many threads; the codecs release the GIL, so one region need not
+        wait on one core.
         """
         if not 0 <= level < len(self._levels):
             raise IndexError(f"level {level} out of range (slide has {len(self._levels)})")
@@ -372,15 +378,26 @@ class Slide:
             )
             return out
         th, tw = lv.tile
-        for ty in range(y0 // th, (y1 - 1) // th + 1):
-            for tx in range(x0 // tw, (x1 - 1) // tw + 1):
-                tile = self._tile(level, ty, tx)
-                top, left = ty * th, tx * tw
-                a0, a1 = max(y0, top), min(y1, top + tile.shape[0])
-                b0, b1 = max(x0, left), min(x1, left + tile.shape[1])
-                out[a0 - y : a1 - y, b0 - x : b1 - x] = tile[
-                    a0 - top : a1 - top, b0 - left : b1 - left
-                ]
+
+        def place(tile_yx: tuple[int, int]) -> None:  # tiles cover disjoint parts of out
+            ty, tx = tile_yx
+            tile = self._tile(level, ty, tx)
+            top, left = ty * th, tx * tw
+            a0, a1 = max(y0, top), min(y1, top + tile.shape[0])
+            b0, b1 = max(x0, left), min(x1, left + tile.shape[1])
+            out[a0 - y : a1 - y, b0 - x : b1 - x] = tile[a0 - top : a1 - top, b0 - left : b1 - left]
+
+        tiles = [
+            (ty, tx)
+            for ty in range(y0 // th, (y1 - 1) // th + 1)
+            for tx in range(x0 // tw, (x1 - 1) // tw + 1)
+        ]
+        if workers > 1 and len(tiles) > 1:
+            with ThreadPoolExecutor(min(int(workers), len(tiles))) as pool:
+                list(pool.map(place, tiles))  # list(): re-raises a tile's decode error
+        else:
+            for tile_yx in tiles:
+                place(tile_yx)
         return out
 
     def _tile(self, level: int, ty: int, tx: int) -> np.ndarray:
