@@ -75,6 +75,8 @@ def test_classify_writes_result_json_and_outputs(tmp_path, capsys):
             "3",
             "--device",
             "cpu",
+            "--threads",
+            "1",
         ]
     )
     assert code == 0
@@ -92,9 +94,19 @@ def test_classify_writes_result_json_and_outputs(tmp_path, capsys):
     ):
         assert key in result
     assert result["label"] in ("negative", "positive")
+    assert result["threads"] == 1  # what reproduces it
     assert sum(result["probabilities"].values()) == __import__("pytest").approx(1.0)
     assert result["pixels_needed"] <= result["pixels_decoded"]
     assert (out / "sampled.geojson").is_file() and (out / "stage1_attention.ome.tif").is_file()
+
+
+@pytest.mark.parametrize("bad", ["0", "two", "-3", "2000"])
+def test_classify_bad_threads_is_a_clear_error(tmp_path, capsys, bad):
+    with pytest.raises(SystemExit) as info:
+        main(["classify", str(tmp_path / "s.tif"), "--threads", bad])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--threads" in err and "Traceback" not in err
 
 
 def test_classify_unknown_model_is_a_clear_error(tmp_path, capsys, pyramids):

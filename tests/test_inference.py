@@ -161,6 +161,21 @@ def test_deterministic_given_seed(slide, ckpt, result):
     assert other.subtiles != result.subtiles
 
 
+def test_threads_are_recorded_and_reproduce_the_result(slide, ckpt, result):
+    """``threads`` runs the model in that many torch threads, says so in the result,
+    and gives the same result again; torch's own setting is restored."""
+    before = torch.get_num_threads()
+    one = classify(slide, ckpt, draws=DRAWS, seed=0, device="cpu", threads=1)
+    again = classify(slide, ckpt, draws=DRAWS, seed=0, device="cpu", threads=one.threads)
+    assert one.threads == again.threads == 1 and torch.get_num_threads() == before
+    assert again.probabilities == one.probabilities and again.subtiles == one.subtiles
+    assert result.threads == before  # threads=None: torch's setting, recorded
+    back = Result.from_json(one.to_json())
+    assert back.threads == 1
+    older = {k: v for k, v in json.loads(result.to_json()).items() if k != "threads"}
+    assert Result.from_dict(older).threads is None  # results of earlier versions
+
+
 def test_regions_inside_tiles_and_slide(result):
     th, tw = TILE
     for t in result.tiles:

@@ -16,9 +16,11 @@ from napari_zoomin.engine.checkpoints import (
 )
 from napari_zoomin.engine.runtime import (
     available_devices,
+    choose_threads,
     is_oom,
     resolve_device,
     select_device,
+    torch_threads,
     versions,
 )
 from napari_zoomin.errors import ClassificationError
@@ -84,3 +86,48 @@ def test_versions_and_one_home():
     assert not hasattr(inference, "_is_oom")
     assert inference.versions is versions and inference.is_oom is is_oom
     assert "versions" not in inference.__all__
+
+
+# -- torch threads from the load ---------------------------------------------------------
+
+
+def test_threads_given_are_used_and_bad_counts_refused():
+    assert choose_threads(None) is None  # torch's own setting, untouched
+    assert choose_threads(3) == 3 and choose_threads("2") == 2
+    for bad in (0, -1, "0", "many", "1.5"):
+        with pytest.raises(ValueError, match="threads"):
+            choose_threads(bad)
+
+
+def test_torch_threads_restores_the_setting():
+    before = torch.get_num_threads()
+    with torch_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with pytest.raises(RuntimeError), torch_threads(1):
+        raise RuntimeError("inside")
+    assert torch.get_num_threads() == before
+
+
+def test_auto_threads_back_off_when_other_work_keeps_the_cpus_busy():
+    """Every CPU this process may use kept busy by other processes: one thread, not all
+    of them (two threads were 2.4-2.6x slower than one on a half-busy machine)."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    if not os.path.exists("/proc/stat"):
+        pytest.skip("needs Linux's /proc/stat")
+    cpus = len(os.sched_getaffinity(0))
+    spin = [sys.executable, "-S", "-c", "while True: pass"]
+    busy = [subprocess.Popen(spin) for _ in range(cpus)]
+    try:
+        time.sleep(0.5)  # a bare interpreter starts in tens of milliseconds
+        assert choose_threads("auto", ceiling=cpus) == 1
+    finally:
+        for p in busy:
+            p.kill()
+            p.wait()
+    assert 1 <= choose_threads("auto", ceiling=cpus) <= cpus
+    assert choose_threads("auto", ceiling=1) == 1  # never above torch's own setting

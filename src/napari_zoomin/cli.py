@@ -92,6 +92,7 @@ def _classify_and_write(slide_path, args) -> int:
         tissue=_tissue_arg(args.tissue),
         progress=_progress_line,
         mpp=args.mpp,
+        threads=getattr(args, "threads", "auto"),
     )
     print(result.summary(), flush=True)
     for warning in result.warnings:
@@ -385,6 +386,16 @@ def _number(low: float, high: float, *, below_high: bool = False, above_low: boo
 #: ``--seed``: 0 to 2**63 - 1 (int64; torch takes seeds below 2**64)
 _seed_arg = _whole(0, MAX_SEED)
 
+#: ``--threads``: more torch threads than this is a typo, not a machine
+MAX_THREADS = 1024
+
+
+def _threads_arg(text: str) -> str | int:
+    """``--threads``: ``auto`` or a whole number of torch CPU threads."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    return _whole(1, MAX_THREADS, " threads (or 'auto')")(text)
+
 
 def _add_classify_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="demo", help="'demo' or a .safetensors checkpoint")
@@ -450,6 +461,13 @@ def build_parser() -> argparse.ArgumentParser:
     classify.add_argument("slide", help="slide or image file, or a DICOM slide's folder")
     classify.add_argument("--out", default="zoomin-out", help="output folder")
     _add_classify_options(classify)
+    classify.add_argument(
+        "--threads",
+        type=_threads_arg,
+        default="auto",
+        help="torch CPU threads: 'auto' (default: the cores other work leaves idle) or a "
+        "number (result.json's 'threads' reproduces a result exactly)",
+    )
     classify.set_defaults(func=_cmd_classify)
 
     batch = sub.add_parser("batch", help="classify every slide in a folder (dask.distributed)")

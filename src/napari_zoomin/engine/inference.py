@@ -40,7 +40,7 @@ from ..errors import AnnotationError, ClassificationError, ZoominError
 from ..slide import Slide, open_slide
 from .checkpoints import Checkpoint, load_model, training_mpp
 from .results import Result, SubtileRecord, TileRecord, grid_placement, support
-from .runtime import is_oom, resolve_device, versions
+from .runtime import choose_threads, is_oom, resolve_device, torch_threads, versions
 from .slide_source import SlideSource
 from .tissue import TissueMask, detect_tissue, load_tissue_mask
 from .trust import (
@@ -289,6 +289,7 @@ def classify(
     cancel: Callable[[], bool] | None = None,
     workers: int = 4,
     mpp: float | tuple[float, float] | None = None,
+    threads: int | str | None = None,
 ) -> Result:
     """Classify a slide and report where the model looked and what reading cost.
 
@@ -316,6 +317,9 @@ def classify(
             file's, when ``slide`` is a path (``open_slide(path, mpp=...)`` for an open
             slide).  The model reads the slide at its training pixel size when both are
             known (``Result.resolution``, ``Result.warnings``).
+        threads: torch CPU threads: a number, ``"auto"`` (the CPUs other work leaves
+            idle now: what the CLI and the widget pass; :func:`.runtime.choose_threads`)
+            or None (torch's setting, unchanged).  ``Result.threads`` says how many ran.
 
     Returns:
         A :class:`~napari_zoomin.engine.results.Result`.  ``pixels_decoded`` is what
@@ -361,11 +365,13 @@ def classify(
             "mpp is for a slide given as a path; open the slide with open_slide(path, mpp=...)"
         )
     t0 = time.perf_counter()
+    n_threads = choose_threads(threads) if dev.type == "cpu" else None
     the_slide = open_slide(slide, mpp=mpp) if own else slide
     try:
-        return _classify(
-            the_slide, ckpt, dev, draws, seed, mode, tissue, report, check, t0, workers
-        )
+        with torch_threads(n_threads):
+            return _classify(
+                the_slide, ckpt, dev, draws, seed, mode, tissue, report, check, t0, workers
+            )
     finally:
         if own:
             the_slide.close()
@@ -549,6 +555,7 @@ def _classify(slide, ckpt, dev, draws, seed, mode, tissue, report, check, t0, wo
         model_kind=ckpt.kind,
         device=str(dev),
         versions=versions(),
+        threads=torch.get_num_threads() if dev.type == "cpu" else None,
         model_path=None if ckpt.path is None else str(ckpt.path),
         model_config=_jsonable(ckpt.config),
         tissue={

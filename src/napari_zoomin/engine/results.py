@@ -256,6 +256,9 @@ class Result:
         device: where the model ran.
         tissue: ``{"source": "otsu" | mask path | "given" | None, "fraction"}``.
         versions: napari_zoomin, torch, python, numpy, tifffile, openslide.
+        threads: torch CPU threads the model ran in (None on a GPU, or in results of
+            earlier versions).  The count can change float rounding and so, rarely,
+            the cell a draw lands on: to reproduce a result exactly, pass it back.
         warnings: plain-language reasons to doubt this result (the model was trained
             on other data, the slide's pixel size or stain is unlike its training
             slides', little tissue, evidence from very few places); shown beside the
@@ -297,6 +300,7 @@ class Result:
     model_kind: str
     device: str
     versions: dict[str, str]
+    threads: int | None = None
     model_path: str | None = None
     model_config: dict[str, Any] = field(default_factory=dict)
     tissue: dict[str, Any] = field(default_factory=dict)

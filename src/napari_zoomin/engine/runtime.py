@@ -8,7 +8,11 @@ both dock widgets (they used to keep copies, which drifted: one device list lack
 
 from __future__ import annotations
 
+import os
 import platform
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -20,9 +24,11 @@ from ..models.device import select_device
 __all__ = [
     "DEVICE_FIX",
     "available_devices",
+    "choose_threads",
     "is_oom",
     "resolve_device",
     "select_device",
+    "torch_threads",
     "versions",
 ]
 
@@ -71,6 +77,100 @@ def resolve_device(device: str | torch.device | None, fix: str = DEVICE_FIX) -> 
             None, f"cannot use device {device!r}: {problem} (here: {choices}).", fix
         )
     return chosen
+
+
+def _cpu_set() -> set[int] | None:
+    """The CPUs this process may run on, where the OS says (Linux)."""
+    try:
+        return set(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return None
+
+
+def _cpu_jiffies(cpus: set[int]) -> tuple[int, int] | None:
+    """(busy, total) time since boot of ``cpus``, summed, from Linux's ``/proc/stat``;
+    None elsewhere.  Per CPU, so a container sees its own CPUs, not the host's."""
+    busy = total = 0
+    try:
+        with open("/proc/stat", encoding="ascii") as f:
+            for line in f:
+                name, *fields = line.split()
+                if not (name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus):
+                    continue
+                values = [int(v) for v in fields]
+                idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + I/O wait
+                busy += sum(values[:8]) - idle  # user … steal; guest time is in user already
+                total += sum(values[:8])
+    except (OSError, ValueError, IndexError):
+        return None
+    return (busy, total) if total else None
+
+
+def busy_cpus(interval: float = 0.05) -> tuple[float, int] | None:
+    """``(busy, cpus)``: how many of the CPUs this process may use other work keeps busy
+    now, from ``/proc/stat`` sampled over ``interval`` seconds (this process sleeps
+    meanwhile), else from the 1-minute load average; None where the OS says neither
+    (Windows)."""
+    cpus = _cpu_set()
+    if cpus:
+        first = _cpu_jiffies(cpus)
+        if first is not None:
+            time.sleep(interval)
+            second = _cpu_jiffies(cpus)
+            if second is not None and second[1] > first[1]:
+                share = (second[0] - first[0]) / (second[1] - first[1])
+                return share * len(cpus), len(cpus)
+    try:
+        return float(os.getloadavg()[0]), len(cpus) if cpus else (os.cpu_count() or 1)
+    except (AttributeError, OSError):
+        return None
+
+
+def choose_threads(requested: int | str | None, ceiling: int | None = None) -> int | None:
+    """Torch CPU threads for one classification: ``requested`` when it is a number,
+    None (leave torch's setting) for None, and for ``"auto"`` the CPUs other work leaves
+    idle, between 1 and ``ceiling`` (torch's own setting: what the user or
+    ``OMP_NUM_THREADS`` allows).
+
+    Why: torch uses every core.  On a machine whose other core is busy (a laptop, a
+    batch of several workers) two threads were 2.4-2.6x slower than one, because
+    each convolution waits for its slowest thread (issue 22; docs/benchmarks.md).
+    The count changes float rounding, so a result records it (``Result.threads``):
+    pass that number to reproduce a result to the last digit.
+    """
+    if requested is None:
+        return None
+    if isinstance(requested, str) and requested.strip().lower() != "auto":
+        try:
+            requested = int(requested)
+        except ValueError:
+            raise ValueError(
+                f"threads must be 'auto' or a whole number, got {requested!r}"
+            ) from None
+    if not isinstance(requested, str):
+        if int(requested) < 1:
+            raise ValueError(f"threads must be at least 1, got {requested}")
+        return int(requested)
+    ceiling = max(1, int(ceiling if ceiling is not None else torch.get_num_threads()))
+    load = busy_cpus()
+    if load is None:
+        return ceiling
+    busy, cpus = load
+    return max(1, min(ceiling, int(cpus - busy + 0.5)))
+
+
+@contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Run torch's CPU work in ``n`` threads (None: as set), restoring the setting after."""
+    if n is None:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def is_oom(exc: BaseException) -> bool:

@@ -240,6 +240,7 @@ class ClassifyController:
                     tissue=tissue,
                     progress=progress,
                     cancel=self.cancel_event.is_set,
+                    threads="auto",  # a busy laptop: fewer threads are faster
                 )
             return Outcome(result=result, layer_data=result_layer_data(result, job.frame))
         except Cancelled:
