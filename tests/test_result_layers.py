@@ -6,6 +6,7 @@ differs per axis, non-zero translate), so a missing factor or offset shows.
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import numpy as np
@@ -252,7 +253,7 @@ def test_result_layer_data_names_and_order(result):
 def test_markers_are_numbered_places_of_fixed_screen_size(result):
     from napari.layers import Points
 
-    from napari_zoomin.engine.places import places
+    from napari_zoomin.engine.places import main_places, places
     from napari_zoomin.napari.result_layers import MARKER_SIZE
 
     found = places(result)[:10]
@@ -263,7 +264,27 @@ def test_markers_are_numbered_places_of_fixed_screen_size(result):
     assert list(kwargs["features"]["rank"]) == [p.rank for p in found]
     layer = Points(data, **kwargs)
     assert tuple(layer.canvas_size_limits) == (MARKER_SIZE, MARKER_SIZE)  # any zoom
-    assert list(layer.text.values) == [str(p.rank) for p in found]
+    # the main places (MAIN_SHARE % of the evidence) numbered; the rest faint, unnumbered
+    k = main_places(places(result))
+    assert list(layer.text.values) == [str(p.rank) if p.rank <= k else "" for p in found]
+    alpha = layer.face_color[:, 3]
+    assert (alpha[:k] == 1.0).all() and (alpha[k:] < 0.5).all()
+
+
+def test_main_places_hold_the_main_share_of_the_evidence(result):
+    from napari_zoomin.engine.places import MAIN_SHARE, main_places, places
+
+    found = places(result)
+    k = main_places(found)
+    shares = [p.share for p in found]
+    assert 1 <= k <= len(found)
+    assert sum(shares[:k]) >= MAIN_SHARE - 1e-6 or k == len(found)
+    assert k == 1 or sum(shares[: k - 1]) < MAIN_SHARE  # the fewest that do
+    assert main_places([]) == 0
+    one = replace(found[0], share=95.0)
+    assert main_places([one, *found[1:]]) == 1
+    thin = [replace(p, share=100.0 / len(found)) for p in found]  # spread evidence: all
+    assert main_places(thin) == math.ceil(len(found) * MAIN_SHARE / 100 - 1e-9)
     # the stage-2 map lets the tissue of the top place read through
     assert stage2_layer_data(result, FRAME)[1]["opacity"] <= 0.5
 

@@ -30,7 +30,11 @@ from .results import support
 if TYPE_CHECKING:
     from .results import Result
 
-__all__ = ["Place", "link_groups", "link_of", "places"]
+__all__ = ["MAIN_SHARE", "Place", "link_groups", "link_of", "main_places", "places"]
+
+#: the best-ranked places that together hold this share of the evidence (in %) are its
+#: *main* places: the front ends mark them plainly and the rest faintly
+MAIN_SHARE = 90.0
 
 
 def link_groups(regions: np.ndarray, link: float) -> np.ndarray:
@@ -199,3 +203,20 @@ def places(result: Result) -> list[Place]:
             )
         )
     return out
+
+
+def main_places(found: list[Place]) -> int:
+    """How many of the best-ranked places (``places(result)``, in order) it takes to
+    hold :data:`MAIN_SHARE` % of the evidence; at least one when there are any.
+
+    Why: ten equal markers on a slide whose call rests on three places (97 % of the
+    support on the packaged sample; the other seven, look-alikes the classifier
+    scored 0.04-0.06, hold 3 %) read as ten findings.  Where the evidence is spread
+    thin (a negative call over hundreds of places), every place is main.
+    """
+    total = 0.0
+    for k, place in enumerate(found, start=1):
+        total += place.share
+        if total >= MAIN_SHARE - 1e-9:
+            return k
+    return len(found)

@@ -38,7 +38,8 @@ Visible at every zoom.  Tiles (128–256 level-0 px) are below one screen pixel 
 whole slide at whole-slide zoom, so the top places are also marked by
 :data:`MARKERS_LAYER`: a points layer whose markers keep :data:`MARKER_SIZE` screen
 pixels at any zoom (napari 0.9 has no screen-space size mode; ``canvas_size_limits``
-clamps every marker's on-screen size to exactly that), numbered by rank.  The
+clamps every marker's on-screen size to exactly that), the main places numbered by
+rank and the others faint (:func:`markers_layer_data`).  The
 outlines of tiles, sub-tiles and places are :data:`OUTLINE_WIDTH_PX` screen pixels wide
 at every zoom (their metadata asks :mod:`.zoom_follow` to keep them so).
 
@@ -66,7 +67,7 @@ from typing import Any
 
 import numpy as np
 
-from ..engine.places import Place, places
+from ..engine.places import Place, main_places, places
 from ..engine.results import Result, SparseMap
 from ..engine.tissue import TissueMask
 from .roi_shapes import level0_to_world, roi_shapes_placement
@@ -143,6 +144,9 @@ LAYER_KEY = "napari_zoomin_result_layer"
 MAX_MARKERS = 10
 MARKER_SIZE = 18
 MARKER_COLOR = "#00ff66"
+#: a marker of a place outside the main ones (``engine.places.main_places``): the same
+#: ring, faint, and no number (the widget's table still lists it)
+MINOR_MARKER_COLOR = "#00ff6659"
 #: rows of the widget's "where the evidence is" table (the places with most weight)
 MAX_PLACES = 20
 TISSUE_LAYER = "tissue mask"
@@ -523,11 +527,16 @@ def places_layer_data(result: Result, frame: Frame) -> LayerData:
 
 
 def markers_layer_data(result: Result, frame: Frame, n: int = MAX_MARKERS) -> LayerData:
-    """A marker at the centre of each of the ``n`` top places, numbered by rank, of
-    :data:`MARKER_SIZE` screen pixels at every zoom (so where the model looked shows on
-    a whole slide at whole-slide zoom, where its tiles are below one screen pixel)."""
+    """A marker at the centre of each of the ``n`` top places, of :data:`MARKER_SIZE`
+    screen pixels at every zoom (so where the model looked shows on a whole slide at
+    whole-slide zoom, where its tiles are below one screen pixel).  The main places
+    (those holding :data:`~napari_zoomin.engine.places.MAIN_SHARE` % of the evidence)
+    are numbered by rank; the others are faint rings without a number, so a call that
+    rests on three places does not read as ten findings."""
     scale, translate = roi_shapes_placement(frame)
-    found = places(result)[:n]
+    ranked = places(result)
+    found = ranked[:n]
+    main = np.arange(len(found)) < main_places(ranked)
     centres = np.array(
         [[b[0] + b[2] / 2, b[1] + b[3] / 2] for b in (p.box for p in found)], np.float64
     ).reshape(-1, 2)
@@ -538,11 +547,15 @@ def markers_layer_data(result: Result, frame: Frame, n: int = MAX_MARKERS) -> La
         "features": {
             "rank": np.array([p.rank for p in found], np.int64),
             "share": np.array([p.share for p in found], np.float64),
+            "main": main,
+            "label": np.array(
+                [str(p.rank) if m else "" for p, m in zip(found, main, strict=True)], object
+            ),
         },
         "symbol": "ring",
         "size": 1.0,  # data units; the screen size comes from canvas_size_limits
         "canvas_size_limits": (MARKER_SIZE, MARKER_SIZE),
-        "face_color": MARKER_COLOR,
+        "face_color": [MARKER_COLOR if m else MINOR_MARKER_COLOR for m in main] or MARKER_COLOR,
         "border_width": 0.0,
         # napari 0.9 draws a clamped marker's border over all of it (a grey disc that
         # hid the place and its overview glow): no border colour, so only the number
@@ -552,7 +565,7 @@ def markers_layer_data(result: Result, frame: Frame, n: int = MAX_MARKERS) -> La
     }
     if len(found):
         kwargs["text"] = {
-            "string": "{rank}",
+            "string": "{label}",
             "color": MARKER_COLOR,
             "size": 11,
             "anchor": "upper_left",
