@@ -57,6 +57,7 @@ __all__ = [
     "check_output_path",
     "grid_placement",
     "stage2_canvas",
+    "subtile_score",
     "write_attention_tiff",
     "write_outputs",
 ]
@@ -165,6 +166,13 @@ class SubtileRecord(TypedDict):
     scores: NotRequired[list[float]]
 
 
+def subtile_score(subtile: SubtileRecord, label_index: int) -> float | None:
+    """The classifier's score of one sub-tile alone for class ``label_index`` (the
+    predicted class, wherever it is shown); None for results without scores."""
+    scores = subtile.get("scores")
+    return float(scores[label_index]) if scores else None
+
+
 def support(subtiles: Sequence[SubtileRecord], label_index: int) -> np.ndarray:
     """Each sub-tile's support for the predicted class: ``weight`` × its own score for
     that class (``scores[label_index]``; 1 where a result has no scores).
@@ -177,9 +185,8 @@ def support(subtiles: Sequence[SubtileRecord], label_index: int) -> np.ndarray:
     """
     out = np.empty(len(subtiles), dtype=np.float64)
     for k, s in enumerate(subtiles):
-        scores = s.get("scores")
-        score = 1.0 if not scores else float(scores[label_index])
-        out[k] = float(s["weight"]) * score
+        score = subtile_score(s, label_index)
+        out[k] = float(s["weight"]) * (1.0 if score is None else score)
     return out
 
 
@@ -713,8 +720,9 @@ def _geojson_annotations(result: Result):
         top, left, h, w = (int(v) for v in s["region"])
         anns.append(Annotation.rectangle(top, left, h, w, label="Sampled sub-tile"))
         m = {"weight": float(s["weight"]), "tile": int(s["tile"])}
-        if s.get("scores"):
-            m["score"] = float(s["scores"][result.label_index])  # of the predicted class
+        score = subtile_score(s, result.label_index)
+        if score is not None:
+            m["score"] = score
         props.append({"name": f"sub-tile {k}", **m, "measurements": m})
     return anns, props
 

@@ -68,7 +68,7 @@ from typing import Any
 import numpy as np
 
 from ..engine.places import Place, main_places, places
-from ..engine.results import Result, SparseMap
+from ..engine.results import Result, SparseMap, subtile_score
 from ..engine.tissue import TissueMask
 from .roi_shapes import level0_to_world, roi_shapes_placement
 from .zoom_follow import OUTLINE_PX, SCREEN_WIDTH_KEY, SHOWN_BELOW_KEY
@@ -458,11 +458,9 @@ def subtiles_layer_data(result: Result, frame: Frame) -> LayerData:
         "tile": np.array([int(s["tile"]) for s in result.subtiles], np.int64),
         "rank": np.arange(1, len(weights) + 1, dtype=np.int64),  # by support (results.py)
     }
-    if result.subtiles and all(s.get("scores") for s in result.subtiles):
-        # the classifier's score of each sub-tile alone, for the predicted class
-        features["score"] = np.array(
-            [float(s["scores"][result.label_index]) for s in result.subtiles], np.float64
-        )
+    scores = [subtile_score(s, result.label_index) for s in result.subtiles]
+    if scores and None not in scores:
+        features["score"] = np.array(scores, np.float64)
     kwargs: dict[str, Any] = {
         "name": SUBTILES_LAYER,
         "shape_type": "rectangle",
