@@ -18,6 +18,7 @@ from pathlib import Path
 
 __all__ = [
     "STEADY_MALLOC",
+    "code_version",
     "current_rss_mb",
     "machine",
     "peak_rss_mb",
@@ -60,6 +61,31 @@ def reset_peak_rss() -> bool:
     except OSError:
         return False
     return True
+
+
+def code_version(root: Path | None = None) -> str:
+    """The code a number was measured with: the git trees of ``src/`` and
+    ``benchmarks/`` (they change only when that code does, not with the docs), and
+    ``+changes`` when either has uncommitted edits; ``"unknown"`` outside a checkout.
+
+    A result reused from an earlier run is today's number only if this matches
+    (issue 18: every number in docs/benchmarks.md must be what its committed command
+    gives on today's code).
+    """
+    root = root or Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> str:
+        done = subprocess.run(
+            ["git", *args], cwd=root, capture_output=True, text=True, check=True, timeout=30
+        )
+        return done.stdout.strip()
+
+    try:
+        trees = [git("rev-parse", f"HEAD:{part}")[:12] for part in ("src", "benchmarks")]
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", "src", "benchmarks")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return f"src {trees[0]}, benchmarks {trees[1]}" + (" +changes" if dirty else "")
 
 
 def machine() -> str:

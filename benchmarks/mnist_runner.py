@@ -40,6 +40,7 @@ from torch import nn
 
 from benchmarks._measure import (
     STEADY_MALLOC,
+    code_version,
     current_rss_mb,
     machine,
     peak_rss_mb,
@@ -331,6 +332,7 @@ def run_all(bench: Bench, args: argparse.Namespace) -> list[dict]:
         f"--{k.replace('_', '-')}={getattr(args, k)}" for k in (*SETTINGS, "cost_steps", "out")
     ] + (["--quick"] if args.quick else [])
     rows = []
+    code = code_version()
     for key in args.models:
         path = out / f"{key}.json"
         settings = _settings(args, key, bench)
@@ -340,6 +342,12 @@ def run_all(bench: Bench, args: argparse.Namespace) -> list[dict]:
             if row.get("settings") != settings or "cost" not in row:
                 row = None
             else:
+                if row.get("code") != code:
+                    was = row.get("code", "not recorded")
+                    _log(
+                        f"{key}: reusing a run trained on other code ({was}; today: {code}): "
+                        "its row is marked; --fresh reruns it"
+                    )
                 if args.reevaluate:
                     _log(f"{key}: evaluating the saved weights again")
                     phase = [bench.module, *common, f"--child={key}", "--phase=evaluate"]
@@ -354,6 +362,7 @@ def run_all(bench: Bench, args: argparse.Namespace) -> list[dict]:
         if row is None:
             _log(f"{key}: training ({bench.models[key].label.format(n=args.n)})")
             row = run_child([bench.module, *common, f"--child={key}", "--phase=train"], log)
+            row["code"] = code
         row["model"] = bench.models[key].label.format(n=args.n)
         _log(f"{key}: measuring cost (batch 1, fresh process)")
         # time with the default allocator, memory with a steady one: two fresh processes
@@ -384,12 +393,15 @@ def table(rows: list[dict]) -> str:
         "| full-res px read / image | low-res px read / image |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    today = code_version()
     for r in rows:
         c = r["cost"]
         topk = r.get("test_error_topk")
         px = c["train_pixels_per_image"]
+        # a run reused from other code is not today's number: say so in the row
+        stale = "" if r.get("code") == today else " (trained on other code†)"
         lines.append(
-            f"| {r['model']} | {r['test_error_sample']:.1%} | "
+            f"| {r['model']}{stale} | {r['test_error_sample']:.1%} | "
             f"{'–' if topk is None else f'{topk:.1%}'} | {r['epoch_loss'][-1]:.3f} | "
             f"{r['train_seconds']:.0f} | "
             f"{c.get('cpu_seconds_per_sample', float('nan')) * 1e3:.1f} | "
@@ -516,6 +528,9 @@ def main(bench: Bench, argv: list[str] | None = None) -> int:
     wall = time.perf_counter() - start
     print(f"Settings: {settings}.  Wall time of this invocation: {wall:.0f} s.\n")
     print(table(rows))
+    print(f"\nCode: {code_version()}.")
+    if any(r.get("code") != code_version() for r in rows):
+        print("† reused from a run on other code (its JSON's `code`); `--fresh` reruns it.")
     for r in rows:
         if "pretrain" in r:
             pre = r["pretrain"]
