@@ -9,7 +9,8 @@ from benchmarks.mnist_runner import table
 
 
 def _git(root, *args):
-    subprocess.run(["git", *args], cwd=root, check=True, capture_output=True)
+    who = ["-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(["git", *who, *args], cwd=root, check=True, capture_output=True)
 
 
 def test_code_version_follows_src_and_benchmarks_not_the_docs(tmp_path):
@@ -17,27 +18,16 @@ def test_code_version_follows_src_and_benchmarks_not_the_docs(tmp_path):
         (tmp_path / part).mkdir()
         (tmp_path / part / "a.py").write_text("x = 1\n")
     _git(tmp_path, "init", "-q")
-    _git(
-        tmp_path,
-        "-c",
-        "user.name=t",
-        "-c",
-        "user.email=t@t",
-        "commit",
-        "-qam",
-        "x",
-        "--allow-empty",
-    )
     _git(tmp_path, "add", ".")
-    _git(tmp_path, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "one")
+    _git(tmp_path, "commit", "-qm", "one")
     first = code_version(tmp_path)
     assert first.startswith("src ") and ", benchmarks " in first and "+changes" not in first
     (tmp_path / "docs" / "a.py").write_text("x = 2\n")  # a docs edit, committed
-    _git(tmp_path, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "docs")
+    _git(tmp_path, "commit", "-qam", "docs")
     assert code_version(tmp_path) == first
     (tmp_path / "src" / "a.py").write_text("x = 3\n")  # code edited, not committed
     assert code_version(tmp_path) == first + " +changes"
-    _git(tmp_path, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "code")
+    _git(tmp_path, "commit", "-qam", "code")
     assert code_version(tmp_path) not in (first, first + " +changes")
     assert code_version(tmp_path / "nowhere") == "unknown"
 
