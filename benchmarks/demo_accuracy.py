@@ -33,6 +33,20 @@ def _write(job: tuple[str, int, str, int]) -> str:
     return path
 
 
+def fresh_jobs(
+    folder: Path, count: int, sizes: list[int], first_seed: int
+) -> list[tuple[str, int, str, int]]:
+    """The fresh slides' ``(path, size, label, seed)``: half positive (positive first),
+    sizes cycling in pairs (also used by ``benchmarks/magnet_slides.py``)."""
+    jobs = []
+    for k in range(count):
+        label, size, seed = CLASSES[(k + 1) % 2], sizes[(k // 2) % len(sizes)], first_seed + k
+        jobs.append(
+            (str(folder / f"fresh-{k:03d}-{label}-{size}-seed{seed}.tif"), size, label, seed)
+        )
+    return jobs
+
+
 def _on(box: list[float], regions: list[dict], kind: str) -> bool:
     """Whether the centre of a level-0 ``[top, left, h, w]`` box lies in a region's box."""
     cy, cx = box[0] + box[2] / 2, box[1] + box[3] / 2
@@ -79,12 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     folder = args.out or cache_dir("bench") / "demo-accuracy"
     folder.mkdir(parents=True, exist_ok=True)
     sizes = [int(v) for v in args.sizes.split(",")]
-    jobs = []
-    for k in range(args.slides):
-        label, size, seed = CLASSES[(k + 1) % 2], sizes[(k // 2) % len(sizes)], args.first_seed + k
-        jobs.append(
-            (str(folder / f"fresh-{k:03d}-{label}-{size}-seed{seed}.tif"), size, label, seed)
-        )
+    jobs = fresh_jobs(folder, args.slides, sizes, args.first_seed)
     t = time.perf_counter()
     with ProcessPoolExecutor(max(1, args.jobs)) as pool:
         list(pool.map(_write, jobs))

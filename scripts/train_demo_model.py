@@ -109,11 +109,22 @@ def _write(job: tuple[str, int, str, int, int]) -> str:
     return path
 
 
-def make_slides(folder: Path, jobs: int) -> Path:
-    """Write the sample slides (skipping existing ones) and their labels CSV."""
+def make_slides(
+    folder: Path,
+    jobs: int,
+    n_train: int = N_TRAIN,
+    n_val: int = N_VAL,
+    labels: str = "labels.csv",
+) -> Path:
+    """Write the sample slides (skipping existing ones) and their labels CSV.
+
+    ``n_train``/``n_val`` below the demo's take the first slides of its lists (the
+    same names and seeds, so a smaller run shares the demo's cache:
+    ``benchmarks/magnet_slides.py``); ``labels`` names the CSV they are listed in.
+    """
     folder.mkdir(parents=True, exist_ok=True)
     rows, work = [], []
-    plan = (("train", N_TRAIN, TRAIN_SEEDS, TRAIN_SIZES), ("val", N_VAL, VAL_SEEDS, VAL_SIZES))
+    plan = (("train", n_train, TRAIN_SEEDS, TRAIN_SIZES), ("val", n_val, VAL_SEEDS, VAL_SIZES))
     for split, count, first_seed, sizes in plan:
         for k in range(count):
             label = CLASSES[(k + 1) % 2]  # positive first
@@ -124,7 +135,7 @@ def make_slides(folder: Path, jobs: int) -> Path:
             work.append((str(folder / name), size, label, seed, SAMPLE_RECIPE))
     with ProcessPoolExecutor(max(1, jobs)) as pool:
         list(pool.map(_write, work))
-    csv = folder / "labels.csv"
+    csv = folder / labels
     csv.write_text("slide,label,split\n" + "\n".join(rows) + "\n", encoding="utf-8")
     return csv
 
