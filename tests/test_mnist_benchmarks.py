@@ -440,3 +440,44 @@ def test_needle_lookalikes_are_the_top_ranked_digits_off_the_three(mnist):
     assert torch.equal(read_roi(wrapped, whole, 1.0), image.read_roi(whole, 1.0))
     assert torch.equal(wrapped.read(whole, 0.5), image.read(whole, 0.5))
     assert read_hard_negatives(image, whole, 1.0) is None
+
+
+def test_block_ink_mask_keeps_every_cell_whose_block_holds_ink(mnist):
+    """``zoomin_detect_block_ink``: the stage-1 mask of the plain row is the ink at one
+    pixel of each cell's 2×2 block and drops cells on the 3; the dilated one keeps every
+    cell whose block holds ink, and the logits are the plain row's, bit for bit."""
+    import argparse
+
+    from benchmarks import needle_mnist as bench
+
+    image = needle_mnist(mnist, "test", 1, seed=0, ink_mask=True).images[0]
+    torch.manual_seed(0)
+    block = bench.BENCH.models["zoomin_detect_block_ink"].build(argparse.Namespace(n=4))
+    torch.manual_seed(0)
+    plain = bench._zoomin_detect(argparse.Namespace(n=4))
+    with torch.no_grad():
+        (st,) = block.stage1([image])
+        (ref,) = plain.stage1([image])
+    assert torch.equal(st.logits, ref.logits)
+    ink = image.tissue_mask(0.5)  # (512, 512): the view pixels with ink
+    h, w = st.grid.map_shape
+    assert (h, w) == (256, 256)
+    in_block = ink.reshape(h, 2, w, 2).any(dim=3).any(dim=1)
+    mask, plain_mask = st.mask.reshape(h, w), ref.mask.reshape(h, w)
+    assert torch.equal(plain_mask, ink[1::2, 1::2])
+    assert not (in_block & ~mask).any()
+    near = torch.zeros_like(ink)  # ink within one pixel, by hand
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            shifted = torch.roll(ink, (dy, dx), (0, 1))
+            if dy:
+                shifted[0 if dy > 0 else -1, :] = False
+            if dx:
+                shifted[:, 0 if dx > 0 else -1] = False
+            near |= shifted
+    assert torch.equal(mask, near[1::2, 1::2])
+    whole = full_region(image)
+    on_three = (image.read_roi(whole, 0.5)[0] > 0).reshape(h, 2, w, 2).any(dim=3).any(dim=1)
+    assert int(on_three.sum()) == 24
+    assert int(mask[on_three].sum()) == 24 and int(plain_mask[on_three].sum()) == 15
+    assert float(st.attention.reshape(h, w)[~mask].sum()) == 0.0
