@@ -125,7 +125,7 @@ def _sample_with_replacement(a: Tensor, n: int, generator: torch.Generator | Non
     probabilities.
     """
     cum = torch.cumsum(a, dim=1, dtype=torch.float64)
-    total = cum[:, -1:]
+    total = cum[:, -1:].contiguous()  # a (B, 1) column: searchsorted wants it contiguous
     u = _uniform((a.shape[0], n), cum, generator) * total
     idx = torch.searchsorted(cum, u, right=True)
     # the last non-zero cell is the first whose cumulative sum reaches the total; found
