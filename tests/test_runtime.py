@@ -111,7 +111,7 @@ def test_torch_threads_restores_the_setting():
 
 def test_auto_threads_back_off_when_other_work_keeps_the_cpus_busy():
     """Every CPU this process may use kept busy by other processes: one thread, not all
-    of them (two threads were 2.4-2.6x slower than one on a half-busy machine)."""
+    of them (two threads took 2.0-2.6x as long as one on a busy machine)."""
     import os
     import subprocess
     import sys

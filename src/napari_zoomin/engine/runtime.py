@@ -133,9 +133,9 @@ def choose_threads(requested: int | str | None, ceiling: int | None = None) -> i
     ``OMP_NUM_THREADS`` allows).
 
     Why: torch uses every core.  On a machine whose other core is busy (a laptop, a
-    batch of several workers) two threads were 2.4-2.6x slower than one, because
+    batch of several workers) two threads took 2.0-2.6x as long as one, because
     each convolution waits for its slowest thread (issue 22; docs/benchmarks.md).
-    The count changes float rounding, so a result records it (``Result.threads``):
+    The count can change float rounding, so a result records it (``Result.threads``):
     pass that number to reproduce a result to the last digit.
     """
     if requested is None:
