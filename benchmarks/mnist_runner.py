@@ -386,14 +386,15 @@ def _px(n: float) -> str:
     return f"{n / 1e6:.2f} M" if n >= 1e5 else f"{n / 1e3:.1f} k"
 
 
-def table(rows: list[dict]) -> str:
+def table(rows: list[dict], today: str | None = None) -> str:
+    """The Markdown table; ``today`` is :func:`code_version` (computed when not given)."""
     lines = [
         "| model | test error (sampled, K = 1) | test error (top-k) | final train loss "
         "| training time (s) | fwd+bwd / sample, CPU (ms) | wall (ms) | peak RSS / sample (MB) "
         "| full-res px read / image | low-res px read / image |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    today = code_version()
+    today = code_version() if today is None else today
     for r in rows:
         c = r["cost"]
         topk = r.get("test_error_topk")
@@ -527,9 +528,10 @@ def main(bench: Bench, argv: list[str] | None = None) -> int:
     print(f"Machine: {machine()}; torch {torch.__version__}, {args.threads} thread(s).")
     wall = time.perf_counter() - start
     print(f"Settings: {settings}.  Wall time of this invocation: {wall:.0f} s.\n")
-    print(table(rows))
-    print(f"\nCode: {code_version()}.")
-    if any(r.get("code") != code_version() for r in rows):
+    today = code_version()  # one git call for the table, its footnote and the stamp
+    print(table(rows, today))
+    print(f"\nCode: {today}.")
+    if any(r.get("code") != today for r in rows):
         print("† reused from a run on other code (its JSON's `code`); `--fresh` reruns it.")
     for r in rows:
         if "pretrain" in r:
