@@ -7,6 +7,8 @@ import pytest
 
 from napari_zoomin.engine.tissue import detect_tissue
 from napari_zoomin.engine.trust import (
+    BLACK,
+    GLASS_OD,
     SlideProfile,
     evidence,
     evidence_warnings,
@@ -147,3 +149,22 @@ def test_evidence_warning_says_agreement_is_not_certainty():
     # a small image is one or two places in all: nothing to warn about
     assert evidence_warnings({"subtiles": 2, "places": 1}, "sample", 16, 0.0, (512, 400), 128) == []
     assert len(evidence_warnings({"subtiles": 2, "places": 1}, "sample", 16, 0.0, (513, 4), 128))
+
+
+def test_optical_density_mean_is_the_per_pixel_definition(cmu_svs):
+    """The histogram shortcut gives the mean of −log10((v + 1) / 256) over the stained
+    pixels (OD sum above glass, not black) inside the mask, computed pixel by pixel."""
+    slide = open_slide(cmu_svs)
+    try:
+        rgb = slide.read(0, 0, 0, *slide.shape)
+        mask = detect_tissue(slide).mask
+    finally:
+        slide.close()
+    od = -np.log10((rgb.astype(np.float64) + 1.0) / 256.0)
+    keep = (od.sum(axis=-1) > GLASS_OD) & (rgb.max(axis=-1) > BLACK)
+    rows = np.arange(rgb.shape[0]) * mask.shape[0] // rgb.shape[0]
+    cols = np.arange(rgb.shape[1]) * mask.shape[1] // rgb.shape[1]
+    keep &= mask[rows][:, cols].astype(bool)
+    got, n = optical_density_mean(rgb, mask)
+    assert n == int(keep.sum()) > 10000
+    np.testing.assert_allclose(got, od[keep].mean(axis=0), rtol=1e-6)

@@ -34,6 +34,10 @@ __all__ = [
 
 #: the strides an attention network may have (each a power of 2 from stride-2 convs)
 STRIDES = (1, 2, 4)
+#: map cells per side of a block of :meth:`AttentionNetwork.forward_blocks`: a 256²
+#: block's 8-channel layers (2 MB each) stay in cache; 512² blocks took twice as long
+#: on a 6,250² view (0.5 s against 1.0 s, 2 threads; docs/benchmarks.md)
+BLOCK = 256
 
 
 def n_logits(num_classes: int) -> int:
@@ -196,12 +200,13 @@ class AttentionNetwork(nn.Module):
         return self.logit(x)[:, 0]
 
     @torch.no_grad()
-    def forward_blocks(self, view: Tensor, needed: Tensor, block: int = 512) -> Tensor:
+    def forward_blocks(self, view: Tensor, needed: Tensor, block: int = BLOCK) -> Tensor:
         """Logits of one view (3, h, w) only where ``needed`` (map-shaped bool) says so.
 
         The map is cut into ``block``² blocks; a block without any needed cell is not
         computed (its logits are 0), the others from the view crop plus the receptive
-        field's margin, so every computed logit equals the whole-view one.  With the
+        field's margin, so every computed logit equals the whole-view one.  Blocks of
+        :data:`BLOCK` cells keep a block's layers in the CPU's caches.  With the
         tissue mask as ``needed`` this skips a slide's glass: at inference on a
         gigapixel slide the stage-1 convolutions cost what its tissue costs.
 
