@@ -106,3 +106,48 @@ def test_a_mostly_empty_map_stores_its_empty_tile_once(tmp_path):
     # the file holds each distinct tile once: well under the tiles it lists
     assert path.stat().st_size < stored + 16 * 2**10 < listed
     assert listed - stored > 100 * 250  # at least 100 copies of the empty tile saved
+
+
+def test_a_dense_map_reads_back_exactly_with_every_tile_plain_zlib(tmp_path):
+    """Stage-1 maps are encoded by libdeflate, not zlib: every tile must still be a
+    standard zlib stream (what libtiff, Bio-Formats and tifffile decode), the map read
+    back exactly at every level (2×2 maxima), and its all-zero tiles stored once."""
+    import zlib
+
+    import tifffile
+
+    from napari_zoomin.engine.results import write_attention_tiff
+    from napari_zoomin.geometry import max_2x2
+
+    a, _ = export_precision(peaked_map(1, shape=(1100, 900)))
+    a[:512, :] = 0  # whole rows of empty tiles
+    path = write_attention_tiff(tmp_path / "s1.ome.tif", a, (0.0, 0.0), (2.0, 2.0), None, "s1")
+    want = a
+    with tifffile.TiffFile(path) as tif:
+        pages = [tif.pages.first, *tif.pages.first.pages]
+        levels = tif.series[0].levels
+        assert len(levels) == len(pages) == 4  # 1100 → 550 → 275 → 138
+        for k, (level, page) in enumerate(zip(levels, pages, strict=True)):
+            assert np.array_equal(level.asarray(), want), f"level {k}"
+            tif.filehandle.seek(page.dataoffsets[-1])
+            raw = zlib.decompress(tif.filehandle.read(page.databytecounts[-1]))
+            assert len(raw) == 256 * 256 * 4  # a full (padded) little-endian float32 tile
+            want = max_2x2(want)
+        first = pages[0]
+        assert len(set(first.dataoffsets[:8])) == 1  # the 8 empty tiles share their bytes
+
+
+def test_max_2x2_is_the_maximum_of_each_2x2_block():
+    from napari_zoomin.geometry import max_2x2
+
+    rng = np.random.default_rng(0)
+    for shape in [(1, 1), (2, 3), (5, 7), (64, 33)]:
+        a = rng.normal(size=shape).astype(np.float32)
+        want = np.array(
+            [
+                [a[2 * i : 2 * i + 2, 2 * j : 2 * j + 2].max() for j in range((shape[1] + 1) // 2)]
+                for i in range((shape[0] + 1) // 2)
+            ],
+            np.float32,
+        ).reshape((shape[0] + 1) // 2, (shape[1] + 1) // 2)
+        assert np.array_equal(max_2x2(a), want), shape
