@@ -120,15 +120,45 @@ def run_cli(path: Path, model_name: str) -> dict:
         raise SystemExit(done.stderr)
     files = [f for f in (out / "result").rglob("*") if f.is_file()]
     size = sum(f.stat().st_size for f in files)
+    repeats = sum(_repeated_tissue_bytes(f) for f in files if f.suffix == ".tif")
     import resource
 
     return {
         "method": "`zoomin classify` process (outputs written)",
         "seconds": seconds,
         "output_mb": size / 1e6,
+        # what the outputs would be on a slide whose tissue does not repeat
+        "output_mb_distinct": (size + repeats) / 1e6,
         "outputs": {f.name: f.stat().st_size for f in files},
         "child_peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
     }
+
+
+def _repeated_tissue_bytes(path: Path) -> int:
+    """Bytes a map TIFF saves by storing repeated non-empty tiles once.
+
+    The benchmark slides repeat one piece of real tissue, so their attention maps
+    repeat whole tiles, which the writer stores once: a saving a real slide would not
+    get (unlike the empty tiles', which it does get).  Tiles listed minus stored,
+    over every page, the empty (all-zero) tile left out.
+    """
+    import zlib
+    from collections import Counter
+
+    import tifffile
+
+    saved = 0
+    with tifffile.TiffFile(path) as tif:
+        fh = tif.filehandle
+        for top in tif.pages:
+            for page in [top, *(top.pages or [])]:
+                uses = Counter(zip(page.dataoffsets, page.databytecounts, strict=True))
+                for (offset, count), n in uses.items():
+                    if n > 1:
+                        fh.seek(offset)
+                        if any(zlib.decompress(fh.read(count))):
+                            saved += (n - 1) * count
+    return saved
 
 
 def run_ats(path: Path, model_name: str, n: int, device: str, draws: int) -> dict:
@@ -226,7 +256,8 @@ def table(rows: list[dict]) -> str:
         if "output_mb" in r:
             lines.append(
                 f"| {r['method']} | {r['seconds']:.2f} | {r['seconds'] / base['seconds']:.1f} | "
-                f"{r['child_peak_rss_mb']:.0f} | outputs {r['output_mb']:.1f} MB | | | |"
+                f"{r['child_peak_rss_mb']:.0f} | outputs {r['output_mb']:.1f} MB "
+                f"({r['output_mb_distinct']:.1f} MB if the tissue did not repeat) | | | |"
             )
     return "\n".join(lines)
 
@@ -295,7 +326,8 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         if "output_mb" in r:
             print(f"outputs: {json.dumps(r['outputs'])}")
-            misses += [f"cli {k}" for k, limit in CLI_TARGETS.items() if r[k] > limit]
+            sizes = {**r, "output_mb": r["output_mb_distinct"]}  # not flattered by repeats
+            misses += [f"cli {k}" for k, limit in CLI_TARGETS.items() if sizes[k] > limit]
     print("meets the targets" if not misses else f"misses: {', '.join(misses)}")
     return 0
 
