@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -297,16 +298,23 @@ def test_atomic_write_keeps_previous_file_on_failure(tmp_path, monkeypatch):
     write_geojson(path, old)
     before = path.read_bytes()
 
-    real_dump = json.dump
+    real_open = geojson.atomic_open
 
-    def dump_then_fail(obj, fp, **kw):
-        fp.write('{"type": "FeatureCollection", "features": [')  # half a file
-        raise RuntimeError("disk unplugged")
+    @contextlib.contextmanager
+    def half_then_fail(*args, **kwargs):
+        with real_open(*args, **kwargs) as f:
 
-    monkeypatch.setattr(geojson.json, "dump", dump_then_fail)
+            class Half:
+                def write(self, text):
+                    f.write(text[: len(text) // 2])  # half a file
+                    raise RuntimeError("disk unplugged")
+
+            yield Half()
+
+    monkeypatch.setattr(geojson, "atomic_open", half_then_fail)
     with pytest.raises(RuntimeError, match="disk unplugged"):
         write_geojson(path, [Annotation.rectangle(5, 5, 1, 1, "Stroma")])
-    monkeypatch.setattr(geojson.json, "dump", real_dump)
+    monkeypatch.setattr(geojson, "atomic_open", real_open)
 
     assert path.read_bytes() == before
     assert sorted(os.listdir(tmp_path)) == ["slide.geojson"]  # no temp file left
