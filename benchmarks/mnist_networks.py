@@ -70,27 +70,24 @@ class ScaledClassifier(nn.Module):
 class StridedAttention(nn.Module):
     """An attention network that can see a whole digit: one cell per 2×2 view pixels.
 
-    conv 3×3 (``c1``)–leaky ReLU–max-pool 2–conv 3×3 (``c2``)–leaky ReLU–conv 3×3
-    (``c2``)–leaky ReLU, then a 1×1 logit.  Its receptive field is 12 view pixels
-    (a 28-pixel digit is 14 pixels at ``s = 0.5``), where 000's three 3×3 layers see
-    7; the layers after the pooling cost a quarter as much per channel.
-    ``offset``/``stride`` place each cell on the centre of its 2×2 block.
+    conv 3×3 (``c1``)–leaky ReLU–max-pool 2–``depth`` × (conv 3×3 (``c2``)–leaky
+    ReLU), then a 1×1 logit.  Its receptive field is 4 + 4·``depth`` view pixels: 12
+    at the default depth 2 (a 28-pixel digit is 14 pixels at ``s = 0.5``), where
+    000's three 3×3 layers see 7; 16 at depth 3, a whole digit.  The layers after the
+    pooling cost a quarter as much per channel.  ``offset``/``stride`` place each cell
+    on the centre of its 2×2 block.
     """
 
     offset = (0.5, 0.5)
     stride = (2, 2)
 
-    def __init__(self, c1: int = 8, c2: int = 16):
+    def __init__(self, c1: int = 8, c2: int = 16, depth: int = 2):
         super().__init__()
-        self.body = nn.Sequential(
-            nn.Conv2d(3, c1, 3, padding=1),
-            nn.LeakyReLU(0.2),
-            nn.MaxPool2d(2),
-            nn.Conv2d(c1, c2, 3, padding=1),
-            nn.LeakyReLU(0.2),
-            nn.Conv2d(c2, c2, 3, padding=1),
-            nn.LeakyReLU(0.2),
-        )
+        layers: list[nn.Module] = [nn.Conv2d(3, c1, 3, padding=1), nn.LeakyReLU(0.2)]
+        layers.append(nn.MaxPool2d(2))
+        for k in range(depth):
+            layers += [nn.Conv2d(c1 if k == 0 else c2, c2, 3, padding=1), nn.LeakyReLU(0.2)]
+        self.body = nn.Sequential(*layers)
         self.logit = nn.Conv2d(c2, 1, 1)
 
     def map_shape(self, view_shape: tuple[int, int]) -> tuple[int, int]:

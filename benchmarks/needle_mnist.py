@@ -160,14 +160,14 @@ DETECTOR_PATCHES = 32  # per training image and network: 51,200 patches at 1,600
 DETECTOR_CHANNELS = (16, 32)  # a's (c1, c2): twice StridedAttention's default
 
 
-def _zoomin_detect(args: argparse.Namespace, cls=ZoomIn):
+def _zoomin_detect(args: argparse.Namespace, cls=ZoomIn, depth: int = 2):
     """s1 0.5, a strided ``a`` with twice the channels (``b`` its copy after pre-training),
     and Megapixel MNIST's ``f``, which finds a digit anywhere in its sub-tile (global max
-    pooling)."""
+    pooling).  ``depth`` 3 gives ``a`` (and ``b``) one more layer: it sees a whole digit."""
     return cls(
         ZoomInConfig(view_scale=0.5, pixel_weight=0.0, **_sampling(args)),
-        attention=StridedAttention(*DETECTOR_CHANNELS),
-        stage2_attention=StridedAttention(*DETECTOR_CHANNELS),
+        attention=StridedAttention(*DETECTOR_CHANNELS, depth=depth),
+        stage2_attention=StridedAttention(*DETECTOR_CHANNELS, depth=depth),
         feature=PooledFeatureNetwork(FEATURES["feature_dim"]),
         classifier=ScaledClassifier(FEATURES["feature_dim"], 1),
     )
@@ -387,6 +387,16 @@ BENCH = Bench(
             "Zoom-In, s1 0.5, a and f pre-trained with look-alikes mined on every image, "
             "frozen, g alone, ink mask dilated by a view pixel (N = {n})",
             lambda args: _zoomin_detect(args, BlockInkZoomIn),
+            pretrain=lambda model, data, args: _pretrain_detectors_hard(
+                model, data, args, mined_images=len(data.images)
+            ),
+            lr=1e-2,
+        ),
+        "zoomin_detect_deep": ModelSpec(
+            "Zoom-In, s1 0.5, a (one layer deeper: sees a whole digit) and f pre-trained "
+            "with look-alikes mined on every image, frozen, g alone, ink mask dilated by "
+            "a view pixel (N = {n})",
+            lambda args: _zoomin_detect(args, BlockInkZoomIn, depth=3),
             pretrain=lambda model, data, args: _pretrain_detectors_hard(
                 model, data, args, mined_images=len(data.images)
             ),
