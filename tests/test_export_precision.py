@@ -151,3 +151,19 @@ def test_max_2x2_is_the_maximum_of_each_2x2_block():
             np.float32,
         ).reshape((shape[0] + 1) // 2, (shape[1] + 1) // 2)
         assert np.array_equal(max_2x2(a), want), shape
+
+
+def test_maps_are_written_with_zlib_where_imagecodecs_has_no_libdeflate(tmp_path, monkeypatch):
+    import imagecodecs
+    import tifffile
+
+    from napari_zoomin.engine.results import write_attention_tiff
+
+    a, _ = export_precision(peaked_map(2, shape=(300, 400)))
+    fast = write_attention_tiff(tmp_path / "fast.ome.tif", a, (0.0, 0.0), (1.0, 1.0), None, "m")
+    monkeypatch.setattr(imagecodecs.DEFLATE, "available", False)
+    slow = write_attention_tiff(tmp_path / "slow.ome.tif", a, (0.0, 0.0), (1.0, 1.0), None, "m")
+    for path in (fast, slow):
+        with tifffile.TiffFile(path) as tif:
+            assert np.array_equal(tif.series[0].levels[0].asarray(), a)
+    assert fast.read_bytes() != slow.read_bytes()  # the two encoders did run

@@ -536,9 +536,14 @@ def dense_tiles(a: np.ndarray, tile: int) -> Iterator[np.ndarray | None]:
 
 
 def _deflate(block: np.ndarray) -> bytes:
+    import zlib
+
     import imagecodecs
 
-    return imagecodecs.deflate_encode(np.ascontiguousarray(block, "<f4"), level=6)
+    data = np.ascontiguousarray(block, "<f4")
+    if imagecodecs.DEFLATE.available:
+        return imagecodecs.deflate_encode(data, level=6)
+    return zlib.compress(data.tobytes(), 6)  # an imagecodecs build without libdeflate
 
 
 def deflate_tiles(blocks: Iterable[np.ndarray | None], tile: int) -> Iterator[bytes]:
