@@ -291,7 +291,14 @@ def test_classify_from_the_manifest_widget(make_napari_viewer, qtbot, sample, tm
     run(qtbot, widget)
     assert [layer.name for layer in viewer.layers] == [slide.name, *NAMES]
     assert all(viewer.layers[n] is not old for n, old in zip(NAMES, before, strict=True))
-    assert widget.result.subtiles == result.subtiles  # same seed, same draws
+    again = widget.result
+    if again.threads == result.threads:  # same seed, same draws, same arithmetic
+        assert again.subtiles == result.subtiles
+    else:  # the widget takes the idle cores (threads="auto"): float rounding may differ,
+        # and now and then move a draw to a neighbouring cell (docs/benchmarks.md)
+        assert again.label == result.label
+        for name, p in result.probabilities.items():
+            assert again.probabilities[name] == pytest.approx(p, abs=0.05)
 
 
 def test_real_slide_shows_its_warnings_under_the_prediction(make_napari_viewer, qtbot, cmu_svs):

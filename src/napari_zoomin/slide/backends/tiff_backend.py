@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
 import threading
 from pathlib import Path
@@ -292,18 +293,30 @@ class TiffBackend(SlideBackend):
         """One file tile decoded straight from its bytes (what :class:`Slide` asks for).
 
         zarr's chunk machinery costs about 2 ms a tile, more than decoding a 256² JPEG
-        tile; a whole-slide view is hundreds of tiles.  The bytes are read under the
-        file handle's lock and decoded outside it, so threads decode in parallel.
+        tile; a whole-slide view is hundreds of tiles.  The bytes are read with
+        ``os.pread`` (a positioned read: no shared file position, so no seek of another
+        thread's, locked or not, can move it; a widget test caught a tile read from the
+        wrong place under a seek and read in the lock) and decoded in the calling
+        thread, so threads decode in parallel.  Where there is no ``pread`` or file
+        descriptor, seek and read under the file handle's lock.
         """
         th, tw = self._tiles[level]
         index = ty * -(-self._level_shapes[level][1] // tw) + tx
         count = int(page.databytecounts[index])
         if count == 0:  # not scanned: white glass, as the zarr path and OpenSlide show it
             return np.full((height, width, 3), self._white, np.uint8)
+        offset = int(page.dataoffsets[index])
         fh = self._tif.filehandle
-        with fh.lock:
-            fh.seek(int(page.dataoffsets[index]))
-            data = fh.read(count)
+        data = None
+        if hasattr(os, "pread") and not fh._offset:  # a file of its own, not embedded
+            try:
+                data = os.pread(fh.fileno(), count, offset)
+            except OSError:
+                data = None
+        if data is None or len(data) != count:
+            with fh.lock:
+                fh.seek(offset)
+                data = fh.read(count)
         tile = page.decode(data, index, jpegtables=page.jpegtables)[0]
         return self._to_rgb(tile.reshape(th, tw, -1)[:height, :width], "YXS")
 
