@@ -62,13 +62,17 @@ def test_a_slide_like_training_gives_no_warning_and_an_ihc_stain_does(cmu_profil
     assert "green" in warnings[0]
 
 
-def test_colour_cast_within_tolerance(cmu_svs):
-    slide = open_slide(cmu_svs)
+def _pixels_and_tissue(path):
+    """A slide's level-0 pixels and its detected tissue mask."""
+    slide = open_slide(path)
     try:
-        rgb = slide.read(0, 0, 0, *slide.shape)
-        mask = detect_tissue(slide).mask
+        return slide.read(0, 0, 0, *slide.shape), detect_tissue(slide).mask
     finally:
         slide.close()
+
+
+def test_colour_cast_within_tolerance(cmu_svs):
+    rgb, mask = _pixels_and_tissue(cmu_svs)
     od, _ = optical_density_mean(rgb, mask)
     cast = np.clip(rgb * np.array([1.0, 0.9, 1.0]), 0, 255).astype(np.uint8)
     od_cast, _ = optical_density_mean(cast, mask)
@@ -154,12 +158,7 @@ def test_evidence_warning_says_agreement_is_not_certainty():
 def test_optical_density_mean_is_the_per_pixel_definition(cmu_svs):
     """The histogram shortcut gives the mean of −log10((v + 1) / 256) over the stained
     pixels (OD sum above glass, not black) inside the mask, computed pixel by pixel."""
-    slide = open_slide(cmu_svs)
-    try:
-        rgb = slide.read(0, 0, 0, *slide.shape)
-        mask = detect_tissue(slide).mask
-    finally:
-        slide.close()
+    rgb, mask = _pixels_and_tissue(cmu_svs)
     od = -np.log10((rgb.astype(np.float64) + 1.0) / 256.0)
     keep = (od.sum(axis=-1) > GLASS_OD) & (rgb.max(axis=-1) > BLACK)
     rows = np.arange(rgb.shape[0]) * mask.shape[0] // rgb.shape[0]
