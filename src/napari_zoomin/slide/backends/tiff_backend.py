@@ -79,6 +79,7 @@ class TiffBackend(SlideBackend):
         # threads read tiles' bytes from one file handle (_read_tile): seek + read must
         # not interleave (tifffile's zarr store would set this lock; zarr is lazy here)
         self._tif.filehandle.set_lock(True)
+        self._fd = _pread_descriptor(self._tif.filehandle)
         try:
             series = self._pick_series(self._tif)
             self._series = series
@@ -308,9 +309,9 @@ class TiffBackend(SlideBackend):
         offset = int(page.dataoffsets[index])
         fh = self._tif.filehandle
         data = None
-        if hasattr(os, "pread") and not fh._offset:  # a file of its own, not embedded
+        if self._fd is not None:
             try:
-                data = os.pread(fh.fileno(), count, offset)
+                data = os.pread(self._fd, count, offset)
             except OSError:
                 data = None
         if data is None or len(data) != count:
@@ -322,6 +323,21 @@ class TiffBackend(SlideBackend):
 
     def close(self) -> None:
         self._tif.close()
+
+
+def _pread_descriptor(fh) -> int | None:
+    """The descriptor to ``os.pread`` tiles from, or ``None`` to seek and read instead.
+
+    The slide is opened by path, so its offsets are the file's own; a handle that
+    says it starts inside a larger file (tifffile's embedded files) or has no
+    descriptor gets the locked seek and read.
+    """
+    if not hasattr(os, "pread") or getattr(fh, "_offset", 0):
+        return None
+    try:
+        return fh.fileno()
+    except OSError:
+        return None
 
 
 def _direct_page(level_series):
