@@ -282,6 +282,28 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(
     assert load_checkpoint(out).info["info"]["metrics"]["best_epoch"] == 1
 
 
+def test_nan_gradient_stops_before_the_weights_are_poisoned(records, tmp_path, monkeypatch):
+    """A finite loss with a NaN gradient (measured: attention logits that diverged at
+    a high learning rate) is stopped before the step, not by the sampler's error on
+    the next one."""
+    original = ZoomIn.loss
+
+    def poisoned(self, sources, labels, epoch=0, generator=None):
+        terms = original(self, sources, labels, epoch=epoch, generator=generator)
+        if epoch == 1:  # value 0, gradient 0 · ∞ = NaN
+            zero = terms.total - terms.total.detach()
+            terms.total = terms.total + 0.0 * torch.sqrt(zero)
+        return terms
+
+    monkeypatch.setattr(ZoomIn, "loss", poisoned)
+    out = tmp_path / "m.safetensors"
+    with pytest.raises(TrainingError, match=r"gradients became non-finite at epoch 2, step 1"):
+        train(dataset(records), tiny(epochs=3), out)
+    last = load_checkpoint(last_checkpoint_path(out))
+    assert last.info["info"]["trainer"]["state"]["epoch"] == 1
+    assert all(torch.isfinite(p).all() for p in last.model.parameters())
+
+
 def test_out_of_memory_suggests_smaller_settings(records, tmp_path, monkeypatch):
     def oom(self, *args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")

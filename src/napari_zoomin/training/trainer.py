@@ -490,6 +490,16 @@ class Trainer:
                 )
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
+            if not self.scaler.is_enabled() and not _finite_gradients(model):
+                # a finite loss can still have a NaN gradient: stepping would poison the
+                # weights, and the next step would fail deep in the sampler
+                raise TrainingError(
+                    self.out_path,
+                    f"the gradients became non-finite at epoch {epoch + 1}, step "
+                    f"{step + 1} (the loss was {float(loss.detach()):.4g}).",
+                    f"Lower the learning rate (now {config.lr:g}, --lr). The checkpoints "
+                    f"of the last good epoch ({self.state.epoch}) are kept.",
+                )
             self.scaler.step(self.optimizer)
             self.scaler.update()
         n = len(batch)
@@ -911,3 +921,10 @@ def _parameter_groups(model: AttentionSamplingModel, config: TrainConfig) -> lis
         {"params": feature, "lr": config.feature_lr},
     ]
     return [g for g in groups if g["params"]]
+
+
+def _finite_gradients(model: torch.nn.Module) -> bool:
+    """Whether every gradient is finite (a NaN or infinity makes its tensor's norm so);
+    one synchronisation, not one per parameter on a GPU."""
+    norms = [p.grad.norm() for p in model.parameters() if p.grad is not None]
+    return not norms or bool(torch.isfinite(torch.stack(norms)).all())
