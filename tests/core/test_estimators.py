@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from napari_zoomin.sampling import expected_features, two_stage_expected_features
-from napari_zoomin.sampling.estimators import without_replacement_weights
+from napari_zoomin.sampling.estimators import undrawn_mass, without_replacement_weights
 from napari_zoomin.sampling.sampler import draws_to_counts, subtile_draw_counts
 
 TOL = 1e-6
@@ -140,6 +140,47 @@ def test_without_replacement_weights_padding_has_no_effect():
     assert torch.all(w_padded[:, 2:] == 0)
     w_padded.sum().backward()
     assert torch.all(a.grad[:, 2:] == 0)
+
+
+def test_without_replacement_weights_with_the_undrawn_mass_match_one_minus_s():
+    """On an ordinary map both ways of counting the mass left give the same weights."""
+    a = torch.softmax(torch.randn(2, 6, generator=torch.Generator().manual_seed(3)), -1)
+    idx = torch.tensor([[4, 1, 0], [2, 5, 3]])
+    drawn = a.gather(1, idx)
+    torch.testing.assert_close(
+        without_replacement_weights(drawn, undrawn=undrawn_mass(a, idx)),
+        without_replacement_weights(drawn),
+    )
+    assert torch.allclose(undrawn_mass(a, idx), 1 - drawn.sum(1))
+
+
+@pytest.mark.parametrize("gap", [80.0, 95.0, 102.0])
+def test_peaked_subtile_map_keeps_weights_positive_and_gradients_finite(gap):
+    """A tile drawn 4 times has 4 sub-tiles drawn without replacement, but its map has
+    2 sizeable cells: the other draws take cells of β ≈ e^−gap (10⁻³⁵, and denormal
+    10⁻⁴² and 10⁻⁴⁵).  Counting the mass left as ``1 − S`` gave them weights of −3·10⁻⁸
+    (rounding noise) and, at 10⁻⁴⁵, a NaN gradient: what stopped a digits training run
+    at its 15th epoch."""
+    tile_logits = torch.zeros(1, 2, requires_grad=True)
+    sub_logits = torch.tensor([[[0.0, -0.8474] + [-gap] * 14]], requires_grad=True)
+    beta = torch.softmax(sub_logits, -1)
+    draws = torch.tensor([[[0, 1, 2, 3]]])
+    assert 0 < float(beta.detach()[0, 0, 2]) < 1e-34
+    feats = torch.randn(1, 1, 4, 8, generator=torch.Generator().manual_seed(0))
+    z = two_stage_expected_features(
+        torch.softmax(tile_logits, -1),
+        torch.tensor([[0]]),
+        torch.tensor([[4]]),
+        beta,
+        draws,
+        feats,
+    )
+    (100 * z).sum().backward()
+    assert torch.isfinite(sub_logits.grad).all() and torch.isfinite(tile_logits.grad).all()
+    b = beta.detach()[0]
+    w = without_replacement_weights(b.gather(1, draws[0]), undrawn=undrawn_mass(b, draws[0]))
+    assert bool((w > 0).all())
+    assert abs(float(w.sum()) - 1) < 1e-6
 
 
 # ---- two stages ----------------------------------------------------------------------

@@ -39,6 +39,7 @@ from .sampler import subtile_draw_counts
 __all__ = [
     "expected_features",
     "two_stage_expected_features",
+    "undrawn_mass",
     "with_replacement_weights",
     "without_replacement_weights",
 ]
@@ -57,7 +58,9 @@ def with_replacement_weights(drawn_attention: Tensor) -> Tensor:
     return drawn_attention / drawn_attention.detach() / n
 
 
-def without_replacement_weights(drawn_attention: Tensor, n_valid: Tensor | None = None) -> Tensor:
+def without_replacement_weights(
+    drawn_attention: Tensor, n_valid: Tensor | None = None, undrawn: Tensor | None = None
+) -> Tensor:
     """Per-draw weights ``w_k`` with ``Σ_k w_k f_k = (1/n) Σ_{n'≤n} T_{n'}``, ATS eqs. (14)–(17).
 
     Args:
@@ -66,6 +69,13 @@ def without_replacement_weights(drawn_attention: Tensor, n_valid: Tensor | None 
         n_valid: optional LongTensor (...) — only the first ``n_valid`` draws of each
             row are real (the rest is padding and gets weight exactly 0, no gradient);
             rows with ``n_valid == 0`` get all-zero weights. Default: all M.
+        undrawn: optional (...) attention of the row's cells that no real draw took
+            (:func:`undrawn_mass`).  With it, the mass left before draw ``k`` is summed
+            from small terms, ``undrawn + Σ_{j≥k} a_{I_j}``, instead of ``1 − S_{k−1}``:
+            once the first draws hold all but 10⁻⁷ of a peaked map, ``1 − S`` in
+            float32 is rounding noise, and divided by a later draw's tiny attention it
+            overflowed the gradient to NaN (measured: Zoom-In's stage 2 at the end of
+            a digits training run).
 
     Returns:
         (..., M) weights.  Draw ``k`` (1-based) appears as a known term in
@@ -82,12 +92,35 @@ def without_replacement_weights(drawn_attention: Tensor, n_valid: Tensor | None 
     valid = position < n.unsqueeze(-1)
     a_valid = torch.where(valid, a, torch.zeros_like(a))
     a_safe = torch.where(valid, a.detach(), torch.ones_like(a))
-    # S_{k−1}: exclusive cumulative sum of the earlier draws' attention, no gradient.
-    s_before = torch.cumsum(a_valid.detach(), dim=-1) - a_valid.detach()
-    new_term = (1.0 - s_before) * a_valid / a_safe
+    drawn = a_valid.detach()
+    if undrawn is None:  # 1 − S_{k−1}, S the earlier draws' attention (no gradient)
+        left = 1.0 - (torch.cumsum(drawn, dim=-1) - drawn)
+    else:  # the same mass, as a sum of what is left: this draw's, the later ones', the rest
+        later = torch.flip(torch.cumsum(torch.flip(drawn, [-1]), dim=-1), [-1])
+        left = undrawn.detach().to(a.dtype).unsqueeze(-1) + later
+    # the coefficient first: a draw's attention can be denormal (a peaked map), and
+    # autograd's 1 / a of ``(left · a) / a`` then overflows where ``left / a`` does not
+    new_term = (left / a_safe) * a_valid
     known_term = (n.unsqueeze(-1) - 1 - position).clamp(min=0).to(a.dtype) * a_valid
     denom = n.clamp(min=1).to(a.dtype).unsqueeze(-1)
     return torch.where(valid, (new_term + known_term) / denom, torch.zeros_like(a))
+
+
+def undrawn_mass(attention: Tensor, indices: Tensor, valid: Tensor | None = None) -> Tensor:
+    """(...) the attention of each row's cells that none of its real draws took.
+
+    Args:
+        attention: (..., K) the distribution drawn from.
+        indices: LongTensor (..., M) the draws (distinct within a row, without
+            replacement).
+        valid: optional bool (..., M), which draws are real; default all.
+    """
+    idx = indices.to(attention.device)
+    real = torch.ones(idx.shape, dtype=attention.dtype, device=attention.device)
+    if valid is not None:
+        real = valid.to(device=attention.device, dtype=attention.dtype)
+    hits = torch.zeros_like(attention.detach()).scatter_add_(-1, idx, real)
+    return torch.where(hits > 0, torch.zeros_like(hits), attention.detach()).sum(dim=-1)
 
 
 def expected_features(
@@ -123,7 +156,10 @@ def expected_features(
     drawn = attention.gather(1, indices.to(attention.device))
     if bool((drawn.detach() <= 0).any()):
         raise ValueError("a drawn cell has zero attention: it cannot have been drawn from it")
-    weights = with_replacement_weights(drawn) if replace else without_replacement_weights(drawn)
+    if replace:
+        weights = with_replacement_weights(drawn)
+    else:
+        weights = without_replacement_weights(drawn, undrawn=undrawn_mass(attention, indices))
     return torch.einsum("bn,bnd->bd", weights.to(features.dtype), features)
 
 
@@ -210,7 +246,9 @@ def two_stage_expected_features(
                 "without replacement, tile_counts must be 1 for the drawn tiles (in draw "
                 "order) and 0 only for trailing padding"
             )
-        tile_weight = without_replacement_weights(alpha, total)
+        tile_weight = without_replacement_weights(
+            alpha, total, undrawn_mass(tile_attention, tile_indices, prefix)
+        )
 
     # Stage 2, without replacement, per tile: weights of mean_n T^c_n.
     m = subtile_indices.shape[2]
@@ -224,7 +262,9 @@ def two_stage_expected_features(
     valid = torch.arange(m, device=beta.device) < n_sub.to(beta.device)[..., None]
     if bool((valid & (beta.detach() <= 0)).any()):
         raise ValueError("a drawn sub-tile has zero attention β^c_c'")
-    sub_weight = without_replacement_weights(beta, n_sub)  # (B, T, M)
+    sub_weight = without_replacement_weights(
+        beta, n_sub, undrawn_mass(subtile_attention, safe_indices, valid)
+    )  # (B, T, M)
 
     weights = tile_weight.unsqueeze(-1) * sub_weight
     z = torch.einsum("btm,btmd->bd", weights.to(features.dtype), features)
