@@ -246,9 +246,9 @@ def two_stage_expected_features(
                 "without replacement, tile_counts must be 1 for the drawn tiles (in draw "
                 "order) and 0 only for trailing padding"
             )
-        tile_weight = without_replacement_weights(
-            alpha, total, undrawn_mass(tile_attention, tile_indices, prefix)
-        )
+        # ``tile_attention`` may hold only the drawn tiles' attention (Zoom-In passes
+        # it so), so the mass left is ``1 − S`` here, not summed from the undrawn cells
+        tile_weight = without_replacement_weights(alpha, total)
 
     # Stage 2, without replacement, per tile: weights of mean_n T^c_n.
     m = subtile_indices.shape[2]
