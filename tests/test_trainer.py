@@ -283,9 +283,9 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(
 
 
 def test_nan_gradient_stops_before_the_weights_are_poisoned(records, tmp_path, monkeypatch):
-    """A finite loss with a NaN gradient (measured: attention logits that diverged at
-    a high learning rate) is stopped before the step, not by the sampler's error on
-    the next one."""
+    """A finite loss with a NaN gradient (as the estimator gave on a peaked stage-2 map
+    before its fix) is stopped before the step, not by the sampler's error on the
+    next one."""
     original = ZoomIn.loss
 
     def poisoned(self, sources, labels, epoch=0, generator=None):

@@ -159,8 +159,8 @@ def test_peaked_subtile_map_keeps_weights_positive_and_gradients_finite(gap):
     """A tile drawn 4 times has 4 sub-tiles drawn without replacement, but its map has
     2 sizeable cells: the other draws take cells of β ≈ e^−gap (10⁻³⁵, and denormal
     10⁻⁴² and 10⁻⁴⁵).  Counting the mass left as ``1 − S`` gave them weights of −3·10⁻⁸
-    (rounding noise) and, at 10⁻⁴⁵, a NaN gradient: what stopped a digits training run
-    at its 15th epoch."""
+    (rounding noise), and the denormal ones a NaN gradient: what stopped a digits
+    training run at its 15th epoch."""
     tile_logits = torch.zeros(1, 2, requires_grad=True)
     sub_logits = torch.tensor([[[0.0, -0.8474] + [-gap] * 14]], requires_grad=True)
     beta = torch.softmax(sub_logits, -1)
