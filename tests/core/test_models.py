@@ -660,6 +660,31 @@ def test_blockwise_attention_equals_the_whole_view(padding, stride, shape):
         assert float(blocks[:8, 16:24].abs().max()) == 0.0  # not computed
 
 
+
+def test_blocks_of_a_view_read_as_rows_of_rgb_pixels_get_a_dense_buffer():
+    """The slide reader gives a view as (h, w, 3) bytes, permuted to (3, h, w): a crop
+    of it passes torch's channels-last test with a batch stride oneDNN does not accept
+    as dense (its convolutions took 3× as long).  Each crop gets a buffer of its own,
+    and the logits are those of the same view stored channel by channel."""
+    from napari_zoomin.models.networks import AttentionNetwork, dense_channels_last
+
+    torch.manual_seed(0)
+    rgb = torch.randint(0, 256, (70, 90, 3), dtype=torch.uint8)  # what Slide.read returns
+    view = rgb.permute(2, 0, 1)
+    crop = view[None, :, 10:40, 0:90].float()
+    assert crop.is_contiguous(memory_format=torch.channels_last)  # torch calls it dense
+    assert crop.stride()[0] != 3 * 30 * 90  # but it is not
+    dense = dense_channels_last(crop)
+    assert dense.stride() == (3 * 30 * 90, 1, 90 * 3, 3)
+    assert torch.equal(dense, crop)
+    assert dense_channels_last(dense) is dense  # already dense: no copy
+
+    net = AttentionNetwork(stride=2).eval()
+    needed = torch.ones(net.map_shape((70, 90)), dtype=torch.bool)
+    from_rows = net.forward_blocks(view, needed, block=16)
+    from_planes = net.forward_blocks(view.contiguous(), needed, block=16)
+    assert torch.equal(from_rows, from_planes)
+
 def test_a_strided_map_places_each_cell_on_its_own_view_pixels():
     """Stride s: cell (i, j) is centred on view pixel (s·i, s·j); ROI targets average the
     cell's s² pixels, so an ROI a few view pixels across between two centres counts."""

@@ -86,9 +86,16 @@ def test_too_many_distinct_draws_is_a_clear_error():
     assert sample(a, 3, replace=True).shape == (2, 3)
 
 
-def test_invalid_attention_is_rejected():
-    with pytest.raises(ValueError, match="non-negative"):
-        sample(torch.tensor([[0.5, -0.1, 0.6]]), 1, replace=True)
+@pytest.mark.parametrize("bad", [-0.1, float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("replace", [True, False])
+def test_invalid_attention_is_rejected(bad, replace):
+    """Negative, NaN and infinite values anywhere in any row (one pass finds them)."""
+    a = torch.full((3, 50), 0.02)
+    a[2, 17] = bad
+    with pytest.raises(ValueError, match="finite and non-negative"):
+        sample(a, 1, replace=replace)
+    with pytest.raises(ValueError, match="row 1 has no cell with non-zero probability"):
+        sample(torch.tensor([[0.5, 0.5], [0.0, 0.0]]), 1, replace=replace)
     with pytest.raises(ValueError, match=r"\(B, K\)"):
         sample(torch.tensor([0.5, 0.5]), 1, replace=True)
 

@@ -182,14 +182,14 @@ class AttentionNetwork(nn.Module):
         if view.device.type == "cpu" and not torch.is_grad_enabled():
             # oneDNN's convolutions with few channels run about 2x faster channels-last
             # (inference only: training keeps its exact, reproducible numerics)
-            view = view.contiguous(memory_format=torch.channels_last)
+            view = dense_channels_last(view)
         return self.logit(self.body(view))[:, 0]
 
     def _interior(self, crop: Tensor) -> Tensor:
         """:meth:`forward` for a crop whose margin covers the receptive field on every
         side: the border padding cannot reach the cells kept, so the convolutions pad
         with zeros inside oneDNN instead of copying the crop to replicate its border."""
-        x = crop.contiguous(memory_format=torch.channels_last)
+        x = dense_channels_last(crop)
         for module in self.body:
             if isinstance(module, nn.Conv2d):
                 x = F.conv2d(
@@ -234,7 +234,8 @@ class AttentionNetwork(nn.Module):
             cy0, cy1, cx0, cx1 = s * (y0 - m), s * (y1 + m), s * (x0 - m), s * (x1 + m)
             crop = view[None, :, max(0, cy0) : min(h_v, cy1), max(0, cx0) : min(w_v, cx1)]
             pad = (max(0, -cx0), max(0, cx1 - w_v), max(0, -cy0), max(0, cy1 - h_v))
-            crop = F.pad(as_float_view(crop), pad) if any(pad) else as_float_view(crop)
+            crop = as_float_view(dense_channels_last(crop))
+            crop = F.pad(crop, pad) if any(pad) else crop
             out[y0:y1, x0:x1] = self._interior(crop)[0, m : m + y1 - y0, m : m + x1 - x0]
         # the edge cells, exactly as forward() pads: strips of e cells along each edge,
         # each read with an inner margin of m cells
@@ -262,6 +263,21 @@ def as_float_view(view: Tensor) -> Tensor:
     """A view (or crop) in [0, 1]: 8-bit ones (``read_view(exact_bytes=True)``) divided by
     255, as the slide reader does."""
     return view if view.is_floating_point() else view.float().div_(255.0)
+
+
+def dense_channels_last(x: Tensor) -> Tensor:
+    """``x`` (B, C, h, w) channels-last in a buffer of its own, without gaps.
+
+    ``contiguous(memory_format=channels_last)`` keeps a tensor it already calls
+    channels-last, such as one crop of an 8-bit view read as (h, w, 3) and permuted:
+    with one image its batch stride is ignored by that test, but not by oneDNN, whose
+    convolutions then took 3× as long (8.3 against 2.8 ms for a 256² block of the
+    stage-1 view; docs/benchmarks.md).
+    """
+    b, c, h, w = x.shape
+    if x.stride() == (c * h * w, 1, w * c, c):
+        return x
+    return torch.empty_like(x, memory_format=torch.channels_last).copy_(x)
 
 
 def _busy_blocks(needed: Tensor, block: int):
