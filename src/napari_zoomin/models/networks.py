@@ -274,7 +274,7 @@ def dense_channels_last(x: Tensor) -> Tensor:
     convolutions then took 3× as long (8.3 against 2.8 ms for a 256² block of the
     stage-1 view; docs/benchmarks.md).
     """
-    b, c, h, w = x.shape
+    _, c, h, w = x.shape
     if x.stride() == (c * h * w, 1, w * c, c):
         return x
     return torch.empty_like(x, memory_format=torch.channels_last).copy_(x)
