@@ -660,7 +660,6 @@ def test_blockwise_attention_equals_the_whole_view(padding, stride, shape):
         assert float(blocks[:8, 16:24].abs().max()) == 0.0  # not computed
 
 
-
 def test_blocks_of_a_view_read_as_rows_of_rgb_pixels_get_a_dense_buffer():
     """The slide reader gives a view as (h, w, 3) bytes, permuted to (3, h, w): a crop
     of it passes torch's channels-last test with a batch stride oneDNN does not accept
@@ -684,6 +683,7 @@ def test_blocks_of_a_view_read_as_rows_of_rgb_pixels_get_a_dense_buffer():
     from_rows = net.forward_blocks(view, needed, block=16)
     from_planes = net.forward_blocks(view.contiguous(), needed, block=16)
     assert torch.equal(from_rows, from_planes)
+
 
 def test_a_strided_map_places_each_cell_on_its_own_view_pixels():
     """Stride s: cell (i, j) is centred on view pixel (s·i, s·j); ROI targets average the
