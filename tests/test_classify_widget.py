@@ -301,6 +301,20 @@ def test_classify_from_the_manifest_widget(make_napari_viewer, qtbot, sample, tm
             assert again.probabilities[name] == pytest.approx(p, abs=0.05)
 
 
+def test_the_widget_warms_its_model_while_the_user_opens_a_slide(make_napari_viewer, qtbot):
+    """The chosen model is loaded and warmed up in the background when the widget opens
+    (the first slide then costs what the next ones do), once; a model that cannot load
+    warms nothing and says nothing until the click."""
+    _viewer, _, widget = viewer_with_widget(make_napari_viewer)
+    qtbot.waitUntil(lambda: widget.controller.is_warm("demo", "auto"), timeout=30_000)
+    ckpt = widget.controller.checkpoint("demo", "auto")
+    assert widget.controller.warm("demo", "auto")  # already warm: nothing more to do
+    assert widget.controller.checkpoint("demo", "auto") is ckpt
+    assert not widget.controller.warm("/nowhere/model.safetensors", "auto")
+    assert not widget.controller.is_warm("/nowhere/model.safetensors", "auto")
+    assert not widget.running  # the warm-up is not a classification
+
+
 def test_real_slide_shows_its_warnings_under_the_prediction(make_napari_viewer, qtbot, cmu_svs):
     """The real Aperio CMU-1-Small-Region (2,967 rows x 2,220 columns) with the demo model:
     the demo model's warning is shown, and every sub-tile read lies inside the slide."""

@@ -15,6 +15,7 @@ import torch
 
 from fixtures_data import rewrite_description
 from napari_zoomin.annotations import read_annotations
+from napari_zoomin.engine import inference, runtime
 from napari_zoomin.engine.checkpoints import (
     build_model,
     load_model,
@@ -174,6 +175,41 @@ def test_threads_are_recorded_and_reproduce_the_result(slide, ckpt, result):
     assert back.threads == 1
     older = {k: v for k, v in json.loads(result.to_json()).items() if k != "threads"}
     assert Result.from_dict(older).threads is None  # results of earlier versions
+
+
+def test_warm_up_changes_nothing_but_the_first_slides_time(slide, ckpt, result):
+    """The widget warms a model it loads (a small synthetic slide classified once):
+    the next result is the same to the last digit, torch's threads and global random
+    state untouched, the slide's cache and counter its own."""
+    before = torch.get_num_threads()
+    rng = torch.get_rng_state()
+    seconds = inference.warm_up(ckpt)
+    assert seconds is not None and seconds > 0
+    assert torch.get_num_threads() == before and torch.equal(torch.get_rng_state(), rng)
+    again = classify(slide, ckpt, draws=DRAWS, seed=0, device="cpu")
+    assert again.probabilities == result.probabilities and again.subtiles == result.subtiles
+    assert again.pixels_decoded == result.pixels_decoded
+
+
+def test_auto_threads_are_chosen_once_tissue_is_found(slide, ckpt, monkeypatch):
+    """``threads="auto"`` measures the load while tissue is detected (no sleep of its
+    own) and sets the model's threads after; a bad request fails before any work."""
+    seen = []
+    real = inference.choose_threads
+
+    def choose(requested, ceiling=None, load=None):
+        seen.append((requested, load, slide.decoded_tiles))
+        return real(requested, ceiling, load)
+
+    monkeypatch.setattr(inference, "choose_threads", choose)
+    r = classify(slide, ckpt, draws=2, seed=0, device="cpu", threads="auto")
+    ((requested, load, decoded),) = seen
+    assert requested == "auto" and isinstance(load, runtime.CpuLoad)
+    assert decoded  # tissue had been read when the threads were chosen
+    assert 1 <= r.threads <= torch.get_num_threads()
+    with pytest.raises(ValueError, match="threads must be 'auto' or a whole number"):
+        classify(slide, ckpt, draws=2, threads="many", progress=lambda *a: seen.append(a))
+    assert len(seen) == 1  # refused before the first step
 
 
 def test_regions_inside_tiles_and_slide(result):

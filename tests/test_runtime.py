@@ -131,3 +131,33 @@ def test_auto_threads_back_off_when_other_work_keeps_the_cpus_busy():
             p.wait()
     assert 1 <= choose_threads("auto", ceiling=cpus) <= cpus
     assert choose_threads("auto", ceiling=1) == 1  # never above torch's own setting
+
+
+def test_a_load_measured_while_this_process_works_counts_only_other_work():
+    """A classification measures the load while it detects tissue: its own threads'
+    CPU time is subtracted, so its own work never makes it back off to one thread."""
+    import os
+    import threading
+    import time
+
+    import numpy as np
+
+    if not os.path.exists("/proc/self/stat"):
+        pytest.skip("needs Linux's /proc")
+    cpus = runtime.usable_cpus()
+    load = runtime.CpuLoad()
+    end = time.monotonic() + 0.4
+
+    def spin() -> None:  # numpy releases the GIL: every CPU busy with this process
+        a = np.ones((300, 300))
+        while time.monotonic() < end:
+            a @ a
+
+    workers = [threading.Thread(target=spin) for _ in range(cpus)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    busy, seen = load.busy()
+    assert seen == cpus
+    assert busy < cpus - 0.5  # without the subtraction: about `cpus`

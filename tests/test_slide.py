@@ -196,6 +196,56 @@ def test_parallel_read_reports_a_damaged_tile(tmp_path, pyramids):
     assert "damaged.tif" in str(info.value) and "level 0" in str(info.value)
 
 
+def test_prefetched_tiles_are_read_from_the_cache_and_never_decoded_twice(cmu_svs):
+    """A prefetch (a classification decodes its stage-1 view while it detects tissue)
+    fills the tile cache: a read racing it, or after it, has the same pixels, and every
+    tile is decoded once."""
+    y, x, h, w = -30, -20, 3000, 2300
+    with open_slide(cmu_svs) as plain:
+        expected = plain.read(0, y, x, h, w)
+        tiles = plain.decoded_tiles
+    with open_slide(cmu_svs) as s:
+        stop = s.prefetch(0, y, x, h, w, workers=2)
+        racing = s.read(0, y, x, h, w, workers=2)  # while the prefetch runs
+        stop()
+        np.testing.assert_array_equal(racing, expected)
+        assert s.decoded_tiles == tiles
+        np.testing.assert_array_equal(s.read(0, y, x, h, w), expected)
+        assert s.decoded_tiles == tiles  # all from the cache
+    with open_slide(cmu_svs) as s:
+        s.prefetch(0, y, x, h, w, workers=2)()  # stopped at once (a cancel): the tiles
+        assert s.decoded_tiles[0] < tiles[0]  # not started are left to the read
+        np.testing.assert_array_equal(s.read(0, y, x, h, w), expected)
+        assert s.decoded_tiles == tiles
+
+
+def test_a_prefetch_that_would_not_fit_the_cache_decodes_nothing(cmu_svs):
+    """Tiles that would evict each other are not prefetched; the read decodes them."""
+    with open_slide(cmu_svs, cache_bytes=2**20) as s:
+        stop = s.prefetch(0, 0, 0, *s.shape, workers=2)
+        stop()
+        assert s.decoded_tiles == {}
+    with open_slide(cmu_svs, cache_bytes=0) as s:
+        s.prefetch(0, 0, 0, 1000, 1000, workers=2)()
+        assert s.decoded_tiles == {}
+
+
+def test_a_damaged_tile_met_by_a_prefetch_is_raised_by_the_read(tmp_path, pyramids):
+    """The prefetch swallows nothing the user needs to know: the read that needs the
+    damaged tile decodes it again and raises the clear SlideError."""
+    src = pyramids["openslide", "jpeg"]
+    data = bytearray(src.read_bytes())
+    with tifffile.TiffFile(src) as tif:
+        offset = int(tif.pages[0].dataoffsets[3])
+    data[offset : offset + 64] = b"\x00" * 64
+    bad = tmp_path / "damaged.tif"
+    bad.write_bytes(bytes(data))
+    with open_slide(bad, backend="tifffile") as s:
+        s.prefetch(0, 0, 0, *s.shape, workers=2)()
+        with pytest.raises(SlideError, match="level 0"):
+            s.read(0, 0, 0, *s.shape)
+
+
 def test_best_level(pyramids):
     with open_slide(pyramids["openslide", "zlib"]) as s:
         assert [s.best_level(d) for d in (1, 1.9, 2, 3.9, 4, 16)] == [0, 0, 1, 1, 2, 2]

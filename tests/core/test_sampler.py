@@ -40,6 +40,39 @@ def test_with_replacement_frequencies_match_attention():
     assert _chi_square_ok(counts, ATTENTION)
 
 
+@pytest.mark.parametrize("chunk", [1, 3, 7, 64])
+def test_large_maps_drawn_in_two_levels_give_the_one_level_draws(chunk):
+    """A gigapixel slide's map is drawn a chunk, then a cell (no cumulative sum over
+    millions of cells): the same cells as one level for the same generator, zero cells
+    and whole zero chunks never drawn, the last chunk shorter than the others."""
+    from napari_zoomin.sampling.sampler import _sample_chunked, _sample_with_replacement
+
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(40):
+        k = int(torch.randint(1, 300, (), generator=gen))
+        a = torch.rand(3, k, generator=gen) ** 6
+        a[torch.rand(3, k, generator=gen) < 0.3] = 0.0
+        if trial % 4 == 0:
+            a[:, : k // 2] = 0.0  # whole zero chunks
+        a[:, -1] += 1e-3
+        a = a / a.sum(1, keepdim=True)
+        two = _sample_chunked(a, 60, torch.Generator().manual_seed(trial), chunk)
+        one = _sample_with_replacement(a, 60, torch.Generator().manual_seed(trial), 10**9)
+        assert torch.equal(two, one)
+        assert bool((a.gather(1, two) > 0).all())
+    big = torch.rand(2, 70 * 1024, generator=gen) ** 8  # sample() takes two levels here
+    big[:, 5000:9000] = 0.0
+    big = big / big.sum(1, keepdim=True)
+    drawn = sample(big, 500, True, torch.Generator().manual_seed(5))
+    assert torch.equal(
+        drawn, _sample_with_replacement(big, 500, torch.Generator().manual_seed(5), 10**9)
+    )
+    counts = torch.bincount(
+        sample(big[:1], 40_000, True, torch.Generator().manual_seed(6))[0] // 7168, minlength=10
+    )
+    assert _chi_square_ok(counts.double(), big[0].reshape(10, -1).sum(1).double())
+
+
 def test_without_replacement_first_and_second_draw_marginals():
     draws = sample(_rows(DRAWS), 2, replace=False, generator=torch.Generator().manual_seed(2))
     a = ATTENTION

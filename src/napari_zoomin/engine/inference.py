@@ -30,6 +30,7 @@ import math
 import os
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,16 @@ from ..errors import AnnotationError, ClassificationError, ZoominError
 from ..slide import Slide, open_slide
 from .checkpoints import Checkpoint, load_model, training_mpp
 from .results import Result, SubtileRecord, TileRecord, grid_placement, support
-from .runtime import choose_threads, is_oom, resolve_device, torch_threads, versions
+from .runtime import (
+    CpuLoad,
+    choose_threads,
+    is_oom,
+    parse_threads,
+    resolve_device,
+    torch_threads,
+    usable_cpus,
+    versions,
+)
 from .slide_source import SlideSource
 from .tissue import TissueMask, detect_tissue, load_tissue_mask
 from .trust import (
@@ -54,7 +64,7 @@ from .trust import (
     training_profile_of,
 )
 
-__all__ = ["Cancelled", "classify", "needed_file_tiles"]
+__all__ = ["Cancelled", "classify", "needed_file_tiles", "warm_up"]
 
 Progress = Callable[[float, str], None]
 
@@ -364,26 +374,51 @@ def classify(
         raise ValueError(
             "mpp is for a slide given as a path; open the slide with open_slide(path, mpp=...)"
         )
+    threads = parse_threads(threads) if dev.type == "cpu" else None  # refused before work
     t0 = time.perf_counter()
-    n_threads = choose_threads(threads) if dev.type == "cpu" else None
+    # the load is measured while tissue is found, this process's own work subtracted
+    load = CpuLoad() if threads == "auto" else None
     the_slide = open_slide(slide, mpp=mpp) if own else slide
+    stop_prefetch = None
     try:
-        with torch_threads(n_threads):
+        the_slide.clear_cache()
+        the_slide.reset_decoded()
+        stop_prefetch = _prefetch_view(the_slide, ckpt, workers)
+        with ExitStack() as model_context:
+
+            def start_model() -> None:  # tissue is found: the model's torch threads
+                model_context.enter_context(torch_threads(choose_threads(threads, load=load)))
+
             return _classify(
-                the_slide, ckpt, dev, draws, seed, mode, tissue, report, check, t0, workers
-            )
+                the_slide, ckpt, dev, draws, seed, mode, tissue, report, check, t0, workers,
+                start_model,
+            )  # fmt: skip
     finally:
+        if stop_prefetch is not None:
+            stop_prefetch()
         if own:
             the_slide.close()
 
 
-def _classify(slide, ckpt, dev, draws, seed, mode, tissue, report, check, t0, workers) -> Result:
+def _prefetch_view(slide: Slide, ckpt: Checkpoint, workers: int) -> Callable[[], None] | None:
+    """Start decoding the stage-1 view's file tiles in the background while tissue is
+    detected on one core (:meth:`Slide.prefetch`); its ``stop``, or None."""
+    scale = getattr(ckpt.model.config, "view_scale", None)
+    if scale is None:
+        return None
+    # one core is left to tissue detection, which would otherwise wait its turn
+    threads = min(int(workers), max(1, usable_cpus() - 1))
+    source = SlideSource(slide, workers=threads, model_mpp=training_mpp(ckpt))
+    return source.prefetch_view(float(scale))
+
+
+def _classify(
+    slide, ckpt, dev, draws, seed, mode, tissue, report, check, t0, workers, start_model
+) -> Result:
     timings: dict[str, float] = {}
     warnings: list[str] = []  # plain-language reasons to doubt the result (Result.warnings)
     model = ckpt.model
     cfg = model.config
-    slide.clear_cache()
-    slide.reset_decoded()
     check()
     warnings.extend(_check_size(slide, ckpt))
     # damage the reader worked around (Slide.warnings); the pixel size's own word
@@ -420,6 +455,7 @@ def _classify(slide, ckpt, dev, draws, seed, mode, tissue, report, check, t0, wo
     tissue_decoded = slide.total_decoded_pixels
     timings["tissue"] = time.perf_counter() - t
     check()
+    start_model()
 
     # -- model ----------------------------------------------------------------------
     steps = list(model.read_steps)  # the reads the model makes, in order
@@ -573,6 +609,37 @@ def _classify(slide, ckpt, dev, draws, seed, mode, tissue, report, check, t0, wo
     )
     report("done", result.summary())
     return result
+
+
+#: side (pixels) of the synthetic slide :func:`warm_up` classifies
+WARM_UP_SIDE = 1024
+
+
+def warm_up(model: Checkpoint) -> float | None:
+    """Classify a small synthetic slide once; returns the seconds it took (None if the
+    model refused the slide, whose first real slide then pays instead).
+
+    A process's first classification also imports what tissue detection uses (scipy,
+    scikit-image: 0.3 s) and takes every network and sampler path for the first time
+    (0.1-0.2 s more on the 100,000² slide).  The widget warms a model when it first
+    uses it, so "a classification" costs the same on every slide, the first included
+    (docs/benchmarks.md, issue 22).  Nothing of the slide stays behind.
+    """
+    t = time.perf_counter()
+    side = WARM_UP_SIDE
+    # glass with a pink disc of tissue, plus noise (bytes only: no large temporaries)
+    image = np.random.default_rng(0).integers(0, 24, (side, side, 3), dtype=np.uint8)
+    yy, xx = np.ogrid[:side, :side]
+    disc = (yy - side / 2) ** 2 + (xx - side / 2) ** 2 < (side / 3) ** 2
+    image += np.where(disc[..., None], np.uint8([190, 110, 160]), np.uint8(220))
+    slide = open_slide(image, mpp=training_mpp(model))
+    try:
+        classify(slide, model, draws=2, threads=None)
+    except ZoominError:
+        return None
+    finally:
+        slide.close()
+    return time.perf_counter() - t
 
 
 def _fraction(mask: TissueMask | None) -> float | None:

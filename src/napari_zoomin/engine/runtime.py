@@ -23,12 +23,15 @@ from ..models.device import select_device
 
 __all__ = [
     "DEVICE_FIX",
+    "CpuLoad",
     "available_devices",
     "choose_threads",
     "is_oom",
+    "parse_threads",
     "resolve_device",
     "select_device",
     "torch_threads",
+    "usable_cpus",
     "versions",
 ]
 
@@ -87,6 +90,12 @@ def _cpu_set() -> set[int] | None:
         return None
 
 
+def usable_cpus() -> int:
+    """How many CPUs this process may run on."""
+    cpus = _cpu_set()
+    return len(cpus) if cpus else (os.cpu_count() or 1)
+
+
 def _cpu_jiffies(cpus: set[int]) -> tuple[int, int] | None:
     """(busy, total) time since boot of ``cpus``, summed, from Linux's ``/proc/stat``;
     None elsewhere.  Per CPU, so a container sees its own CPUs, not the host's."""
@@ -106,31 +115,83 @@ def _cpu_jiffies(cpus: set[int]) -> tuple[int, int] | None:
     return (busy, total) if total else None
 
 
-def busy_cpus(interval: float = 0.05) -> tuple[float, int] | None:
-    """``(busy, cpus)``: how many of the CPUs this process may use other work keeps busy
-    now, from ``/proc/stat`` sampled over ``interval`` seconds (this process sleeps
-    meanwhile), else from the 1-minute load average; None where the OS says neither
-    (Windows)."""
-    cpus = _cpu_set()
-    if cpus:
-        first = _cpu_jiffies(cpus)
-        if first is not None:
-            time.sleep(interval)
-            second = _cpu_jiffies(cpus)
-            if second is not None and second[1] > first[1]:
-                share = (second[0] - first[0]) / (second[1] - first[1])
-                return share * len(cpus), len(cpus)
+def _own_jiffies() -> int | None:
+    """This process's CPU time, all its threads, user + system, in the clock ticks of
+    ``/proc/stat``, from Linux's ``/proc/self/stat``; None elsewhere."""
     try:
-        return float(os.getloadavg()[0]), len(cpus) if cpus else (os.cpu_count() or 1)
-    except (AttributeError, OSError):
+        with open("/proc/self/stat", encoding="ascii") as f:
+            fields = f.read().rsplit(")", 1)[1].split()  # after the command's name
+        return int(fields[11]) + int(fields[12])  # utime and stime: fields 14 and 15
+    except (OSError, ValueError, IndexError):
         return None
 
 
-def choose_threads(requested: int | str | None, ceiling: int | None = None) -> int | None:
+class CpuLoad:
+    """How many CPUs other work keeps busy, measured from construction to :meth:`busy`.
+
+    This process's own CPU time over that span is subtracted, so the span need not be
+    spent asleep: a classification starts measuring, detects tissue meanwhile, and
+    chooses its threads after (issue 22: the 50 ms sleep was time the user waited).
+    """
+
+    def __init__(self) -> None:
+        self.cpus = _cpu_set()
+        self._start = time.monotonic()
+        self._first = self._sample()
+
+    def _sample(self) -> tuple[int, int, int] | None:
+        jiffies = _cpu_jiffies(self.cpus) if self.cpus else None
+        if jiffies is None:
+            return None
+        own = _own_jiffies()
+        return (*jiffies, 0 if own is None else own)
+
+    def busy(self, interval: float = 0.05) -> tuple[float, int] | None:
+        """``(busy, cpus)``: of the CPUs this process may use, how many other work kept
+        busy since construction, over at least ``interval`` seconds (sleeping the rest);
+        from the 1-minute load average where ``/proc/stat`` is missing; None where the
+        OS says neither (Windows)."""
+        if self._first is not None and self.cpus:
+            rest = interval - (time.monotonic() - self._start)
+            if rest > 0:
+                time.sleep(rest)
+            second = self._sample()
+            if second is not None and second[1] > self._first[1]:
+                other = (second[0] - self._first[0]) - (second[2] - self._first[2])
+                share = max(0, other) / (second[1] - self._first[1])
+                return share * len(self.cpus), len(self.cpus)
+        try:
+            return float(os.getloadavg()[0]), usable_cpus()
+        except (AttributeError, OSError):
+            return None
+
+
+def parse_threads(requested: int | str | None) -> int | str | None:
+    """A thread request checked: None, a whole number of at least 1, or ``"auto"``."""
+    if requested is None:
+        return None
+    if isinstance(requested, str):
+        if requested.strip().lower() == "auto":
+            return "auto"
+        try:
+            requested = int(requested)
+        except ValueError:
+            raise ValueError(
+                f"threads must be 'auto' or a whole number, got {requested!r}"
+            ) from None
+    if int(requested) < 1:
+        raise ValueError(f"threads must be at least 1, got {requested}")
+    return int(requested)
+
+
+def choose_threads(
+    requested: int | str | None, ceiling: int | None = None, load: CpuLoad | None = None
+) -> int | None:
     """Torch CPU threads for one classification: ``requested`` when it is a number,
     None (leave torch's setting) for None, and for ``"auto"`` the CPUs other work leaves
     idle, between 1 and ``ceiling`` (torch's own setting: what the user or
-    ``OMP_NUM_THREADS`` allows).
+    ``OMP_NUM_THREADS`` allows), measured by ``load`` (started earlier), else over the
+    next 50 ms.
 
     Why: torch uses every core.  On a machine whose other core is busy (a laptop, a
     batch of several workers) two threads took 2.0-2.6x as long as one, because
@@ -138,24 +199,14 @@ def choose_threads(requested: int | str | None, ceiling: int | None = None) -> i
     The count can change float rounding, so a result records it (``Result.threads``):
     pass that number to reproduce a result to the last digit.
     """
-    if requested is None:
-        return None
-    if isinstance(requested, str) and requested.strip().lower() != "auto":
-        try:
-            requested = int(requested)
-        except ValueError:
-            raise ValueError(
-                f"threads must be 'auto' or a whole number, got {requested!r}"
-            ) from None
-    if not isinstance(requested, str):
-        if int(requested) < 1:
-            raise ValueError(f"threads must be at least 1, got {requested}")
-        return int(requested)
+    requested = parse_threads(requested)
+    if requested != "auto":
+        return requested  # type: ignore[return-value]
     ceiling = max(1, int(ceiling if ceiling is not None else torch.get_num_threads()))
-    load = busy_cpus()
-    if load is None:
+    measured = (load if load is not None else CpuLoad()).busy()
+    if measured is None:
         return ceiling
-    busy, cpus = load
+    busy, cpus = measured
     return max(1, min(ceiling, int(cpus - busy + 0.5)))
 
 

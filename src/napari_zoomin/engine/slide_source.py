@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -200,6 +201,14 @@ class SlideSource:
         return y0, y1, x0, x1
 
     # -- pixels -------------------------------------------------------------------------
+    def prefetch_view(self, scale: float) -> Callable[[], None]:
+        """Start decoding the file tiles of the whole image's view at ``scale`` (the
+        stage-1 view) in the background; returns ``stop`` (:meth:`Slide.prefetch`)."""
+        level = self.level_for(scale)
+        region = self.to_level0([[0, 0, *self.shape]])[0].tolist()
+        y0, y1, x0, x1 = self._level_window(level, region)
+        return self.slide.prefetch(level, y0, x0, y1 - y0, x1 - x0, self.workers)
+
     def read(self, regions: Tensor, scale: float) -> Tensor:
         regions = as_regions(regions)
         if regions.shape[0] == 0:

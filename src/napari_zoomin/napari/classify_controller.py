@@ -195,6 +195,8 @@ class ClassifyController:
         self.cancel_event = threading.Event()
         self._checkpoints: dict[tuple, Checkpoint] = {}
         self._checkpoint_lock = threading.Lock()
+        self._warmed: set[int] = set()  # id() of the cached checkpoints warmed up
+        self._warm_lock = threading.Lock()
 
     # ------------------------------------------------------------------ models
     def checkpoint(self, model: str, device: str) -> Checkpoint:
@@ -217,6 +219,34 @@ class ClassifyController:
                     del self._checkpoints[old]  # an older version of the same file
                 self._checkpoints[key] = checkpoint
             return self._checkpoints[key]
+
+    def warm(self, model: str, device: str) -> bool:
+        """Load a model and warm it up (:func:`~..engine.inference.warm_up`: a small
+        synthetic slide classified once), in a background thread before the first
+        click, so the first slide costs what the next ones do (0.4 s less on a
+        100,000² slide).  Never raises: the click says what is wrong with the model.
+        True once this model is warm."""
+        from ..engine.inference import warm_up
+
+        try:
+            ckpt = self.checkpoint(model, device)
+            with self._warm_lock:  # one warm-up per model, however often it is asked
+                if id(ckpt) not in self._warmed:
+                    warm_up(ckpt)
+                    self._warmed.add(id(ckpt))
+            return True
+        except Exception:  # the click reports it, in words, when the user asks
+            log.info("warming up model %r on %r failed", model, device, exc_info=True)
+            return False
+
+    def is_warm(self, model: str, device: str) -> bool:
+        """Whether :meth:`warm` has warmed this model (loaded, on this device)."""
+        from ..engine.runtime import resolve_device
+
+        dev = str(resolve_device(device))
+        with self._checkpoint_lock:
+            cached = [c for k, c in self._checkpoints.items() if k[0] == model and k[2] == dev]
+        return any(id(c) in self._warmed for c in cached)
 
     # ------------------------------------------------------------------ running
     def run(self, job: Job, progress: Callable[[float, str], None]) -> Outcome:

@@ -298,6 +298,19 @@ class ClassifyWidget(Container):
         disconnect, outlines = self._disconnect_models, self._outlines  # not self: going away
         self.native.destroyed.connect(lambda *_: (disconnect(), outlines.close()))
         self._refresh_slides()
+        # load and warm the chosen model while the user opens a slide
+        self.model_choice.changed.connect(self._warm_up)
+        self.device.changed.connect(self._warm_up)
+        self._warm_up()
+
+    def _warm_up(self, _value=None) -> None:
+        """Warm the chosen model in a background thread (:meth:`ClassifyController.warm`)."""
+        from napari.qt.threading import create_worker
+
+        model, device = self.model_choice.value, self.device.value
+        if model is None or device is None:
+            return
+        create_worker(self.controller.warm, model, device, _start_thread=True)  # never raises
 
     @property
     def result(self) -> Result | None:

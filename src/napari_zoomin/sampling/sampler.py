@@ -121,15 +121,24 @@ def sample(
     return torch.topk(keys, n, dim=1, largest=True, sorted=True).indices
 
 
-def _sample_with_replacement(a: Tensor, n: int, generator: torch.Generator | None) -> Tensor:
+#: cells per chunk of the two-level draw of :func:`_sample_with_replacement`
+CHUNK = 1024
+
+
+def _sample_with_replacement(
+    a: Tensor, n: int, generator: torch.Generator | None, chunk: int = CHUNK
+) -> Tensor:
     """Inverse-CDF categorical draws in float64.
 
     Cell ``k`` is drawn iff ``cum[k-1] <= u·total < cum[k]``; a zero-probability cell
     has an empty interval, so it is never drawn.  A ``u·total`` that rounding pushes
     to ``total`` is mapped to the last non-zero cell.  The cumulative sum is float64
     because a float32 sum over millions of cells drifts by more than small
-    probabilities.
+    probabilities.  Maps of more than 64 chunks are drawn in two levels
+    (:func:`_sample_chunked`).
     """
+    if a.shape[0] and a.shape[1] > 64 * chunk:
+        return _sample_chunked(a, n, generator, chunk)
     cum = torch.cumsum(a, dim=1, dtype=torch.float64)
     total = cum[:, -1:].contiguous()  # a (B, 1) column: searchsorted wants it contiguous
     u = _uniform((a.shape[0], n), cum, generator) * total
@@ -139,6 +148,49 @@ def _sample_with_replacement(a: Tensor, n: int, generator: torch.Generator | Non
     # millions of cells: each such copy is hundreds of MB)
     last_nonzero = torch.searchsorted(cum, total, right=False)
     return torch.minimum(idx, last_nonzero)
+
+
+def _sample_chunked(a: Tensor, n: int, generator: torch.Generator | None, chunk: int) -> Tensor:
+    """:func:`_sample_with_replacement` in two levels, the same rule: a chunk of
+    ``chunk`` cells by the float64 cumulative sum of the chunks' float64 sums, then a cell
+    by the float64 cumulative sum inside it.  A gigapixel slide's map (9.8 million
+    cells at 100,000²) is then never summed cumulatively as a whole: 64 → 10 ms.
+
+    The two sums of a chunk may differ in the last bit; a draw past the end of its
+    chunk's own sum goes to the chunk's last non-zero cell, as a draw past the total
+    does in one level.  A zero chunk or cell has an empty interval: never drawn.
+    """
+    b, k = a.shape
+    full = k - k % chunk
+    if a.device.type == "cpu" and a.dtype in (torch.float32, torch.float64):
+        # numpy's pairwise float64 sums: 4x faster than torch's
+        import numpy as np
+
+        x = a.numpy()
+        parts = [np.add.reduce(x[:, :full].reshape(b, -1, chunk), axis=2, dtype=np.float64)]
+        if full < k:
+            parts.append(np.add.reduce(x[:, full:], axis=1, dtype=np.float64)[:, None])
+        sums = torch.from_numpy(np.concatenate(parts, axis=1))
+    else:
+        sums = a[:, :full].reshape(b, -1, chunk).sum(dim=2, dtype=torch.float64)
+        if full < k:
+            sums = torch.cat((sums, a[:, full:].sum(dim=1, keepdim=True, dtype=torch.float64)), 1)
+    cum = torch.cumsum(sums, dim=1)
+    total = cum[:, -1:].contiguous()
+    u = _uniform((b, n), cum, generator) * total
+    last_chunk = torch.searchsorted(cum, total, right=False)
+    c = torch.minimum(torch.searchsorted(cum, u, right=True), last_chunk)  # (B, n)
+    before = torch.where(c > 0, cum.gather(1, (c - 1).clamp(min=0)), 0.0)
+    # the drawn chunks' cells, a chunk per draw (the last chunk padded with zeros)
+    cells = c[..., None] * chunk + torch.arange(chunk, device=a.device)  # (B, n, chunk)
+    inside = cells < k
+    values = a.gather(1, cells.clamp(max=k - 1).reshape(b, -1)).reshape(cells.shape)
+    values = torch.where(inside, values, 0)
+    within = torch.cumsum(values, dim=2, dtype=torch.float64)
+    v = (u - before)[..., None]
+    j = torch.searchsorted(within, v, right=True)
+    last = torch.searchsorted(within, within[..., -1:].contiguous(), right=False)
+    return (c[..., None] * chunk + torch.minimum(j, last))[..., 0]
 
 
 def draws_to_counts(indices: Tensor) -> tuple[Tensor, Tensor]:

@@ -13,6 +13,7 @@ import threading
 import uuid
 import warnings
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,6 +144,10 @@ def _checked_mpp(
             "slide looks stretched."
         )
     return mpp, None
+
+
+def _nothing() -> None:
+    """The ``stop`` of a prefetch that started nothing."""
 
 
 class SlideWarning(UserWarning):
@@ -399,6 +404,50 @@ class Slide:
             for tile_yx in tiles:
                 place(tile_yx)
         return out
+
+    def prefetch(
+        self, level: int, y: int, x: int, height: int, width: int, workers: int = 4
+    ) -> Callable[[], None]:
+        """Start decoding a region's file tiles into the tile cache in ``workers``
+        background threads, and return ``stop``: it cancels the tiles not started yet
+        and waits for the others (call it before the slide is closed).
+
+        A read meanwhile takes the tiles already decoded and waits for those being
+        decoded (:meth:`_tile`), so nothing is decoded twice and the decode counter
+        stays true.  A classification prefetches its stage-1 view while it detects
+        tissue on one core.  Nothing starts for a derived level, without a cache, or
+        when the tiles would take more than 3/4 of the cache (they would evict each
+        other); a tile that fails here is decoded again, and its error raised, by the
+        read that needs it.
+        """
+        lv = self._levels[level]
+        y0, y1 = max(int(y), 0), min(int(y) + int(height), lv.shape[0])
+        x0, x1 = max(int(x), 0), min(int(x) + int(width), lv.shape[1])
+        if lv.stored is None or y1 <= y0 or x1 <= x0 or workers < 1:
+            return _nothing
+        th, tw = lv.tile
+        tiles = [
+            (ty, tx)
+            for ty in range(y0 // th, (y1 - 1) // th + 1)
+            for tx in range(x0 // tw, (x1 - 1) // tw + 1)
+        ]
+        if len(tiles) * th * tw * 3 > 0.75 * self._cache_limit:
+            return _nothing
+        stopped = threading.Event()
+
+        def decode(tile_yx: tuple[int, int]) -> None:
+            if not stopped.is_set():  # an error stays in the future, never looked at
+                self._tile(level, *tile_yx)
+
+        pool = ThreadPoolExecutor(min(int(workers), len(tiles)))
+        for tile_yx in tiles:
+            pool.submit(decode, tile_yx)
+
+        def stop() -> None:
+            stopped.set()
+            pool.shutdown(wait=True)
+
+        return stop
 
     def _tile(self, level: int, ty: int, tx: int) -> np.ndarray:
         """One file tile of a stored level, from the cache or decoded (and counted).
