@@ -154,6 +154,26 @@ def test_without_replacement_weights_with_the_undrawn_mass_match_one_minus_s():
     assert torch.allclose(undrawn_mass(a, idx), 1 - drawn.sum(1))
 
 
+def test_the_undrawn_mass_of_a_gigapixel_map_is_summed_a_row_at_a_time(monkeypatch):
+    """Above ``UNDRAWN_ROWS_AT_ONCE`` cells one row is copied at a time (ATS's 16 draws
+    on a 100,000² slide held 2 GB more): the same mass, padding draws left out, and
+    still summed from the small terms (a peaked map's mass left is not rounding noise)."""
+    from napari_zoomin.sampling import estimators
+
+    gen = torch.Generator().manual_seed(4)
+    a = torch.softmax(torch.randn(3, 4, 40, generator=gen) * 30, -1)
+    idx = torch.stack([torch.randperm(40, generator=gen)[:6] for _ in range(12)]).reshape(3, 4, 6)
+    valid = torch.rand(3, 4, 6, generator=gen) < 0.7
+    together = undrawn_mass(a, idx, valid)
+    monkeypatch.setattr(estimators, "UNDRAWN_ROWS_AT_ONCE", 10)
+    by_row = undrawn_mass(a, idx, valid)
+    torch.testing.assert_close(by_row, together, rtol=1e-6, atol=0)
+    assert torch.equal(undrawn_mass(a, idx), estimators._undrawn_mass_by_row(a, idx, None))
+    peaked = torch.softmax(torch.tensor([[0.0, -1.0, -90.0, -95.0]]), -1)
+    left = estimators._undrawn_mass_by_row(peaked, torch.tensor([[0, 1]]), None)
+    assert float(left) == pytest.approx(float(peaked[0, 2:].sum()), rel=1e-6) and left > 0
+
+
 @pytest.mark.parametrize("gap", [80.0, 95.0, 102.0])
 def test_peaked_subtile_map_keeps_weights_positive_and_gradients_finite(gap):
     """A tile drawn 4 times has 4 sub-tiles drawn without replacement, but its map has

@@ -116,11 +116,33 @@ def undrawn_mass(attention: Tensor, indices: Tensor, valid: Tensor | None = None
         valid: optional bool (..., M), which draws are real; default all.
     """
     idx = indices.to(attention.device)
-    real = torch.ones(idx.shape, dtype=attention.dtype, device=attention.device)
+    a = attention.detach()
+    if a.numel() > UNDRAWN_ROWS_AT_ONCE:
+        return _undrawn_mass_by_row(a, idx, valid)
+    real = torch.ones(idx.shape, dtype=a.dtype, device=a.device)
     if valid is not None:
-        real = valid.to(device=attention.device, dtype=attention.dtype)
-    hits = torch.zeros_like(attention.detach()).scatter_add_(-1, idx, real)
-    return torch.where(hits > 0, torch.zeros_like(hits), attention.detach()).sum(dim=-1)
+        real = valid.to(device=a.device, dtype=a.dtype)
+    hits = torch.zeros_like(a).scatter_add_(-1, idx, real)
+    return torch.where(hits > 0, torch.zeros_like(hits), a).sum(dim=-1)
+
+
+#: cells (all rows) above which :func:`undrawn_mass` takes one row at a time
+UNDRAWN_ROWS_AT_ONCE = 2**24
+
+
+def _undrawn_mass_by_row(a: Tensor, idx: Tensor, valid: Tensor | None) -> Tensor:
+    """:func:`undrawn_mass` one row at a time, for gigapixel maps: one copy of a row
+    instead of three of every row (ATS's 16 draws on a 100,000² slide's 9.8 M cells
+    held 2 GB more).  The same sums, of the same terms."""
+    k = a.shape[-1]
+    rows, draws = a.reshape(-1, k), idx.reshape(-1, idx.shape[-1])
+    real = None if valid is None else valid.to(a.device).reshape(draws.shape).bool()
+    out = torch.empty(rows.shape[0], dtype=a.dtype, device=a.device)
+    for r in range(rows.shape[0]):
+        row = rows[r].clone()
+        row[draws[r] if real is None else draws[r][real[r]]] = 0
+        out[r] = row.sum()
+    return out.reshape(a.shape[:-1])
 
 
 def expected_features(
