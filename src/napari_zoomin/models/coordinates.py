@@ -247,6 +247,16 @@ class CellGrid:
             count = F.avg_pool2d(F.pad(ones, pad), (sy, sx), divisor_override=1)
             return (total / count).reshape(*lead, h_a, w_a)
         h_a, w_a = self.map_shape
+        (oy, ox), (dy, dx) = self.offset, self.stride
+        if all(float(v).is_integer() and v >= 0 for v in (oy, ox, dy, dx)):
+            # whole-pixel centres: a strided slice, copied (a gigapixel map's 9.8 M cells:
+            # 13 → 4 ms against picking rows, then columns)
+            oy, ox, dy, dx = int(oy), int(ox), int(dy), int(dx)
+            out = view_values[
+                ..., oy : oy + dy * (h_a - 1) + 1 : dy, ox : ox + dx * (w_a - 1) + 1 : dx
+            ]
+            if tuple(out.shape[-2:]) == (h_a, w_a):  # else picked below (and refused)
+                return out.contiguous()
         rows = round_half_up(
             self.offset[0] + torch.arange(h_a, dtype=torch.float64) * self.stride[0]
         ).to(view_values.device)
