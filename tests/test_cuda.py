@@ -37,6 +37,18 @@ def test_demo_model_gives_the_cpu_answer_on_cuda(sample_tif, mode):
     assert gpu.pixels_decoded == pytest.approx(cpu.pixels_decoded, rel=0.2)
 
 
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_warm_up_keeps_the_model_on_its_device(device):
+    """The widget warms the model the user chose a device for: a CPU model stays on
+    the CPU on a machine with CUDA (classify's "auto" would have moved it)."""
+    from napari_zoomin.engine.checkpoints import load_model
+    from napari_zoomin.engine.inference import warm_up
+
+    ckpt = load_model("demo", device)
+    assert warm_up(ckpt) is not None
+    assert next(ckpt.model.parameters()).device.type == device
+
+
 def test_training_step_on_cuda_with_amp_is_finite_and_moves_the_weights():
     from napari_zoomin.models import ZoomIn, ZoomInConfig, grad_scaler
     from napari_zoomin.models.source import TensorSource

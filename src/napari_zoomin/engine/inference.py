@@ -621,9 +621,10 @@ def warm_up(model: Checkpoint) -> float | None:
 
     A process's first classification also imports what tissue detection uses (scipy,
     scikit-image: 0.3 s) and takes every network and sampler path for the first time
-    (0.1-0.2 s more on the 100,000² slide).  The widget warms a model when it first
-    uses it, so "a classification" costs the same on every slide, the first included
-    (docs/benchmarks.md, issue 22).  Nothing of the slide stays behind.
+    (0.1-0.2 s more on the 100,000² slide).  The widget warms its model in the
+    background when it opens and when the model or device changes, so its first slide
+    costs what the next ones do (docs/benchmarks.md, issue 22).  It runs on the device
+    the model is on; nothing of the slide stays behind.
     """
     t = time.perf_counter()
     side = WARM_UP_SIDE
@@ -634,7 +635,8 @@ def warm_up(model: Checkpoint) -> float | None:
     image += np.where(disc[..., None], np.uint8([190, 110, 160]), np.uint8(220))
     slide = open_slide(image, mpp=training_mpp(model))
     try:
-        classify(slide, model, draws=2, threads=None)
+        on = next((p.device for p in model.model.parameters()), torch.device("cpu"))
+        classify(slide, model, draws=2, device=on, threads=None)
     except ZoominError:
         return None
     finally:
