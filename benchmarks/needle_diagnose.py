@@ -10,7 +10,10 @@ from the runner's ``--out``), on the first ``--images`` test images (half hold a
    least half of its ink);
 2. the AUC of each sub-tile's own classifier logit ``g(f(x))`` for "covers the 3"
    against the other sub-tiles (of positives and negatives);
-3. the image logits of one sampled estimate: their AUC and the error at 0.
+3. the image logits of one sampled estimate: their AUC and the error at 0;
+4. with ``--draws 1,16``: the test error when each image's probability is the mean of
+   K sampled estimates (what ``classify`` reports, K = 16 by default), batched and
+   seeded as the runner's own evaluation, so K = 1 gives its "sampled" column.
 """
 
 from __future__ import annotations
@@ -110,6 +113,21 @@ def diagnose(model, data, seed: int = 0, cover: float = 0.5, temperatures=(2, 4,
     }
 
 
+@torch.no_grad()
+def error_with_draws(model, data, draws: int, seed: int = 0, batch_size: int = 16) -> float:
+    """Test error with each image's probability the mean of ``draws`` sampled estimates,
+    batched and seeded as :func:`benchmarks.mnist_runner.evaluate` (K = 1: its number)."""
+    model.eval()
+    generator = torch.Generator().manual_seed(seed + 1)
+    wrong = 0
+    for start in range(0, len(data), batch_size):
+        idx = list(range(start, min(len(data), start + batch_size)))
+        preds = model.predict([data.images[i] for i in idx], draws=draws, generator=generator)
+        probs = torch.stack([p.probabilities for p in preds])
+        wrong += int((probs.argmax(1) != data.labels[idx]).sum())
+    return wrong / len(data)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.needle_diagnose")
     p.add_argument("--model", default="zoomin_roi", choices=list(needle_mnist.BENCH.models))
@@ -119,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train", type=int, default=1600)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--draws", default="", help="e.g. 1,16: test errors with K estimates averaged")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     spec = needle_mnist.BENCH.models[args.model]
@@ -138,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     prepared = time.perf_counter() - start
     test = make_needle(mnist, "test", args.images, args.seed, ink_mask=True)
     result = diagnose(model, test, args.seed)
+    for k in [int(v) for v in args.draws.split(",") if v.strip()]:
+        result[f"test_error_draws_{k}"] = error_with_draws(model, test, k, args.seed)
     result["prepare_seconds"] = round(prepared, 1)
     result["diagnose_seconds"] = round(time.perf_counter() - start - prepared, 1)
     print(json.dumps(result, indent=1))

@@ -374,6 +374,25 @@ def test_needle_diagnostics_measure_the_attention_on_the_three(mnist):
     assert result["subtiles_per_estimate"] <= 4
 
 
+def test_needle_errors_with_draws_averaged_start_from_the_runners_own(mnist):
+    """``needle_diagnose --draws 1,16``: K = 1 is the runner's "sampled" column, batched and
+    seeded the same; K draws average the estimates' probabilities, as ``classify`` does."""
+    import argparse
+
+    from benchmarks.mnist_runner import evaluate
+    from benchmarks.needle_diagnose import error_with_draws
+    from benchmarks.needle_mnist import _zoomin_roi
+
+    data = needle_mnist(mnist, "test", 6, seed=0, ink_mask=True)
+    torch.manual_seed(0)
+    model = _zoomin_roi(0.5)(argparse.Namespace(n=4))
+    with torch.no_grad():  # a classifier that depends on the features: errors vary
+        model.classifier.linear.weight.normal_(0, 5.0)
+    assert error_with_draws(model, data, 1, seed=3) == evaluate(model, data, 3)["test_error_sample"]
+    errors = {error_with_draws(model, data, k, seed=3) for k in (1, 4)}
+    assert all(0.0 <= e <= 1.0 for e in errors)
+
+
 def test_needle_detector_row_trains_g_alone_on_frozen_pretrained_networks(mnist):
     """``zoomin_detect``: ``a`` and ``f`` pre-trained (10 epochs each), ``b`` a copy of
     ``a``; the image loss's gradient then reaches ``g`` only."""
