@@ -151,7 +151,7 @@ class CpuLoad:
         busy since construction, over at least ``interval`` seconds (sleeping the rest);
         from the 1-minute load average where ``/proc/stat`` is missing; None where the
         OS says neither (Windows)."""
-        if self._first is not None and self.cpus:
+        if self._first is not None:  # None without /proc/stat or a CPU set
             rest = interval - (time.monotonic() - self._start)
             if rest > 0:
                 time.sleep(rest)

@@ -150,6 +150,23 @@ def _nothing() -> None:
     """The ``stop`` of a prefetch that started nothing."""
 
 
+def _clipped(lv: Level, y: int, x: int, height: int, width: int) -> tuple[int, int, int, int]:
+    """``(y0, y1, x0, x1)``: the part of a region that lies inside the level."""
+    rows, cols = lv.shape
+    return max(y, 0), min(y + height, rows), max(x, 0), min(x + width, cols)
+
+
+def _file_tiles(lv: Level, y0: int, y1: int, x0: int, x1: int) -> list[tuple[int, int]]:
+    """``(row, col)`` of the file tiles a stored level's window ``[y0, y1) × [x0, x1)``
+    (inside the level, not empty) touches, row by row."""
+    th, tw = lv.tile
+    return [
+        (ty, tx)
+        for ty in range(y0 // th, (y1 - 1) // th + 1)
+        for tx in range(x0 // tw, (x1 - 1) // tw + 1)
+    ]
+
+
 class SlideWarning(UserWarning):
     """Something about a slide makes it slow or approximate, but it still works."""
 
@@ -372,9 +389,7 @@ class Slide:
             raise ValueError(f"negative region size {height} x {width}")
         out = np.zeros((height, width, 3), np.uint8)
         lv = self._levels[level]
-        rows, cols = lv.shape
-        y0, y1 = max(y, 0), min(y + height, rows)
-        x0, x1 = max(x, 0), min(x + width, cols)
+        y0, y1, x0, x1 = _clipped(lv, y, x, height, width)
         if y1 <= y0 or x1 <= x0:
             return out
         if lv.stored is None:
@@ -392,11 +407,7 @@ class Slide:
             b0, b1 = max(x0, left), min(x1, left + tile.shape[1])
             out[a0 - y : a1 - y, b0 - x : b1 - x] = tile[a0 - top : a1 - top, b0 - left : b1 - left]
 
-        tiles = [
-            (ty, tx)
-            for ty in range(y0 // th, (y1 - 1) // th + 1)
-            for tx in range(x0 // tw, (x1 - 1) // tw + 1)
-        ]
+        tiles = _file_tiles(lv, y0, y1, x0, x1)
         if workers > 1 and len(tiles) > 1:
             with ThreadPoolExecutor(min(int(workers), len(tiles))) as pool:
                 list(pool.map(place, tiles))  # list(): re-raises a tile's decode error
@@ -421,17 +432,11 @@ class Slide:
         read that needs it.
         """
         lv = self._levels[level]
-        y0, y1 = max(int(y), 0), min(int(y) + int(height), lv.shape[0])
-        x0, x1 = max(int(x), 0), min(int(x) + int(width), lv.shape[1])
+        y0, y1, x0, x1 = _clipped(lv, int(y), int(x), int(height), int(width))
         if lv.stored is None or y1 <= y0 or x1 <= x0 or workers < 1:
             return _nothing
-        th, tw = lv.tile
-        tiles = [
-            (ty, tx)
-            for ty in range(y0 // th, (y1 - 1) // th + 1)
-            for tx in range(x0 // tw, (x1 - 1) // tw + 1)
-        ]
-        if len(tiles) * th * tw * 3 > 0.75 * self._cache_limit:
+        tiles = _file_tiles(lv, y0, y1, x0, x1)
+        if len(tiles) * lv.tile[0] * lv.tile[1] * 3 > 0.75 * self._cache_limit:
             return _nothing
         stopped = threading.Event()
 
