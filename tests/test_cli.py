@@ -42,6 +42,34 @@ def test_console_script_is_installed(cmu_svs):
     assert bad.stderr.strip() == "zoomin: error: /no/such/slide.svs: no such file. Check the path."
 
 
+def test_the_command_exits_as_python_would_less_its_teardown(cmu_svs):
+    """``zoomin`` ends with os._exit (issue 22: 0.13 s of a classification process),
+    after what a normal exit guarantees: other threads finished, exit handlers run,
+    buffered output flushed, the exit status kept."""
+    program = """
+import atexit, sys, threading, time
+from napari_zoomin.cli import run
+atexit.register(lambda: print("handler ran"))
+threading.Thread(target=lambda: (time.sleep(0.3), print("thread finished"))).start()
+sys.argv = ["zoomin", *sys.argv[1:]]
+run()
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", program, "info", str(cmu_svs)], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    info, *rest = done.stdout.strip().rsplit("}", 1)
+    assert json.loads(info + "}")["vendor"] == "aperio"
+    assert rest[0].split() == ["thread", "finished", "handler", "ran"]  # in Python's order
+    bad = subprocess.run(
+        [sys.executable, "-c", program, "info", "/no/such/slide.svs"],
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 1 and bad.stdout.split() == ["thread", "finished", "handler", "ran"]
+    assert bad.stderr.strip() == "zoomin: error: /no/such/slide.svs: no such file. Check the path."
+
+
 def test_classify_writes_result_json_and_outputs(tmp_path, capsys):
     from napari_zoomin.engine.checkpoints import build_model, save_checkpoint
     from napari_zoomin.samples import write_sample_slide
