@@ -542,10 +542,16 @@ def _deflate(block: np.ndarray) -> bytes:
 
     data = np.ascontiguousarray(block, "<f4")
     if imagecodecs.ZLIBNG.available:
-        return imagecodecs.zlibng_encode(data, level=6)
+        return imagecodecs.zlibng_encode(data, level=DEFLATE_LEVEL)
     if imagecodecs.DEFLATE.available:  # builds without zlib-ng
-        return imagecodecs.deflate_encode(data, level=6)
-    return zlib.compress(data.tobytes(), 6)
+        return imagecodecs.deflate_encode(data, level=DEFLATE_LEVEL)
+    return zlib.compress(data.tobytes(), DEFLATE_LEVEL)
+
+
+#: the maps' deflate level: on a 100,000² slide's maps level 3 encodes the dense
+#: stage-1 tiles 2.3x faster than level 6 (0.10 against 0.24 s) and the sparse
+#: stage-2 ones 1.15x, for 2 % and 1 % more bytes
+DEFLATE_LEVEL = 3
 
 
 def deflate_tiles(blocks: Iterable[np.ndarray | None], tile: int) -> Iterator[bytes]:
@@ -553,11 +559,12 @@ def deflate_tiles(blocks: Iterable[np.ndarray | None], tile: int) -> Iterator[by
     little-endian float32, no predictor, as :func:`write_tiff_pyramid` writes
     pre-encoded tiles.
 
-    zlib-ng (imagecodecs) at level 6 writes the zlib format 8× (sparse stage-2 tiles)
-    to 4× (dense stage-1 tiles) faster than zlib's own level 6, and no larger: every
+    zlib-ng (imagecodecs) writes the zlib format 8× (sparse stage-2 tiles) to 4×
+    (dense stage-1 tiles) faster than zlib at the same level (6), and no larger: every
     TIFF reader decodes it as zlib.  On the sparse tiles that are most of a slide's
     output it is 4× faster than libdeflate (0.17 against 0.65 s for a 100,000² slide's
-    stage-2 canvas), on dense ones 1.3× slower (0.22 against 0.17 s): one encoder.
+    stage-2 canvas, level 6), on dense ones 1.3× slower (0.22 against 0.17 s): one
+    encoder, at :data:`DEFLATE_LEVEL`.
     The empty block is encoded once, not for each of the 8,600 empty tiles of a
     100,000² slide's stage-2 canvas (and the writer stores its bytes once).  The other
     blocks are encoded on every core, a bounded batch at a time (a slide-wide canvas
@@ -878,6 +885,18 @@ def check_output_path(
     return target
 
 
+def _savez(file, arrays: dict[str, np.ndarray]) -> None:
+    """``np.savez_compressed(file, **arrays)`` at deflate level 1 instead of 6: the
+    same ``.npz`` for ``np.load``, 2x faster on a slide's 511 stage-2 tile maps (0.055
+    against 0.118 s) for 2 % more bytes (numpy has no level argument)."""
+    import zipfile
+
+    with zipfile.ZipFile(file, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as archive:
+        for name, array in arrays.items():
+            with archive.open(f"{name}.npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, np.asanyarray(array), allow_pickle=False)
+
+
 def write_outputs(result: Result, out_dir: str | os.PathLike) -> dict[str, Path]:
     """Write a result's files into ``out_dir`` (created); returns ``{what: path}``.
 
@@ -978,7 +997,7 @@ def write_outputs(result: Result, out_dir: str | os.PathLike) -> dict[str, Path]
             buf = io.BytesIO()
             maps = exported_result.maps_npz()
             del maps["stage1"]  # stored once: level 0 of stage1_attention.ome.tif
-            np.savez_compressed(buf, **maps)
+            _savez(buf, maps)
             maps_bytes = buf.getvalue()
         written["stage1_attention"] = stage1_job.result()
         if stage2_job is not None:
