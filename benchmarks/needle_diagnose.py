@@ -26,7 +26,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from benchmarks import needle_mnist
+from benchmarks import mnist_runner, needle_mnist
 from benchmarks.mnist_data import load_mnist
 from benchmarks.mnist_data import needle_mnist as make_needle
 from napari_zoomin.models.distributions import attention_distribution
@@ -113,19 +113,13 @@ def diagnose(model, data, seed: int = 0, cover: float = 0.5, temperatures=(2, 4,
     }
 
 
-@torch.no_grad()
 def error_with_draws(model, data, draws: int, seed: int = 0, batch_size: int = 16) -> float:
     """Test error with each image's probability the mean of ``draws`` sampled estimates,
-    batched and seeded as :func:`benchmarks.mnist_runner.evaluate` (K = 1: its number)."""
+    batched and seeded as :func:`benchmarks.mnist_runner.evaluate`'s K = 1 column (K = 1:
+    its number)."""
     model.eval()
     generator = torch.Generator().manual_seed(seed + 1)
-    wrong = 0
-    for start in range(0, len(data), batch_size):
-        idx = list(range(start, min(len(data), start + batch_size)))
-        preds = model.predict([data.images[i] for i in idx], draws=draws, generator=generator)
-        probs = torch.stack([p.probabilities for p in preds])
-        wrong += int((probs.argmax(1) != data.labels[idx]).sum())
-    return wrong / len(data)
+    return mnist_runner.error_with_draws(model, data, draws, generator, batch_size)
 
 
 def main(argv: list[str] | None = None) -> int:

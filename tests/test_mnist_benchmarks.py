@@ -376,7 +376,8 @@ def test_needle_diagnostics_measure_the_attention_on_the_three(mnist):
 
 def test_needle_errors_with_draws_averaged_start_from_the_runners_own(mnist):
     """``needle_diagnose --draws 1,16``: K = 1 is the runner's "sampled" column, batched and
-    seeded the same; K draws average the estimates' probabilities, as ``classify`` does."""
+    seeded the same; K draws average the estimates' probabilities, as ``classify`` does,
+    and the runner reports K = 16 too."""
     import argparse
 
     from benchmarks.mnist_runner import evaluate
@@ -388,9 +389,16 @@ def test_needle_errors_with_draws_averaged_start_from_the_runners_own(mnist):
     model = _zoomin_roi(0.5)(argparse.Namespace(n=4))
     with torch.no_grad():  # a classifier that depends on the features: errors vary
         model.classifier.linear.weight.normal_(0, 5.0)
-    assert error_with_draws(model, data, 1, seed=3) == evaluate(model, data, 3)["test_error_sample"]
+    evaluated = evaluate(model, data, 3)
+    assert error_with_draws(model, data, 1, seed=3) == evaluated["test_error_sample"]
     errors = {error_with_draws(model, data, k, seed=3) for k in (1, 4)}
     assert all(0.0 <= e <= 1.0 for e in errors)
+    # the runner's third column: 16 estimates averaged, with a generator of its own
+    from benchmarks.mnist_runner import error_with_draws as averaged
+
+    model.eval()
+    k16 = averaged(model, data, 16, torch.Generator().manual_seed(3 + 3))
+    assert evaluated["test_error_sample_k16"] == k16
 
 
 def test_needle_detector_row_trains_g_alone_on_frozen_pretrained_networks(mnist):
