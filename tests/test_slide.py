@@ -326,6 +326,37 @@ def test_huge_single_level_gets_derived_levels_with_warning(tmp_path):
     s.close()
 
 
+def test_file_tiles_are_the_tiles_a_read_decodes(tmp_path, pyramids, monkeypatch):
+    """``Slide.file_tiles`` (what a classification counts as needed) lists exactly the
+    file tiles :meth:`Slide.read` decodes: on stored levels, on derived levels (read
+    from the level above), and for regions partly or wholly outside the slide."""
+    from collections import Counter
+
+    import napari_zoomin.slide.slide as slide_module
+
+    monkeypatch.setattr(slide_module, "MAX_COARSEST_SIDE", 2048)  # a small file derives
+    flat = tmp_path / "flat.tif"  # one level, no pyramid: levels 1 to 3 are derived
+    pixels = np.random.default_rng(0).integers(0, 255, (2900, 4100, 3), dtype=np.uint8)
+    tifffile.imwrite(flat, pixels, tile=(256, 256), photometric="rgb", compression="zlib")
+    regions = [(0, 0, 1, 1), (100, 250, 300, 20), (-50, -70, 400, 300), (2800, 4000, 500, 500)]
+    regions += [(5000, 5000, 10, 10), (255, 255, 2, 2), (0, 0, 2900, 4100)]
+    for path in (flat, pyramids["openslide", "zlib"]):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", SlideWarning)  # no pyramid: said at open
+            slide = open_slide(path, cache_bytes=0)  # every read decodes what it touches
+        with slide:
+            derived = slide.info()["derived_levels"]
+            assert derived == ([1, 2, 3] if path == flat else [])
+            for level in range(slide.level_count):
+                h, w = slide.level_shapes[level]
+                for y, x, height, width in [*regions, (h // 3, w // 3, h // 2, w // 2)]:
+                    slide.reset_decoded()
+                    slide.read(level, y, x, height, width)
+                    tiles = slide.file_tiles(level, y, x, height, width)
+                    assert Counter(s for s, _, _ in tiles) == Counter(slide.decoded_tiles)
+                    assert len(tiles) == sum(slide.decoded_tiles.values())
+
+
 def test_info_is_json(cmu_svs):
     import json
 

@@ -87,43 +87,14 @@ class Cancelled(Exception):
 # --------------------------------------------------------------------------- decode cost
 
 
-def _level_window(slide: Slide, level: int, region) -> tuple[int, int, int, int]:
-    """Level pixels [y0, y1) × [x0, x1) covering a level-0 region (as SlideSource reads)."""
-    top, left, h, w = (int(v) for v in region)
-    dy, dx = slide.levels[level].downsample
-    return (
-        math.floor(top / dy),
-        math.ceil((top + h) / dy),
-        math.floor(left / dx),
-        math.ceil((left + w) / dx),
-    )
-
-
-def _window_tiles(slide: Slide, level: int, y0: int, y1: int, x0: int, x1: int, out: set) -> None:
-    """Add the file tiles ``(stored level, row, col)`` a level window decodes to ``out``.
-
-    Outside the level nothing is decoded (zero fill); a derived level is read from
-    the level above at twice the coordinates, down to a stored level.
-    """
-    lv = slide.levels[level]
-    rows, cols = lv.shape
-    y0, y1, x0, x1 = max(y0, 0), min(y1, rows), max(x0, 0), min(x1, cols)
-    if y1 <= y0 or x1 <= x0:
-        return
-    if lv.stored is None:
-        _window_tiles(slide, level - 1, 2 * y0, 2 * y1, 2 * x0, 2 * x1, out)
-        return
-    th, tw = lv.tile
-    for ty in range(y0 // th, (y1 - 1) // th + 1):
-        for tx in range(x0 // tw, (x1 - 1) // tw + 1):
-            out.add((lv.stored, ty, tx))
-
-
 def needed_file_tiles(slide: Slide, level: int, regions) -> set[tuple[int, int, int]]:
-    """Distinct file tiles ``(stored level, row, col)`` holding level-0 ``regions`` at ``level``."""
+    """Distinct file tiles ``(stored level, row, col)`` holding level-0 ``regions`` at
+    ``level``: what reading them decodes (:meth:`Slide.level_window`,
+    :meth:`Slide.file_tiles`)."""
     out: set[tuple[int, int, int]] = set()
-    for region in np.asarray(regions, dtype=np.int64).reshape(-1, 4).tolist():
-        _window_tiles(slide, level, *_level_window(slide, level, region), out)
+    for top, left, h, w in np.asarray(regions, dtype=np.int64).reshape(-1, 4).tolist():
+        y0, y1, x0, x1 = slide.level_window(level, top, left, h, w)
+        out |= slide.file_tiles(level, y0, x0, y1 - y0, x1 - x0)
     return out
 
 
@@ -619,12 +590,13 @@ def warm_up(model: Checkpoint) -> float | None:
     """Classify a small synthetic slide once; returns the seconds it took (None if the
     model refused the slide, whose first real slide then pays instead).
 
-    A process's first classification also imports what tissue detection uses (scipy,
-    scikit-image: 0.3 s) and takes every network and sampler path for the first time
-    (0.1-0.2 s more on the 100,000² slide).  The widget warms its model in the
-    background when it opens and when the model or device changes, so its first slide
-    costs what the next ones do (docs/benchmarks.md, issue 22).  It runs on the device
-    the model is on; nothing of the slide stays behind.
+    A process's first classification also imports what tissue detection uses (scipy's
+    ndimage and scikit-image's thresholding: 0.2 s) and takes every network and
+    sampler path for the first time (0.1-0.2 s more on the 100,000² slide).  The
+    widget warms its model in the background when it opens and when the model or
+    device changes, so its first slide costs what the next ones do
+    (docs/benchmarks.md, issue 22).  It runs on the device the model is on; nothing
+    of the slide stays behind.
     """
     t = time.perf_counter()
     side = WARM_UP_SIDE

@@ -192,21 +192,13 @@ class SlideSource:
         y, x = values
         return float(y) * self.factor[0], float(x) * self.factor[1]
 
-    def _level_window(self, level: int, region) -> tuple[int, int, int, int]:
-        """The level pixels [y0, y1) × [x0, x1) covering a level-0 region."""
-        top, left, h, w = region
-        dy, dx = self.slide.levels[level].downsample
-        y0, x0 = math.floor(top / dy), math.floor(left / dx)
-        y1, x1 = math.ceil((top + h) / dy), math.ceil((left + w) / dx)
-        return y0, y1, x0, x1
-
     # -- pixels -------------------------------------------------------------------------
     def prefetch_view(self, scale: float) -> Callable[[], None]:
         """Start decoding the file tiles of the whole image's view at ``scale`` (the
         stage-1 view) in the background; returns ``stop`` (:meth:`Slide.prefetch`)."""
         level = self.level_for(scale)
         region = self.to_level0([[0, 0, *self.shape]])[0].tolist()
-        y0, y1, x0, x1 = self._level_window(level, region)
+        y0, y1, x0, x1 = self.slide.level_window(level, *region)
         return self.slide.prefetch(level, y0, x0, y1 - y0, x1 - x0, self.workers)
 
     def read(self, regions: Tensor, scale: float) -> Tensor:
@@ -239,7 +231,7 @@ class SlideSource:
                 (_snap(t * ry), _snap(left * rx), _snap(h * ry), _snap(w * rx))
                 for t, left, _, _ in rows
             ]
-        windows = [self._level_window(level, r) for r in rows]
+        windows = [self.slide.level_window(level, *r) for r in rows]
         # regions of one read share a size, but their windows can differ by one pixel
         lh = max(y1 - y0 for y0, y1, _, _ in windows)
         lw = max(x1 - x0 for _, _, x0, x1 in windows)

@@ -337,6 +337,34 @@ class Slide:
                 best = i
         return best
 
+    def level_window(
+        self, level: int, top: float, left: float, height: float, width: float
+    ) -> tuple[int, int, int, int]:
+        """``(y0, y1, x0, x1)``: the pixels of ``level`` covering a level-0 region (edges
+        rounded outwards), the window a read of that region at ``level`` takes."""
+        dy, dx = self._levels[level].downsample
+        return (
+            math.floor(top / dy),
+            math.ceil((top + height) / dy),
+            math.floor(left / dx),
+            math.ceil((left + width) / dx),
+        )
+
+    def file_tiles(
+        self, level: int, y: int, x: int, height: int, width: int
+    ) -> set[tuple[int, int, int]]:
+        """The file tiles ``(stored level, row, col)`` that :meth:`read` decodes for this
+        region: none outside the slide; a derived level's are those of the level it is
+        averaged from.  (What a classification counts as needed, beside what it
+        decoded.)"""
+        lv = self._levels[level]
+        y0, y1, x0, x1 = _clipped(lv, int(y), int(x), int(height), int(width))
+        if y1 <= y0 or x1 <= x0:
+            return set()
+        if lv.stored is None:  # as _read_derived reads it
+            return self.file_tiles(level - 1, 2 * y0, 2 * x0, 2 * (y1 - y0), 2 * (x1 - x0))
+        return {(lv.stored, ty, tx) for ty, tx in _file_tiles(lv, y0, y1, x0, x1)}
+
     # -- decode counter --------------------------------------------------------
     @property
     def decoded_pixels(self) -> dict[int, int]:
