@@ -671,7 +671,7 @@ def _exit(code: int) -> None:
     """End the process as Python's own exit would, less its teardown.
 
     At exit Python frees every module and object torch and the other libraries made:
-    0.13 s of a ``zoomin classify`` that takes under 4 (issue 22), spent on memory the
+    0.13 s of a ``zoomin classify`` that takes about 4 (issue 22), spent on memory the
     operating system takes back anyway.  By now the outputs are written and closed
     (atomically).  What a normal exit guarantees still happens, in its order: other
     non-daemon threads are waited for, exit handlers run (:mod:`atexit`: logging's

@@ -564,11 +564,11 @@ def deflate_tiles(blocks: Iterable[np.ndarray | None], tile: int) -> Iterator[by
     TIFF reader decodes it as zlib.  On the sparse tiles that are most of a slide's
     output it is 4× faster than libdeflate (0.17 against 0.65 s for a 100,000² slide's
     stage-2 canvas, level 6), on dense ones 1.3× slower (0.22 against 0.17 s): one
-    encoder, at :data:`DEFLATE_LEVEL`.
-    The empty block is encoded once, not for each of the 8,600 empty tiles of a
-    100,000² slide's stage-2 canvas (and the writer stores its bytes once).  The other
-    blocks are encoded on every core, a bounded batch at a time (a slide-wide canvas
-    does not fit in memory as floats): the encoders let go of the GIL.
+    encoder, at :data:`DEFLATE_LEVEL`.  The empty block is encoded once, not for each
+    of the 8,600 empty tiles of a 100,000² slide's stage-2 canvas (and the writer
+    stores its bytes once).  The other blocks are encoded on every core, a bounded
+    batch at a time (a slide-wide canvas does not fit in memory as floats): the
+    encoders let go of the GIL.
     """
     empty = _deflate(np.zeros((tile, tile), np.float32))
     with ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1))) as pool:
