@@ -192,17 +192,22 @@ AVERAGED_DRAWS = 16
 
 
 @torch.no_grad()
+def _test_error(model: nn.Module, data: Haystack, batch_size: int, **predict) -> float:
+    """Share of test images whose ``model.predict(..., **predict)`` class is wrong."""
+    wrong = 0
+    for start in range(0, len(data), batch_size):
+        idx = list(range(start, min(len(data), start + batch_size)))
+        preds = model.predict([data.images[i] for i in idx], **predict)
+        probs = torch.stack([p.probabilities for p in preds])
+        wrong += int((probs.argmax(1) != data.labels[idx]).sum())
+    return wrong / len(data)
+
+
 def error_with_draws(
     model: nn.Module, data: Haystack, draws: int, generator: torch.Generator, batch_size: int = 16
 ) -> float:
     """Test error with each image's probability the mean of ``draws`` sampled estimates."""
-    wrong = 0
-    for start in range(0, len(data), batch_size):
-        idx = list(range(start, min(len(data), start + batch_size)))
-        preds = model.predict([data.images[i] for i in idx], draws=draws, generator=generator)
-        probs = torch.stack([p.probabilities for p in preds])
-        wrong += int((probs.argmax(1) != data.labels[idx]).sum())
-    return wrong / len(data)
+    return _test_error(model, data, batch_size, draws=draws, generator=generator)
 
 
 @torch.no_grad()
@@ -230,13 +235,7 @@ def evaluate(model: nn.Module, data: Haystack, seed: int, batch_size: int = 16) 
     }
     px = data.pixels_read()
     results["eval_pixels_per_image"] = {k: v / len(data) for k, v in px.items()}
-    wrong = 0
-    for start in range(0, len(data), batch_size):
-        idx = list(range(start, min(len(data), start + batch_size)))
-        preds = model.predict([data.images[i] for i in idx], mode="topk")
-        probs = torch.stack([p.probabilities for p in preds])
-        wrong += int((probs.argmax(1) != data.labels[idx]).sum())
-    results["test_error_topk"] = wrong / len(data)
+    results["test_error_topk"] = _test_error(model, data, batch_size, mode="topk")
     results[f"test_error_sample_k{AVERAGED_DRAWS}"] = error_with_draws(
         model, data, AVERAGED_DRAWS, torch.Generator().manual_seed(seed + 3), batch_size
     )
