@@ -114,3 +114,25 @@ def test_results_are_kept_per_slide():
     assert not controller.forget(b)  # B's result was not the one shown
     assert controller.sets == [again]
     assert controller.forget(a) and controller.sets == []
+
+
+def test_a_model_file_that_changes_is_cold_again(tmp_path):
+    """The cached model is reloaded when its file changes on disk; the new one is not
+    warm until warmed, whatever id() the old one had."""
+    import os
+    import shutil
+
+    from napari_zoomin.engine.checkpoints import DEMO_MODEL
+
+    path = tmp_path / "model.safetensors"
+    shutil.copy(DEMO_MODEL, path)
+    controller = ClassifyController()
+    assert controller.warm(str(path), "cpu") and controller.is_warm(str(path), "cpu")
+    first = controller.checkpoint(str(path), "cpu")
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # a new version
+    second = controller.checkpoint(str(path), "cpu")
+    assert second is not first
+    assert not controller.is_warm(str(path), "cpu")
+    assert id(first) not in controller._warmed  # forgotten: its id may be reused
+    assert controller.warm(str(path), "cpu") and controller.is_warm(str(path), "cpu")

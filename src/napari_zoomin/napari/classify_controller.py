@@ -216,7 +216,9 @@ class ClassifyController:
             if key not in self._checkpoints:
                 checkpoint = load_model(model, dev)
                 for old in [k for k in self._checkpoints if k[0] == model and k[2] == key[2]]:
-                    del self._checkpoints[old]  # an older version of the same file
+                    # an older version of the same file; its id may be reused by a new
+                    # object, which must not count as warmed
+                    self._warmed.discard(id(self._checkpoints.pop(old)))
                 self._checkpoints[key] = checkpoint
             return self._checkpoints[key]
 
