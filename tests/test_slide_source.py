@@ -78,47 +78,6 @@ def test_tissue_detection_on_sample_slide(tmp_path):
         assert view.shape == (512, 512) and view.dtype == torch.bool
 
 
-def test_closing_from_shifted_copies_is_scipys_closing(cmu_svs):
-    """Detection closes gaps with shifted copies (7x faster): the same pixels as
-    ``scipy.ndimage.binary_closing``, at the image's edges too, for random masks and
-    for the real CMU slide's tissue candidates."""
-    from scipy import ndimage
-
-    from napari_zoomin.engine.tissue import binary_closing, disk, tissue_pixels
-
-    rng = np.random.default_rng(0)
-    masks = [rng.random(rng.integers(1, 50, 2)) < rng.random() for _ in range(40)]
-    with open_slide(cmu_svs) as s:
-        masks.append(tissue_pixels(s.read(0, 0, 0, *s.shape))[0])
-    for mask in masks:
-        for radius in (1, 2, 3):
-            footprint = disk(radius)
-            expected = ndimage.binary_closing(mask, structure=footprint)
-            np.testing.assert_array_equal(binary_closing(mask, footprint), expected)
-
-
-def test_disk_and_small_objects_are_scikit_images(cmu_svs):
-    """Detection's own ``disk`` and ``remove_small_objects`` (skimage.morphology's
-    import costs 80 ms a classification): the same pixels as scikit-image's, for
-    random masks, single pixels, empty and full masks and the real CMU slide's
-    tissue candidates and black pixels."""
-    from skimage import morphology
-
-    from napari_zoomin.engine.tissue import disk, remove_small_objects, tissue_pixels
-
-    for radius in range(6):
-        np.testing.assert_array_equal(disk(radius), morphology.disk(radius).astype(bool))
-    rng = np.random.default_rng(1)
-    masks = [rng.random(rng.integers(1, 60, 2)) < rng.random() for _ in range(60)]
-    masks += [np.zeros((5, 7), bool), np.ones((5, 7), bool), np.eye(6, dtype=bool)]
-    with open_slide(cmu_svs) as s:
-        masks += list(tissue_pixels(s.read(0, 0, 0, *s.shape)))
-    for mask in masks:
-        for max_size in (0, 1, 3, 17, mask.size):
-            expected = morphology.remove_small_objects(mask, max_size=max_size)
-            np.testing.assert_array_equal(remove_small_objects(mask, max_size), expected)
-
-
 def test_all_tissue_image_is_not_split_in_two(cmu_pixels):
     tissue = detect_tissue(open_slide(cmu_pixels[912:1936, 752:1776]))
     assert tissue.fraction > 0.6  # CMU crop: mostly tissue, Otsu alone would halve it

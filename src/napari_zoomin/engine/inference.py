@@ -590,9 +590,8 @@ def warm_up(model: Checkpoint) -> float | None:
     """Classify a small synthetic slide once; returns the seconds it took (None if the
     model refused the slide, whose first real slide then pays instead).
 
-    A process's first classification also imports what tissue detection uses (scipy's
-    ndimage and scikit-image's thresholding: 0.2 s) and takes every network and
-    sampler path for the first time (0.1-0.2 s more on the 100,000² slide).  The
+    A process's first classification takes every network and sampler path for the
+    first time (0.1-0.2 s more on the 100,000² slide).  The
     widget warms its model in the background when it opens and when the model or
     device changes, so its first slide costs what the next ones do
     (docs/benchmarks.md, issue 22).  It runs on the device the model is on; nothing
