@@ -48,7 +48,8 @@ at 0.5 by stage 2 (``zoomin_half_s2``), or with the sub-tile baseline
 50² patches (:func:`_magnet`).  The ``reinforce_*`` rows (:func:`reinforce_models`,
 issue 18 item 5) vary REINFORCE-ATS against its collapse onto one digit: the
 estimate's reward (``reward="estimate"``), the mean aggregation, a uniform mix of
-0.1 and an entropy weight of 1e-2; :mod:`benchmarks.megapixel_mnist_3class` runs
+0.1, an entropy weight of 1e-2, and each draw rewarded by what it adds to its
+estimate (``reward="leave_one_out"``); :mod:`benchmarks.megapixel_mnist_3class` runs
 them on a three-class variant.
 """
 
@@ -233,6 +234,12 @@ def reinforce_models(num_classes: int = 10) -> dict[str, ModelSpec]:
             entropy_weight=1e-2,
         ),
         "reinforce_mix": spec("ATS-{n}, REINFORCE (003), uniform mix 0.1", uniform_mix=0.1),
+        "reinforce_loo": spec("ATS-{n}, REINFORCE, leave-one-out reward", reward="leave_one_out"),
+        "reinforce_loo_entropy": spec(
+            "ATS-{n}, REINFORCE, leave-one-out reward, entropy 1e-2",
+            reward="leave_one_out",
+            entropy_weight=1e-2,
+        ),
     }
 
 

@@ -308,6 +308,38 @@ def test_reinforce_estimate_reward_is_the_hand_computed_reinforce_gradient():
     torch.testing.assert_close(got, m.attention.logit.weight.grad, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.parametrize("aggregation", ["attention", "mean"])
+def test_reinforce_leave_one_out_rewards_are_each_estimate_without_each_draw(aggregation):
+    """``reward="leave_one_out"``: draw ``p`` is baselined by P(true class) of its
+    estimate re-aggregated without it, recomputed here one draw at a time."""
+    srcs = [TensorSource(_image(24, 28, s)) for s in (16, 17)]
+    torch.manual_seed(0)
+    config = ReinforceConfig(
+        view_scale=0.25, subtile_size=(8, 8), n_samples=4, repeats=2, aggregation=aggregation,
+        reward="leave_one_out", **SMALL,
+    )  # fmt: skip
+    m = ReinforceATS(config)
+    _randomise_logits(m.attention, 3)
+    lt = m.loss(srcs, [2, 0], generator=torch.Generator().manual_seed(3))
+    run = m.one_stage(srcs, m.stage1(srcs), [0, 0, 1, 1], torch.Generator().manual_seed(3))
+    labels = torch.tensor([2, 2, 0, 0])
+    full, without = m._leave_one_out_rewards(run, m.classifier(run.z), labels)
+    torch.testing.assert_close(full, torch.softmax(lt.logits, 1)[torch.arange(4), labels])
+    for r in range(4):
+        for p in range(config.n_samples):
+            keep = [q for q in range(config.n_samples) if q != p]
+            z = m.aggregate(
+                run.attention[r : r + 1],
+                run.indices[r : r + 1, keep],
+                run.valid[r : r + 1, keep],
+                run.features[r : r + 1, keep],
+            )
+            expected = torch.softmax(m.classifier(z), 1)[0, labels[r]]
+            torch.testing.assert_close(without[r, p], expected.detach(), rtol=1e-5, atol=1e-6)
+    log_a = torch.log(run.attention.gather(1, run.indices))
+    torch.testing.assert_close(lt.policy, -(log_a * (full[:, None] - without)).sum(1).mean())
+
+
 def test_reinforce_mean_aggregation_averages_the_draws():
     m = ReinforceATS(ReinforceConfig(aggregation="mean", **SMALL))
     p = torch.tensor([[0.7, 0.2, 0.1]])
@@ -324,7 +356,10 @@ def test_reinforce_mean_aggregation_averages_the_draws():
 @pytest.mark.parametrize(
     ("settings", "words"),
     [
-        ({"reward": "patch"}, "reward must be one of 'subtile', 'estimate', got 'patch'"),
+        (
+            {"reward": "patch"},
+            "reward must be one of 'subtile', 'estimate', 'leave_one_out', got 'patch'",
+        ),
         ({"aggregation": "max"}, "aggregation must be one of 'attention', 'mean', got 'max'"),
         ({"reward": "estimate", "repeats": 1}, "set repeats to 2 or more, got 1"),
     ],

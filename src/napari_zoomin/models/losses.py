@@ -124,6 +124,32 @@ def policy_gradient_loss(log_attention: Tensor, rewards: Tensor) -> Tensor:
     return -(log_attention * advantage).sum(dim=-1).mean()
 
 
+def leave_one_out_policy_gradient_loss(
+    log_attention: Tensor, rewards: Tensor, rewards_without: Tensor
+) -> Tensor:
+    """REINFORCE on each draw of an estimate, baselined by the estimate without that
+    draw: ``−Σ_p log a_p (R − R_{−p})``.
+
+    ``R_{−p}`` (e.g. P(true class | the other draws' aggregate)) does not depend on
+    draw ``p`` (draws with replacement are independent), so it is a baseline for draw
+    ``p``'s score function: the gradient stays unbiased for ``E[R]``.  The advantage is
+    then what draw ``p`` added to the prediction, not the luck of its estimate's other
+    draws, which :func:`sequence_policy_gradient_loss` pays every draw for alike.
+
+    Args:
+        log_attention: (R, N) ``log a_p`` of the draws (differentiable).
+        rewards: (R,) ``R`` of each row's estimate (no gradient).
+        rewards_without: (R, N) ``R_{−p}`` (no gradient); equal to ``R`` where a draw
+            has no others to compare with (its advantage is then 0).
+
+    Returns:
+        Scalar: the sum over draws, averaged over rows.
+    """
+    r = rewards.detach().to(log_attention.dtype)
+    advantage = r[:, None] - rewards_without.detach().to(log_attention.dtype)
+    return -(log_attention * advantage).sum(dim=-1).mean()
+
+
 def sequence_policy_gradient_loss(log_attention: Tensor, rewards: Tensor) -> Tensor:
     """REINFORCE on the joint draws of each estimate: ``−(R_e − mean R) Σ_p log a_p``.
 

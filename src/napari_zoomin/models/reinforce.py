@@ -19,6 +19,13 @@ attention models.  003's per-sub-tile reward pays the attention for one confiden
 sub-tile, and on Megapixel MNIST it collapsed onto one digit (docs/benchmarks.md);
 the estimate's reward pays for what the prediction makes of all its draws together.
 
+``reward="leave_one_out"`` is another (issue 18): each draw is rewarded by what it
+adds to its estimate, ``P(true class | all draws) − P(true class | the others)``.  The
+second term does not depend on the draw itself, so it is a baseline: the policy
+gradient's expectation is unchanged (tests/core/test_losses.py enumerates it).
+Unlike the estimate's reward, a draw on a scribble is not paid for the digits its
+estimate's other draws found.
+
 ``aggregation="mean"`` is a second named deviation: the estimate is the plain mean of
 the drawn sub-tiles' features, ATS's unbiased estimate of ``Σ α f`` with replacement
 (ATS eq. 12), instead of 003 eq. (1), whose weights ``a_p`` (times the draw count of
@@ -41,7 +48,12 @@ from torch import Tensor, nn
 from .ats import ATS, ATSConfig
 from .base import MAX_WEIGHT
 from .device import autocast
-from .losses import classification_loss, policy_gradient_loss, sequence_policy_gradient_loss
+from .losses import (
+    classification_loss,
+    leave_one_out_policy_gradient_loss,
+    policy_gradient_loss,
+    sequence_policy_gradient_loss,
+)
 from .networks import class_probabilities
 from .outputs import LossTerms
 from .source import ImageSource
@@ -59,7 +71,10 @@ class ReinforceConfig(ATSConfig):
         reward: ``"subtile"`` (003 §IV: ``P(true class | sub-tile alone)``, baselined
             by the mean over the row's draws) or ``"estimate"`` (the deviation of the
             module docstring: ``P(true class | the estimate)``, baselined by the mean
-            over the image's ``repeats`` estimates; needs ``repeats`` ≥ 2).
+            over the image's ``repeats`` estimates; needs ``repeats`` ≥ 2) or
+            ``"leave_one_out"`` (each draw rewarded by what it adds to its estimate's
+            ``P(true class)``: the estimate's value minus that of the same estimate
+            without the draw, see the module docstring).
         aggregation: ``"attention"`` (003 eq. 1) or ``"mean"`` (the deviation of the
             module docstring: the mean of the drawn sub-tiles' features).
     """
@@ -74,7 +89,7 @@ class ReinforceConfig(ATSConfig):
     entropy_weight: float = 1e-4
     repeats: int = 4
     policy_weight: float = 1.0
-    reward: Literal["subtile", "estimate"] = "subtile"
+    reward: Literal["subtile", "estimate", "leave_one_out"] = "subtile"
     aggregation: Literal["attention", "mean"] = "attention"
 
     def problems(self) -> list[str]:
@@ -110,6 +125,26 @@ class ReinforceATS(ATS):
             w = p.detach().gather(1, idx) * w
         return (w[..., None] * features).sum(1) / w.sum(1, keepdim=True)
 
+    @torch.no_grad()
+    def _leave_one_out_rewards(self, run, logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """``P(true class)`` of each row's estimate (R,), and of the same estimate with
+        each draw left out (R, N): the aggregate of :meth:`aggregate` recomputed without
+        the draw's weight.  A draw whose leaving would leave no weight gets ``R``."""
+        w = run.valid.to(run.features.dtype)
+        if self.config.aggregation == "attention":
+            w = run.attention.detach().gather(1, run.indices).to(w.dtype) * w
+        total = w.sum(1, keepdim=True)  # (R, 1)
+        weighted = w[..., None] * run.features.detach()  # (R, N, D)
+        rest = total - w  # (R, N)
+        alone = rest <= 0
+        z_without = (weighted.sum(1, keepdim=True) - weighted) / rest.clamp_min(1e-30)[..., None]
+        labels = labels.to(logits.device)
+        full = class_probabilities(logits).gather(1, labels[:, None])[:, 0]
+        r, n = w.shape
+        without = class_probabilities(self.classifier(z_without.reshape(r * n, -1)))
+        without = without.reshape(r, n, -1).gather(2, labels[:, None, None].expand(r, n, 1))[..., 0]
+        return full, torch.where(alone, full[:, None], without)
+
     def loss(
         self,
         sources: Sequence[ImageSource],
@@ -136,6 +171,9 @@ class ReinforceATS(ATS):
             probs = class_probabilities(logits.detach())  # (R, L)
             rewards = probs.gather(1, row_labels.to(probs.device)[:, None])[:, 0]
             policy = sequence_policy_gradient_loss(log_a, rewards.reshape(-1, c.repeats))
+        elif c.reward == "leave_one_out":
+            full, without = self._leave_one_out_rewards(run, logits.detach(), row_labels)
+            policy = leave_one_out_policy_gradient_loss(log_a, full, without)
         else:
             r, n = run.indices.shape
             flat = subtile_logits.reshape(r * n, -1)
