@@ -77,9 +77,10 @@ def _progress_line(fraction: float, message: str) -> None:
 def _classify_and_write(slide_path, args) -> int:
     from .engine.inference import classify
     from .engine.results import check_output_path, write_outputs
-    from .engine.runtime import resolve_device
+    from .engine.runtime import keep_freed_memory, resolve_device
 
     resolve_device(args.device)  # before anything is loaded
+    keep_freed_memory()  # this process exits after the slide: no memory to give back
     model = [] if args.model == "demo" else [args.model]
     check_output_path(args.out, folder=True, inputs=[slide_path, *model])
     result = classify(

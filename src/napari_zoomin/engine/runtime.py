@@ -8,8 +8,10 @@ both dock widgets (they used to keep copies, which drifted: one device list lack
 
 from __future__ import annotations
 
+import ctypes
 import os
 import platform
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,6 +29,7 @@ __all__ = [
     "available_devices",
     "choose_threads",
     "is_oom",
+    "keep_freed_memory",
     "parse_threads",
     "resolve_device",
     "select_device",
@@ -222,6 +225,39 @@ def torch_threads(n: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+#: glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+#: blocks up to this size come from the heap and are reused there once freed
+KEPT_BLOCK_BYTES = 1 << 30
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep the memory a process frees for its next allocations; True
+    where it applied (Linux with glibc).  For a process that exists to classify, such as
+    the ``zoomin classify`` command, not for a host like napari.
+
+    By default glibc gives every freed block larger than 128 kB to 32 MB back to the
+    kernel, so the next such block is new memory, and the kernel maps and zeroes it one page
+    fault at a time.  A classification allocates and frees hundreds of MB: the
+    stage-1 view, the networks' activations, each stage's batch of regions.  On the
+    project's 2-core VM this was 1.0-1.2 s of system time for the 100,000² slide.  With
+    blocks up to 1 GB taken from the heap and the heap never trimmed, it was 0.66-0.70 s
+    (docs/benchmarks.md, issue 22).  The price: the process keeps its peak memory until
+    it exits (peak RSS 870-890 MB against 780-830 MB).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt  # this process's C library
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    # musl has a mallopt that does nothing and says so (0)
+    return bool(mallopt(_M_MMAP_THRESHOLD, KEPT_BLOCK_BYTES)) and bool(
+        mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
+    )
 
 
 def is_oom(exc: BaseException) -> bool:
