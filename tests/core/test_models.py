@@ -228,7 +228,7 @@ def test_subtile_baseline_changes_only_the_stage2_gradients(stage1_replace):
             name: torch.cat([p.grad.flatten() for p in getattr(m, name).parameters()])
             for name in ("attention", "stage2_attention", "feature", "classifier")
         }
-        runs.append((float(lt.total), grads))
+        runs.append((float(lt.total.detach()), grads))
     (loss0, g0), (loss1, g1) = runs
     assert loss1 == loss0
     for name in ("attention", "feature", "classifier"):

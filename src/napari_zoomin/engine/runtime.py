@@ -241,11 +241,11 @@ def keep_freed_memory() -> bool:
     By default glibc gives every freed block larger than 128 kB to 32 MB back to the
     kernel, so the next such block is new memory, and the kernel maps and zeroes it one page
     fault at a time.  A classification allocates and frees hundreds of MB: the
-    stage-1 view, the networks' activations, each stage's batch of regions.  On the
-    project's 2-core VM this was 1.0-1.2 s of system time for the 100,000² slide.  With
-    blocks up to 1 GB taken from the heap and the heap never trimmed, it was 0.66-0.70 s
-    (docs/benchmarks.md, issue 22).  The price: the process keeps its peak memory until
-    it exits (peak RSS 870-890 MB against 780-830 MB).
+    stage-1 view, the networks' activations, each stage's batch of regions.  With
+    blocks up to 1 GB taken from the heap and the heap never trimmed, the system time of
+    classifying the 100,000² slide on the project's 2-core VM went from 1.05 to 0.71 s,
+    and the process took 0.95x as long (docs/benchmarks.md, issue 22).  The price: the
+    process keeps its peak memory until it exits (peak RSS 887-898 MB against 770-797).
     """
     if not sys.platform.startswith("linux"):
         return False
