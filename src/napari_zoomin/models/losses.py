@@ -132,7 +132,8 @@ def leave_one_out_policy_gradient_loss(
 
     ``R_{−p}`` (e.g. P(true class | the other draws' aggregate)) does not depend on
     draw ``p`` (draws with replacement are independent), so it is a baseline for draw
-    ``p``'s score function: the gradient stays unbiased for ``E[R]``.  The advantage is
+    ``p``'s score function: it leaves the policy gradient's expectation unchanged
+    (tests/core/test_losses.py enumerates every draw sequence).  The advantage is
     then what draw ``p`` added to the prediction, not the luck of its estimate's other
     draws, which :func:`sequence_policy_gradient_loss` pays every draw for alike.
 

@@ -24,7 +24,9 @@ adds to its estimate, ``P(true class | all draws) − P(true class | the others)
 second term does not depend on the draw itself, so it is a baseline: the policy
 gradient's expectation is unchanged (tests/core/test_losses.py enumerates it).
 Unlike the estimate's reward, a draw on a scribble is not paid for the digits its
-estimate's other draws found.
+estimate's other draws found.  Measured on Megapixel MNIST it is no better (with the
+entropy bonus, 32.7 % top-k error against the estimate's 32.3 %; without it, it
+collapses onto one patch: docs/benchmarks.md).
 
 ``aggregation="mean"`` is a second named deviation: the estimate is the plain mean of
 the drawn sub-tiles' features, ATS's unbiased estimate of ``Σ α f`` with replacement
