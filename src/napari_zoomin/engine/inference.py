@@ -591,11 +591,10 @@ def warm_up(model: Checkpoint) -> float | None:
     model refused the slide, whose first real slide then pays instead).
 
     A process's first classification takes every network and sampler path for the
-    first time (0.1-0.2 s more on the 100,000² slide).  The
-    widget warms its model in the background when it opens and when the model or
-    device changes, so its first slide costs what the next ones do
-    (docs/benchmarks.md, issue 22).  It runs on the device the model is on; nothing
-    of the slide stays behind.
+    first time (0.1-0.2 s more on the 100,000² slide).  The widget warms its model in
+    the background when it opens and when the model or device changes, so its first
+    slide costs what the next ones do (docs/benchmarks.md, issue 22).  It runs on the
+    device the model is on; nothing of the slide stays behind.
     """
     t = time.perf_counter()
     side = WARM_UP_SIDE

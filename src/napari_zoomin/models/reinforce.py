@@ -122,30 +122,29 @@ class ReinforceATS(ATS):
     def aggregate(self, p: Tensor, idx: Tensor, valid: Tensor, features: Tensor) -> Tensor:
         """003 eq. (1): ``Σ_p sg(a_p) f_p / Σ_p sg(a_p)`` over the drawn sub-tiles, or
         their plain mean (``aggregation="mean"``)."""
+        w = self._weights(p, idx, valid)
+        return (w[..., None] * features).sum(1) / w.sum(1, keepdim=True)
+
+    def _weights(self, p: Tensor, idx: Tensor, valid: Tensor) -> Tensor:
+        """Each draw's weight in :meth:`aggregate` (R, N): ``sg(a_p)``, or 1 for the
+        mean; 0 for a draw that is not valid."""
         w = valid.to(p.dtype)
         if self.config.aggregation == "attention":
             w = p.detach().gather(1, idx) * w
-        return (w[..., None] * features).sum(1) / w.sum(1, keepdim=True)
+        return w
 
     @torch.no_grad()
     def _leave_one_out_rewards(self, run, logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         """``P(true class)`` of each row's estimate (R,), and of the same estimate with
         each draw left out (R, N): the aggregate of :meth:`aggregate` recomputed without
         the draw's weight.  A draw whose leaving would leave no weight gets ``R``."""
-        w = run.valid.to(run.features.dtype)
-        if self.config.aggregation == "attention":
-            w = run.attention.detach().gather(1, run.indices).to(w.dtype) * w
-        total = w.sum(1, keepdim=True)  # (R, 1)
+        w = self._weights(run.attention, run.indices, run.valid)
         weighted = w[..., None] * run.features.detach()  # (R, N, D)
-        rest = total - w  # (R, N)
-        alone = rest <= 0
+        rest = w.sum(1, keepdim=True) - w  # (R, N)
         z_without = (weighted.sum(1, keepdim=True) - weighted) / rest.clamp_min(1e-30)[..., None]
-        labels = labels.to(logits.device)
-        full = class_probabilities(logits).gather(1, labels[:, None])[:, 0]
-        r, n = w.shape
-        without = class_probabilities(self.classifier(z_without.reshape(r * n, -1)))
-        without = without.reshape(r, n, -1).gather(2, labels[:, None, None].expand(r, n, 1))[..., 0]
-        return full, torch.where(alone, full[:, None], without)
+        full = _true_class_probability(logits, labels)
+        without = _true_class_probability(self.classifier(z_without), labels)
+        return full, torch.where(rest <= 0, full[:, None], without)
 
     def loss(
         self,
@@ -170,20 +169,22 @@ class ReinforceATS(ATS):
         ce = classification_loss(logits, row_labels)
         log_a = torch.log(run.attention.gather(1, run.indices))
         if c.reward == "estimate":
-            probs = class_probabilities(logits.detach())  # (R, L)
-            rewards = probs.gather(1, row_labels.to(probs.device)[:, None])[:, 0]
+            rewards = _true_class_probability(logits, row_labels)  # (R,)
             policy = sequence_policy_gradient_loss(log_a, rewards.reshape(-1, c.repeats))
         elif c.reward == "leave_one_out":
-            full, without = self._leave_one_out_rewards(run, logits.detach(), row_labels)
+            full, without = self._leave_one_out_rewards(run, logits, row_labels)
             policy = leave_one_out_policy_gradient_loss(log_a, full, without)
         else:
-            r, n = run.indices.shape
-            flat = subtile_logits.reshape(r * n, -1)
-            subtile_probs = class_probabilities(flat).reshape(r, n, -1)
-            rewards = subtile_probs.gather(
-                2, row_labels.to(subtile_probs.device)[:, None, None].expand(r, n, 1)
-            )[..., 0]
+            rewards = _true_class_probability(subtile_logits, row_labels)  # (R, N)
             policy = policy_gradient_loss(log_a, rewards)
         ent, pix = self._attention_terms(sources, stage1)
         total = ce + c.policy_weight * policy + ent + c.pixel_weight * pix
         return LossTerms(total, ce, zero, ent, pix, policy, logits.detach(), row_labels)
+
+
+def _true_class_probability(logits: Tensor, labels: Tensor) -> Tensor:
+    """``P(labels[r])`` under ``logits`` (R, L) or (R, N, L): (R,) or (R, N), a constant
+    of the policy gradient (no gradient)."""
+    probs = class_probabilities(logits.detach())
+    index = labels.to(probs.device).reshape(-1, *([1] * (probs.dim() - 1)))
+    return probs.gather(-1, index.expand(*probs.shape[:-1], 1))[..., 0]
