@@ -13,21 +13,25 @@ from the runner's ``--out``), on the first ``--images`` test images (half hold a
 3. the image logits of one sampled estimate: their AUC and the error at 0;
 4. with ``--draws 1,16``: the test error when each image's probability is the mean of
    K sampled estimates (what ``classify`` reports, K = 16 by default), batched and
-   seeded as the runner's own evaluation, so K = 1 gives its "sampled" column.
+   seeded as the runner's own evaluation, so K = 1 gives its "sampled" column;
+5. with ``--occlusion``: the positives missed by ``classify``'s estimate (16 draws),
+   binned by how much of the 3's ink other digits draw over (:func:`covered_ink`).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import time
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from benchmarks import mnist_runner, needle_mnist
-from benchmarks.mnist_data import load_mnist
+from benchmarks.mnist_data import DIGIT, load_mnist
 from benchmarks.mnist_data import needle_mnist as make_needle
 from napari_zoomin.models.distributions import attention_distribution
 
@@ -113,6 +117,65 @@ def diagnose(model, data, seed: int = 0, cover: float = 0.5, temperatures=(2, 4,
     }
 
 
+INK = 76  # a pixel is ink from 0.3 of full intensity on (0–255 units)
+COVER_BINS = (0.0, 1e-9, 0.1, 0.25, 0.5, 1.01)  # shares of the 3's ink drawn over
+
+
+def covered_ink(src) -> float:
+    """The share of the 3's ink pixels on which other digits also have ink.
+
+    Needle images sum overlapping digits (Needles-in-Haystacks), so another digit
+    drawn over the 3 changes its shape; the 3 is the image's first digit."""
+    t0, l0 = int(src.tops[0]), int(src.lefts[0])
+    other = np.zeros((DIGIT, DIGIT), np.int32)
+    for t, lf, k in zip(src.tops[1:], src.lefts[1:], src.ids[1:], strict=True):
+        t, lf = int(t), int(lf)
+        if abs(t - t0) >= DIGIT or abs(lf - l0) >= DIGIT:
+            continue
+        y0, y1 = max(t, t0), min(t, t0) + DIGIT
+        x0, x1 = max(lf, l0), min(lf, l0) + DIGIT
+        pattern = src.bank[k][y0 - t : y1 - t, x0 - lf : x1 - lf]
+        other[y0 - t0 : y1 - t0, x0 - l0 : x1 - l0] += pattern
+    three = src.bank[src.ids[0]] > INK
+    return float((three & (other > INK)).sum() / max(int(three.sum()), 1))
+
+
+@torch.no_grad()
+def occlusion(model, data, seed: int = 0, draws: int = 16) -> dict:
+    """``classify``'s estimate (the mean of ``draws``) on every image, in order: the
+    false positives, and the positives binned by :func:`covered_ink` (how many, how
+    many missed, the median stage-1 mass on the 3)."""
+    model.eval()
+    generator = torch.Generator().manual_seed(seed + 1)
+    covered, missed, mass, false_positives = [], [], [], 0
+    for i, src in enumerate(data.images):
+        (prediction,) = model.predict([src], draws=draws, generator=generator)
+        called = float(prediction.probabilities[1]) > 0.5
+        if not bool(data.labels[i]):
+            false_positives += int(called)
+            continue
+        missed.append(not called)
+        covered.append(covered_ink(src))
+        (st,) = model.stage1([src])
+        roi = src.read_roi(torch.tensor([[0, 0, *src.shape]]), model.config.view_scale)
+        mass.append(float(st.attention[_cells_on(roi[0], st.grid)].sum()))
+    covered, missed, mass = np.array(covered), np.array(missed), np.array(mass)
+    bins = []
+    for lo, hi in itertools.pairwise(COVER_BINS):
+        inside = (covered >= lo) & (covered < hi)
+        median = float(np.median(mass[inside])) if inside.any() else None
+        bins.append(
+            {
+                "covered": [lo, min(hi, 1.0)],
+                "positives": int(inside.sum()),
+                "missed": int(missed[inside].sum()),
+                "median_mass_on_3": median,
+            }
+        )
+    negatives = len(data.images) - len(covered)
+    return {"false_positives": false_positives, "negatives": negatives, "positives": bins}
+
+
 def error_with_draws(model, data, draws: int, seed: int = 0, batch_size: int = 16) -> float:
     """Test error with each image's probability the mean of ``draws`` sampled estimates,
     batched and seeded as :func:`benchmarks.mnist_runner.evaluate`'s K = 1 column (K = 1:
@@ -132,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--draws", default="", help="e.g. 1,16: test errors with K estimates averaged")
+    p.add_argument("--occlusion", action="store_true", help="misses by the 3's ink drawn over")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     spec = needle_mnist.BENCH.models[args.model]
@@ -153,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     result = diagnose(model, test, args.seed)
     for k in [int(v) for v in args.draws.split(",") if v.strip()]:
         result[f"test_error_draws_{k}"] = error_with_draws(model, test, k, args.seed)
+    if args.occlusion:
+        result["occlusion"] = occlusion(model, test, args.seed)
     result["prepare_seconds"] = round(prepared, 1)
     result["diagnose_seconds"] = round(time.perf_counter() - start - prepared, 1)
     print(json.dumps(result, indent=1))

@@ -39,6 +39,11 @@ Not run by default: the ``zoomin_detect`` rows
 (``--models zoomin_detect_block_ink,zoomin_paper``),
 ``zoomin_roi_025`` (the same as ``zoomin_roi`` at ``s1 = 0.25``, ``b`` pre-trained
 on its own) and ``cnn`` (a CNN on the 0.125 view).
+
+The defaults (1,600 training and 500 test images, 2 epochs) are the earlier tables'.
+000 uses the Needles-in-Haystacks split, 6,000 / 2,000 / 2,000 images: ``--train 6000
+--epochs 1 --test 2000`` (one epoch: about the same number of steps), the headline
+table of docs/benchmarks.md.
 """
 
 from __future__ import annotations

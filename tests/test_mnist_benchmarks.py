@@ -508,3 +508,48 @@ def test_block_ink_mask_keeps_every_cell_whose_block_holds_ink(mnist):
     assert int(on_three.sum()) == 24
     assert int(mask[on_three].sum()) == 24 and int(plain_mask[on_three].sum()) == 15
     assert float(st.attention.reshape(h, w)[~mask].sum()) == 0.0
+
+
+def test_needle_covered_ink_is_the_share_of_the_threes_ink_other_digits_draw_over(mnist):
+    """``needle_diagnose --occlusion`` bins positives by :func:`covered_ink`: the share of
+    the 3's ink pixels where the image made of the other digits alone also has ink."""
+    from benchmarks.mnist_data import DIGIT, CompositeImage
+    from benchmarks.needle_diagnose import INK, covered_ink
+
+    data = needle_mnist(mnist, "test", 60, seed=0, ink_mask=True)
+    shares = []
+    for src, label in zip(data.images, data.labels.tolist(), strict=True):
+        if not label:
+            continue
+        top, left = int(src.tops[0]), int(src.lefts[0])
+        others = CompositeImage(
+            src.shape, src.bank, src.tops[1:], src.lefts[1:], src.ids[1:], "add"
+        ).compose(top, left, DIGIT, DIGIT)
+        three = src.compose(top, left, DIGIT, DIGIT, roi=True) > 0  # the 3's ink, any level
+        strong = three & (src.bank[src.ids[0]] > INK)
+        expected = float((strong & (np.rint(others * 255) > INK)).sum() / strong.sum())
+        shares.append(covered_ink(src))
+        assert shares[-1] == pytest.approx(expected, abs=1e-12)
+    assert min(shares) == 0.0 and max(shares) > 0.1  # both kinds occur in 30 positives
+
+
+def test_needle_occlusion_counts_every_image_once(mnist):
+    """``needle_diagnose --occlusion``: a classifier that always says "no 3" misses every
+    positive and calls no negative; one that always says "3" the reverse; the bins hold
+    every positive once."""
+    import argparse
+
+    from benchmarks.needle_diagnose import occlusion
+    from benchmarks.needle_mnist import _zoomin_roi
+
+    data = needle_mnist(mnist, "test", 6, seed=0, ink_mask=True)
+    torch.manual_seed(0)
+    model = _zoomin_roi(0.5)(argparse.Namespace(n=4))
+    for bias, missed, false_positives in ((-100.0, 3, 0), (100.0, 0, 3)):
+        with torch.no_grad():
+            model.classifier.linear.weight.zero_()
+            model.classifier.linear.bias.fill_(bias)
+        result = occlusion(model, data, draws=2)
+        assert (result["negatives"], result["false_positives"]) == (3, false_positives)
+        assert sum(b["positives"] for b in result["positives"]) == 3
+        assert sum(b["missed"] for b in result["positives"]) == missed
