@@ -41,9 +41,9 @@ Not run by default: the ``zoomin_detect`` rows
 on its own) and ``cnn`` (a CNN on the 0.125 view).
 
 The defaults (1,600 training and 500 test images, 2 epochs) are the earlier tables'.
-000 uses the Needles-in-Haystacks split, 6,000 / 2,000 / 2,000 images: ``--train 6000
---epochs 1 --test 2000`` (one epoch: about the same number of steps), the headline
-table of docs/benchmarks.md.
+000 uses the Needles-in-Haystacks split, 60:20:20 (for NeedleCamelyon 6,000 / 2,000 /
+2,000 images); ``--train 6000 --epochs 1 --test 2000`` uses those sizes (one epoch:
+about the same number of steps), the headline table of docs/benchmarks.md.
 """
 
 from __future__ import annotations
