@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks import mnist_runner, needle_mnist
-from benchmarks.mnist_data import DIGIT, load_mnist
+from benchmarks.mnist_data import DIGIT, CompositeImage, load_mnist
 from benchmarks.mnist_data import needle_mnist as make_needle
 from napari_zoomin.models.distributions import attention_distribution
 
@@ -126,18 +126,11 @@ def covered_ink(src) -> float:
 
     Needle images sum overlapping digits (Needles-in-Haystacks), so another digit
     drawn over the 3 changes its shape; the 3 is the image's first digit."""
-    t0, l0 = int(src.tops[0]), int(src.lefts[0])
-    other = np.zeros((DIGIT, DIGIT), np.int32)
-    for t, lf, k in zip(src.tops[1:], src.lefts[1:], src.ids[1:], strict=True):
-        t, lf = int(t), int(lf)
-        if abs(t - t0) >= DIGIT or abs(lf - l0) >= DIGIT:
-            continue
-        y0, y1 = max(t, t0), min(t, t0) + DIGIT
-        x0, x1 = max(lf, l0), min(lf, l0) + DIGIT
-        pattern = src.bank[k][y0 - t : y1 - t, x0 - lf : x1 - lf]
-        other[y0 - t0 : y1 - t0, x0 - l0 : x1 - l0] += pattern
+    others = CompositeImage(src.shape, src.bank, src.tops[1:], src.lefts[1:], src.ids[1:], "add")
+    ink = others.compose(int(src.tops[0]), int(src.lefts[0]), DIGIT, DIGIT)  # k / 255
+    drawn = ink > (INK + 0.5) / 255  # k > INK, clear of float32 rounding
     three = src.bank[src.ids[0]] > INK
-    return float((three & (other > INK)).sum() / max(int(three.sum()), 1))
+    return float((three & drawn).sum() / max(int(three.sum()), 1))
 
 
 @torch.no_grad()
