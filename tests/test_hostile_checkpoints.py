@@ -334,6 +334,24 @@ def test_untouched_checkpoint_loads(base):
     assert ckpt.optimizer_state is not None and ckpt.classes == ["negative", "positive"]
 
 
+def test_a_standardised_feature_network_round_trips(tmp_path):
+    """``feature_standardise`` is saved with the model: the loaded ``f`` standardises its
+    weights and gives the saved model's features; a config without the setting (that of
+    every checkpoint before it) builds the plain LeNet."""
+    from napari_zoomin.engine.checkpoints import build_model, load_checkpoint, save_checkpoint
+
+    torch.manual_seed(0)
+    model = build_model("zoomin", {**TINY_ZOOMIN, "feature_standardise": True})
+    path = save_checkpoint(tmp_path / "ws.safetensors", model, ["negative", "positive"])
+    loaded = load_checkpoint(path)
+    assert loaded.config["feature_standardise"] is True
+    x = torch.rand(5, 3, *model.subtile_size)
+    assert torch.equal(loaded.model.feature(x), model.eval().feature(x))
+    assert type(loaded.model.feature.fc[1]).__name__ == "StandardisedLinear"
+    plain = build_model("zoomin", TINY_ZOOMIN)
+    assert type(plain.feature.fc[1]).__name__ == "Linear"
+
+
 def test_format_1_checkpoint_still_loads(base, tmp_path):
     """A file of format 1 (no description checksum) loads, with the same weights."""
     from napari_zoomin.engine.checkpoints import load_checkpoint

@@ -59,8 +59,12 @@ def model_path(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def result(slide_path, model_path) -> Result:
+    previous = torch.get_num_threads()
     torch.set_num_threads(1)
-    return classify(slide_path, load_model(model_path), draws=16, tissue=None, device="cpu")
+    try:
+        return classify(slide_path, load_model(model_path), draws=16, tissue=None, device="cpu")
+    finally:
+        torch.set_num_threads(previous)  # the tests after this module keep torch's own
 
 
 def test_the_result_says_one_pass_not_draws(result):

@@ -72,6 +72,6 @@ def digits_problem() -> DigitsProblem:
     rng = np.random.default_rng(2024)
     order = rng.permutation(len(images))
     train_idx, test_idx = order[:1200], order[1200:]
-    train, train_y = _canvases(images[train_idx], labels[train_idx], 512, rng)
+    train, train_y = _canvases(images[train_idx], labels[train_idx], 1024, rng)
     test, test_y = _canvases(images[test_idx], labels[test_idx], 256, rng)
     return DigitsProblem(train, train_y, test, test_y)

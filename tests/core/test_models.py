@@ -777,3 +777,60 @@ def test_stage1_skips_glass_blocks_at_inference_with_identical_alpha():
     with torch.no_grad():
         inferred = m.stage1([src])[0]
     torch.testing.assert_close(inferred.attention, trained.attention.detach(), rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("layer", ["linear", "conv"])
+def test_standardised_layers_ignore_a_shift_common_to_a_units_weights(layer):
+    """What cures the cold start of label-only training: Adam's first steps move all the
+    weights of a unit by about the same amount; a standardised unit does not see that."""
+    from napari_zoomin.models.networks import StandardisedConv2d, StandardisedLinear
+
+    torch.manual_seed(0)
+    if layer == "linear":
+        m, x = StandardisedLinear(50, 7), torch.rand(16, 50)  # post-ReLU inputs: all ≥ 0
+    else:
+        m, x = StandardisedConv2d(3, 7, 4), torch.rand(16, 3, 12, 12)
+    before = m(x)
+    w = m.weight.detach()
+    flat = w.reshape(w.shape[0], -1)
+    effective = (flat - flat.mean(1, keepdim=True)) / flat.std(1, correction=0, keepdim=True)
+    expected = effective * (2 / flat.shape[1]) ** 0.5  # zero mean, variance 2/fan_in
+    if layer == "linear":
+        assert torch.allclose(before, F.linear(x, expected, m.bias), atol=1e-5)
+    else:
+        assert torch.allclose(before, F.conv2d(x, expected.view_as(w), m.bias), atol=1e-5)
+    with torch.no_grad():
+        shift = torch.randn(w.shape[0]).view(-1, *([1] * (w.dim() - 1)))
+        m.weight.add_(shift).mul_(3.0)  # a per-unit shift, then a common scale
+    after = m(x)
+    assert torch.allclose(before, after, atol=1e-4)
+    plain = nn.Linear(50, 7) if layer == "linear" else nn.Conv2d(3, 7, 4)
+    with torch.no_grad():
+        plain.weight.copy_(w)
+        plain.bias.copy_(m.bias)
+        moved = plain(x)
+        plain.weight.add_(0.01)  # one Adam-sized step on every weight, the same way
+    assert (plain(x) - moved).abs().mean() > 0.05  # a plain unit shifts on every input
+
+
+def test_feature_standardise_gives_diverse_features_with_the_plain_lenets_keys():
+    """``feature_standardise=True``: every layer of ``f`` standardised, the state-dict
+    keys of the plain LeNet (checkpoints load either), and sub-tile features that do not
+    all start in one direction as the plain LeNet's do."""
+    torch.manual_seed(0)
+    plain = ZoomIn(ZoomInConfig(**SMALL, subtile_size=(16, 16), tile_size=(32, 32)))
+    torch.manual_seed(0)
+    model = ZoomIn(
+        ZoomInConfig(**SMALL, subtile_size=(16, 16), tile_size=(32, 32), feature_standardise=True)
+    )
+    assert list(model.feature.state_dict()) == list(plain.feature.state_dict())
+    kinds = {type(m).__name__ for m in model.feature.modules()}
+    assert {"StandardisedConv2d", "StandardisedLinear"} <= kinds
+    assert not kinds & {"Conv2d", "Linear"}
+    x = torch.rand(64, 3, 16, 16)
+    z = model.feature(x)
+    assert torch.allclose(z.norm(dim=1), torch.ones(64), atol=1e-5)
+    cosine = (z @ z.T).fill_diagonal_(0).sum() / (64 * 63)
+    plain_z = plain.feature(x)
+    plain_cosine = (plain_z @ plain_z.T).fill_diagonal_(0).sum() / (64 * 63)
+    assert cosine < 0.8 < 0.95 < plain_cosine  # the plain LeNet starts near one direction

@@ -56,6 +56,10 @@ class SamplingConfig:
         n_samples: ``N``, draws per image.
         feature_dim, feature_channels, feature_kernels, feature_hidden, feature_dropout:
             the LeNet feature network ``f`` (Ilse et al. 2018 sizes by default).
+        feature_standardise: scaled weight standardisation in every layer of ``f``
+            (:class:`~.networks.FeatureNetwork`): for training from image labels alone,
+            where the plain LeNet's units die in Adam's first steps.  Off by default:
+            checkpoints saved without it hold plain weights.
         attention_channels, attention_layers, attention_padding, attention_norm,
         attention_activation: the attention network(s) (000 §2.4 by default).
         attention_stride: view pixels per stage-1 cell (1, 2 or 4; see
@@ -87,6 +91,7 @@ class SamplingConfig:
     feature_kernels: tuple[int, int] = (4, 3)
     feature_hidden: int = 512
     feature_dropout: float = 0.0
+    feature_standardise: bool = False
     attention_channels: int = 8
     attention_layers: int = 3
     attention_padding: Literal["same", "valid"] = "same"
@@ -300,6 +305,7 @@ class AttentionSamplingModel(nn.Module):
                 hidden=config.feature_hidden,
                 out_features=config.feature_dim,
                 dropout=config.feature_dropout,
+                standardise=config.feature_standardise,
             )
         )
         self.classifier = (

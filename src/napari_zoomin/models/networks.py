@@ -8,6 +8,7 @@
   (conv–ReLU–max-pool ×2, two fully connected layers) with an L2-normalised output:
   equal feature norms make sampling from the attention the minimum-variance choice
   (ATS §3.2.1, eq. 9).
+  Optionally with scaled weight standardisation in every layer (``standardise``).
 - ``g`` is :class:`Classifier`, one fully connected layer (000 §2.4).  Two classes use
   one logit and a sigmoid (000's "sigmoid activation"); more use a softmax.
 """
@@ -25,6 +26,8 @@ __all__ = [
     "AttentionNetwork",
     "Classifier",
     "FeatureNetwork",
+    "StandardisedConv2d",
+    "StandardisedLinear",
     "UniformAttention",
     "as_float_view",
     "class_probabilities",
@@ -308,12 +311,65 @@ class UniformAttention(nn.Module):
         return view.new_zeros((b, h, w))
 
 
+def _standardised(weight: Tensor, gain: float) -> Tensor:
+    """Each output unit's incoming weights at zero mean and variance ``gain²/fan_in``."""
+    dims = list(range(1, weight.dim()))
+    fan_in = weight[0].numel()
+    var, mean = torch.var_mean(weight, dim=dims, keepdim=True, correction=0)
+    return (weight - mean) * torch.rsqrt(var * fan_in + 1e-4) * gain
+
+
+class StandardisedConv2d(nn.Conv2d):
+    """``nn.Conv2d`` with scaled weight standardisation (Brock et al. 2021), see
+    :class:`FeatureNetwork`; ``gain`` √2 (He) where a ReLU follows.  Same parameters
+    and state-dict keys as ``nn.Conv2d``."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, gain: float = 2**0.5):
+        self.gain = gain
+        super().__init__(in_channels, out_channels, kernel_size)
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        # the scale is divided out: at unit size Adam's steps stay small against it
+        nn.init.normal_(self.weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._conv_forward(x, _standardised(self.weight, self.gain), self.bias)
+
+
+class StandardisedLinear(nn.Linear):
+    """``nn.Linear`` with scaled weight standardisation, as :class:`StandardisedConv2d`."""
+
+    def __init__(self, in_features: int, out_features: int, gain: float = 2**0.5):
+        self.gain = gain
+        super().__init__(in_features, out_features)
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        nn.init.normal_(self.weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, _standardised(self.weight, self.gain), self.bias)
+
+
 class FeatureNetwork(nn.Module):
     """``f``: a full-resolution sub-tile (B, 3, h, w) → L2-normalised feature (B, D).
 
     LeNet as in Ilse et al. 2018 (ref. [18] of 000): conv(36, 4×4)–ReLU–max-pool 2,
     conv(48, 3×3)–ReLU–max-pool 2, fully connected ``hidden`` with ReLU, fully
     connected ``out_features``, then ``z / ‖z‖₂`` (ATS §3.4).
+
+    ``standardise=True`` gives every layer scaled weight standardisation (Brock et al.
+    2021): each unit's weights at zero mean and variance ``2/fan_in`` (``1/fan_in`` in
+    the last layer).  Trained from image labels alone with Adam, the plain LeNet has a
+    cold start: the sub-tiles' features start nearly parallel (mean cosine 0.99: the
+    last layer's bias outweighs what depends on the pixels), and while the label is
+    still noise to ``f`` Adam moves all the weights of a hidden unit by about the same
+    step; its inputs (after ReLU and max-pooling) are all positive, so the unit shifts
+    on every sub-tile at once, and a third of them die within an epoch.  Training then
+    waits on that plateau, on some runs for good.  A standardised unit does not see a
+    shift common to its weights, and its features start apart (mean cosine about 0.5;
+    docs/benchmarks.md, "digits end to end", twelfth session).
     """
 
     def __init__(
@@ -325,15 +381,18 @@ class FeatureNetwork(nn.Module):
         hidden: int = 512,
         out_features: int = 512,
         dropout: float = 0.0,
+        standardise: bool = False,
     ):
         super().__init__()
         self.subtile_size = (int(subtile_size[0]), int(subtile_size[1]))
         self.out_features = out_features
+        conv = StandardisedConv2d if standardise else nn.Conv2d
+        linear = StandardisedLinear if standardise else nn.Linear
         self.conv = nn.Sequential(
-            nn.Conv2d(in_channels, channels[0], kernel_sizes[0]),
+            conv(in_channels, channels[0], kernel_sizes[0]),
             nn.ReLU(),
             nn.MaxPool2d(2, 2, ceil_mode=True),
-            nn.Conv2d(channels[0], channels[1], kernel_sizes[1]),
+            conv(channels[0], channels[1], kernel_sizes[1]),
             nn.ReLU(),
             nn.MaxPool2d(2, 2, ceil_mode=True),
         )
@@ -352,10 +411,12 @@ class FeatureNetwork(nn.Module):
         flat = channels[1] * side[0] * side[1]
         self.fc = nn.Sequential(
             nn.Flatten(),
-            nn.Linear(flat, hidden),
+            linear(flat, hidden),
             nn.ReLU(),
             nn.Dropout(dropout),
-            nn.Linear(hidden, out_features),
+            StandardisedLinear(hidden, out_features, gain=1.0)
+            if standardise
+            else nn.Linear(hidden, out_features),
         )
 
     def forward(self, subtiles: Tensor) -> Tensor:
