@@ -19,7 +19,9 @@ What makes it reliable (docs/benchmarks.md, "digits end to end", twelfth session
   network that learned early memorised the training canvases (training loss 0.01,
   held-out accuracy 0.78).
 
-SUMMARY_PLACEHOLDER
+Seeds 0–5, on one thread and on torch's default (two here), 2026-12-07: all 12 runs
+pass; Zoom-In 0.832–0.926 sampled (4 draws) / 0.816–0.879 top-k, ATS 0.840–0.926 /
+0.820–0.918, the CNN 0.527–0.559.
 """
 
 from __future__ import annotations
