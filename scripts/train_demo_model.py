@@ -209,7 +209,10 @@ def main(argv: list[str] | None = None) -> int:
         "synthetic) of the training slides into the existing --out checkpoint",
     )
     parser.add_argument(
-        "--set", default="{}", help="JSON overrides of the settings, e.g. '{\"n_samples\": 16}'"
+        "--set",
+        default="{}",
+        help="JSON overrides of the settings, e.g. '{\"n_samples\": 16}'; its model_options "
+        "are added to the script's (attention_stride 2 stays unless given)",
     )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -224,7 +227,10 @@ def main(argv: list[str] | None = None) -> int:
 
     run = folder / "run"
     run.mkdir(parents=True, exist_ok=True)
-    config = TrainConfig(**{**CONFIG, **json.loads(args.set)})
+    overrides = json.loads(args.set)
+    # merged, not replaced: a --set of one model option once dropped attention_stride 2
+    options = {**CONFIG["model_options"], **overrides.pop("model_options", {})}
+    config = TrainConfig(**{**CONFIG, **overrides, "model_options": options})
     best, seconds, result = _phase(csv, config, run / "demo.safetensors", t0, args.fresh)
     info = best.info["info"]
     info["data"].pop("fingerprint", None)
