@@ -149,9 +149,9 @@ def occlusion(model, data, seed: int = 0, draws: int = 16) -> dict:
             continue
         missed.append(not called)
         covered.append(covered_ink(src))
-        (st,) = model.stage1([src])
         roi = src.read_roi(torch.tensor([[0, 0, *src.shape]]), model.config.view_scale)
-        mass.append(float(st.attention[_cells_on(roi[0], st.grid)].sum()))
+        on_3 = _cells_on(roi[0], prediction.attention_grid)
+        mass.append(float(prediction.attention.reshape(-1)[on_3].sum()))
     covered, missed, mass = np.array(covered), np.array(missed), np.array(mass)
     bins = []
     for lo, hi in itertools.pairwise(COVER_BINS):

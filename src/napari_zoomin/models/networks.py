@@ -311,45 +311,47 @@ class UniformAttention(nn.Module):
         return view.new_zeros((b, h, w))
 
 
-def _standardised(weight: Tensor, gain: float) -> Tensor:
-    """Each output unit's incoming weights at zero mean and variance ``gain²/fan_in``."""
-    dims = list(range(1, weight.dim()))
-    fan_in = weight[0].numel()
-    var, mean = torch.var_mean(weight, dim=dims, keepdim=True, correction=0)
-    return (weight - mean) * torch.rsqrt(var * fan_in + 1e-4) * gain
+class _WeightStandardised:
+    """Scaled weight standardisation (Brock et al. 2021), shared by
+    :class:`StandardisedConv2d` and :class:`StandardisedLinear`: each output unit's
+    incoming weights used at zero mean and variance ``gain²/fan_in`` (see
+    :class:`FeatureNetwork`)."""
+
+    gain: float
+    weight: nn.Parameter
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()  # type: ignore[misc]
+        # the scale is divided out: at unit size Adam's steps stay small against it
+        nn.init.normal_(self.weight)
+
+    def standardised_weight(self) -> Tensor:
+        w = self.weight
+        var, mean = torch.var_mean(w, dim=list(range(1, w.dim())), keepdim=True, correction=0)
+        return (w - mean) * torch.rsqrt(var * w[0].numel() + 1e-4) * self.gain
 
 
-class StandardisedConv2d(nn.Conv2d):
-    """``nn.Conv2d`` with scaled weight standardisation (Brock et al. 2021), see
-    :class:`FeatureNetwork`; ``gain`` √2 (He) where a ReLU follows.  Same parameters
-    and state-dict keys as ``nn.Conv2d``."""
+class StandardisedConv2d(_WeightStandardised, nn.Conv2d):
+    """``nn.Conv2d`` with scaled weight standardisation; ``gain`` √2 (He) where a ReLU
+    follows.  Same parameters and state-dict keys as ``nn.Conv2d``."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, gain: float = 2**0.5):
         self.gain = gain
         super().__init__(in_channels, out_channels, kernel_size)
 
-    def reset_parameters(self) -> None:
-        super().reset_parameters()
-        # the scale is divided out: at unit size Adam's steps stay small against it
-        nn.init.normal_(self.weight)
-
     def forward(self, x: Tensor) -> Tensor:
-        return self._conv_forward(x, _standardised(self.weight, self.gain), self.bias)
+        return self._conv_forward(x, self.standardised_weight(), self.bias)
 
 
-class StandardisedLinear(nn.Linear):
+class StandardisedLinear(_WeightStandardised, nn.Linear):
     """``nn.Linear`` with scaled weight standardisation, as :class:`StandardisedConv2d`."""
 
     def __init__(self, in_features: int, out_features: int, gain: float = 2**0.5):
         self.gain = gain
         super().__init__(in_features, out_features)
 
-    def reset_parameters(self) -> None:
-        super().reset_parameters()
-        nn.init.normal_(self.weight)
-
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, _standardised(self.weight, self.gain), self.bias)
+        return F.linear(x, self.standardised_weight(), self.bias)
 
 
 class FeatureNetwork(nn.Module):
