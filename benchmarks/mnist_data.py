@@ -29,6 +29,7 @@ import io
 import os
 import pickle
 import secrets
+import weakref
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -367,23 +368,25 @@ class InkMaskedImage(CompositeImage):
     low-resolution view: a box mean is above 0 iff some pixel under it is), so the
     attention never spends draws on the empty canvas.  The mask of the last whole
     view read (by any image: one slot, so memory stays bounded) is kept until asked
-    for, so a training step composes the view once.
+    for, so a training step composes the view once.  The slot holds a weak reference
+    to its image, not its ``id``: a freed image's address is reused, and its mask
+    must never be handed to the image that inherits it.
     """
 
-    _last_view: tuple[int, float, Tensor] | None = None  # (id of the image, scale, mask)
+    _last_view: tuple[weakref.ref, float, Tensor] | None = None  # (image, scale, mask)
 
     def read(self, regions: Tensor, scale: float) -> Tensor:
         out = super().read(regions, scale)
         regions = as_regions(regions)
         whole = regions.shape[0] == 1 and regions[0].tolist() == [0, 0, *self.shape]
         if whole and scale < 1.0:
-            InkMaskedImage._last_view = (id(self), scale, out[0, 0] > 0)
+            InkMaskedImage._last_view = (weakref.ref(self), scale, out[0, 0] > 0)
         return out
 
     def tissue_mask(self, scale: float) -> Tensor:
         """(h, w) bool at the view of ``scale``: True where the view has ink."""
         last = InkMaskedImage._last_view
-        if last is not None and last[0] == id(self) and last[1] == scale:
+        if last is not None and last[0]() is self and last[1] == scale:
             InkMaskedImage._last_view = None
             return last[2]
         h, w = self.shape

@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.mnist_data import (
     DIGIT,
+    InkMaskedImage,
     NumpyOnlyUnpickler,
     convert_pickle,
     load_mnist,
@@ -179,6 +180,21 @@ def test_ink_mask_is_where_the_view_has_ink(mnist):
     assert torch.equal(mask, view > 0)
     assert torch.equal(image.tissue_mask(0.12), mask)  # same without the cached view
     assert 0.01 < float(mask.float().mean()) < 0.1  # 55 objects on an empty canvas
+
+
+def test_ink_mask_is_never_a_freed_images_mask(mnist):
+    """The one-slot view cache must not hand an image the mask of a freed image that
+    lived at the same address (CPython reuses ``id``s): CI once scored a held-out
+    image with the ink of the image read before it."""
+    source = megapixel_mnist(mnist, "train", 2, seed=2, ink_mask=True).images
+    layouts = [(im.shape, im.bank, im.tops, im.lefts, im.ids) for im in source]
+    for _ in range(20):
+        first = InkMaskedImage(*layouts[0])
+        first.read(full_region(first), 0.12)  # leaves its mask in the slot
+        del first  # its address is free for the next image
+        second = InkMaskedImage(*layouts[1])
+        mask = second.tissue_mask(0.12)
+        assert torch.equal(mask, second.read(full_region(second), 0.12)[0, 0] > 0)
 
 
 def test_needle_mnist_hides_one_three_and_marks_its_ink(mnist):

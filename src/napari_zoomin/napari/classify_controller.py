@@ -195,12 +195,18 @@ class ClassifyController:
         self.cancel_event = threading.Event()
         self._checkpoints: dict[tuple, Checkpoint] = {}
         self._checkpoint_lock = threading.Lock()
-        self._warmed: set[int] = set()  # id() of the cached checkpoints warmed up
+        self._warmed: set[tuple] = set()  # cache keys of the checkpoints warmed up
         self._warm_lock = threading.Lock()
 
     # ------------------------------------------------------------------ models
     def checkpoint(self, model: str, device: str) -> Checkpoint:
         """The loaded checkpoint, cached per (model, file version, device)."""
+        return self._cached(model, device)[1]
+
+    def _cached(self, model: str, device: str) -> tuple[tuple, Checkpoint]:
+        """The cache key and the checkpoint of :meth:`checkpoint`.  Warm-ups are
+        remembered by key, not by ``id``: a replaced checkpoint's address can be
+        reused by a new object that was never warmed."""
         from ..engine.checkpoints import DEMO_MODEL, load_model
         from ..engine.runtime import resolve_device
 
@@ -216,11 +222,10 @@ class ClassifyController:
             if key not in self._checkpoints:
                 checkpoint = load_model(model, dev)
                 for old in [k for k in self._checkpoints if k[0] == model and k[2] == key[2]]:
-                    # an older version of the same file; its id may be reused by a new
-                    # object, which must not count as warmed
-                    self._warmed.discard(id(self._checkpoints.pop(old)))
+                    del self._checkpoints[old]  # an older version of the same file
+                    self._warmed.discard(old)
                 self._checkpoints[key] = checkpoint
-            return self._checkpoints[key]
+            return key, self._checkpoints[key]
 
     def warm(self, model: str, device: str) -> bool:
         """Load a model and warm it up (:func:`~..engine.inference.warm_up`: a small
@@ -231,11 +236,11 @@ class ClassifyController:
         from ..engine.inference import warm_up
 
         try:
-            ckpt = self.checkpoint(model, device)
+            key, ckpt = self._cached(model, device)
             with self._warm_lock:  # one warm-up per model, however often it is asked
-                if id(ckpt) not in self._warmed:
+                if key not in self._warmed:
                     warm_up(ckpt)
-                    self._warmed.add(id(ckpt))
+                    self._warmed.add(key)
             return True
         except Exception:  # the click reports it, in words, when the user asks
             log.info("warming up model %r on %r failed", model, device, exc_info=True)
@@ -247,8 +252,8 @@ class ClassifyController:
 
         dev = str(resolve_device(device))
         with self._checkpoint_lock:
-            cached = [c for k, c in self._checkpoints.items() if k[0] == model and k[2] == dev]
-        return any(id(c) in self._warmed for c in cached)
+            cached = [k for k in self._checkpoints if k[0] == model and k[2] == dev]
+        return any(k in self._warmed for k in cached)
 
     # ------------------------------------------------------------------ running
     def run(self, job: Job, progress: Callable[[float, str], None]) -> Outcome:
