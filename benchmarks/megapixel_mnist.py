@@ -240,6 +240,23 @@ def reinforce_models(num_classes: int = 10) -> dict[str, ModelSpec]:
             reward="leave_one_out",
             entropy_weight=1e-2,
         ),
+        "reinforce_distinct": spec(
+            "ATS-{n}, REINFORCE, distinct draws, estimate reward",
+            replace=False,
+            reward="estimate",
+        ),
+        "reinforce_distinct_mean": spec(
+            "ATS-{n}, REINFORCE, distinct draws, estimate reward, mean aggregation",
+            replace=False,
+            reward="estimate",
+            aggregation="mean",
+        ),
+        "reinforce_distinct_entropy": spec(
+            "ATS-{n}, REINFORCE, distinct draws, estimate reward, entropy 1e-2",
+            replace=False,
+            reward="estimate",
+            entropy_weight=1e-2,
+        ),
     }
 
 

@@ -308,6 +308,38 @@ def test_reinforce_estimate_reward_is_the_hand_computed_reinforce_gradient():
     torch.testing.assert_close(got, m.attention.logit.weight.grad, rtol=1e-4, atol=1e-7)
 
 
+def test_reinforce_without_replacement_is_reinforce_on_the_draw_sequence():
+    """``replace=False``: each estimate reads ``n_samples`` distinct sub-tiles, and the
+    policy loss is ``−(1/R) Σ_e A_e Σ_k log(a_{I_k} / (1 − Σ_{j<k} a_{I_j}))``, the
+    sequence's log-probability written out here from the same seeded draws."""
+    srcs = [TensorSource(_image(24, 28, s)) for s in (16, 17)]
+    torch.manual_seed(0)
+    config = ReinforceConfig(
+        view_scale=0.25, subtile_size=(8, 8), n_samples=4, repeats=3, reward="estimate",
+        replace=False, **SMALL,
+    )  # fmt: skip
+    m = ReinforceATS(config)
+    _randomise_logits(m.attention, 3)
+    lt = m.loss(srcs, [2, 0], generator=torch.Generator().manual_seed(3))
+    m.zero_grad()
+    lt.policy.backward()
+    got = m.attention.logit.weight.grad.clone()
+
+    run = m.one_stage(srcs, m.stage1(srcs), [0, 0, 0, 1, 1, 1], torch.Generator().manual_seed(3))
+    assert run.valid.all() and all(len(set(r.tolist())) == 4 for r in run.indices)
+    reward = torch.softmax(lt.logits, 1)[torch.arange(6), lt.labels].detach()
+    advantage = reward - reward.reshape(2, 3).mean(1).repeat_interleave(3)
+    score = []
+    for e in range(6):
+        drawn = run.attention[e, run.indices[e]]
+        before = torch.cumsum(drawn, 0) - drawn
+        score.append(torch.log(drawn / (1 - before)).sum())
+    m.zero_grad()
+    (-(torch.stack(score) * advantage).mean()).backward()
+    assert float(got.abs().sum()) > 0
+    torch.testing.assert_close(got, m.attention.logit.weight.grad, rtol=1e-4, atol=1e-7)
+
+
 @pytest.mark.parametrize("aggregation", ["attention", "mean"])
 def test_reinforce_leave_one_out_rewards_are_each_estimate_without_each_draw(aggregation):
     """``reward="leave_one_out"``: draw ``p`` is baselined by P(true class) of its
@@ -362,6 +394,7 @@ def test_reinforce_mean_aggregation_averages_the_draws():
         ),
         ({"aggregation": "max"}, "aggregation must be one of 'attention', 'mean', got 'max'"),
         ({"reward": "estimate", "repeats": 1}, "set repeats to 2 or more, got 1"),
+        ({"replace": False}, "without replacement .* needs reward 'estimate'"),
     ],
 )
 def test_reinforce_config_refuses_bad_reward_settings(settings, words):

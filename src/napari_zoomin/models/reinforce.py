@@ -33,6 +33,15 @@ the drawn sub-tiles' features, ATS's unbiased estimate of ``Σ α f`` with repla
 (ATS eq. 12), instead of 003 eq. (1), whose weights ``a_p`` (times the draw count of
 a sub-tile drawn twice) let the most attended sub-tile outweigh the others.
 
+``replace=False`` is a third (issue 18): an estimate's sub-tiles are distinct, drawn
+in sequence by Gumbel-top-k as ATS draws them, and the policy gradient is REINFORCE on
+the log-probability of that sequence (:func:`~..sampling.sampler.draw_log_probabilities`:
+each draw's probability given the earlier ones, ATS eq. 13), so it needs the
+estimate's reward.  With replacement a peaked attention map spends its draws on one
+sub-tile again and again, and the entropy bonus that stops it also spreads the draws
+over the empty canvas; without replacement ``n_samples`` draws always read
+``n_samples`` different sub-tiles, however peaked the map.
+
 003's classifier is a parameter-free softmax over the L2-normalised ``C``-dimensional
 sub-tile features, which caps the confidence (at most ``e/(e + (C−1)/e)``); we keep the
 shared linear ``g`` of the other models.
@@ -47,6 +56,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from ..sampling.sampler import draw_log_probabilities
 from .ats import ATS, ATSConfig
 from .base import MAX_WEIGHT
 from .device import autocast
@@ -70,6 +80,8 @@ class ReinforceConfig(ATSConfig):
     Attributes:
         repeats: independent samples of each image per training step (003: 4).
         policy_weight: weight of the policy-gradient loss.
+        replace: ``True`` (003); ``False`` draws distinct sub-tiles (module docstring),
+            with ``reward="estimate"`` only.
         reward: ``"subtile"`` (003 §IV: ``P(true class | sub-tile alone)``, baselined
             by the mean over the row's draws) or ``"estimate"`` (the deviation of the
             module docstring: ``P(true class | the estimate)``, baselined by the mean
@@ -100,6 +112,11 @@ class ReinforceConfig(ATSConfig):
             problems.append(f"repeats must be in [1, 1024], got {self.repeats}")
         if not problems and not 0 <= self.policy_weight <= MAX_WEIGHT:
             problems.append(f"policy_weight must be in [0, {MAX_WEIGHT}]")
+        if not problems and not self.replace and self.reward != "estimate":
+            problems.append(
+                "drawing without replacement (replace false) needs reward 'estimate': "
+                f"the draws of an estimate depend on each other, got reward {self.reward!r}"
+            )
         if not problems and self.reward == "estimate" and self.repeats < 2:
             problems.append(
                 "reward 'estimate' is baselined by the other repeats of the image: "
@@ -114,10 +131,7 @@ class ReinforceATS(ATS):
     config: ReinforceConfig
 
     def __init__(self, config: ReinforceConfig | None = None, **networks: nn.Module):
-        config = config or ReinforceConfig()
-        if not config.replace:
-            raise ValueError("the REINFORCE variant samples with replacement (003 §XI.B)")
-        super().__init__(config, **networks)
+        super().__init__(config or ReinforceConfig(), **networks)
 
     def aggregate(self, p: Tensor, idx: Tensor, valid: Tensor, features: Tensor) -> Tensor:
         """003 eq. (1): ``Σ_p sg(a_p) f_p / Σ_p sg(a_p)`` over the drawn sub-tiles, or
@@ -167,7 +181,7 @@ class ReinforceATS(ATS):
                 with torch.no_grad():  # rewards are constants of the policy gradient
                     subtile_logits = self.classifier(run.features)  # (R, N, L)
         ce = classification_loss(logits, row_labels)
-        log_a = torch.log(run.attention.gather(1, run.indices))
+        log_a = draw_log_probabilities(run.attention, run.indices, self.replace, run.valid)
         if c.reward == "estimate":
             rewards = _true_class_probability(logits, row_labels)  # (R,)
             policy = sequence_policy_gradient_loss(log_a, rewards.reshape(-1, c.repeats))

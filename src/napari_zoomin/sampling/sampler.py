@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "draw_log_probabilities",
     "draws_to_counts",
     "gumbel_noise",
     "sample",
@@ -119,6 +120,33 @@ def sample(
     a = a.to(torch.promote_types(a.dtype, torch.float32))
     keys = torch.log(a) + gumbel_noise((b, k), a, generator)
     return torch.topk(keys, n, dim=1, largest=True, sorted=True).indices
+
+
+def draw_log_probabilities(
+    attention: Tensor, indices: Tensor, replace: bool, valid: Tensor | None = None
+) -> Tensor:
+    """(R, N) log-probability of each draw of :func:`sample`, given the earlier ones.
+
+    Their row sum is the log-probability of the row's draw sequence, the score a
+    policy gradient differentiates (REINFORCE on the joint draws).  With replacement
+    draw ``k`` has probability ``a_{I_k}``; without, ``a_{I_k} / (1 − Σ_{j<k} a_{I_j})``
+    (ATS eq. 13), the mass left summed from what is left, ``undrawn + Σ_{j≥k} a_{I_j}``,
+    as in :func:`.estimators.without_replacement_weights` (``1 − S`` is rounding
+    noise once a peaked map's first draws hold almost all of it; both have the same
+    gradient, since the attention sums to 1).  Differentiable in
+    ``attention``; draws that are not ``valid`` (padding) get 0.
+    """
+    idx = indices.to(attention.device)
+    real = torch.ones_like(idx, dtype=torch.bool) if valid is None else valid.to(idx.device)
+    drawn = torch.where(real, attention.gather(-1, idx), torch.ones((), dtype=attention.dtype))
+    log_p = torch.log(drawn)
+    if not replace:
+        kept = torch.where(real, drawn, torch.zeros((), dtype=attention.dtype))
+        later = torch.flip(torch.cumsum(torch.flip(kept, [-1]), dim=-1), [-1])
+        hits = torch.zeros_like(attention, dtype=torch.bool).scatter_(-1, idx, real)
+        rest = attention.masked_fill(hits, 0.0).sum(-1)  # the undrawn cells' mass
+        log_p = log_p - torch.log(torch.where(real, rest.unsqueeze(-1) + later, 1.0))
+    return torch.where(real, log_p, torch.zeros((), dtype=attention.dtype))
 
 
 #: cells per chunk of the two-level draw of :func:`_sample_with_replacement`
