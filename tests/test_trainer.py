@@ -539,6 +539,54 @@ def test_older_training_checkpoints_resume_with_todays_names(records, tmp_path):
     }
 
 
+def test_feature_standardise_is_on_where_f_trains_on_slide_labels():
+    """``f`` is standardised when it trains (``feature_lr`` not 0) unless
+    ``model_options`` says; a run that continues a model keeps that model's setting,
+    and a model from before the setting was plain."""
+    on = {"feature_standardise": True}
+    off = {"feature_standardise": False}
+    assert model_settings(TrainConfig(), 2)["feature_standardise"] is True
+    assert model_settings(TrainConfig(feature_lr=1e-5), 2)["feature_standardise"] is True
+    assert model_settings(TrainConfig(feature_lr=0), 2)["feature_standardise"] is False
+    assert model_settings(TrainConfig(model_options=off), 2)["feature_standardise"] is False
+    assert model_settings(TrainConfig(feature_lr=0, model_options=on), 2)["feature_standardise"]
+    assert model_settings(TrainConfig(), 2, like={})["feature_standardise"] is False
+    assert model_settings(TrainConfig(feature_lr=0), 2, like=on)["feature_standardise"] is True
+    assert model_settings(TrainConfig(model_options=on), 2, like=off)["feature_standardise"]
+    assert "feature_standardise" not in model_settings(TrainConfig(kind="magnet"), 2)
+
+
+def test_a_plain_run_resumes_and_fine_tunes_plain(records, tmp_path):
+    """A run trained with a plain ``f`` before the setting existed resumes without
+    being told, and ``init_from`` its model starts plain from its exact weights: the
+    default does not turn a saved model into another network."""
+    out = tmp_path / "plain.safetensors"
+    train(dataset(records), tiny(epochs=1, model_options={"feature_standardise": False}), out)
+
+    def older(document):  # as written before feature_standardise existed
+        del document["config"]["feature_standardise"]
+        if "trainer" in document["info"]:
+            document["info"]["trainer"]["config"]["model_options"] = {}
+
+    rewrite_description(last_checkpoint_path(out), older)
+    rewrite_description(out, older)
+    assert read_saved_run(out).model_config["feature_standardise"] is False  # the default then
+    plan = resume_plan(out, tiny(epochs=2))
+    assert plan.action == "resume", plan.reasons
+    result = train(dataset(records), tiny(epochs=2), out)
+    assert [h["epoch"] for h in result.history] == [1, 2]
+    assert load_checkpoint(out).config["feature_standardise"] is False
+    tuned = tmp_path / "tuned.safetensors"
+    train(dataset(records), tiny(epochs=1, lr=1e-12, init_from=str(out)), tuned)
+    assert load_checkpoint(tuned).config["feature_standardise"] is False
+    start, after = weights(out), weights(tuned)
+    for k in start:
+        torch.testing.assert_close(after[k], start[k], rtol=0, atol=1e-9)
+    fresh = tmp_path / "fresh.safetensors"
+    train(dataset(records), tiny(epochs=1), fresh)
+    assert load_checkpoint(fresh).config["feature_standardise"] is True
+
+
 def test_model_settings_have_the_model_configs_names():
     """Every setting passed to a model config is the TrainConfig field of that name."""
     from napari_zoomin.engine.checkpoints import MODEL_KINDS
@@ -548,6 +596,7 @@ def test_model_settings_have_the_model_configs_names():
         config = TrainConfig(kind=kind, tile_size=96, subtile_size=24)
         settings = model_settings(config, 3)
         assert settings.pop("num_classes") == 3
+        assert settings.pop("feature_standardise", True) is True  # f trains: below
         for name, value in settings.items():
             assert name in names, (kind, name)
             mine = getattr(config, name)

@@ -78,6 +78,23 @@ def todays_names(config: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
+def complete_config(kind: str, config: dict[str, Any]) -> dict[str, Any]:
+    """A saved model config in today's names, with every field its config class has
+    gained since at that field's default (in JSON form), so two configs compare equal
+    when they build the same model.  A new field's default is what older code did
+    (``feature_standardise``: a plain ``f``)."""
+    config = todays_names(config)
+    if kind not in MODEL_KINDS:
+        return dict(config)
+    defaults = {}
+    for f in dataclasses.fields(MODEL_KINDS[kind][1]):
+        if f.default is not dataclasses.MISSING:
+            defaults[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            defaults[f.name] = f.default_factory()
+    return {**json.loads(json.dumps(defaults)), **config}
+
+
 def build_model(kind: str, config: dict[str, Any]) -> AttentionSamplingModel:
     """A fresh model of ``kind`` from a config dict (unknown keys are an error)."""
     config = todays_names(config)  # older one-stage checkpoints say patch_size

@@ -58,8 +58,9 @@ class SamplingConfig:
             the LeNet feature network ``f`` (Ilse et al. 2018 sizes by default).
         feature_standardise: scaled weight standardisation in every layer of ``f``
             (:class:`~.networks.FeatureNetwork`): for training from image labels alone,
-            where the plain LeNet's units die in Adam's first steps.  Off by default:
-            checkpoints saved without it hold plain weights.
+            where the plain LeNet's units die in Adam's first steps.  Off here, so a
+            checkpoint saved without it loads plain; ``train()`` turns it on where
+            ``f`` trains (:func:`~napari_zoomin.training.config.standardise_feature_network`).
         attention_channels, attention_layers, attention_padding, attention_norm,
         attention_activation: the attention network(s) (000 §2.4 by default).
         attention_stride: view pixels per stage-1 cell (1, 2 or 4; see

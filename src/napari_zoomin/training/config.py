@@ -343,14 +343,21 @@ def saved_config(values: dict[str, Any]) -> dict[str, Any]:
     return values
 
 
-def model_settings(config: TrainConfig, num_classes: int) -> dict[str, Any]:
+def model_settings(
+    config: TrainConfig, num_classes: int, like: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """The model config dict of ``config.kind`` for ``num_classes`` classes.
 
     Every :data:`MODEL_SETTINGS` field the kind's config has, under its own name
-    (sizes squared), then ``model_options``.
+    (sizes squared), then ``feature_standardise`` (:func:`standardise_feature_network`),
+    then ``model_options``.  ``like``: the model config of the run this one continues
+    (a resumed run, or ``init_from``), whose ``feature_standardise`` it keeps unless
+    ``model_options`` sets it: the weights were trained with it.
     """
     fields = {f.name for f in dataclasses.fields(MODEL_KINDS[config.kind][1])}
     settings: dict[str, Any] = {"num_classes": num_classes}
+    if "feature_standardise" in fields:
+        settings["feature_standardise"] = standardise_feature_network(config, like)
     for name in MODEL_SETTINGS:
         if name not in fields:
             continue
@@ -362,6 +369,19 @@ def model_settings(config: TrainConfig, num_classes: int) -> dict[str, Any]:
         settings[name] = value
     settings.update(config.model_options)
     return settings
+
+
+def standardise_feature_network(config: TrainConfig, like: dict[str, Any] | None = None) -> bool:
+    """Whether ``f`` gets scaled weight standardisation when ``model_options`` does not
+    say: yes when ``f`` trains on the slide labels (``feature_lr`` not 0), where the
+    plain LeNet's hidden units die under Adam's first steps (docs/training.md); no when
+    it is kept as it starts.  A run that continues a model (``like``) keeps that
+    model's setting; a model saved before the setting existed was plain."""
+    if "feature_standardise" in config.model_options:
+        return bool(config.model_options["feature_standardise"])
+    if like is not None:
+        return bool(like.get("feature_standardise", False))
+    return config.feature_lr != 0
 
 
 def model_config_dict(kind: str, settings: dict[str, Any]) -> dict[str, Any]:

@@ -31,9 +31,9 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from ..engine.checkpoints import (
     Checkpoint,
+    complete_config,
     load_checkpoint,
     read_checkpoint_info,
-    todays_names,
 )
 from ..errors import TrainingError
 from .config import TrainConfig, model_config_dict, model_settings, plain, saved_config
@@ -146,7 +146,7 @@ def _saved_run(path: Path, document: dict[str, Any]) -> SavedRun | None:
         data=dict(trainer.get("data") or {}),
         state=state,
         kind=str(document.get("kind")),
-        model_config=dict(todays_names(document.get("config") or {})),
+        model_config=complete_config(str(document.get("kind")), document.get("config") or {}),
         classes=list(document.get("classes") or []),
     )
 
@@ -271,7 +271,7 @@ def resume_plan(
         return ResumePlan("fresh", last, run, restarted=True)
     reasons = _differences(run.config, config.to_dict())
     num_classes = len(dataset.classes) if dataset is not None else len(run.classes)
-    ours = model_config_dict(config.kind, model_settings(config, num_classes))
+    ours = model_config_dict(config.kind, model_settings(config, num_classes, run.model_config))
     if run.kind != config.kind or plain(run.model_config) != ours:
         reasons.append("model architecture")
     if dataset is not None:

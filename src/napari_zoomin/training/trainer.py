@@ -56,7 +56,7 @@ from ..engine.view_cache import ViewCache, view_cache_folder
 from ..errors import CheckpointError, TrainingError, ZoominError
 from ..models import AttentionSamplingModel, grad_scaler, pretrain_tile_classifiers
 from ..models.networks import class_probabilities
-from .config import TrainConfig, model_config_dict, model_settings, plain
+from .config import TrainConfig, model_config_dict, model_settings
 from .events import (
     EpochStep,
     Pretrained,
@@ -318,15 +318,22 @@ class Trainer:
     def _build(self) -> float | None:
         """A fresh model from ``seed`` (and ``init_from``, or a MagNet's encoders from
         ``init_encoder``); ``init_from``'s pixel size."""
+        from ..engine.checkpoints import complete_config, load_model
+
         config = self.config
+        start = None
+        if config.init_from:
+            start = load_model(config.init_from)
+            like = complete_config(start.kind, start.config)
+            self.settings = model_settings(config, len(self.classes), like)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(_seed(config.seed, 0))
             try:
                 self.model = build_model(config.kind, self.settings)
             except (ValueError, TypeError) as exc:
                 raise TrainingError(None, f"cannot build the {config.kind} model: {exc}.") from None
-        if config.init_from:
-            return _initialise_from(self.model, config, self.settings, len(self.classes))
+        if start is not None:
+            return _initialise_from(self.model, start, config, self.settings, len(self.classes))
         if config.init_encoder:
             from ..engine.encoder_weights import load_encoder_weights
 
@@ -872,15 +879,15 @@ def _choose_mpp(
     return float(statistics.median_high(values)), None
 
 
-def _initialise_from(model, config: TrainConfig, settings: dict, num_classes: int):
-    """Copy the weights of ``config.init_from`` into a freshly built ``model``.
+def _initialise_from(model, start, config: TrainConfig, settings: dict, num_classes: int):
+    """Copy the weights of ``start`` (the checkpoint ``config.init_from``) into a
+    freshly built ``model``.
 
     Returns the checkpoint's training pixel size (``None`` when it records none).
     """
-    from ..engine.checkpoints import load_model, training_mpp
+    from ..engine.checkpoints import complete_config, training_mpp
 
-    start = load_model(config.init_from)
-    theirs = plain(start.config)
+    theirs = complete_config(start.kind, start.config)
     ours = model_config_dict(config.kind, settings)
     if start.kind != config.kind or theirs != ours or len(start.classes) != num_classes:
         what = [f"kind {start.kind} vs {config.kind}"] if start.kind != config.kind else []
