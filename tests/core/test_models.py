@@ -386,6 +386,34 @@ def test_reinforce_mean_aggregation_averages_the_draws():
 
 
 @pytest.mark.parametrize(
+    ("aggregation", "topk_weights"),
+    [("mean", "draws"), ("attention", "draws"), ("mean", "attention")],
+)
+def test_reinforce_topk_weighs_its_regions_as_training_aggregates(aggregation, topk_weights):
+    """Top-k's aggregate is the one ``g`` was trained on: the mean of the chosen
+    regions' features for the mean aggregation, their renormalised attention for 003's
+    (``topk_weights="draws"``, the default); ``"attention"`` renormalises always."""
+    src = TensorSource(_image(24, 28, 16))
+    torch.manual_seed(0)
+    m = ReinforceATS(
+        ReinforceConfig(
+            view_scale=0.25, subtile_size=(8, 8), n_samples=4, aggregation=aggregation,
+            topk_weights=topk_weights, topk_max_overlap=1.0, **SMALL,
+        )
+    )  # fmt: skip
+    _randomise_logits(m.attention, 3)
+    (p,) = m.predict([src], mode="topk")
+    regions = p.subtiles.regions
+    feats = m.featurise([src], torch.zeros(len(regions), dtype=torch.int64), regions)
+    alpha = p.attention.reshape(-1)[p.subtiles.cells]
+    w = torch.full((len(regions),), 1 / len(regions))
+    if aggregation == "attention" or topk_weights == "attention":
+        w = alpha / alpha.sum()
+    expected = torch.softmax(m.classifier((w[:, None] * feats).sum(0, keepdim=True)), 1)[0]
+    torch.testing.assert_close(p.probabilities, expected.detach(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
     ("settings", "words"),
     [
         (

@@ -252,6 +252,10 @@ class ATS(AttentionSamplingModel):
             ),
         )
 
+    def _topk_weights(self, ranked_attention: Tensor) -> Tensor:
+        """Weights of the top-k regions' features, best first (:func:`~.topk.topk_weights`)."""
+        return topk_weights(ranked_attention, self.replace, self.config.topk_weights)
+
     def _predict_topk(self, sources, stage1: Sequence[Stage1], b: int) -> Prediction:
         """The ``N`` most attended sub-tiles that do not overlap a better one by more than
         ``config.topk_max_overlap`` of their area (:func:`~.topk.distinct_top_k`), their
@@ -266,7 +270,7 @@ class ATS(AttentionSamplingModel):
             self.config.topk_max_overlap,
         )
         k = int(cells.shape[0])
-        w = topk_weights(alpha[cells.to(alpha.device)], self.replace, self.config.topk_weights)
+        w = self._topk_weights(alpha[cells.to(alpha.device)])
         regions = st.grid.regions(cells, self.subtile_size)
         feats = self.featurise(sources, torch.full((k,), b, dtype=torch.int64), regions)
         z = (w[:, None].to(feats.dtype) * feats).sum(0, keepdim=True)

@@ -91,6 +91,8 @@ class ReinforceConfig(ATSConfig):
             without the draw, see the module docstring).
         aggregation: ``"attention"`` (003 eq. 1) or ``"mean"`` (the deviation of the
             module docstring: the mean of the drawn sub-tiles' features).
+        topk_weights: ``"draws"``: top-k weighs its regions as ``aggregation`` weighs
+            draws (:meth:`ReinforceATS._topk_weights`); ``"attention"``: renormalised.
     """
 
     num_classes: int = 3
@@ -105,6 +107,7 @@ class ReinforceConfig(ATSConfig):
     policy_weight: float = 1.0
     reward: Literal["subtile", "estimate", "leave_one_out"] = "subtile"
     aggregation: Literal["attention", "mean"] = "attention"
+    topk_weights: Literal["draws", "attention"] = "draws"
 
     def problems(self) -> list[str]:
         problems = super().problems()
@@ -138,6 +141,20 @@ class ReinforceATS(ATS):
         their plain mean (``aggregation="mean"``)."""
         w = self._weights(p, idx, valid)
         return (w[..., None] * features).sum(1) / w.sum(1, keepdim=True)
+
+    def _topk_weights(self, ranked_attention: Tensor) -> Tensor:
+        """``topk_weights="draws"`` (the default here): the chosen regions weighed as
+        :meth:`aggregate` weighs an estimate's draws, their attention renormalised (003
+        eq. 1) or ``1/k`` each (``aggregation="mean"``), so ``g`` sees the kind of
+        aggregate it was trained on; ``"attention"``: renormalised whatever the
+        aggregation (with the mean's aggregation, one peaked region then outvoted the
+        rest: 41.7 % top-k error against 5.6 % sampled on Megapixel MNIST)."""
+        if self.config.topk_weights != "draws":
+            return super()._topk_weights(ranked_attention)
+        w = ranked_attention.detach()
+        if self.config.aggregation == "mean":
+            w = torch.ones_like(w)
+        return w / w.sum()
 
     def _weights(self, p: Tensor, idx: Tensor, valid: Tensor) -> Tensor:
         """Each draw's weight in :meth:`aggregate` (R, N): ``sg(a_p)``, or 1 for the
