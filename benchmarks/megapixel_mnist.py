@@ -246,10 +246,11 @@ def reinforce_models(num_classes: int = 10) -> dict[str, ModelSpec]:
             reward="estimate",
         ),
         "reinforce_distinct_mean": spec(
-            "ATS-{n}, REINFORCE, distinct draws, estimate reward, mean aggregation",
+            "ATS-{n}, REINFORCE, distinct draws, estimate reward, mean aggregation, plain top-k",
             replace=False,
             reward="estimate",
             aggregation="mean",
+            topk_max_overlap=1.0,  # top-k as the draws go: the 0.25 rule reads empty canvas
         ),
         "reinforce_distinct_entropy": spec(
             "ATS-{n}, REINFORCE, distinct draws, estimate reward, entropy 1e-2",

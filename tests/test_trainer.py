@@ -34,7 +34,7 @@ from napari_zoomin.training import (
     stratified_batches,
     train,
 )
-from napari_zoomin.training.config import saved_config
+from napari_zoomin.training.config import saved_config, train_recipe
 
 CLASSES = ["negative", "positive"]
 
@@ -556,6 +556,27 @@ def test_feature_standardise_is_on_where_f_trains_on_slide_labels():
     assert "feature_standardise" not in model_settings(TrainConfig(kind="magnet"), 2)
 
 
+def test_reinforce_ats_trains_with_the_measured_recipe_unless_told():
+    """``train()``'s REINFORCE-ATS draws distinct sub-tiles, rewards each estimate,
+    averages its features and ranks top-k as the draws go; ``model_options`` brings
+    back 003's; a continued 003 run (whose config holds 003's values, or predates
+    the settings) stays 003's."""
+    from napari_zoomin.engine.checkpoints import complete_config
+
+    recipe = {"replace": False, "reward": "estimate", "aggregation": "mean"}
+    recipe["topk_max_overlap"] = 1.0
+    settings = model_settings(TrainConfig(kind="reinforce-ats"), 3)
+    assert {k: settings[k] for k in recipe} == recipe
+    paper = {"replace": True, "reward": "subtile", "aggregation": "attention"}
+    settings = model_settings(TrainConfig(kind="reinforce-ats", model_options=paper), 3)
+    assert {k: settings[k] for k in paper} == paper and settings["topk_max_overlap"] == 1.0
+    older = complete_config("reinforce-ats", {"num_classes": 3})  # every field at 003's
+    settings = model_settings(TrainConfig(kind="reinforce-ats"), 3, like=older)
+    assert {k: settings[k] for k in recipe} == {**paper, "topk_max_overlap": 0.25}
+    assert model_settings(TrainConfig(kind="reinforce-ats"), 3, like={})["replace"] is True
+    assert "aggregation" not in model_settings(TrainConfig(kind="ats"), 3)
+
+
 def test_a_plain_run_resumes_and_fine_tunes_plain(records, tmp_path):
     """A run trained with a plain ``f`` before the setting existed resumes without
     being told, and ``init_from`` its model starts plain from its exact weights: the
@@ -587,6 +608,35 @@ def test_a_plain_run_resumes_and_fine_tunes_plain(records, tmp_path):
     assert load_checkpoint(fresh).config["feature_standardise"] is True
 
 
+def test_reinforce_ats_trains_with_its_recipe_end_to_end(records, tmp_path):
+    """A REINFORCE-ATS run through ``train()``: the checkpoint holds the recipe, the
+    policy term is part of the loss, and the model's distinct draws classify a slide."""
+    from napari_zoomin.engine.inference import classify
+    from napari_zoomin.slide import open_slide
+
+    out = tmp_path / "reinforce.safetensors"
+    config = tiny(kind="reinforce-ats", epochs=1, subtile_size=64, view_scale=1 / 32)
+    result = train(records[:4], config, out)
+    (epoch,) = result.history
+    assert math.isfinite(epoch["train_loss"]) and epoch["train_policy"] != 0
+    ckpt = load_checkpoint(out)
+    assert ckpt.kind == "reinforce-ats"
+    assert {k: ckpt.config[k] for k in ("replace", "reward", "aggregation")} == {
+        "replace": False,
+        "reward": "estimate",
+        "aggregation": "mean",
+    }
+    height, width = open_slide(records[0].path).shape
+    for mode in ("sample", "topk"):
+        result = classify(records[0].path, ckpt, draws=2, mode=mode, device="cpu")
+        assert result.label in ckpt.classes
+        assert abs(sum(result.probabilities.values()) - 1.0) < 1e-5
+        assert result.subtiles
+        for s in result.subtiles:  # every region read lies inside the slide
+            top, left, h, w = s["region"]
+            assert top >= 0 and left >= 0 and top + h <= height and left + w <= width
+
+
 def test_model_settings_have_the_model_configs_names():
     """Every setting passed to a model config is the TrainConfig field of that name."""
     from napari_zoomin.engine.checkpoints import MODEL_KINDS
@@ -596,7 +646,8 @@ def test_model_settings_have_the_model_configs_names():
         config = TrainConfig(kind=kind, tile_size=96, subtile_size=24)
         settings = model_settings(config, 3)
         assert settings.pop("num_classes") == 3
-        assert settings.pop("feature_standardise", True) is True  # f trains: below
+        for name, value in train_recipe(config).items():  # below
+            assert settings.pop(name) == value
         for name, value in settings.items():
             assert name in names, (kind, name)
             mine = getattr(config, name)

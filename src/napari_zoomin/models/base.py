@@ -60,7 +60,7 @@ class SamplingConfig:
             (:class:`~.networks.FeatureNetwork`): for training from image labels alone,
             where the plain LeNet's units die in Adam's first steps.  Off here, so a
             checkpoint saved without it loads plain; ``train()`` turns it on where
-            ``f`` trains (:func:`~napari_zoomin.training.config.standardise_feature_network`).
+            ``f`` trains (:func:`~napari_zoomin.training.config.train_recipe`).
         attention_channels, attention_layers, attention_padding, attention_norm,
         attention_activation: the attention network(s) (000 §2.4 by default).
         attention_stride: view pixels per stage-1 cell (1, 2 or 4; see
