@@ -61,7 +61,9 @@ TRAIN_SETTINGS: dict[str, Setting] = {
         "Model",
         "Zoom-In: looks at a shrunk slide, then zooms into the tiles it finds "
         "interesting (two stages; the default). ATS: one stage. Uniform: ATS that picks "
-        "tiles at random (a baseline). REINFORCE-ATS: ATS trained by policy gradient. "
+        "tiles at random (a baseline). REINFORCE-ATS: ATS trained by policy gradient "
+        "(distinct tiles per estimate, their features averaged: the recipe that learned "
+        "in our benchmarks; 'Other settings (JSON)' can restore the paper's). "
         "MagNet: no sampling; layers that each choose where and how much to zoom and read "
         "that part of the slide in finer detail, then read the last patches one by one "
         "(its paper's learning rate 3e-5, batch 16 and a learning rate falling to 0 over "
