@@ -2,9 +2,10 @@
 
 Differences from :class:`~napari_zoomin.models.ats.ATS` (docs/methods.md, "Losses"):
 
-- sub-tiles (003's patches) are drawn with replacement and aggregated with the
-  attention-renormalised weights ``sg(a_p) / Σ sg(a_p)`` (003 eq. 1): no gradient
-  reaches the attention through the sampling or the aggregation;
+- sub-tiles (003's patches) are drawn with replacement (``replace=False``: distinct,
+  below) and aggregated with the attention-renormalised weights ``sg(a_p) / Σ sg(a_p)``
+  (003 eq. 1; ``aggregation="mean"``: their plain mean): no gradient reaches the
+  attention through the sampling or the aggregation;
 - ``f`` and ``g`` train by back-propagation of the cross-entropy;
 - ``a`` trains by policy gradient with a mean baseline, ``−Σ_p log a_p (r_p − mean r)``
   (003 §IV), with reward ``r_p = P(true class | sub-tile p alone)``, plus the entropy
@@ -40,7 +41,10 @@ each draw's probability given the earlier ones, ATS eq. 13), so it needs the
 estimate's reward.  With replacement a peaked attention map spends its draws on one
 sub-tile again and again, and the entropy bonus that stops it also spreads the draws
 over the empty canvas; without replacement ``n_samples`` draws always read
-``n_samples`` different sub-tiles, however peaked the map.
+``n_samples`` different sub-tiles, however peaked the map.  With the mean aggregation
+it is what made REINFORCE-ATS learn Megapixel MNIST (docs/benchmarks.md, thirteenth
+session), and ``train()``'s recipe for the kind (``training.config.TRAIN_RECIPES``);
+the defaults here stay 003's, which older checkpoints were saved with.
 
 003's classifier is a parameter-free softmax over the L2-normalised ``C``-dimensional
 sub-tile features, which caps the confidence (at most ``e/(e + (C−1)/e)``); we keep the
