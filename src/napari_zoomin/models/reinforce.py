@@ -121,8 +121,9 @@ class ReinforceConfig(ATSConfig):
             problems.append(f"policy_weight must be in [0, {MAX_WEIGHT}]")
         if not problems and not self.replace and self.reward != "estimate":
             problems.append(
-                "drawing without replacement (replace false) needs reward 'estimate': "
-                f"the draws of an estimate depend on each other, got reward {self.reward!r}"
+                "drawing without replacement (replace false) needs reward 'estimate' "
+                f"(the draws of an estimate depend on each other), got reward "
+                f"{self.reward!r}: set replace to true for it, or reward to 'estimate'"
             )
         if not problems and self.reward == "estimate" and self.repeats < 2:
             problems.append(
