@@ -346,8 +346,9 @@ def saved_config(values: dict[str, Any]) -> dict[str, Any]:
 #: model config settings ``train()`` gives a kind where ``model_options`` does not say,
 #: instead of the config's own defaults (which stay what older checkpoints were saved
 #: with): REINFORCE-ATS's measured recipe (docs/benchmarks.md, thirteenth session:
-#: 5.6 % error on Megapixel MNIST against 003's 41 %): distinct draws, each estimate
-#: rewarded as a whole, the plain mean of its features, top-k as the draws go
+#: one estimate 5.0–7.0 % wrong on Megapixel MNIST over three seeds, 003's 41 %):
+#: distinct draws, each estimate rewarded as a whole, the plain mean of its features,
+#: top-k as the draws go
 TRAIN_RECIPES: dict[str, dict[str, Any]] = {
     "reinforce-ats": {
         "replace": False,
