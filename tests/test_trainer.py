@@ -619,6 +619,8 @@ def test_reinforce_ats_trains_with_its_recipe_end_to_end(records, tmp_path):
     result = train(records[:4], config, out)
     (epoch,) = result.history
     assert math.isfinite(epoch["train_loss"]) and epoch["train_policy"] != 0
+    # a share of its estimates (4 per slide), not of the slides: it once read 2.02
+    assert 0.0 <= epoch["train_accuracy"] <= 1.0
     ckpt = load_checkpoint(out)
     assert ckpt.kind == "reinforce-ats"
     assert {k: ckpt.config[k] for k in ("replace", "reward", "aggregation")} == {

@@ -511,14 +511,14 @@ class Trainer:
             self.scaler.update()
         n = len(batch)
         probs = class_probabilities(terms.logits.detach().float())
-        correct = int((probs.argmax(1).cpu() == terms.labels.cpu()).sum())
+        # the share of the step's estimates that are right: REINFORCE-ATS makes
+        # ``repeats`` of each slide, so there are more rows of logits than slides
+        right = (probs.argmax(1).cpu() == terms.labels.cpu()).float().mean().item()
         for key, value in {**terms.as_floats(), "total": float(loss.detach())}.items():
             sums[key] = sums.get(key, 0.0) + value * n
-        sums["correct"] = sums.get("correct", 0.0) + correct
+        sums["correct"] = sums.get("correct", 0.0) + right * n
         sums["n"] = sums.get("n", 0.0) + n
-        self.emit(
-            EpochStep(epoch + 1, config.epochs, step + 1, steps, float(loss.detach()), correct / n)
-        )
+        self.emit(EpochStep(epoch + 1, config.epochs, step + 1, steps, float(loss.detach()), right))
 
     def validate(self, epoch: int) -> tuple[float, float]:
         """Accuracy and mean cross-entropy of the mean sampled probability on the
