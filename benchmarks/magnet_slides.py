@@ -52,6 +52,8 @@ ROWS = ("magnet", "ats", "demo")
 #: 002's 3-layer MagNet (figure 4) from scratch, as MagNetConfig's defaults, with its
 #: training settings (§4.3: Adam, cosine annealing; lr and batch are flags here)
 MAGNET_OPTIONS: dict[str, Any] = {"patches": [2, 3, 3]}
+#: the ``ats`` row's model, by the kind ``--ats-set`` gives it
+KIND_NAMES = {"ats": "ATS", "uniform": "U-N", "reinforce-ats": "REINFORCE-ATS"}
 #: demo settings that a one-stage ATS has no use for (it has no stage 2)
 ZOOMIN_ONLY = ("stage2_scale", "tile_size")
 
@@ -67,6 +69,10 @@ def demo_script():
     sys.modules["train_demo_model"] = module
     spec.loader.exec_module(module)
     return module
+
+
+def _kind_name(kind: str) -> str:
+    return KIND_NAMES.get(kind, kind)
 
 
 def row_config(row: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -388,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
         name = {
             "magnet": f"MagNet (002), {row_config('magnet', args)['model_options']['patches']}"
             " boxes, from scratch",
-            "ats": "ATS, one stage, demo recipe",
+            "ats": f"{_kind_name(row_config('ats', args)['kind'])}, one stage, demo recipe",
             "demo": "Zoom-In, the shipped demo (96 slides, 20 epochs)",
         }[row]
         if trained is not None:
