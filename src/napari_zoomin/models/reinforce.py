@@ -144,7 +144,7 @@ class ReinforceATS(ATS):
     def aggregate(self, p: Tensor, idx: Tensor, valid: Tensor, features: Tensor) -> Tensor:
         """003 eq. (1): ``Σ_p sg(a_p) f_p / Σ_p sg(a_p)`` over the drawn sub-tiles, or
         their plain mean (``aggregation="mean"``)."""
-        w = self._weights(p, idx, valid)
+        w = self._weights(p.gather(1, idx), valid)
         return (w[..., None] * features).sum(1) / w.sum(1, keepdim=True)
 
     def _topk_weights(self, ranked_attention: Tensor) -> Tensor:
@@ -156,17 +156,17 @@ class ReinforceATS(ATS):
         rest: 41.7 % top-k error against 5.6 % sampled on Megapixel MNIST)."""
         if self.config.topk_weights != "draws":
             return super()._topk_weights(ranked_attention)
-        w = ranked_attention.detach()
-        if self.config.aggregation == "mean":
-            w = torch.ones_like(w)
+        w = self._weights(
+            ranked_attention[None], torch.ones_like(ranked_attention[None], dtype=torch.bool)
+        )[0]
         return w / w.sum()
 
-    def _weights(self, p: Tensor, idx: Tensor, valid: Tensor) -> Tensor:
-        """Each draw's weight in :meth:`aggregate` (R, N): ``sg(a_p)``, or 1 for the
-        mean; 0 for a draw that is not valid."""
-        w = valid.to(p.dtype)
+    def _weights(self, drawn_attention: Tensor, valid: Tensor) -> Tensor:
+        """Each draw's weight in :meth:`aggregate` (R, N), from the draws' attention
+        (R, N): ``sg(a_p)``, or 1 for the mean; 0 for a draw that is not valid."""
+        w = valid.to(drawn_attention.dtype)
         if self.config.aggregation == "attention":
-            w = p.detach().gather(1, idx) * w
+            w = drawn_attention.detach() * w
         return w
 
     @torch.no_grad()
@@ -174,7 +174,7 @@ class ReinforceATS(ATS):
         """``P(true class)`` of each row's estimate (R,), and of the same estimate with
         each draw left out (R, N): the aggregate of :meth:`aggregate` recomputed without
         the draw's weight.  A draw whose leaving would leave no weight gets ``R``."""
-        w = self._weights(run.attention, run.indices, run.valid)
+        w = self._weights(run.attention.gather(1, run.indices), run.valid)
         weighted = w[..., None] * run.features.detach()  # (R, N, D)
         rest = w.sum(1, keepdim=True) - w  # (R, N)
         z_without = (weighted.sum(1, keepdim=True) - weighted) / rest.clamp_min(1e-30)[..., None]

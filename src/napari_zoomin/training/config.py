@@ -19,7 +19,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from ..engine.checkpoints import MODEL_KINDS
+from ..engine.checkpoints import MODEL_KINDS, complete_config
 from ..engine.dataset import DEFAULT_ROI_LABELS
 from ..errors import TrainingError
 from ..fields import (
@@ -366,12 +366,11 @@ def model_settings(
 
     Every :data:`MODEL_SETTINGS` field the kind's config has, under its own name
     (sizes squared), then :func:`train_recipe`'s, then ``model_options``.  ``like``:
-    the (complete) model config of the run this one continues (a resumed run, or
-    ``init_from``), whose values of the recipe's settings it keeps: its weights were
+    the model config of the run this one continues (a resumed run, or ``init_from``),
+    whose values of the recipe's settings it keeps: its weights were
     trained with them.
     """
-    config_cls = MODEL_KINDS[config.kind][1]
-    fields = {f.name for f in dataclasses.fields(config_cls)}
+    fields = {f.name for f in dataclasses.fields(MODEL_KINDS[config.kind][1])}
     settings: dict[str, Any] = {"num_classes": num_classes}
     for name in MODEL_SETTINGS:
         if name not in fields:
@@ -384,8 +383,8 @@ def model_settings(
         settings[name] = value
     recipe = train_recipe(config)
     if like is not None:
-        defaults = config_cls(num_classes=num_classes).to_dict()
-        recipe = {name: like.get(name, defaults[name]) for name in recipe}
+        like = complete_config(config.kind, like)  # a setting it predates: the default
+        recipe = {name: like[name] for name in recipe}
     settings.update(recipe)
     settings.update(config.model_options)
     return settings

@@ -321,11 +321,11 @@ class Trainer:
         from ..engine.checkpoints import complete_config, load_model
 
         config = self.config
-        start = None
+        start = theirs = None
         if config.init_from:
             start = load_model(config.init_from)
-            like = complete_config(start.kind, start.config)
-            self.settings = model_settings(config, len(self.classes), like)
+            theirs = complete_config(start.kind, start.config)
+            self.settings = model_settings(config, len(self.classes), theirs)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(_seed(config.seed, 0))
             try:
@@ -333,7 +333,9 @@ class Trainer:
             except (ValueError, TypeError) as exc:
                 raise TrainingError(None, f"cannot build the {config.kind} model: {exc}.") from None
         if start is not None:
-            return _initialise_from(self.model, start, config, self.settings, len(self.classes))
+            return _initialise_from(
+                self.model, start, theirs, config, self.settings, len(self.classes)
+            )
         if config.init_encoder:
             from ..engine.encoder_weights import load_encoder_weights
 
@@ -879,15 +881,16 @@ def _choose_mpp(
     return float(statistics.median_high(values)), None
 
 
-def _initialise_from(model, start, config: TrainConfig, settings: dict, num_classes: int):
-    """Copy the weights of ``start`` (the checkpoint ``config.init_from``) into a
-    freshly built ``model``.
+def _initialise_from(
+    model, start, theirs: dict, config: TrainConfig, settings: dict, num_classes: int
+):
+    """Copy the weights of ``start`` (the checkpoint ``config.init_from``, whose
+    completed model config is ``theirs``) into a freshly built ``model``.
 
     Returns the checkpoint's training pixel size (``None`` when it records none).
     """
-    from ..engine.checkpoints import complete_config, training_mpp
+    from ..engine.checkpoints import training_mpp
 
-    theirs = complete_config(start.kind, start.config)
     ours = model_config_dict(config.kind, settings)
     if start.kind != config.kind or theirs != ours or len(start.classes) != num_classes:
         what = [f"kind {start.kind} vs {config.kind}"] if start.kind != config.kind else []
