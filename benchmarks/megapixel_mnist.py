@@ -268,11 +268,13 @@ def _zoomin(
     stage2_scale: float = 0.25,
     tile: int = 100,
     subtile_baseline: bool = False,
+    estimator: str = "sequential",
 ):
     def build(args: argparse.Namespace):
         config = ZoomInConfig(
             view_scale=view_scale,
             stage1_replace=stage1_replace,
+            estimator=estimator,
             stage2_scale=stage2_scale,
             subtile_baseline=subtile_baseline,
             tile_size=(tile, tile),
@@ -342,6 +344,11 @@ def _models() -> dict[str, ModelSpec]:
         "zoomin_half_t75": ModelSpec(
             "Zoom-In (N = {n}), s1 0.12, half-resolution a, distinct 75² tiles",
             _zoomin(0.12, True, stage1_replace=False, tile=75),
+            _pretrain,
+        ),
+        "zoomin_half_t75_priority": ModelSpec(
+            "Zoom-In (N = {n}), s1 0.12, half-resolution a, distinct 75² tiles, priority weights",
+            _zoomin(0.12, True, stage1_replace=False, tile=75, estimator="priority"),
             _pretrain,
         ),
         "zoomin_half_cv": ModelSpec(

@@ -569,3 +569,29 @@ def test_needle_occlusion_counts_every_image_once(mnist):
         assert (result["negatives"], result["false_positives"]) == (3, false_positives)
         assert sum(b["positives"] for b in result["positives"]) == 3
         assert sum(b["missed"] for b in result["positives"]) == missed
+
+
+def test_a_sequential_zoomin_is_also_read_with_priority_weights(mnist):
+    """The runner reads a Zoom-In trained with the sequential estimator a second time
+    with priority weights: the same weights, as the priority row would read them."""
+    import argparse
+
+    from benchmarks.megapixel_mnist import BENCH
+    from benchmarks.mnist_runner import error_with_draws, evaluate
+
+    data = megapixel_mnist(mnist, "test", 4, seed=0)
+    args = argparse.Namespace(n=10)
+    torch.manual_seed(0)
+    model = BENCH.models["zoomin_half_t75"].build(args).eval()
+    with torch.no_grad():  # a classifier that depends on the features: errors vary
+        model.classifier.linear.weight.normal_(0, 5.0)
+    evaluated = evaluate(model, data, 3, batch_size=2)
+    assert model.config.estimator == "sequential"  # the model itself is untouched
+    reader = BENCH.models["zoomin_half_t75_priority"].build(args).eval()
+    reader.load_state_dict(model.state_dict())
+    gen = torch.Generator().manual_seed(3 + 1)
+    assert evaluated["test_error_sample_priority"] == error_with_draws(reader, data, 1, gen, 2)
+    assert "test_error_sample_k16_priority" in evaluated
+    again = evaluate(reader, data, 3, batch_size=2)  # a priority row is read once
+    assert "test_error_sample_priority" not in again
+    assert again["test_error_sample"] == evaluated["test_error_sample_priority"]

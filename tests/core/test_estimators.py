@@ -15,9 +15,17 @@ import itertools
 import pytest
 import torch
 
-from napari_zoomin.sampling import expected_features, two_stage_expected_features
-from napari_zoomin.sampling.estimators import undrawn_mass, without_replacement_weights
-from napari_zoomin.sampling.sampler import draws_to_counts, subtile_draw_counts
+from napari_zoomin.sampling import expected_features, sample, two_stage_expected_features
+from napari_zoomin.sampling.estimators import (
+    priority_weights,
+    undrawn_mass,
+    without_replacement_weights,
+)
+from napari_zoomin.sampling.sampler import (
+    draws_to_counts,
+    sample_with_threshold,
+    subtile_draw_counts,
+)
 
 TOL = 1e-6
 D = 3
@@ -320,3 +328,98 @@ def test_estimators_reject_inconsistent_input():
         expected_features(a, torch.tensor([[2]]), f, replace=True)
     with pytest.raises(ValueError, match="shapes"):
         expected_features(a, torch.tensor([[0, 1]]), f, replace=True)
+
+
+# ---- priority weights (Gumbel-top-k with its threshold, Kool et al. 2019 §4) ---------
+
+
+def _priority_rows(logits: torch.Tensor, n: int, rows: int, seed: int):
+    """``rows`` independent Gumbel-top-k draws of ``softmax(logits)``, with κ."""
+    a = torch.softmax(logits, dim=0)
+    g = torch.Generator().manual_seed(seed)
+    idx, kappa = sample_with_threshold(a.detach().expand(rows, -1).contiguous(), n, g)
+    return a, idx, kappa
+
+
+def test_priority_estimate_is_unbiased_in_value_and_gradient():
+    """Monte Carlo over 200,000 seeded draws (κ is continuous, so no enumeration): the
+    value and the gradient with respect to the logits are within 4 standard errors of
+    ``Σ a f`` and its gradient, each row's gradient written out by hand."""
+    k, n, d, rows = 6, 3, 2, 200_000
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(k, generator=g, dtype=torch.float64, requires_grad=True)
+    f = torch.randn(k, d, generator=g, dtype=torch.float64)
+    a, idx, kappa = _priority_rows(logits, n, rows, seed=1)
+    w = priority_weights(a[idx], kappa)  # (rows, n)
+    z = torch.einsum("rn,rnd->rd", w, f[idx])
+    exact = a @ f
+    mean, se = z.mean(0), z.std(0) / rows**0.5
+    assert torch.all((mean - exact).abs() <= 4 * se), (mean, exact, se)
+    # per row: d(Σ_d z_d)/d logits = Σ_{i∈S} (Σ_d f_i)/q_i · a_i (e_i − a)
+    c = f.sum(1)
+    q = (a[idx] / w).detach()  # (rows, n)
+    jac = a.detach()[:, None] * (torch.eye(k, dtype=a.dtype) - a.detach()[None, :])  # da_i/dθ
+    per_row = torch.einsum("rn,rnk->rk", c[idx] / q, jac[idx])
+    (grad,) = torch.autograd.grad(z.sum(1).mean(), logits, retain_graph=True)
+    assert torch.allclose(grad, per_row.mean(0))  # autograd computes the written-out rule
+    (true,) = torch.autograd.grad(exact.sum(), logits)
+    gse = per_row.std(0) / rows**0.5
+    assert torch.all((per_row.mean(0) - true).abs() <= 4 * gse), (per_row.mean(0), true, gse)
+
+
+def test_priority_estimate_is_the_exact_sum_once_every_nonzero_cell_is_drawn():
+    a = torch.tensor([[0.5, 0.0, 0.3, 0.2, 0.0]])
+    f = torch.tensor([[1.0], [9.0], [2.0], [3.0], [9.0]])
+    idx, kappa = sample_with_threshold(a, 3, torch.Generator().manual_seed(0))
+    assert kappa.item() == -float("inf")
+    w = priority_weights(a.gather(1, idx), kappa)
+    assert torch.equal(w, a.gather(1, idx))
+    assert torch.isclose(w[0] @ f[idx[0], 0], torch.tensor(0.5 + 0.6 + 0.6))
+
+
+def test_sample_with_threshold_draws_what_sample_draws():
+    a = torch.softmax(torch.randn(4, 50, generator=torch.Generator().manual_seed(2)), 1)
+    plain = sample(a, 7, replace=False, generator=torch.Generator().manual_seed(3))
+    idx, kappa = sample_with_threshold(a, 7, torch.Generator().manual_seed(3))
+    assert torch.equal(plain, idx) and kappa.shape == (4,) and kappa.dtype == torch.float64
+    assert bool(torch.isfinite(kappa).all())
+
+
+def test_priority_weights_vary_far_less_than_sequential_once_the_attended_cells_are_drawn():
+    """Five cells hold 95 % of the attention (five digits), 95 share the rest, N = 10:
+    every draw takes the five, and the priority estimate is almost their exact sum,
+    where the sequential one still weighs the first drawn more than the last."""
+    a = torch.cat([torch.full((5,), 0.19), torch.full((95,), 0.05 / 95)]).double()[None]
+    f = torch.randn(100, 3, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    rows = 4000
+    idx, kappa = sample_with_threshold(a.expand(rows, -1), 10, torch.Generator().manual_seed(6))
+    drawn = a[0][idx]
+    prio = torch.einsum("rn,rnd->rd", priority_weights(drawn, kappa), f[idx])
+    seq_w = without_replacement_weights(drawn, undrawn=undrawn_mass(a.expand(rows, -1), idx))
+    seq = torch.einsum("rn,rnd->rd", seq_w, f[idx])
+    exact = a[0] @ f
+    for z in (prio, seq):  # both unbiased
+        assert torch.all((z.mean(0) - exact).abs() <= 4 * z.std(0) / rows**0.5 + 1e-12)
+    assert float(prio.var(0).sum()) < 0.1 * float(seq.var(0).sum())
+
+
+def test_two_stage_estimator_uses_priority_weights_for_the_tiles():
+    """With ``tile_threshold`` the tiles are weighed ``α/q`` and the sub-tiles as before."""
+    g = torch.Generator().manual_seed(7)
+    alpha = torch.softmax(torch.randn(1, 8, generator=g), 1)
+    tiles, kappa = sample_with_threshold(alpha, 3, g)
+    drawn = alpha.gather(1, tiles)
+    beta = torch.softmax(torch.randn(1, 3, 4, generator=g), -1)
+    sub = torch.randint(0, 4, (1, 3, 1), generator=g)
+    feats = torch.randn(1, 3, 1, 2, generator=g)
+    counts = torch.ones(1, 3, dtype=torch.long)
+    positions = torch.arange(3)[None]
+    z = two_stage_expected_features(
+        drawn, positions, counts, beta, sub, feats, replace=False, tile_threshold=kappa
+    )
+    expected = torch.einsum("bt,btd->bd", priority_weights(drawn, kappa), feats[:, :, 0])
+    assert torch.allclose(z, expected)
+    with pytest.raises(ValueError, match="tile_threshold needs replace=False"):
+        two_stage_expected_features(
+            drawn, positions, counts, beta, sub, feats, replace=True, tile_threshold=kappa
+        )

@@ -122,11 +122,19 @@ def _zoomin_full_model(m: ZoomIn, src: TensorSource) -> torch.Tensor:
     return torch.einsum("c,cs,csd->d", st.attention, beta, feats)
 
 
-@pytest.mark.parametrize(("masked", "stage1_replace"), [(False, True), (True, True), (True, False)])
-def test_zoomin_sampled_aggregate_is_unbiased_for_its_full_model(masked, stage1_replace):
+@pytest.mark.parametrize(
+    ("masked", "stage1_replace", "estimator"),
+    [
+        (False, True, "sequential"),
+        (True, True, "sequential"),
+        (True, False, "sequential"),
+        (True, False, "priority"),
+    ],
+)
+def test_zoomin_sampled_aggregate_is_unbiased_for_its_full_model(masked, stage1_replace, estimator):
     h, w = 24, 20
     src = TensorSource(_image(h, w, 3), tissue=_tissue(h, w) if masked else None)
-    m = _zoomin_tiny(stage1_replace=stage1_replace)
+    m = _zoomin_tiny(stage1_replace=stage1_replace, estimator=estimator)
     with torch.no_grad():
         full = _zoomin_full_model(m, src)
         st = m.stage1([src])
@@ -145,12 +153,21 @@ def test_zoomin_sampled_aggregate_is_unbiased_for_its_full_model(masked, stage1_
         assert bool((run.beta_mask == 0).any())
 
 
-@pytest.mark.parametrize("replace", [True, False])
-def test_ats_sampled_aggregate_is_unbiased_for_its_full_model(replace):
+@pytest.mark.parametrize(
+    ("replace", "estimator"), [(True, "sequential"), (False, "sequential"), (False, "priority")]
+)
+def test_ats_sampled_aggregate_is_unbiased_for_its_full_model(replace, estimator):
     h, w = 20, 28
     src = TensorSource(_image(h, w, 5), tissue=_tissue(h, w))
     torch.manual_seed(0)
-    cfg = ATSConfig(view_scale=0.25, subtile_size=(4, 4), n_samples=3, replace=replace, **SMALL)
+    cfg = ATSConfig(
+        view_scale=0.25,
+        subtile_size=(4, 4),
+        n_samples=3,
+        replace=replace,
+        estimator=estimator,
+        **SMALL,
+    )
     m = ATS(cfg, feature=PixelFeatures((4, 4)))
     _randomise_logits(m.attention, 6)
     m.eval()
@@ -162,6 +179,46 @@ def test_ats_sampled_aggregate_is_unbiased_for_its_full_model(replace):
         run = m.one_stage([src], [st], [0] * 20_000, generator=torch.Generator().manual_seed(7))
     mean, se = run.z.mean(0), run.z.std(0) / run.z.shape[0] ** 0.5
     assert torch.all((mean - full).abs() <= 5 * se + 1e-6), (mean, full, se)
+
+
+def test_priority_estimator_is_refused_where_the_draws_are_with_replacement():
+    with pytest.raises(ValueError, match="set stage1_replace to false"):
+        ZoomInConfig(estimator="priority")
+    with pytest.raises(ValueError, match="set replace to false"):
+        ATSConfig(estimator="priority", replace=True)
+    with pytest.raises(ValueError, match="not by an estimator"):
+        ReinforceConfig(estimator="priority", replace=False, reward="estimate")
+    with pytest.raises(ValueError, match="estimator must be one of"):
+        ATSConfig(estimator="ordered")
+    assert ZoomInConfig(estimator="priority", stage1_replace=False).estimator == "priority"
+
+
+def test_priority_reads_a_sharp_map_as_its_exact_sum_where_sequential_weights_vary():
+    """α on three of the image's cells, N = 3 distinct draws: every estimate takes all
+    three, so priority weights give each its exact α and every estimate is the full
+    model's; the sequential weights depend on the draw order."""
+    src = TensorSource(_image(20, 28, 5))
+    peak = torch.full((5, 7), -60.0)
+    peak[1, 1], peak[2, 4], peak[3, 2] = 1.0, 0.5, 0.0
+    z = {}
+    for estimator in ("sequential", "priority"):
+        cfg = ATSConfig(
+            view_scale=0.25,
+            subtile_size=(4, 4),
+            n_samples=3,
+            replace=False,
+            estimator=estimator,
+            **SMALL,
+        )
+        m = ATS(cfg, feature=PixelFeatures((4, 4))).eval()
+        m.attention = FixedLogits(peak)
+        with torch.no_grad():
+            st = m.stage1([src])[0]
+            cells = torch.arange(st.grid.n_cells)
+            full = st.attention @ m.feature(src.read(st.grid.regions(cells, (4, 4)), 1.0))
+            z[estimator] = m.one_stage([src], [st], [0] * 200, torch.Generator().manual_seed(1)).z
+    assert torch.allclose(z["priority"], full.expand(200, -1), atol=1e-5)
+    assert float(z["sequential"].std(0).max()) > 1e-2
 
 
 # ---- contrastive views -------------------------------------------------------------

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from ..sampling import expected_features, sample
+from ..sampling.sampler import sample_with_threshold
 from .base import (
     AttentionSamplingModel,
     SamplingConfig,
@@ -53,6 +54,11 @@ class ATSConfig(SamplingConfig):
 
     def problems(self) -> list[str]:
         problems = super().problems()
+        if not problems and self.estimator == "priority" and self.replace:
+            problems.append(
+                "estimator 'priority' weighs distinct draws: set replace to false, or "
+                "estimator to 'sequential'"
+            )
         return problems or side_problems(self, "subtile_size")
 
 
@@ -105,26 +111,40 @@ class ATS(AttentionSamplingModel):
 
     # -- sampling --------------------------------------------------------------------
 
-    def _draw(self, p: Tensor, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
-        """(R, N) draws and validity; without replacement each row is capped at its nnz."""
+    def _draw(
+        self, p: Tensor, generator: torch.Generator | None
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """(R, N) draws and validity, and without replacement each row's threshold ``κ``
+        (R,) (:func:`~napari_zoomin.sampling.sampler.sample_with_threshold`); each row
+        is capped at its nnz."""
         n = self.config.n_samples
         r = p.shape[0]
         if self.replace:
             idx = sample(p.detach(), n, replace=True, generator=generator)
-            return idx, torch.ones_like(idx, dtype=torch.bool)
+            return idx, torch.ones_like(idx, dtype=torch.bool), None
         idx = torch.zeros((r, n), dtype=torch.long, device=p.device)
         valid = torch.zeros((r, n), dtype=torch.bool, device=p.device)
+        kappa = torch.empty(r, dtype=torch.float64, device=p.device)
         a = p.detach()
         # a row at a time: the Gumbel noise of R rows of a gigapixel slide's map at once
         # took 22 GB (K = 16 draws of 39 million cells in float64)
         for row in range(r):
             cap = min(int((a[row] > 0).sum()), n)
-            idx[row, :cap] = sample(a[row : row + 1], cap, replace=False, generator=generator)[0]
+            drawn, threshold = sample_with_threshold(a[row : row + 1], cap, generator)
+            idx[row, :cap], kappa[row] = drawn[0], threshold[0]
             valid[row, :cap] = True
-        return idx, valid
+        return idx, valid, kappa
 
-    def aggregate(self, p: Tensor, idx: Tensor, valid: Tensor, features: Tensor) -> Tensor:
-        """Unbiased estimate of ``Σ α f`` per row (rows grouped by their number of draws)."""
+    def aggregate(
+        self,
+        p: Tensor,
+        idx: Tensor,
+        valid: Tensor,
+        features: Tensor,
+        threshold: Tensor | None = None,
+    ) -> Tensor:
+        """Unbiased estimate of ``Σ α f`` per row (rows grouped by their number of draws);
+        ``threshold`` (R,) gives the draws priority weights (``estimator="priority"``)."""
         counts = valid.sum(dim=1).tolist()
         groups: dict[int, list[int]] = defaultdict(list)
         for row, n in enumerate(counts):
@@ -132,7 +152,10 @@ class ATS(AttentionSamplingModel):
         parts, order = [], []
         for n, rows in groups.items():
             sel = torch.as_tensor(rows, device=p.device)
-            parts.append(expected_features(p[sel], idx[sel, :n], features[sel, :n], self.replace))
+            kappa = None if threshold is None else threshold[sel]
+            parts.append(
+                expected_features(p[sel], idx[sel, :n], features[sel, :n], self.replace, kappa)
+            )
             order.extend(rows)
         z = torch.cat(parts)
         inverse = torch.empty(len(order), dtype=torch.long, device=z.device)
@@ -149,7 +172,7 @@ class ATS(AttentionSamplingModel):
         """Draw sub-tiles for every row, read each distinct one once, aggregate."""
         rows_t = torch.as_tensor(list(rows), dtype=torch.int64)
         p = stack_rows([s.attention for s in stage1], rows_t.tolist())  # (R, K)
-        idx, valid = self._draw(p, generator)
+        idx, valid, kappa = self._draw(p, generator)
         images = rows_t[:, None].expand(idx.shape)
         t_images, t_cells, ids = unique_pairs(images, idx, valid)
         regions = torch.empty(int(t_images.shape[0]), 4, dtype=torch.int64)
@@ -158,7 +181,9 @@ class ATS(AttentionSamplingModel):
             regions[sel] = stage1[b].grid.regions(t_cells[sel], self.subtile_size)
         feats = self.featurise(sources, t_images, regions)  # (S, D)
         feat_rows = feats[ids.to(feats.device)]  # (R, N, D)
-        z = self.aggregate(p, idx, valid, feat_rows)
+        z = self.aggregate(
+            p, idx, valid, feat_rows, kappa if self.config.estimator == "priority" else None
+        )
         return OneStagePass(
             rows_t, p, idx, valid, ids, t_images, t_cells, regions, feat_rows, z, feats
         )

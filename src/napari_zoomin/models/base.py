@@ -71,6 +71,15 @@ class SamplingConfig:
         pixel_weight: weight of the attention-map MSE of 000 eq. (11), applied to images
             whose source has ROI annotations.
         negative_class: the reference class of the contrastive loss (000 §2.3).
+        estimator: how distinct draws from ``α`` are weighed (ATS without
+            replacement, Zoom-In's stage 1 with ``stage1_replace=False``):
+            ``"sequential"`` (ATS eqs. 14–17, the papers'), which weighs the first
+            cells drawn more than the last, or ``"priority"`` (our option: each cell
+            ``α_c / q_c``, with ``q_c`` the probability that its Gumbel key beats the
+            largest key left out; :func:`~napari_zoomin.sampling.estimators.priority_weights`),
+            close to the exact sum once the cells that hold ``α`` are all drawn.  Both
+            are unbiased for the same sum, so a model trained with one may be read
+            with the other.
         topk_max_overlap: top-k inference skips a region (tile or sub-tile) that
             overlaps a better-ranked chosen one by more than this fraction of its area
             (:func:`~.topk.distinct_top_k`); 1 = the plain N largest attention values.
@@ -103,6 +112,7 @@ class SamplingConfig:
     entropy_weight: float = 1e-5
     pixel_weight: float = 1.0
     negative_class: int = 0
+    estimator: Literal["sequential", "priority"] = "sequential"
     topk_max_overlap: float = 0.25
     topk_weights: Literal["draws", "attention"] = "attention"
 
@@ -154,6 +164,7 @@ class SamplingConfig:
             ("attention_activation", ("relu", "leaky_relu")),
             ("attention_stride", STRIDES),
             ("topk_weights", ("draws", "attention")),
+            ("estimator", ("sequential", "priority")),
         ):
             if getattr(self, name) not in allowed:
                 problems.append(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")

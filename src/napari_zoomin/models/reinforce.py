@@ -125,6 +125,11 @@ class ReinforceConfig(ATSConfig):
                 f"(the draws of an estimate depend on each other), got reward "
                 f"{self.reward!r}: set replace to true for it, or reward to 'estimate'"
             )
+        if not problems and self.estimator != "sequential":
+            problems.append(
+                "REINFORCE-ATS aggregates its draws by 'aggregation', not by an "
+                f"estimator: set estimator to 'sequential', got {self.estimator!r}"
+            )
         if not problems and self.reward == "estimate" and self.repeats < 2:
             problems.append(
                 "reward 'estimate' is baselined by the other repeats of the image: "
@@ -141,9 +146,16 @@ class ReinforceATS(ATS):
     def __init__(self, config: ReinforceConfig | None = None, **networks: nn.Module):
         super().__init__(config or ReinforceConfig(), **networks)
 
-    def aggregate(self, p: Tensor, idx: Tensor, valid: Tensor, features: Tensor) -> Tensor:
+    def aggregate(
+        self,
+        p: Tensor,
+        idx: Tensor,
+        valid: Tensor,
+        features: Tensor,
+        threshold: Tensor | None = None,
+    ) -> Tensor:
         """003 eq. (1): ``Σ_p sg(a_p) f_p / Σ_p sg(a_p)`` over the drawn sub-tiles, or
-        their plain mean (``aggregation="mean"``)."""
+        their plain mean (``aggregation="mean"``); no estimator, so no ``threshold``."""
         w = self._weights(p.gather(1, idx), valid)
         return (w[..., None] * features).sum(1) / w.sum(1, keepdim=True)
 

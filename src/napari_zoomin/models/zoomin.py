@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from ..sampling import sample, two_stage_expected_features
-from ..sampling.sampler import draws_to_counts, sample_subtiles
+from ..sampling.sampler import draws_to_counts, sample_subtiles, sample_with_threshold
 from .base import (
     MAX_WEIGHT,
     AttentionSamplingModel,
@@ -105,6 +105,11 @@ class ZoomInConfig(SamplingConfig):
                 f"subtile_size {tuple(self.subtile_size)} must not exceed tile_size "
                 f"{tuple(self.tile_size)} (a sub-tile is a part of a tile)"
             )
+        if self.estimator == "priority" and self.stage1_replace:
+            problems.append(
+                "estimator 'priority' weighs distinct stage-1 tiles: set stage1_replace "
+                "to false, or estimator to 'sequential'"
+            )
         if not 0 <= self.contrastive_weight <= MAX_WEIGHT:
             problems.append(f"contrastive_weight must be in [0, {MAX_WEIGHT}]")
         if self.contrastive_warmup_epochs < 0:
@@ -133,7 +138,7 @@ def _draw_tiles(
     n: int,
     generator: torch.Generator | None,
     replace: bool = True,
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """N stage-1 draws per row, as distinct cells, counts and ``α_c``.
 
     With replacement, each image's distribution is sampled once for all its rows
@@ -144,11 +149,13 @@ def _draw_tiles(
     padding), one Gumbel-top-k per row over the non-zero cells, a row at a time.
 
     Returns:
-        ``cells`` (R, T) with ``counts`` (R, T) (0 = padding), and ``α`` (R, T) at
-        those cells, differentiable.
+        ``cells`` (R, T) with ``counts`` (R, T) (0 = padding), ``α`` (R, T) at
+        those cells, differentiable, and without replacement each row's threshold
+        ``κ`` (R,) (:func:`~napari_zoomin.sampling.sampler.sample_with_threshold`).
     """
     picked = torch.zeros((len(rows), n), dtype=torch.int64)  # stage-1 cells, N per row
     distinct = torch.zeros((len(rows), n), dtype=torch.int64)  # counts without replacement
+    kappa = None if replace else torch.empty(len(rows), dtype=torch.float64)
     for b in torch.unique(rows).tolist():
         sel = torch.nonzero(rows == b)[:, 0]
         a = alphas[b].detach()
@@ -159,14 +166,15 @@ def _draw_tiles(
         nonzero = torch.nonzero(a > 0)[:, 0]
         k = min(n, int(nonzero.shape[0]))
         for r in sel.tolist():  # one row at a time: no K copies of a slide's α
-            picks = sample(a[nonzero][None], k, replace=False, generator=generator)
+            picks, threshold = sample_with_threshold(a[nonzero][None], k, generator)
+            kappa[r] = threshold[0].cpu()
             picked[r, :k] = nonzero[picks[0]].cpu()
             distinct[r, :k] = 1
     cells, counts = draws_to_counts(picked) if replace else (picked, distinct)
     gathered = torch.stack(
         [alphas[b][cells[r].to(alphas[b].device)] for r, b in enumerate(rows.tolist())]
     )
-    return cells, counts, gathered
+    return cells, counts, gathered, kappa
 
 
 @dataclass(eq=False)
@@ -302,9 +310,9 @@ class ZoomIn(AttentionSamplingModel):
             alphas.append(a)
         # Stage 1: N tiles with replacement, kept as counts m_c (000 §2.2, eq. 6), or
         # N distinct tiles in draw order (stage1_replace=False).
-        cells, counts, p = _draw_tiles(
+        cells, counts, p, kappa = _draw_tiles(
             alphas, rows_t, c.n_samples, generator, c.stage1_replace
-        )  # (R, T) each
+        )  # (R, T) each, and (R,)
         row_images = rows_t[:, None].expand(cells.shape)
         t_images, t_cells, tile_ids = unique_pairs(row_images, cells, counts.cpu() > 0)
         regions = torch.empty(int(t_images.shape[0]), 4, dtype=torch.int64)
@@ -351,6 +359,7 @@ class ZoomIn(AttentionSamplingModel):
             feat_rows,
             replace=c.stage1_replace,
             subtile_baseline=c.subtile_baseline,
+            tile_threshold=kappa if c.estimator == "priority" else None,
         )
         return TwoStagePass(
             rows=rows_t,

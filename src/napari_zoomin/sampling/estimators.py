@@ -27,6 +27,14 @@ whose value and derivative are chosen with ``stopgrad`` (``.detach()``):
   inner factor is an unbiased estimate of ``Σ_c' β^c_c' f(c, c')`` drawn independently
   given the tile, and both estimators are linear in it, so value and gradients stay
   unbiased.
+- priority weights (our option for distinct draws, ATS's or Zoom-In's stage 1):
+  ``w_i = a_i / sg(q_i(κ))`` with ``q_i(κ) = 1 − exp(−a_i e^{−κ})`` the probability
+  that cell ``i``'s Gumbel key beats ``κ``, the largest key left out (Kool et al.
+  2019, §4, 000 ref. [14]; priority sampling).  Unbiased for any per-cell values, so
+  for ``a_i f_i`` and for their gradients alike.  The draw order does not enter: once
+  the few cells that hold the attention are all drawn, ``q ≈ 1`` for each and the
+  estimate is their exact sum, where the sequential weights above still give the
+  first drawn of them more weight than the last.
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ from .sampler import subtile_draw_counts
 
 __all__ = [
     "expected_features",
+    "priority_weights",
     "two_stage_expected_features",
     "undrawn_mass",
     "with_replacement_weights",
@@ -106,6 +115,36 @@ def without_replacement_weights(
     return torch.where(valid, (new_term + known_term) / denom, torch.zeros_like(a))
 
 
+def priority_weights(
+    drawn_attention: Tensor, threshold: Tensor, n_valid: Tensor | None = None
+) -> Tensor:
+    """Per-draw weights ``a_i / sg(q_i(κ))`` of Gumbel-top-k draws (Kool et al. 2019, §4).
+
+    Args:
+        drawn_attention: (..., M) attention of the distinct draws (differentiable).
+        threshold: (...) ``κ`` of each row (:func:`.sampler.sample_with_threshold`);
+            ``−inf`` where every non-zero cell was drawn (then ``q = 1``: exact sum).
+        n_valid: optional LongTensor (...), the number of real draws (the rest is
+            padding and gets weight 0, no gradient).  Default: all M.
+
+    Returns:
+        (..., M) weights: value ``a_i / q_i``, gradient ``∇a_i / q_i``.
+    """
+    a = drawn_attention
+    m = a.shape[-1]
+    if n_valid is None:
+        valid = torch.ones(a.shape, dtype=torch.bool, device=a.device)
+    else:
+        valid = torch.arange(m, device=a.device) < n_valid.to(a.device).unsqueeze(-1)
+    a64 = torch.where(valid, a.detach(), torch.ones_like(a)).to(torch.float64)
+    kappa = threshold.detach().to(device=a.device, dtype=torch.float64).unsqueeze(-1)
+    # q = P(log a + G > κ) = 1 − exp(−e^{log a − κ}); expm1 keeps a small q exact
+    q = -torch.expm1(-torch.exp(torch.log(a64) - kappa))
+    at_least_float32 = torch.promote_types(a.dtype, torch.float32)  # q can be tiny
+    weights = a.to(at_least_float32) / q.to(at_least_float32)
+    return torch.where(valid, weights, torch.zeros_like(weights))
+
+
 def undrawn_mass(attention: Tensor, indices: Tensor, valid: Tensor | None = None) -> Tensor:
     """(...) the attention of each row's cells that none of its real draws took.
 
@@ -150,6 +189,7 @@ def expected_features(
     indices: Tensor,
     features: Tensor,
     replace: bool,
+    threshold: Tensor | None = None,
 ) -> Tensor:
     """Unbiased estimate of ``Σ_k a_k f_k`` from drawn cells, with unbiased gradients.
 
@@ -159,6 +199,9 @@ def expected_features(
             same ``replace``; without replacement, in sequential draw order.
         features: (B, n, D) features of the drawn cells, in the order of ``indices``.
         replace: how ``indices`` were drawn.
+        threshold: optional (B,) ``κ`` of draws without replacement
+            (:func:`~napari_zoomin.sampling.sampler.sample_with_threshold`): priority
+            weights (:func:`priority_weights`) instead of the sequential ones.
 
     Returns:
         (B, D).
@@ -178,7 +221,11 @@ def expected_features(
     drawn = attention.gather(1, indices.to(attention.device))
     if bool((drawn.detach() <= 0).any()):
         raise ValueError("a drawn cell has zero attention: it cannot have been drawn from it")
-    if replace:
+    if threshold is not None:
+        if replace or threshold.shape != indices.shape[:1]:
+            raise ValueError("threshold needs replace=False and one κ per row (B,)")
+        weights = priority_weights(drawn, threshold)
+    elif replace:
         weights = with_replacement_weights(drawn)
     else:
         weights = without_replacement_weights(drawn, undrawn=undrawn_mass(attention, indices))
@@ -194,6 +241,7 @@ def two_stage_expected_features(
     features: Tensor,
     replace: bool = True,
     subtile_baseline: bool = False,
+    tile_threshold: Tensor | None = None,
 ) -> Tensor:
     """Zoom-In's two-stage estimate of ``Σ_c α_c Σ_c' β^c_c' f(c, c')`` (000 eq. 5).
 
@@ -226,6 +274,9 @@ def two_stage_expected_features(
             independently of tile ``c``'s, and ``E[∇ Σ_n w_n] = ∇1 = 0``, so no bias;
             without it a tile with one sub-tile gets no baseline at all, and every
             sampled sub-tile is reinforced by ``f``'s raw score.
+        tile_threshold: optional (B,) ``κ`` of the stage-1 draws (``replace=False``
+            only): the tiles get :func:`priority_weights` instead of the sequential
+            weights.  Stage 2 is unchanged.
 
     Returns:
         (B, D).
@@ -241,6 +292,8 @@ def two_stage_expected_features(
         raise ValueError("tile_indices, tile_counts and subtile_attention disagree on (B, T)")
     if features.shape[:3] != subtile_indices.shape or subtile_indices.shape[:2] != (b, t):
         raise ValueError("subtile_indices and features disagree on (B, T, M)")
+    if tile_threshold is not None and (replace or tile_threshold.shape != (b,)):
+        raise ValueError("tile_threshold needs replace=False and one κ per row (B,)")
     counts = tile_counts.to(tile_attention.device).long()
     total = counts.sum(dim=1)
     if bool((total <= 0).any()):
@@ -268,9 +321,12 @@ def two_stage_expected_features(
                 "without replacement, tile_counts must be 1 for the drawn tiles (in draw "
                 "order) and 0 only for trailing padding"
             )
-        # ``tile_attention`` may hold only the drawn tiles' attention (Zoom-In passes
-        # it so), so the mass left is ``1 − S`` here, not summed from the undrawn cells
-        tile_weight = without_replacement_weights(alpha, total)
+        if tile_threshold is not None:
+            tile_weight = priority_weights(alpha, tile_threshold, total)
+        else:
+            # ``tile_attention`` may hold only the drawn tiles' attention (Zoom-In
+            # passes it so): the mass left is ``1 − S``, not summed from undrawn cells
+            tile_weight = without_replacement_weights(alpha, total)
 
     # Stage 2, without replacement, per tile: weights of mean_n T^c_n.
     m = subtile_indices.shape[2]

@@ -11,6 +11,8 @@ copy):
   ref. [14] of 000), which yields a draw of ATS eq. (13) in sequential draw order.
   The official Zoom-In code adds the noise to the probabilities instead, which
   makes stage-2 sampling almost uniform (docs/methods.md); we do not.
+  :func:`sample_with_threshold` also returns the first key left out, the threshold
+  that priority weights (:func:`.estimators.priority_weights`) divide by.
 
 Cells with probability zero (masked background) are never drawn, in either mode.
 """
@@ -26,6 +28,7 @@ __all__ = [
     "gumbel_noise",
     "sample",
     "sample_subtiles",
+    "sample_with_threshold",
     "subtile_draw_counts",
 ]
 
@@ -91,12 +94,45 @@ def sample(
         ValueError: bad shapes or values, or (without replacement) ``n`` larger than
             the number of non-zero cells in some row. Callers cap ``n`` first.
     """
+    return _sample(attention, n, replace, generator)[0]
+
+
+def sample_with_threshold(
+    attention: Tensor, n: int, generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor]:
+    """:func:`sample` without replacement, and each row's threshold ``κ``.
+
+    ``κ`` is the ``(n+1)``-th largest perturbed log-probability of the same
+    Gumbel-top-k, the largest key left out (``−inf`` where a row has no further
+    non-zero cell): a cell is drawn exactly when its key exceeds it, which is what
+    :func:`.estimators.priority_weights` divides by.  The draws are those
+    :func:`sample` makes from the same generator state.
+
+    Returns:
+        LongTensor (B, n) of cell indices in draw order, and (B,) ``κ`` in float64.
+    """
+    indices, threshold = _sample(attention, n, False, generator, threshold=True)
+    assert threshold is not None
+    return indices, threshold
+
+
+def _sample(
+    attention: Tensor,
+    n: int,
+    replace: bool,
+    generator: torch.Generator | None,
+    threshold: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """:func:`sample`'s draws, with Gumbel-top-k's threshold when asked (no replacement)."""
     _check_attention(attention)
     if n < 0:
         raise ValueError(f"n must be non-negative, got {n}")
     b, k = attention.shape
     if n == 0:
-        return torch.zeros((b, 0), dtype=torch.long, device=attention.device)
+        none = torch.full((b,), -torch.inf, dtype=torch.float64, device=attention.device)
+        return torch.zeros((b, 0), dtype=torch.long, device=attention.device), (
+            none if threshold else None
+        )
     a = attention.detach()
     # non-negative: a row's largest value says whether any cell is not 0
     empty = a.amax(dim=1) <= 0 if k else torch.ones(b, dtype=torch.bool)
@@ -104,7 +140,7 @@ def sample(
         row = int(torch.nonzero(empty)[0, 0])
         raise ValueError(f"attention row {row} has no cell with non-zero probability")
     if replace:
-        return _sample_with_replacement(a, n, generator)
+        return _sample_with_replacement(a, n, generator), None
     nonzero = (a > 0).sum(dim=1)
     fewest = int(nonzero.min()) if b else k
     if n > fewest:
@@ -119,7 +155,13 @@ def sample(
     # float32), so a gigapixel stage-1 map is not copied to float64.
     a = a.to(torch.promote_types(a.dtype, torch.float32))
     keys = torch.log(a) + gumbel_noise((b, k), a, generator)
-    return torch.topk(keys, n, dim=1, largest=True, sorted=True).indices
+    if not threshold:
+        return torch.topk(keys, n, dim=1, largest=True, sorted=True).indices, None
+    top = torch.topk(keys, min(n + 1, k), dim=1, largest=True, sorted=True)
+    kappa = torch.full((b,), -torch.inf, dtype=torch.float64, device=a.device)
+    if k > n:  # a zero cell's key is −inf: no further non-zero cell leaves κ at −inf
+        kappa = top.values[:, n].to(torch.float64)
+    return top.indices[:, :n], kappa
 
 
 def draw_log_probabilities(
