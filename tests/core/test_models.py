@@ -153,6 +153,11 @@ def test_zoomin_sampled_aggregate_is_unbiased_for_its_full_model(masked, stage1_
         assert bool((run.beta_mask == 0).any())
 
 
+def _ats_tiny(**kw) -> ATS:
+    cfg = ATSConfig(view_scale=0.25, subtile_size=(4, 4), n_samples=3, **SMALL, **kw)
+    return ATS(cfg, feature=PixelFeatures((4, 4)))
+
+
 @pytest.mark.parametrize(
     ("replace", "estimator"), [(True, "sequential"), (False, "sequential"), (False, "priority")]
 )
@@ -160,15 +165,7 @@ def test_ats_sampled_aggregate_is_unbiased_for_its_full_model(replace, estimator
     h, w = 20, 28
     src = TensorSource(_image(h, w, 5), tissue=_tissue(h, w))
     torch.manual_seed(0)
-    cfg = ATSConfig(
-        view_scale=0.25,
-        subtile_size=(4, 4),
-        n_samples=3,
-        replace=replace,
-        estimator=estimator,
-        **SMALL,
-    )
-    m = ATS(cfg, feature=PixelFeatures((4, 4)))
+    m = _ats_tiny(replace=replace, estimator=estimator)
     _randomise_logits(m.attention, 6)
     m.eval()
     with torch.no_grad():
@@ -202,15 +199,7 @@ def test_priority_reads_a_sharp_map_as_its_exact_sum_where_sequential_weights_va
     peak[1, 1], peak[2, 4], peak[3, 2] = 1.0, 0.5, 0.0
     z = {}
     for estimator in ("sequential", "priority"):
-        cfg = ATSConfig(
-            view_scale=0.25,
-            subtile_size=(4, 4),
-            n_samples=3,
-            replace=False,
-            estimator=estimator,
-            **SMALL,
-        )
-        m = ATS(cfg, feature=PixelFeatures((4, 4))).eval()
+        m = _ats_tiny(replace=False, estimator=estimator).eval()
         m.attention = FixedLogits(peak)
         with torch.no_grad():
             st = m.stage1([src])[0]
