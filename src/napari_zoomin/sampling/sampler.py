@@ -129,10 +129,8 @@ def _sample(
         raise ValueError(f"n must be non-negative, got {n}")
     b, k = attention.shape
     if n == 0:
-        none = torch.full((b,), -torch.inf, dtype=torch.float64, device=attention.device)
-        return torch.zeros((b, 0), dtype=torch.long, device=attention.device), (
-            none if threshold else None
-        )
+        kappa = _no_threshold(b, attention.device) if threshold else None
+        return torch.zeros((b, 0), dtype=torch.long, device=attention.device), kappa
     a = attention.detach()
     # non-negative: a row's largest value says whether any cell is not 0
     empty = a.amax(dim=1) <= 0 if k else torch.ones(b, dtype=torch.bool)
@@ -158,10 +156,14 @@ def _sample(
     if not threshold:
         return torch.topk(keys, n, dim=1, largest=True, sorted=True).indices, None
     top = torch.topk(keys, min(n + 1, k), dim=1, largest=True, sorted=True)
-    kappa = torch.full((b,), -torch.inf, dtype=torch.float64, device=a.device)
-    if k > n:  # a zero cell's key is −inf: no further non-zero cell leaves κ at −inf
-        kappa = top.values[:, n].to(torch.float64)
+    # a zero cell's key is −inf: no further non-zero cell leaves κ at −inf
+    kappa = top.values[:, n].to(torch.float64) if k > n else _no_threshold(b, a.device)
     return top.indices[:, :n], kappa
+
+
+def _no_threshold(rows: int, device: torch.device) -> Tensor:
+    """``κ = −inf`` per row: no key was left out, so every cell's ``q`` is 1."""
+    return torch.full((rows,), -torch.inf, dtype=torch.float64, device=device)
 
 
 def draw_log_probabilities(
